@@ -1,0 +1,43 @@
+//! # ddpm-core
+//!
+//! Denoising diffusion probabilistic models (Ho et al. 2020) with classifier-free guidance
+//! (Ho & Salimans 2022) and EMA weights, on libtorch through `tch`. The math and the
+//! network only: no I/O beyond checkpoint files, no async. Everything runs on the CPU or
+//! a CUDA GPU, chosen at run time ([`DeviceChoice`]).
+//!
+//! ## Layout
+//!
+//! - [`schedule`]: β schedules (linear, cosine), ᾱ, posterior variance, q(x_t | x_0).
+//! - [`unet`]: the noise-prediction UNet (the seed's architecture as a preset, every size
+//!   configurable), with fused scaled-dot-product attention.
+//! - [`training`]: the ε-prediction loss with per-sample label dropout.
+//! - [`guidance`]: guided ε̃ from one forward pass over conditional + unconditional inputs.
+//! - [`sampler`]: DDPM and DDIM as per-sample step coefficients; one denoising step over a
+//!   batch of samples at different timesteps; whole trajectories built on it.
+//! - [`noise`]: per-sample seeded noise streams.
+//! - [`flat`], [`optim`], [`ema`]: parameters in one flat buffer, AdamW and the EMA over it.
+//! - [`checkpoint`]: EMA checkpoints with a manifest, resumable training states, atomic
+//!   writes and verified loads.
+//! - [`device`]: run-time device choice.
+
+pub mod checkpoint;
+pub mod device;
+pub mod ema;
+mod error;
+pub mod flat;
+pub mod guidance;
+pub mod noise;
+pub mod optim;
+pub mod sampler;
+pub mod schedule;
+pub mod training;
+pub mod unet;
+
+pub use device::DeviceChoice;
+pub use error::{CoreError, Result};
+pub use sampler::{SampleSpec, SamplerConfig, SamplerKind};
+pub use schedule::{NoiseSchedule, ScheduleConfig};
+pub use unet::{Model, UNetConfig};
+
+/// The libtorch version this crate is built against (the `torch` wheel it expects).
+pub const LIBTORCH_VERSION: &str = "2.11.0";
