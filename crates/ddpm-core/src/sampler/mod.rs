@@ -9,6 +9,13 @@
 //! plan with its own seeded noise. [`sample`] (whole trajectories, used by the trainer's
 //! sample grids and the tests) and the server's step-level batcher are both built on them.
 //!
+//! With `clip_denoised` (the default, as in diffusers' schedulers and the original DDPM
+//! code) the predicted x̂₀ = (x_t − √(1−ᾱ_t)·ε̃)/√ᾱ_t is clamped to [−1, 1] and ε̃ replaced by
+//! the ε consistent with it before the linear update. Without it a slightly wrong ε at
+//! high t is amplified by 1/√ᾱ_t (≈ 160 at t = 999) into x̂₀, which ruins deterministic
+//! few-step samplers on imperfect models; with it the step is still per-sample, only no
+//! longer linear in ε.
+//!
 //! Layout: `ddpm` (ancestral DDPM), `ddim` (DDIM with η).
 
 mod ddim;
@@ -36,6 +43,13 @@ pub struct StepCoefficients {
     pub noise: f64,
 }
 
+/// Clamp x̂₀ to [−1, 1] before stepping from t: needs √ᾱ_t and √(1−ᾱ_t).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Clip {
+    pub sqrt_alpha_cumprod: f64,
+    pub sqrt_one_minus_alpha_cumprod: f64,
+}
+
 /// One step of a plan: the timestep the network is evaluated at and how to step from it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlannedStep {
@@ -43,6 +57,8 @@ pub struct PlannedStep {
     /// The timestep stepped to; −1 after the last step (the clean image).
     pub prev_timestep: i64,
     pub coefficients: StepCoefficients,
+    /// `Some` when x̂₀ is clamped before the update.
+    pub clip: Option<Clip>,
 }
 
 /// A reverse-process sampler: the coefficients of one step t → s.
@@ -111,6 +127,13 @@ pub struct SamplerConfig {
     pub eta: f64,
     #[serde(default)]
     pub spacing: TimestepSpacing,
+    /// Clamp the predicted x̂₀ to [−1, 1] at every step.
+    #[serde(default = "default_clip")]
+    pub clip_denoised: bool,
+}
+
+fn default_clip() -> bool {
+    true
 }
 
 impl SamplerConfig {
@@ -121,6 +144,7 @@ impl SamplerConfig {
             steps: timesteps,
             eta: 0.0,
             spacing: TimestepSpacing::Trailing,
+            clip_denoised: true,
         }
     }
 
@@ -131,6 +155,7 @@ impl SamplerConfig {
             steps,
             eta: 0.0,
             spacing: TimestepSpacing::Trailing,
+            clip_denoised: true,
         }
     }
 
@@ -160,10 +185,15 @@ impl SamplerConfig {
                 // The next timestep of the plan (diffusers uses t − ⌊T/n⌋, the same
                 // whenever n divides T).
                 let prev = ts.get(i + 1).copied().unwrap_or(-1);
+                let ab = schedule.alpha_cumprod(t);
                 PlannedStep {
                     timestep: t,
                     prev_timestep: prev,
                     coefficients: sampler.coefficients(schedule, t, prev),
+                    clip: self.clip_denoised.then(|| Clip {
+                        sqrt_alpha_cumprod: ab.sqrt(),
+                        sqrt_one_minus_alpha_cumprod: (1.0 - ab).sqrt(),
+                    }),
                 }
             })
             .collect())
@@ -180,6 +210,8 @@ pub struct DenoiseBatch<'a> {
     pub labels: &'a [i64],
     pub guidance_scales: &'a [f64],
     pub coefficients: &'a [StepCoefficients],
+    /// Per sample: clamp x̂₀ first, or not.
+    pub clips: &'a [Option<Clip>],
     /// `[B, C, H, W]` standard-normal z; may be `None` when every `coefficients.noise` is 0.
     pub noise: Option<&'a Tensor>,
 }
@@ -189,7 +221,7 @@ pub struct DenoiseBatch<'a> {
 pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Tensor> {
     let b = batch.x.size().first().copied().unwrap_or(0);
     let n = b as usize;
-    if batch.timesteps.len() != n || batch.coefficients.len() != n {
+    if batch.timesteps.len() != n || batch.coefficients.len() != n || batch.clips.len() != n {
         return Err(CoreError::Input(format!(
             "batch of {b} with {} timesteps and {} coefficients",
             batch.timesteps.len(),
@@ -199,11 +231,19 @@ pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Tensor> {
     let device = batch.x.device();
     let _guard = tch::no_grad_guard();
     let t = timestep_tensor(batch.timesteps, device);
-    let eps = guided_epsilon(model, batch.x, &t, batch.labels, batch.guidance_scales)?;
-    let column = |f: fn(&StepCoefficients) -> f64| {
-        let v: Vec<f32> = batch.coefficients.iter().map(|c| f(c) as f32).collect();
-        Tensor::from_slice(&v).to_device(device).view([b, 1, 1, 1])
-    };
+    let mut eps = guided_epsilon(model, batch.x, &t, batch.labels, batch.guidance_scales)?;
+    let per_sample = |v: Vec<f32>| Tensor::from_slice(&v).to_device(device).view([b, 1, 1, 1]);
+    let column = |f: fn(&StepCoefficients) -> f64| per_sample(batch.coefficients.iter().map(|c| f(c) as f32).collect());
+    if batch.clips.iter().any(Option::is_some) {
+        // Samples that do not clip get (s, σ) = (1, 1) and an infinite clamp: ε̂ = ε.
+        let s = per_sample(batch.clips.iter().map(|c| c.map_or(1.0, |c| c.sqrt_alpha_cumprod) as f32).collect());
+        let sigma = per_sample(batch.clips.iter().map(|c| c.map_or(1.0, |c| c.sqrt_one_minus_alpha_cumprod) as f32).collect());
+        let x0 = (batch.x - &eps * &sigma) / &s; // x̂₀ [B, C, H, W]
+        let clipped = x0.clamp(-1.0, 1.0);
+        let eps_hat = (batch.x - clipped * &s) / &sigma;
+        let mask = per_sample(batch.clips.iter().map(|c| if c.is_some() { 1.0 } else { 0.0 }).collect()).gt(0.5);
+        eps = eps_hat.where_self(&mask, &eps);
+    }
     let mut out = batch.x.f_mul(&column(|c| c.x))?.f_add(&eps.f_mul(&column(|c| c.eps))?)?;
     if batch.coefficients.iter().any(|c| c.noise != 0.0) {
         let z = batch
@@ -323,6 +363,7 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
     let labels: Vec<i64> = batch.iter().map(|t| t.label).collect();
     let guidance: Vec<f64> = batch.iter().map(|t| t.spec.guidance_scale).collect();
     let coefficients: Vec<StepCoefficients> = batch.iter().map(|t| t.current().coefficients).collect();
+    let clips: Vec<Option<Clip>> = batch.iter().map(|t| t.current().clip).collect();
     let per_sample = x.size()[1..].iter().product::<i64>() as usize;
     let draws: Vec<Option<Vec<f32>>> = batch.iter_mut().map(|t| t.draw_noise()).collect();
     let noise = if draws.iter().any(Option::is_some) {
@@ -345,6 +386,7 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
             labels: &labels,
             guidance_scales: &guidance,
             coefficients: &coefficients,
+            clips: &clips,
             noise: noise.as_ref(),
         },
     )?;
@@ -418,6 +460,36 @@ mod tests {
         let plan = SamplerConfig::ddim(20).plan(&schedule()).unwrap();
         assert_eq!(plan.len(), 20);
         assert!(plan.iter().all(|s| s.coefficients.noise == 0.0));
+    }
+
+    /// With the exact ε of a point-mass data distribution at x₀, every sampler must land on
+    /// x₀ whatever noise it adds on the way.
+    #[test]
+    fn exact_epsilon_recovers_the_data_point() {
+        let s = schedule();
+        let x0 = 0.37;
+        for cfg in [
+            SamplerConfig::ddpm(1000),
+            SamplerConfig::ddim(20),
+            SamplerConfig { eta: 1.0, ..SamplerConfig::ddim(50) },
+            SamplerConfig {
+                kind: SamplerKind::Ddpm,
+                steps: 10,
+                eta: 0.0,
+                spacing: TimestepSpacing::Leading,
+                clip_denoised: false,
+            },
+        ] {
+            let mut x = 1.3; // x_T
+            for (i, step) in cfg.plan(&s).unwrap().iter().enumerate() {
+                let ab = s.alpha_cumprod(step.timestep);
+                let eps = (x - ab.sqrt() * x0) / (1.0 - ab).sqrt();
+                let z = if i % 2 == 0 { 0.8 } else { -1.1 };
+                let c = step.coefficients;
+                x = c.x * x + c.eps * eps + c.noise * z;
+            }
+            assert!((x - x0).abs() < 1e-9, "{cfg:?} ends at {x}");
+        }
     }
 
     #[test]

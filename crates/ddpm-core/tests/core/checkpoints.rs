@@ -1,0 +1,186 @@
+//! Checkpoint and training-state round trips; corrupt, truncated and mismatched files are
+//! clear errors, never panics.
+
+use std::fs;
+
+use ddpm_core::{
+    checkpoint::{
+        load_checkpoint, load_training_state, read_manifest, save_checkpoint, save_training_state, CheckpointInfo,
+        StateInfo,
+    },
+    ema::{Ema, EmaConfig},
+    flat::FlatParams,
+    optim::{AdamW, AdamWConfig},
+    training::diffusion_loss,
+    CoreError, Model, NoiseSchedule, ScheduleConfig, UNetConfig,
+};
+use tch::{Device, Kind, Tensor};
+
+use crate::helpers::{colour_dataset, micro_config};
+
+fn info() -> CheckpointInfo {
+    CheckpointInfo {
+        schedule: ScheduleConfig::cosine(1000),
+        class_names: vec!["red".into(), "green".into(), "blue".into()],
+        run_id: Some(7),
+        step: 1234,
+    }
+}
+
+fn outputs(model: &Model) -> Tensor {
+    tch::manual_seed(9);
+    let x = Tensor::randn([4, 3, 8, 8], (Kind::Float, Device::Cpu));
+    let t = Tensor::from_slice(&[0i64, 10, 500, 999]);
+    let y = Tensor::from_slice(&[0i64, 1, 2, 3]);
+    tch::no_grad(|| model.net.forward(&x, &t, Some(&y)))
+}
+
+#[test]
+fn checkpoint_round_trip_gives_identical_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("runs/7/ema.safetensors");
+    tch::manual_seed(3);
+    let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
+    let saved = save_checkpoint(&path, &model, &info()).unwrap();
+    assert!(saved.checksum.starts_with("sha256:"));
+    // Only the file itself is left behind: no temp files.
+    let names: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+
+    let manifest = read_manifest(&path).unwrap();
+    assert_eq!(manifest, saved);
+    assert_eq!(manifest.step, 1234);
+    assert_eq!(manifest.run_id, Some(7));
+    assert_eq!(manifest.class_names, ["red", "green", "blue"]);
+    assert_eq!(manifest.model, micro_config(3));
+
+    let loaded = load_checkpoint(&path, Device::Cpu).unwrap();
+    assert_eq!(loaded.manifest, saved);
+    let (a, b) = (outputs(&model), outputs(&loaded.model));
+    assert!(a.equal(&b), "outputs differ after a round trip");
+}
+
+fn expect_checkpoint_error(result: Result<impl std::fmt::Debug, CoreError>, needle: &str) {
+    match result {
+        Err(e @ CoreError::Checkpoint { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(needle), "error {msg:?} does not mention {needle:?}");
+        }
+        other => panic!("expected a checkpoint error mentioning {needle:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn corrupt_truncated_and_mismatched_checkpoints_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.safetensors");
+    let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
+    save_checkpoint(&good, &model, &info()).unwrap();
+    let bytes = fs::read(&good).unwrap();
+
+    let truncated = dir.path().join("truncated.safetensors");
+    fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    expect_checkpoint_error(load_checkpoint(&truncated, Device::Cpu), "truncated");
+
+    let header = dir.path().join("header.safetensors");
+    fs::write(&header, &bytes[..5]).unwrap();
+    expect_checkpoint_error(load_checkpoint(&header, Device::Cpu), "safetensors");
+
+    // One flipped bit in the weights: the checksum catches it.
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 3;
+    flipped[last] ^= 0x10;
+    let corrupt = dir.path().join("corrupt.safetensors");
+    fs::write(&corrupt, &flipped).unwrap();
+    expect_checkpoint_error(load_checkpoint(&corrupt, Device::Cpu), "checksum");
+
+    // A manifest that describes another network than the tensors hold (same-length edit,
+    // so the file stays well-formed and the checksum of the tensors still matches).
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    assert!(text.contains("\\\"base_channels\\\":16"));
+    let edited = bytes_replace(&bytes, b"\\\"base_channels\\\":16", b"\\\"base_channels\\\":32");
+    let mismatched = dir.path().join("mismatched.safetensors");
+    fs::write(&mismatched, &edited).unwrap();
+    expect_checkpoint_error(load_checkpoint(&mismatched, Device::Cpu), "shape");
+
+    // A safetensors file that is not ours.
+    let foreign = dir.path().join("foreign.safetensors");
+    model.vs.save(&foreign).unwrap();
+    expect_checkpoint_error(load_checkpoint(&foreign, Device::Cpu), "not a ddpm");
+
+    let missing = load_checkpoint(&dir.path().join("nope.safetensors"), Device::Cpu);
+    assert!(matches!(missing, Err(CoreError::Io { .. })));
+}
+
+fn bytes_replace(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let mut out = haystack.to_vec();
+    let pos = haystack.windows(from.len()).position(|w| w == from).expect("pattern present");
+    out[pos..pos + to.len()].copy_from_slice(to);
+    out
+}
+
+struct Run {
+    model: Model,
+    ema: Ema,
+    optimizer: AdamW,
+}
+
+fn new_run(config: &UNetConfig) -> Run {
+    tch::manual_seed(11);
+    let model = Model::new(config, Device::Cpu).unwrap();
+    let params = FlatParams::new(model.named_variables().into_iter().map(|(_, t)| t).collect());
+    let ema = Ema::new(config, &params, EmaConfig { decay: 0.9, warmup_steps: 2 }).unwrap();
+    let optimizer = AdamW::new(params, AdamWConfig::default());
+    Run { model, ema, optimizer }
+}
+
+/// Steps `from..to`, every random draw seeded by (seed, step) as the trainer does.
+fn steps(run: &mut Run, schedule: &NoiseSchedule, data: &(Tensor, Tensor), from: i64, to: i64) {
+    for step in from..to {
+        tch::manual_seed(1000 + step);
+        let idx = Tensor::randint(data.0.size()[0], [8], (Kind::Int64, Device::Cpu));
+        let loss = diffusion_loss(&run.model, schedule, &data.0.index_select(0, &idx), Some(&data.1.index_select(0, &idx)), 0.1).unwrap();
+        loss.backward();
+        let _ = run.optimizer.step(1e-3, Some(1.0));
+        run.ema.update(run.optimizer.params(), step).unwrap();
+    }
+}
+
+#[test]
+fn training_state_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.safetensors");
+    let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let data = colour_dataset(3, 8, 8);
+    let config = micro_config(3);
+
+    let mut straight = new_run(&config);
+    steps(&mut straight, &schedule, &data, 0, 4);
+    let info = StateInfo {
+        step: 4,
+        seed: 1000,
+        extra: serde_json::json!({"epoch": 1}),
+    };
+    save_training_state(&path, &straight.model, &straight.ema, &straight.optimizer, &info).unwrap();
+    steps(&mut straight, &schedule, &data, 4, 8);
+
+    // A fresh process would rebuild everything from the config, then load the state.
+    let mut resumed = new_run(&config);
+    tch::manual_seed(99); // different init: the state must overwrite it all
+    let manifest = load_training_state(&path, &resumed.model, &resumed.ema, &mut resumed.optimizer).unwrap();
+    assert_eq!((manifest.step, manifest.seed), (4, 1000));
+    assert_eq!(manifest.extra["epoch"], 1);
+    assert_eq!(resumed.optimizer.steps(), 4);
+    steps(&mut resumed, &schedule, &data, 4, 8);
+
+    assert!(straight.optimizer.params().flat().equal(resumed.optimizer.params().flat()), "weights diverged");
+    assert!(straight.ema.flat().flat().equal(resumed.ema.flat().flat()), "EMA diverged");
+
+    // A state of another network is refused and changes nothing.
+    let mut other = new_run(&UNetConfig { base_channels: 8, ..config.clone() });
+    let before = other.optimizer.params().flat().copy();
+    let err = load_training_state(&path, &other.model, &other.ema, &mut other.optimizer).unwrap_err();
+    assert!(err.to_string().contains("config"), "{err}");
+    assert!(other.optimizer.params().flat().equal(&before));
+}

@@ -1,0 +1,98 @@
+//! Shared test parts: a tiny coloured dataset and a small training loop.
+
+use ddpm_core::{
+    ema::{Ema, EmaConfig},
+    flat::FlatParams,
+    optim::{AdamW, AdamWConfig},
+    training::diffusion_loss,
+    Model, NoiseSchedule, ScheduleConfig, UNetConfig,
+};
+use tch::{Device, Kind, Tensor};
+
+/// The colour of class `c` in [−1, 1] RGB: red, green, blue.
+pub fn class_colour(c: i64) -> [f64; 3] {
+    let mut rgb = [-0.8; 3];
+    rgb[c as usize] = 0.8;
+    rgb
+}
+
+/// `n` images per class of `classes` (≤ 3) flat colours with a random brightness ramp and
+/// per-pixel noise, `[n·classes, 3, size, size]`, and their labels.
+pub fn colour_dataset(classes: i64, n: i64, size: i64) -> (Tensor, Tensor) {
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    for c in 0..classes {
+        let rgb = Tensor::from_slice(&class_colour(c)).to_kind(Kind::Float).view([1, 3, 1, 1]);
+        let ramp = Tensor::linspace(-0.15, 0.15, size, (Kind::Float, Device::Cpu)).view([1, 1, 1, size]);
+        let sign = (Tensor::rand([n, 1, 1, 1], (Kind::Float, Device::Cpu)) - 0.5).sign();
+        let noise = Tensor::randn([n, 3, size, size], (Kind::Float, Device::Cpu)) * 0.05;
+        images.push((rgb + ramp * sign + noise).clamp(-1.0, 1.0));
+        labels.push(Tensor::full([n], c, (Kind::Int64, Device::Cpu)));
+    }
+    (Tensor::cat(&images, 0), Tensor::cat(&labels, 0))
+}
+
+/// A network small enough to learn the colour dataset in seconds on a CPU.
+pub fn micro_config(classes: i64) -> UNetConfig {
+    UNetConfig {
+        image_size: 8,
+        in_channels: 3,
+        out_channels: 3,
+        base_channels: 16,
+        channel_mults: vec![1, 2],
+        bottleneck_mult: 2,
+        attention_resolutions: vec![4],
+        attention_heads: 2,
+        time_embedding_dim: 32,
+        num_classes: Some(classes),
+    }
+}
+
+pub struct Trained {
+    pub model: Model,
+    pub ema: Ema,
+    pub optimizer: AdamW,
+    pub schedule: NoiseSchedule,
+    pub losses: Vec<f64>,
+}
+
+/// Trains `config` on `(images, labels)` for `steps` steps of `batch` with label dropout.
+pub fn train(config: &UNetConfig, images: &Tensor, labels: &Tensor, steps: i64, batch: i64, lr: f64, seed: i64) -> Trained {
+    tch::manual_seed(seed);
+    let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let model = Model::new(config, Device::Cpu).unwrap();
+    let params = FlatParams::new(model.named_variables().into_iter().map(|(_, t)| t).collect());
+    let ema_cfg = EmaConfig {
+        decay: 0.99,
+        warmup_steps: steps / 4,
+    };
+    let mut ema = Ema::new(config, &params, ema_cfg).unwrap();
+    let mut optimizer = AdamW::new(params, AdamWConfig { lr, ..Default::default() });
+    let n = images.size()[0];
+    let mut losses = Vec::new();
+    for step in 0..steps {
+        let idx = Tensor::randint(n, [batch], (Kind::Int64, Device::Cpu));
+        let x0 = images.index_select(0, &idx);
+        let y = labels.index_select(0, &idx);
+        let loss = diffusion_loss(&model, &schedule, &x0, Some(&y), 0.1).unwrap();
+        loss.backward();
+        let _ = optimizer.step(lr, Some(1.0));
+        ema.update(optimizer.params(), step).unwrap();
+        losses.push(loss.double_value(&[]));
+    }
+    Trained {
+        model,
+        ema,
+        optimizer,
+        schedule,
+        losses,
+    }
+}
+
+/// Mean of each channel per image: `[N, 3]` as rows.
+pub fn channel_means(images: &Tensor) -> Vec<[f64; 3]> {
+    let m = images.mean_dim([2i64, 3].as_slice(), false, Kind::Float);
+    (0..m.size()[0])
+        .map(|i| [0, 1, 2].map(|c| m.double_value(&[i, c])))
+        .collect()
+}

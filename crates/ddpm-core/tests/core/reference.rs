@@ -1,0 +1,1 @@
+//! filled in when the reference vectors land
