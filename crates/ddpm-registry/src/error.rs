@@ -1,0 +1,110 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+use crate::runs::RunStatus;
+
+/// Boxed error returned by a caller's write closure (see
+/// [`CheckpointStore::write_atomic`](crate::CheckpointStore::write_atomic)).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with [`RegistryError`].
+pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+/// Everything the registry and the checkpoint store can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The connection URL names no supported backend.
+    #[error("unsupported database URL {0:?}: expected postgres://… or sqlite:…")]
+    UnsupportedUrl(String),
+
+    /// A query, a connection or the pool failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+
+    /// Applying the migrations failed (e.g. an applied migration was edited).
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// No run has this id.
+    #[error("run {0} not found")]
+    RunNotFound(i64),
+
+    /// No checkpoint has this id.
+    #[error("checkpoint {0} not found")]
+    CheckpointNotFound(i64),
+
+    /// The run's current status does not allow the requested change.
+    #[error("run {id} is {from}, it cannot become {to}")]
+    InvalidTransition {
+        id: i64,
+        from: RunStatus,
+        to: RunStatus,
+    },
+
+    /// A heartbeat for a run this worker no longer holds: another worker
+    /// claimed it (the heartbeat had gone stale) or it was finished.
+    #[error("run {id} is no longer running on {host}")]
+    ClaimLost { id: i64, host: String },
+
+    /// An argument the caller passed is out of range or malformed.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// A stored row holds a value this version cannot read.
+    #[error("corrupt {table} row {id}: {reason}")]
+    CorruptRow {
+        table: &'static str,
+        id: i64,
+        reason: String,
+    },
+
+    /// A string is not one of the run statuses.
+    #[error(
+        "unknown run status {0:?} (expected queued, running, completed, failed or interrupted)"
+    )]
+    UnknownStatus(String),
+
+    /// A string is not one of the checkpoint kinds.
+    #[error("unknown checkpoint kind {0:?} (expected ema or state)")]
+    UnknownKind(String),
+
+    /// Serialising a run's config or dataset summary failed.
+    #[error("JSON error: {0}")]
+    Json(#[from] serde_json::Error),
+
+    /// A file-system operation of the checkpoint store failed.
+    #[error("I/O error on {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The caller's closure failed to write a checkpoint's temp file.
+    #[error("writing {} failed: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: BoxError,
+    },
+
+    /// A path is not a plain relative path inside the store.
+    #[error("invalid store path {0:?}: must be relative, non-empty, without `.`/`..`")]
+    InvalidPath(String),
+
+    /// A checkpoint file's content does not match its registered checksum.
+    #[error("checksum mismatch for {}: registered {expected}, file has {actual}", path.display())]
+    ChecksumMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+}
+
+impl RegistryError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> RegistryError {
+        let path = path.into();
+        move |source| RegistryError::Io { path, source }
+    }
+}

@@ -1,0 +1,79 @@
+//! The run registry and the checkpoint store of `ddpm`.
+//!
+//! The registry records runs (config, dataset summary, status, timestamps,
+//! heartbeat, progress), their metric series and their checkpoints, and is the
+//! run queue that trainers claim work from. It runs on PostgreSQL (deployment)
+//! or SQLite (the zero-configuration default); the connection URL picks which.
+//! The checkpoint store keeps the checkpoint files in a directory, writes them
+//! atomically, and registers them only once they are durable.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), ddpm_registry::RegistryError> {
+//! use ddpm_registry::{CheckpointKind, CheckpointStore, NewRun, Registry, RunStatus};
+//!
+//! let registry = Registry::connect("sqlite:data/registry.db").await?;
+//! let store = CheckpointStore::new("data/checkpoints")?;
+//! registry
+//!     .create_run(&NewRun {
+//!         config: serde_json::json!({ "lr": 3e-4 }),
+//!         dataset: serde_json::json!({ "path": "data/cifar10", "images": 50000 }),
+//!         total_steps: 100_000,
+//!     })
+//!     .await?;
+//! if let Some(run) = registry.claim_next_queued("trainer-a:4242").await? {
+//!     registry.heartbeat(run.id, "trainer-a:4242", 1000).await?;
+//!     let bytes = b"safetensors bytes".to_vec();
+//!     store
+//!         .save_and_register(&registry, run.id, 1000, CheckpointKind::Ema, move |tmp| {
+//!             std::fs::write(tmp, &bytes)
+//!         })
+//!         .await?;
+//!     store.apply_retention(&registry, run.id, 3).await?;
+//!     registry.finish_run(run.id, RunStatus::Completed, None).await?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! - `db`: [`Registry`] and [`Backend`]: connecting, backend choice from the
+//!   URL, migrations (`migrations/postgres` and `migrations/sqlite` at the
+//!   workspace root, embedded at compile time), the SQL that differs per
+//!   dialect, timestamp conversion.
+//! - `runs`: [`Run`], [`RunStatus`], the queue ([`Registry::claim_next_queued`],
+//!   [`Registry::claim_resumable`]), heartbeats, finishing, listing.
+//! - `metrics`: [`MetricPoint`] rows, idempotent recording, truncation on
+//!   resume, downsampled reads, [`MetricSummary`].
+//! - `checkpoints`: [`CheckpointRecord`] rows and the PostgreSQL
+//!   [`CHECKPOINT_CHANNEL`] notification.
+//! - `store`: [`CheckpointStore`]: atomic writes, checksums, verification,
+//!   retention.
+//! - `error`: [`RegistryError`], the one error type.
+//!
+//! # Portability
+//!
+//! One [`sqlx::AnyPool`] and one set of runtime queries serve both backends:
+//! the schema uses only types both share (BIGINT/INTEGER, DOUBLE/REAL, TEXT),
+//! timestamps are unix milliseconds taken from the database clock (so that
+//! heartbeats from different hosts compare on one clock) and converted to
+//! `chrono` at the edge, and JSON documents are text. Only "now" and the
+//! queue's row locking (`FOR UPDATE SKIP LOCKED` on PostgreSQL; SQLite's
+//! database-wide write lock) differ, in [`Backend`]. Every query is a small
+//! function taking an executor, wrapped by a [`Registry`] method, and is
+//! tested on both backends (`tests/registry`; the PostgreSQL half needs
+//! `DDPM_TEST_POSTGRES_URL`).
+
+mod checkpoints;
+mod db;
+mod error;
+mod metrics;
+mod runs;
+mod store;
+
+pub use checkpoints::{CheckpointKind, CheckpointRecord, NewCheckpoint, CHECKPOINT_CHANNEL};
+pub use db::{redact_password, Backend, Registry};
+pub use error::{BoxError, RegistryError, Result};
+pub use metrics::{MetricPoint, MetricSummary};
+pub use runs::{NewRun, Run, RunStatus};
+pub use store::{CheckpointStore, StoredFile};

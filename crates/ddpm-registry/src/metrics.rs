@@ -1,0 +1,380 @@
+//! A run's metric series: one row per logged step, idempotent on
+//! `(run_id, step)`, downsampled for charts, summarised for `runs show`.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{Any, Executor};
+
+use crate::db::{from_millis, run_fk, Registry};
+use crate::error::{RegistryError, Result};
+
+/// Bound parameters per metrics row in [`record_metrics`](Registry::record_metrics).
+const PARAMS_PER_ROW: usize = 7;
+/// Rows per `INSERT`: keeps a statement far below both backends' limit on
+/// bound parameters (SQLite 32766, PostgreSQL 65535).
+const ROWS_PER_INSERT: usize = 1000;
+const _: () = assert!(ROWS_PER_INSERT * PARAMS_PER_ROW <= 32_766);
+
+/// One logged training step.
+///
+/// `loss` and `learning_rate` may be NaN (a diverged step); it is stored as
+/// NULL on both backends, so aggregates skip it, and travels as JSON `null`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MetricPoint {
+    /// The optimiser step this row describes.
+    pub step: i64,
+    /// Training loss (MSE on the noise) at this step.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub learning_rate: f64,
+    /// Gradient norm before clipping, when the trainer computes it.
+    pub grad_norm: Option<f64>,
+    /// Training throughput around this step.
+    pub images_per_sec: Option<f64>,
+    /// When the trainer logged the step.
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// Reads JSON `null` (what serde_json writes for NaN) back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// A run's metric series in a few numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MetricSummary {
+    /// Rows recorded.
+    pub count: i64,
+    pub first_step: i64,
+    pub last_step: i64,
+    /// Loss at `first_step` (NaN if that step diverged).
+    #[serde(deserialize_with = "nan_if_null")]
+    pub first_loss: f64,
+    /// Loss at `last_step` (NaN if that step diverged).
+    #[serde(deserialize_with = "nan_if_null")]
+    pub last_loss: f64,
+    /// Lowest loss; `None` when every loss is NaN.
+    pub min_loss: Option<f64>,
+    /// Mean loss over the last 10 % of the rows (at least one row), the
+    /// number to compare runs by; `None` when all of those are NaN.
+    pub tail_mean_loss: Option<f64>,
+    /// How many rows `tail_mean_loss` averages.
+    pub tail_count: i64,
+}
+
+/// A `metrics` row as stored.
+#[derive(sqlx::FromRow)]
+struct MetricRow {
+    step: i64,
+    loss: Option<f64>,
+    learning_rate: Option<f64>,
+    grad_norm: Option<f64>,
+    images_per_sec: Option<f64>,
+    recorded_at: i64,
+}
+
+impl MetricRow {
+    fn into_point(self, run_id: i64) -> Result<MetricPoint> {
+        Ok(MetricPoint {
+            step: self.step,
+            loss: self.loss.unwrap_or(f64::NAN),
+            learning_rate: self.learning_rate.unwrap_or(f64::NAN),
+            grad_norm: self.grad_norm,
+            images_per_sec: self.images_per_sec,
+            recorded_at: from_millis("metrics", run_id, self.recorded_at)?,
+        })
+    }
+}
+
+const METRIC_COLUMNS: &str = "step, loss, learning_rate, grad_norm, images_per_sec, recorded_at";
+
+/// NaN as NULL: SQLite cannot store NaN, and NULL keeps both backends'
+/// aggregates equal.
+fn finite_or_null(x: f64) -> Option<f64> {
+    (!x.is_nan()).then_some(x)
+}
+
+/// The rows to write: one per step, the last one given for a step winning,
+/// ordered by step. (PostgreSQL refuses an upsert that hits a row twice.)
+fn dedup_by_step(rows: &[MetricPoint]) -> Vec<MetricPoint> {
+    let mut sorted: Vec<(usize, MetricPoint)> = rows.iter().copied().enumerate().collect();
+    sorted.sort_by_key(|(i, p)| (p.step, std::cmp::Reverse(*i)));
+    sorted.dedup_by_key(|(_, p)| p.step);
+    sorted.into_iter().map(|(_, p)| p).collect()
+}
+
+/// `INSERT … VALUES ($1, …), (…) ON CONFLICT … DO UPDATE` for `rows` rows.
+fn upsert_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO metrics (run_id, step, loss, learning_rate, grad_norm, images_per_sec, \
+         recorded_at) VALUES ",
+    );
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for col in 0..PARAMS_PER_ROW {
+            if col > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", row * PARAMS_PER_ROW + col + 1));
+        }
+        sql.push(')');
+    }
+    sql.push_str(
+        " ON CONFLICT (run_id, step) DO UPDATE SET loss = excluded.loss, \
+         learning_rate = excluded.learning_rate, grad_norm = excluded.grad_norm, \
+         images_per_sec = excluded.images_per_sec, recorded_at = excluded.recorded_at",
+    );
+    sql
+}
+
+/// Upserts up to [`ROWS_PER_INSERT`] rows in one statement.
+pub(crate) async fn upsert_metrics<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    run_id: i64,
+    rows: &[MetricPoint],
+) -> Result<()> {
+    let sql = upsert_sql(rows.len());
+    let mut query = sqlx::query(&sql);
+    for p in rows {
+        query = query
+            .bind(run_id)
+            .bind(p.step)
+            .bind(finite_or_null(p.loss))
+            .bind(finite_or_null(p.learning_rate))
+            .bind(p.grad_norm.and_then(finite_or_null))
+            .bind(p.images_per_sec.and_then(finite_or_null))
+            .bind(p.recorded_at.timestamp_millis());
+    }
+    query.execute(ex).await.map_err(run_fk(run_id))?;
+    Ok(())
+}
+
+/// Deletes the rows after `step`.
+pub(crate) async fn delete_metrics_after<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    run_id: i64,
+    step: i64,
+) -> Result<u64> {
+    let done = sqlx::query("DELETE FROM metrics WHERE run_id = $1 AND step > $2")
+        .bind(run_id)
+        .bind(step)
+        .execute(ex)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// Every k-th row of a step range counted back from its last row, with the
+/// smallest k that returns at most `max_points` (≥ 1) rows.
+pub(crate) async fn select_metrics<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    run_id: i64,
+    from_step: i64,
+    to_step: i64,
+    max_points: i64,
+) -> Result<Vec<MetricPoint>> {
+    // n rows, m = max_points: rows at distance 0, k, 2k, … from the last
+    // number floor((n - 1) / k) + 1, which is ≤ m exactly when
+    // k > (n - 1) / m, so k = floor((n - 1) / m) + 1 (1 when n ≤ m).
+    let sql = format!(
+        "SELECT {METRIC_COLUMNS} FROM ( \
+             SELECT {METRIC_COLUMNS}, \
+                 ROW_NUMBER() OVER (ORDER BY step DESC) - 1 AS from_last, \
+                 COUNT(*) OVER () AS n \
+             FROM metrics WHERE run_id = $1 AND step >= $2 AND step <= $3) t \
+         WHERE from_last % ((n - 1) / $4 + 1) = 0 \
+         ORDER BY step"
+    );
+    let rows: Vec<MetricRow> = sqlx::query_as(&sql)
+        .bind(run_id)
+        .bind(from_step)
+        .bind(to_step)
+        .bind(max_points)
+        .fetch_all(ex)
+        .await?;
+    rows.into_iter().map(|r| r.into_point(run_id)).collect()
+}
+
+#[derive(sqlx::FromRow)]
+struct SummaryRow {
+    count: i64,
+    first_step: Option<i64>,
+    last_step: Option<i64>,
+    min_loss: Option<f64>,
+    first_loss: Option<f64>,
+    last_loss: Option<f64>,
+}
+
+/// Count, step range, first/last/min loss.
+async fn select_summary<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    run_id: i64,
+) -> Result<SummaryRow> {
+    Ok(sqlx::query_as(
+        "SELECT COUNT(*) AS count, MIN(step) AS first_step, MAX(step) AS last_step, \
+             MIN(loss) AS min_loss, \
+             (SELECT loss FROM metrics WHERE run_id = $1 ORDER BY step LIMIT 1) AS first_loss, \
+             (SELECT loss FROM metrics WHERE run_id = $1 ORDER BY step DESC LIMIT 1) AS last_loss \
+         FROM metrics WHERE run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(ex)
+    .await?)
+}
+
+/// Mean loss of the last `rows` rows.
+async fn select_tail_mean<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    run_id: i64,
+    rows: i64,
+) -> Result<Option<f64>> {
+    let (mean,): (Option<f64>,) = sqlx::query_as(
+        "SELECT AVG(loss) FROM ( \
+             SELECT loss FROM metrics WHERE run_id = $1 ORDER BY step DESC LIMIT $2) t",
+    )
+    .bind(run_id)
+    .bind(rows)
+    .fetch_one(ex)
+    .await?;
+    Ok(mean)
+}
+
+/// The last 10 % of `count` rows, at least one.
+fn tail_len(count: i64) -> i64 {
+    ((count + 9) / 10).max(1)
+}
+
+impl Registry {
+    /// Records metric rows of run `run_id` in one transaction. Idempotent on
+    /// `(run_id, step)`: a step recorded again replaces its row, so a replay
+    /// never duplicates. Fails with [`RegistryError::RunNotFound`] for an
+    /// unknown run.
+    #[tracing::instrument(skip(self, rows), fields(rows = rows.len()))]
+    pub async fn record_metrics(&self, run_id: i64, rows: &[MetricPoint]) -> Result<()> {
+        let rows = dedup_by_step(rows);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            upsert_metrics(&mut *tx, run_id, chunk).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes the rows of run `run_id` with a step after `step`; returns how
+    /// many. A trainer resuming from a state saved at step S calls this with
+    /// S: the steps after S are trained (and logged) again, so the series has
+    /// neither gaps nor rows from the abandoned attempt.
+    #[tracing::instrument(skip(self))]
+    pub async fn truncate_metrics_after(&self, run_id: i64, step: i64) -> Result<u64> {
+        delete_metrics_after(&self.pool, run_id, step).await
+    }
+
+    /// The rows of run `run_id` with `from_step ≤ step ≤ to_step` (unbounded
+    /// when `None`), ordered by step and downsampled to at most `max_points`:
+    /// every k-th row counted back from the last, with the smallest k that
+    /// fits, so the rows are evenly spaced and the newest one is always there.
+    #[tracing::instrument(skip(self))]
+    pub async fn metrics(
+        &self,
+        run_id: i64,
+        from_step: Option<i64>,
+        to_step: Option<i64>,
+        max_points: usize,
+    ) -> Result<Vec<MetricPoint>> {
+        let from = from_step.unwrap_or(i64::MIN);
+        let to = to_step.unwrap_or(i64::MAX);
+        if max_points == 0 {
+            return Ok(Vec::new());
+        }
+        let max_points = i64::try_from(max_points).map_err(|_| {
+            RegistryError::InvalidArgument(format!("max_points {max_points} is too large"))
+        })?;
+        select_metrics(&self.pool, run_id, from, to, max_points).await
+    }
+
+    /// The summary `runs show` prints; `None` when nothing was recorded.
+    #[tracing::instrument(skip(self))]
+    pub async fn metric_summary(&self, run_id: i64) -> Result<Option<MetricSummary>> {
+        let mut tx = self.pool.begin().await?;
+        let row = select_summary(&mut *tx, run_id).await?;
+        let (Some(first_step), Some(last_step)) = (row.first_step, row.last_step) else {
+            return Ok(None);
+        };
+        let tail_count = tail_len(row.count);
+        let tail_mean_loss = select_tail_mean(&mut *tx, run_id, tail_count).await?;
+        tx.commit().await?;
+        Ok(Some(MetricSummary {
+            count: row.count,
+            first_step,
+            last_step,
+            first_loss: row.first_loss.unwrap_or(f64::NAN),
+            last_loss: row.last_loss.unwrap_or(f64::NAN),
+            min_loss: row.min_loss,
+            tail_mean_loss,
+            tail_count,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(step: i64, loss: f64) -> MetricPoint {
+        MetricPoint {
+            step,
+            loss,
+            learning_rate: 3e-4,
+            grad_norm: None,
+            images_per_sec: None,
+            recorded_at: DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
+        }
+    }
+
+    #[test]
+    fn dedup_keeps_the_last_row_of_a_step_and_sorts() {
+        let rows = [point(3, 1.0), point(1, 2.0), point(3, 4.0), point(2, 5.0)];
+        let steps_losses: Vec<_> = dedup_by_step(&rows)
+            .iter()
+            .map(|p| (p.step, p.loss))
+            .collect();
+        assert_eq!(steps_losses, [(1, 2.0), (2, 5.0), (3, 4.0)]);
+    }
+
+    #[test]
+    fn upsert_sql_numbers_every_parameter() {
+        let sql = upsert_sql(2);
+        assert!(sql.contains("($1, $2, $3, $4, $5, $6, $7), ($8, $9, $10, $11, $12, $13, $14)"));
+        assert!(!sql.contains("$15"));
+    }
+
+    #[test]
+    fn tail_is_a_tenth_rounded_up_and_never_empty() {
+        assert_eq!(tail_len(1), 1);
+        assert_eq!(tail_len(10), 1);
+        assert_eq!(tail_len(11), 2);
+        assert_eq!(tail_len(100), 10);
+    }
+
+    #[test]
+    fn nan_is_stored_as_null() {
+        assert_eq!(finite_or_null(f64::NAN), None);
+        assert_eq!(finite_or_null(1.5), Some(1.5));
+        assert_eq!(finite_or_null(f64::INFINITY), Some(f64::INFINITY));
+    }
+
+    #[test]
+    fn nan_survives_json() {
+        let json = serde_json::to_string(&point(1, f64::NAN)).unwrap();
+        assert!(json.contains(r#""loss":null"#));
+        let back: MetricPoint = serde_json::from_str(&json).unwrap();
+        assert!(back.loss.is_nan());
+        assert_eq!(back.step, 1);
+    }
+}

@@ -1,0 +1,534 @@
+//! Runs and the run queue: creation, claiming, heartbeats, finishing, listing.
+//!
+//! A run's life:
+//!
+//! ```text
+//! queued ──claim_next_queued──► running ──finish_run──► completed | failed | interrupted
+//!                                 ▲   │                                          │
+//!                                 │   └─ heartbeat stale (crashed worker) ─┐     │
+//!                                 └──────────── claim_resumable ◄──────────┴─────┘
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{Any, Executor};
+
+use crate::db::{from_millis, from_millis_opt, Backend, Registry};
+use crate::error::{RegistryError, Result};
+
+/// Where a run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Waiting for a trainer to claim it.
+    Queued,
+    /// A trainer holds it and sends heartbeats.
+    Running,
+    /// Trained to its last step.
+    Completed,
+    /// Stopped by an error (see [`Run::error`]); not resumed automatically.
+    Failed,
+    /// Stopped on purpose (shutdown); resumable from its newest state.
+    Interrupted,
+}
+
+impl RunStatus {
+    /// Every status, in life order.
+    pub const ALL: [RunStatus; 5] = [
+        RunStatus::Queued,
+        RunStatus::Running,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Interrupted,
+    ];
+
+    /// The name stored in the database and used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+
+    /// Whether [`Registry::finish_run`] may end a run with this status.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Completed | RunStatus::Failed | RunStatus::Interrupted
+        )
+    }
+}
+
+impl fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RunStatus {
+    type Err = RegistryError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        RunStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| RegistryError::UnknownStatus(s.to_owned()))
+    }
+}
+
+/// What it takes to queue a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewRun {
+    /// The full training config, enough to repeat the run.
+    pub config: serde_json::Value,
+    /// The dataset's summary: path, image count, class names.
+    pub dataset: serde_json::Value,
+    /// Optimiser steps to train for (> 0).
+    pub total_steps: i64,
+}
+
+/// A run as the registry records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    pub id: i64,
+    pub status: RunStatus,
+    /// The full training config it was queued with.
+    pub config: serde_json::Value,
+    /// The dataset's summary: path, image count, class names.
+    pub dataset: serde_json::Value,
+    pub total_steps: i64,
+    /// The step of the newest heartbeat.
+    pub current_step: i64,
+    /// The worker that holds the run, or held it last.
+    pub host: Option<String>,
+    /// How many times the run was claimed: 1 for a run that never had to be
+    /// resumed. A climbing count flags a run that keeps crashing its trainer.
+    pub attempts: i64,
+    /// Why a failed run failed.
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// When it was first claimed.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it last became completed, failed or interrupted; cleared on resumption.
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+    /// The worker's latest sign of life; a running run whose heartbeat is old
+    /// has lost its worker.
+    pub heartbeat_at: Option<DateTime<Utc>>,
+}
+
+/// The columns of `runs`, in [`RunRow`]'s order.
+const RUN_COLUMNS: &str = "id, status, config, dataset, total_steps, current_step, host, \
+     attempts, error, created_at, started_at, finished_at, updated_at, heartbeat_at";
+
+/// A `runs` row as stored (portable types).
+#[derive(sqlx::FromRow)]
+struct RunRow {
+    id: i64,
+    status: String,
+    config: String,
+    dataset: String,
+    total_steps: i64,
+    current_step: i64,
+    host: Option<String>,
+    attempts: i64,
+    error: Option<String>,
+    created_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    updated_at: i64,
+    heartbeat_at: Option<i64>,
+}
+
+impl TryFrom<RunRow> for Run {
+    type Error = RegistryError;
+
+    fn try_from(row: RunRow) -> Result<Run> {
+        let id = row.id;
+        let corrupt = |reason: String| RegistryError::CorruptRow {
+            table: "runs",
+            id,
+            reason,
+        };
+        Ok(Run {
+            id,
+            status: row.status.parse().map_err(|e| corrupt(format!("{e}")))?,
+            config: serde_json::from_str(&row.config)
+                .map_err(|e| corrupt(format!("config is not JSON: {e}")))?,
+            dataset: serde_json::from_str(&row.dataset)
+                .map_err(|e| corrupt(format!("dataset is not JSON: {e}")))?,
+            total_steps: row.total_steps,
+            current_step: row.current_step,
+            host: row.host,
+            attempts: row.attempts,
+            error: row.error,
+            created_at: from_millis("runs", id, row.created_at)?,
+            started_at: from_millis_opt("runs", id, row.started_at)?,
+            finished_at: from_millis_opt("runs", id, row.finished_at)?,
+            updated_at: from_millis("runs", id, row.updated_at)?,
+            heartbeat_at: from_millis_opt("runs", id, row.heartbeat_at)?,
+        })
+    }
+}
+
+fn to_runs(rows: Vec<RunRow>) -> Result<Vec<Run>> {
+    rows.into_iter().map(Run::try_from).collect()
+}
+
+/// Inserts a queued run.
+pub(crate) async fn insert_run<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    backend: Backend,
+    new: &NewRun,
+) -> Result<Run> {
+    if new.total_steps <= 0 {
+        return Err(RegistryError::InvalidArgument(format!(
+            "total_steps must be positive, got {}",
+            new.total_steps
+        )));
+    }
+    let now = backend.now_ms();
+    let sql = format!(
+        "INSERT INTO runs (status, config, dataset, total_steps, created_at, updated_at) \
+         VALUES ('queued', $1, $2, $3, {now}, {now}) RETURNING {RUN_COLUMNS}"
+    );
+    let row: RunRow = sqlx::query_as(&sql)
+        .bind(serde_json::to_string(&new.config)?)
+        .bind(serde_json::to_string(&new.dataset)?)
+        .bind(new.total_steps)
+        .fetch_one(ex)
+        .await?;
+    row.try_into()
+}
+
+/// Moves the oldest queued run to running for `host`.
+pub(crate) async fn claim_queued<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    backend: Backend,
+    host: &str,
+) -> Result<Option<Run>> {
+    let (now, lock) = (backend.now_ms(), backend.skip_locked());
+    // PostgreSQL: SKIP LOCKED lets concurrent claimers each lock a different
+    // row instead of queueing behind (and then missing) the same one.
+    // SQLite: the UPDATE holds the write lock from before its subquery reads.
+    let sql = format!(
+        "UPDATE runs SET status = 'running', host = $1, attempts = attempts + 1, \
+             started_at = COALESCE(started_at, {now}), heartbeat_at = {now}, updated_at = {now} \
+         WHERE status = 'queued' AND id = ( \
+             SELECT id FROM runs WHERE status = 'queued' ORDER BY id LIMIT 1 {lock}) \
+         RETURNING {RUN_COLUMNS}"
+    );
+    let row: Option<RunRow> = sqlx::query_as(&sql).bind(host).fetch_optional(ex).await?;
+    row.map(Run::try_from).transpose()
+}
+
+/// Moves the oldest interrupted run, or running run with a heartbeat older
+/// than `stale_after_ms`, to running for `host`.
+pub(crate) async fn claim_resumable<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    backend: Backend,
+    host: &str,
+    stale_after_ms: i64,
+) -> Result<Option<Run>> {
+    let (now, lock) = (backend.now_ms(), backend.skip_locked());
+    let resumable = format!(
+        "(status = 'interrupted' OR (status = 'running' \
+           AND COALESCE(heartbeat_at, updated_at) < {now} - $2))"
+    );
+    let sql = format!(
+        "UPDATE runs SET status = 'running', host = $1, attempts = attempts + 1, \
+             started_at = COALESCE(started_at, {now}), heartbeat_at = {now}, updated_at = {now}, \
+             finished_at = NULL, error = NULL \
+         WHERE {resumable} AND id = ( \
+             SELECT id FROM runs WHERE {resumable} ORDER BY id LIMIT 1 {lock}) \
+         RETURNING {RUN_COLUMNS}"
+    );
+    let row: Option<RunRow> = sqlx::query_as(&sql)
+        .bind(host)
+        .bind(stale_after_ms)
+        .fetch_optional(ex)
+        .await?;
+    row.map(Run::try_from).transpose()
+}
+
+/// Records a heartbeat; `false` when `host` does not hold the run (any more).
+pub(crate) async fn touch_run<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    backend: Backend,
+    id: i64,
+    host: &str,
+    step: i64,
+) -> Result<bool> {
+    let now = backend.now_ms();
+    let sql = format!(
+        "UPDATE runs SET current_step = $3, heartbeat_at = {now}, updated_at = {now} \
+         WHERE id = $1 AND host = $2 AND status = 'running'"
+    );
+    let done = sqlx::query(&sql)
+        .bind(id)
+        .bind(host)
+        .bind(step)
+        .execute(ex)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Ends a running run; `false` when it was not running.
+pub(crate) async fn end_run<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    backend: Backend,
+    id: i64,
+    status: RunStatus,
+    error: Option<&str>,
+) -> Result<bool> {
+    let now = backend.now_ms();
+    let sql = format!(
+        "UPDATE runs SET status = $2, error = $3, finished_at = {now}, updated_at = {now} \
+         WHERE id = $1 AND status = 'running'"
+    );
+    let done = sqlx::query(&sql)
+        .bind(id)
+        .bind(status.as_str())
+        .bind(error)
+        .execute(ex)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// One run by id.
+pub(crate) async fn select_run<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    id: i64,
+) -> Result<Option<Run>> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1");
+    let row: Option<RunRow> = sqlx::query_as(&sql).bind(id).fetch_optional(ex).await?;
+    row.map(Run::try_from).transpose()
+}
+
+/// A page of runs, newest first.
+pub(crate) async fn select_runs<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    status: Option<RunStatus>,
+    limit: i64,
+    offset: i64,
+) -> Result<Vec<Run>> {
+    if limit < 0 || offset < 0 {
+        return Err(RegistryError::InvalidArgument(format!(
+            "limit and offset must not be negative, got {limit} and {offset}"
+        )));
+    }
+    let sql = format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE ($1 IS NULL OR status = $1) \
+         ORDER BY id DESC LIMIT $2 OFFSET $3"
+    );
+    let rows: Vec<RunRow> = sqlx::query_as(&sql)
+        .bind(status.map(RunStatus::as_str))
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(ex)
+        .await?;
+    to_runs(rows)
+}
+
+/// How many runs there are (with this status).
+pub(crate) async fn count_runs<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    status: Option<RunStatus>,
+) -> Result<i64> {
+    let (count,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM runs WHERE ($1 IS NULL OR status = $1)")
+            .bind(status.map(RunStatus::as_str))
+            .fetch_one(ex)
+            .await?;
+    Ok(count)
+}
+
+impl Registry {
+    /// Queues a run (status [`RunStatus::Queued`]).
+    #[tracing::instrument(skip_all)]
+    pub async fn create_run(&self, new: &NewRun) -> Result<Run> {
+        insert_run(&self.pool, self.backend, new).await
+    }
+
+    /// Atomically moves the oldest queued run to running for `host`, with a
+    /// fresh heartbeat. Concurrent callers (in this process or on other
+    /// hosts) never get the same run.
+    ///
+    /// `host` names the worker: it must be unique per trainer process (e.g.
+    /// `hostname:pid`) because [`heartbeat`](Self::heartbeat) checks it.
+    #[tracing::instrument(skip(self))]
+    pub async fn claim_next_queued(&self, host: &str) -> Result<Option<Run>> {
+        claim_queued(&self.pool, self.backend, host).await
+    }
+
+    /// Atomically claims the oldest run that can be resumed: one that is
+    /// interrupted, or running with a heartbeat older than `stale_after` (its
+    /// trainer died). It becomes running for `host` with a fresh heartbeat;
+    /// `finished_at` and `error` are cleared, `attempts` goes up by one.
+    ///
+    /// `stale_after` must comfortably exceed the heartbeat interval, or a live
+    /// trainer's run is taken from it (its next heartbeat then fails with
+    /// [`RegistryError::ClaimLost`]).
+    #[tracing::instrument(skip(self))]
+    pub async fn claim_resumable(&self, host: &str, stale_after: Duration) -> Result<Option<Run>> {
+        let stale_after_ms = i64::try_from(stale_after.as_millis()).map_err(|_| {
+            RegistryError::InvalidArgument(format!("stale_after {stale_after:?} is too long"))
+        })?;
+        claim_resumable(&self.pool, self.backend, host, stale_after_ms).await
+    }
+
+    /// Records that `host` is alive and training run `id` at `step`.
+    ///
+    /// Fails with [`RegistryError::ClaimLost`] when `host` no longer holds the
+    /// run (another worker resumed it, or it was finished): the caller must
+    /// stop training it.
+    #[tracing::instrument(skip(self))]
+    pub async fn heartbeat(&self, id: i64, host: &str, step: i64) -> Result<()> {
+        if touch_run(&self.pool, self.backend, id, host, step).await? {
+            Ok(())
+        } else {
+            Err(RegistryError::ClaimLost {
+                id,
+                host: host.to_owned(),
+            })
+        }
+    }
+
+    /// Ends a running run as completed, failed (with `error`) or interrupted,
+    /// and sets `finished_at`.
+    ///
+    /// Fails with [`RegistryError::InvalidTransition`] when `status` is not a
+    /// final status or the run is not running, and with
+    /// [`RegistryError::RunNotFound`] when there is no such run.
+    #[tracing::instrument(skip(self))]
+    pub async fn finish_run(&self, id: i64, status: RunStatus, error: Option<&str>) -> Result<()> {
+        if status.is_final() && end_run(&self.pool, self.backend, id, status, error).await? {
+            return Ok(());
+        }
+        match select_run(&self.pool, id).await? {
+            None => Err(RegistryError::RunNotFound(id)),
+            Some(run) => Err(RegistryError::InvalidTransition {
+                id,
+                from: run.status,
+                to: status,
+            }),
+        }
+    }
+
+    /// One run, if it exists.
+    #[tracing::instrument(skip(self))]
+    pub async fn get_run(&self, id: i64) -> Result<Option<Run>> {
+        select_run(&self.pool, id).await
+    }
+
+    /// Runs newest first, optionally only those with `status`; `limit` and
+    /// `offset` page through them.
+    #[tracing::instrument(skip(self))]
+    pub async fn list_runs(
+        &self,
+        status: Option<RunStatus>,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<Run>> {
+        select_runs(&self.pool, status, limit, offset).await
+    }
+
+    /// How many runs [`list_runs`](Self::list_runs) pages through.
+    #[tracing::instrument(skip(self))]
+    pub async fn count_runs(&self, status: Option<RunStatus>) -> Result<i64> {
+        count_runs(&self.pool, status).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_round_trip() {
+        for status in RunStatus::ALL {
+            assert_eq!(status.as_str().parse::<RunStatus>().unwrap(), status);
+            assert_eq!(status.to_string(), status.as_str());
+            let json = serde_json::to_string(&status).unwrap();
+            assert_eq!(json, format!("\"{}\"", status.as_str()));
+        }
+        assert!(matches!(
+            "Running".parse::<RunStatus>(),
+            Err(RegistryError::UnknownStatus(s)) if s == "Running"
+        ));
+    }
+
+    #[test]
+    fn only_completed_failed_interrupted_are_final() {
+        let finals: Vec<_> = RunStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_final())
+            .collect();
+        assert_eq!(
+            finals,
+            [
+                RunStatus::Completed,
+                RunStatus::Failed,
+                RunStatus::Interrupted
+            ]
+        );
+    }
+
+    fn row() -> RunRow {
+        RunRow {
+            id: 7,
+            status: "running".into(),
+            config: r#"{"lr":0.0003}"#.into(),
+            dataset: r#"{"images":10}"#.into(),
+            total_steps: 100,
+            current_step: 5,
+            host: Some("h:1".into()),
+            attempts: 1,
+            error: None,
+            created_at: 1_700_000_000_000,
+            started_at: Some(1_700_000_000_500),
+            finished_at: None,
+            updated_at: 1_700_000_001_000,
+            heartbeat_at: Some(1_700_000_001_000),
+        }
+    }
+
+    #[test]
+    fn rows_convert_to_runs() {
+        let run = Run::try_from(row()).unwrap();
+        assert_eq!(run.status, RunStatus::Running);
+        assert_eq!(run.config["lr"], 0.0003);
+        assert_eq!(
+            run.started_at.unwrap().timestamp_millis(),
+            1_700_000_000_500
+        );
+        assert_eq!(run.finished_at, None);
+    }
+
+    #[test]
+    fn corrupt_rows_are_reported_not_panicked_on() {
+        let bad_status = RunRow {
+            status: "paused".into(),
+            ..row()
+        };
+        assert!(matches!(
+            Run::try_from(bad_status),
+            Err(RegistryError::CorruptRow { id: 7, .. })
+        ));
+        let bad_json = RunRow {
+            config: "{".into(),
+            ..row()
+        };
+        assert!(matches!(
+            Run::try_from(bad_json),
+            Err(RegistryError::CorruptRow { .. })
+        ));
+    }
+}

@@ -1,0 +1,515 @@
+//! The checkpoint store: a local directory of checkpoint files, written
+//! atomically and registered only once durable, with retention.
+//!
+//! A write goes to a temp file in the target's directory, is fsynced, hashed
+//! and renamed over the target, and the directory is fsynced: a reader (or a
+//! crash) sees the old file or the new one, never a torn one, and a file that
+//! is registered is on disk.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::checkpoints::{CheckpointKind, CheckpointRecord, NewCheckpoint};
+use crate::db::Registry;
+use crate::error::{BoxError, RegistryError, Result};
+use crate::runs::RunStatus;
+
+/// A file the store wrote, durable and ready to register.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFile {
+    /// Relative to the store's root, `/`-separated (what the registry keeps).
+    pub path: String,
+    pub size_bytes: u64,
+    /// Lowercase hex SHA-256 of the bytes on disk.
+    pub sha256: String,
+}
+
+/// Checkpoint files under one root directory. Cloning is cheap.
+#[derive(Debug, Clone)]
+pub struct CheckpointStore {
+    root: PathBuf,
+}
+
+impl CheckpointStore {
+    /// A store rooted at `root`, created (with its parents) when missing.
+    pub fn new(root: impl Into<PathBuf>) -> Result<CheckpointStore> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(RegistryError::io(&root))?;
+        Ok(CheckpointStore { root })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a checkpoint of run `run_id` at `step` goes, relative to the
+    /// root: `runs/<run>/<kind>-<step, 8 digits>.safetensors`.
+    pub fn path_for(&self, run_id: i64, step: i64, kind: CheckpointKind) -> PathBuf {
+        PathBuf::from(format!("runs/{run_id}/{kind}-{step:08}.safetensors"))
+    }
+
+    /// Where the sample grid of the EMA checkpoint at `checkpoint` goes: the
+    /// same stem with `.png`.
+    pub fn grid_path_for(checkpoint: &Path) -> PathBuf {
+        checkpoint.with_extension("png")
+    }
+
+    /// The absolute path of a relative store path (as kept in the registry).
+    /// Fails with [`RegistryError::InvalidPath`] for a path that is absolute
+    /// or climbs out of the root.
+    pub fn resolve(&self, rel: impl AsRef<Path>) -> Result<PathBuf> {
+        let rel = rel.as_ref();
+        validate_rel_path(rel)?;
+        Ok(self.root.join(rel))
+    }
+
+    /// Writes `rel` atomically: `write` fills a temp file beside the target
+    /// (it gets the temp file's path and may create or truncate it), which is
+    /// then fsynced, hashed, renamed over the target, and the directory
+    /// fsynced. When `write` fails (or panics) the temp file is removed and
+    /// the target is left as it was.
+    ///
+    /// Blocking: call it from a blocking thread, or use
+    /// [`save_and_register`](Self::save_and_register) from async code.
+    pub fn write_atomic<E>(
+        &self,
+        rel: &Path,
+        write: impl FnOnce(&Path) -> Result<(), E>,
+    ) -> Result<StoredFile>
+    where
+        E: Into<BoxError>,
+    {
+        let path = validate_rel_path(rel)?;
+        let target = self.root.join(rel);
+        let dir = target
+            .parent()
+            .ok_or_else(|| RegistryError::InvalidPath(path.clone()))?;
+        let prefix = match target.file_name() {
+            Some(name) => format!(".{}.", name.to_string_lossy()),
+            None => return Err(RegistryError::InvalidPath(path)),
+        };
+        self.create_dirs(dir)?;
+
+        // Removed on drop unless persisted: an error or panic below leaves nothing.
+        let temp = temp_builder(&prefix)
+            .tempfile_in(dir)
+            .map_err(RegistryError::io(dir))?
+            .into_temp_path();
+        write(&temp).map_err(|e| RegistryError::Write {
+            path: target.clone(),
+            source: e.into(),
+        })?;
+        let (size_bytes, sha256) = sync_and_digest(&temp)?;
+        temp.persist(&target)
+            .map_err(|e| RegistryError::io(&target)(e.error))?;
+        sync_dir(dir)?;
+        tracing::debug!(path = %target.display(), size_bytes, "checkpoint file written");
+        Ok(StoredFile {
+            path,
+            size_bytes,
+            sha256,
+        })
+    }
+
+    /// [`write_atomic`](Self::write_atomic) with the content in memory.
+    pub fn write_bytes(&self, rel: &Path, bytes: &[u8]) -> Result<StoredFile> {
+        self.write_atomic(rel, |temp| std::fs::write(temp, bytes))
+    }
+
+    /// Lowercase hex SHA-256 of a file's bytes.
+    pub fn sha256_file(path: &Path) -> Result<String> {
+        let file = File::open(path).map_err(RegistryError::io(path))?;
+        Ok(digest(file, path)?.1)
+    }
+
+    /// Checks that a registered checkpoint's file exists with the registered
+    /// size and SHA-256, and returns its absolute path. Fails with
+    /// [`RegistryError::ChecksumMismatch`] for a changed file and
+    /// [`RegistryError::Io`] for a missing one.
+    pub fn verify(&self, record: &CheckpointRecord) -> Result<PathBuf> {
+        let path = self.resolve(&record.path)?;
+        let file = File::open(&path).map_err(RegistryError::io(&path))?;
+        let (size, sha256) = digest(file, &path)?;
+        if sha256 != record.sha256 || i64::try_from(size).ok() != Some(record.size_bytes) {
+            return Err(RegistryError::ChecksumMismatch {
+                path,
+                expected: record.sha256.clone(),
+                actual: sha256,
+            });
+        }
+        Ok(path)
+    }
+
+    /// Registers a file this store wrote as a checkpoint of run `run_id`.
+    pub async fn register(
+        &self,
+        registry: &Registry,
+        run_id: i64,
+        step: i64,
+        kind: CheckpointKind,
+        file: &StoredFile,
+    ) -> Result<CheckpointRecord> {
+        let size_bytes = i64::try_from(file.size_bytes).map_err(|_| {
+            RegistryError::InvalidArgument(format!("file size {} overflows", file.size_bytes))
+        })?;
+        registry
+            .register_checkpoint(&NewCheckpoint {
+                run_id,
+                step,
+                kind,
+                path: file.path.clone(),
+                size_bytes,
+                sha256: file.sha256.clone(),
+            })
+            .await
+    }
+
+    /// Writes the checkpoint of run `run_id` at `step` to
+    /// [`path_for`](Self::path_for) on a blocking thread (see
+    /// [`write_atomic`](Self::write_atomic)), and registers it once it is
+    /// durable. A failed write registers nothing.
+    ///
+    /// `write` must be `'static` to move to the blocking thread; a caller
+    /// that borrows its data calls `write_atomic` and [`register`](Self::register).
+    #[tracing::instrument(skip(self, registry, write))]
+    pub async fn save_and_register<F, E>(
+        &self,
+        registry: &Registry,
+        run_id: i64,
+        step: i64,
+        kind: CheckpointKind,
+        write: F,
+    ) -> Result<CheckpointRecord>
+    where
+        F: FnOnce(&Path) -> Result<(), E> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let rel = self.path_for(run_id, step, kind);
+        let store = self.clone();
+        let target = self.root.join(&rel);
+        let file = match tokio::task::spawn_blocking(move || store.write_atomic(&rel, write)).await
+        {
+            Ok(file) => file?,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => {
+                return Err(RegistryError::Write {
+                    path: target,
+                    source: Box::new(e),
+                })
+            }
+        };
+        self.register(registry, run_id, step, kind, &file).await
+    }
+
+    /// Deletes a checkpoint: first its row (so nobody picks it up any more),
+    /// then its file and, for an EMA checkpoint, its sample grid. Fails with
+    /// [`RegistryError::CheckpointNotFound`], touching no file, when the row
+    /// is gone already (the path may have been registered again since).
+    #[tracing::instrument(skip_all, fields(id = record.id))]
+    pub async fn delete(&self, registry: &Registry, record: &CheckpointRecord) -> Result<()> {
+        let path = self.resolve(&record.path)?;
+        registry.delete_checkpoint(record.id).await?;
+        remove_if_exists(&path).await?;
+        if record.kind == CheckpointKind::Ema {
+            remove_if_exists(&Self::grid_path_for(&path)).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies retention to run `run_id`: of each kind, the `keep_last`
+    /// newest checkpoints stay, and so does the newest one of a completed run
+    /// (even with `keep_last` 0); the others are deleted (row, file, grid).
+    /// Returns what was deleted.
+    #[tracing::instrument(skip(self, registry))]
+    pub async fn apply_retention(
+        &self,
+        registry: &Registry,
+        run_id: i64,
+        keep_last: usize,
+    ) -> Result<Vec<CheckpointRecord>> {
+        let run = registry
+            .get_run(run_id)
+            .await?
+            .ok_or(RegistryError::RunNotFound(run_id))?;
+        let records = registry.list_checkpoints(run_id).await?;
+        let victims = retention_victims(records, keep_last, run.status == RunStatus::Completed);
+        let mut deleted = Vec::with_capacity(victims.len());
+        for record in victims {
+            match self.delete(registry, &record).await {
+                Ok(()) => deleted.push(record),
+                // Someone else deleted it meanwhile: nothing left to do.
+                Err(RegistryError::CheckpointNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Creates `dir` and fsyncs the parent of every directory it created.
+    fn create_dirs(&self, dir: &Path) -> Result<()> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+        std::fs::create_dir_all(dir).map_err(RegistryError::io(dir))?;
+        for created in missing {
+            if let Some(parent) = created.parent() {
+                sync_dir(parent)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The checkpoints retention deletes: of each kind, all but the `keep_last`
+/// newest (highest id), and for a completed run never its newest one.
+pub(crate) fn retention_victims(
+    mut records: Vec<CheckpointRecord>,
+    keep_last: usize,
+    run_completed: bool,
+) -> Vec<CheckpointRecord> {
+    let keep = if run_completed {
+        keep_last.max(1)
+    } else {
+        keep_last
+    };
+    records.sort_by_key(|r| std::cmp::Reverse(r.id));
+    let mut victims = Vec::new();
+    for kind in CheckpointKind::ALL {
+        victims.extend(
+            records
+                .iter()
+                .filter(|r| r.kind == kind)
+                .skip(keep)
+                .cloned(),
+        );
+    }
+    victims.sort_by_key(|r| r.id);
+    victims
+}
+
+/// `rel` as the registry keeps it (`/`-separated), if it is a plain relative
+/// path: not empty, not absolute, no `.`, `..` or drive prefix, UTF-8.
+pub(crate) fn validate_rel_path(rel: &Path) -> Result<String> {
+    let invalid = || RegistryError::InvalidPath(rel.to_string_lossy().into_owned());
+    let mut parts = Vec::new();
+    for component in rel.components() {
+        match component {
+            Component::Normal(part) => {
+                let part = part.to_str().ok_or_else(invalid)?;
+                if part.contains('\\') {
+                    return Err(invalid());
+                }
+                parts.push(part);
+            }
+            _ => return Err(invalid()),
+        }
+    }
+    if parts.is_empty() {
+        return Err(invalid());
+    }
+    Ok(parts.join("/"))
+}
+
+/// Temp files are `<prefix><random>.tmp`, readable like files `File::create`
+/// makes (0666 less the umask), so a server running as another user can read
+/// the renamed checkpoint.
+fn temp_builder(prefix: &str) -> tempfile::Builder<'_, 'static> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(prefix).suffix(".tmp");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    builder
+}
+
+/// Size and SHA-256 of everything `reader` yields.
+fn digest(mut reader: impl Read, path: &Path) -> Result<(u64, String)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut size = 0u64;
+    loop {
+        let n = reader.read(&mut buf).map_err(RegistryError::io(path))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
+/// Flushes a written file to the disk and returns its size and SHA-256.
+fn sync_and_digest(path: &Path) -> Result<(u64, String)> {
+    // Write access: some platforms refuse to flush a read-only handle.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(RegistryError::io(path))?;
+    file.sync_all().map_err(RegistryError::io(path))?;
+    digest(file, path)
+}
+
+/// Makes a directory's entries (a rename, a new file) durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(RegistryError::io(dir))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+async fn remove_if_exists(path: &Path) -> Result<()> {
+    match tokio::fs::remove_file(path).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(RegistryError::io(path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::DateTime;
+
+    fn record(id: i64, step: i64, kind: CheckpointKind) -> CheckpointRecord {
+        CheckpointRecord {
+            id,
+            run_id: 1,
+            step,
+            kind,
+            path: format!("runs/1/{kind}-{step:08}.safetensors"),
+            size_bytes: 1,
+            sha256: "0".repeat(64),
+            created_at: DateTime::from_timestamp_millis(0).unwrap(),
+        }
+    }
+
+    fn ids(records: &[CheckpointRecord]) -> Vec<i64> {
+        records.iter().map(|r| r.id).collect()
+    }
+
+    fn history() -> Vec<CheckpointRecord> {
+        use CheckpointKind::{Ema, State};
+        vec![
+            record(1, 100, Ema),
+            record(2, 100, State),
+            record(3, 200, Ema),
+            record(4, 200, State),
+            record(5, 300, Ema),
+            record(6, 300, State),
+        ]
+    }
+
+    #[test]
+    fn retention_keeps_the_last_k_of_each_kind() {
+        assert_eq!(ids(&retention_victims(history(), 2, false)), [1, 2]);
+        assert_eq!(ids(&retention_victims(history(), 1, false)), [1, 2, 3, 4]);
+        assert!(retention_victims(history(), 3, false).is_empty());
+        assert!(retention_victims(history(), 10, false).is_empty());
+    }
+
+    #[test]
+    fn retention_always_keeps_the_newest_of_a_completed_run() {
+        assert_eq!(
+            ids(&retention_victims(history(), 0, false)),
+            [1, 2, 3, 4, 5, 6]
+        );
+        assert_eq!(ids(&retention_victims(history(), 0, true)), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn retention_orders_by_registration_not_step() {
+        // A resumed run registered step 150 after the abandoned step 200.
+        let mut records = history();
+        records.push(record(7, 150, CheckpointKind::Ema));
+        assert_eq!(ids(&retention_victims(records, 1, false)), [1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn relative_paths_are_normalised() {
+        assert_eq!(
+            validate_rel_path(Path::new("runs/1/ema-00000001.safetensors")).unwrap(),
+            "runs/1/ema-00000001.safetensors"
+        );
+        assert_eq!(validate_rel_path(Path::new("a//b")).unwrap(), "a/b");
+    }
+
+    #[test]
+    fn escaping_paths_are_refused() {
+        for bad in ["", "/abs", "../up", "a/../../up", "./a", "a\\b"] {
+            assert!(
+                matches!(
+                    validate_rel_path(Path::new(bad)),
+                    Err(RegistryError::InvalidPath(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn checkpoint_paths_follow_the_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::new(dir.path().join("store")).unwrap();
+        assert!(store.root().is_dir());
+        assert_eq!(
+            store.path_for(3, 1000, CheckpointKind::Ema),
+            Path::new("runs/3/ema-00001000.safetensors")
+        );
+        assert_eq!(
+            store.path_for(3, 1000, CheckpointKind::State),
+            Path::new("runs/3/state-00001000.safetensors")
+        );
+        assert_eq!(
+            CheckpointStore::grid_path_for(Path::new("runs/3/ema-00001000.safetensors")),
+            Path::new("runs/3/ema-00001000.png")
+        );
+        assert!(store.resolve("../x").is_err());
+    }
+
+    #[test]
+    fn digest_matches_a_known_vector() {
+        let (size, sha) = digest(&b"abc"[..], Path::new("mem")).unwrap();
+        assert_eq!(size, 3);
+        assert_eq!(
+            sha,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn written_files_are_readable_by_others() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::new(dir.path()).unwrap();
+        let file = store.write_bytes(Path::new("a/b.bin"), b"x").unwrap();
+        let mode = std::fs::metadata(store.resolve(&file.path).unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        // At least as open as File::create under a 022 umask.
+        assert_eq!(mode & 0o600, 0o600);
+        assert_eq!(mode & 0o044, 0o044 & !current_umask());
+    }
+
+    #[cfg(unix)]
+    fn current_umask() -> u32 {
+        let probe = tempfile::tempdir().unwrap();
+        let path = probe.path().join("probe");
+        std::fs::File::create(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        !std::fs::metadata(&path).unwrap().permissions().mode() & 0o666
+    }
+}

@@ -1,0 +1,244 @@
+//! Metric series: idempotent recording, truncation on resume, downsampling,
+//! summaries.
+
+use chrono::{DateTime, Utc};
+use ddpm_registry::{MetricPoint, RegistryError};
+
+use crate::helpers::{running_run, TestContext};
+
+fn at(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(1_700_000_000_000 + ms).unwrap()
+}
+
+fn point(step: i64, loss: f64) -> MetricPoint {
+    MetricPoint {
+        step,
+        loss,
+        learning_rate: 3e-4,
+        grad_norm: Some(0.5 + step as f64),
+        images_per_sec: Some(120.0),
+        recorded_at: at(step),
+    }
+}
+
+/// Steps 1..=n, loss 1/step.
+fn series(n: i64) -> Vec<MetricPoint> {
+    (1..=n).map(|s| point(s, 1.0 / s as f64)).collect()
+}
+
+fn steps(points: &[MetricPoint]) -> Vec<i64> {
+    points.iter().map(|p| p.step).collect()
+}
+
+async fn recorded_rows_read_back(t: TestContext) {
+    let run = running_run(&t.registry, "h").await;
+    let rows = vec![
+        point(10, 0.9),
+        MetricPoint {
+            grad_norm: None,
+            images_per_sec: None,
+            ..point(20, 0.8)
+        },
+    ];
+    t.registry.record_metrics(run.id, &rows).await.unwrap();
+    let stored = t.registry.metrics(run.id, None, None, 100).await.unwrap();
+    assert_eq!(stored, rows);
+    // Nothing to record is fine.
+    t.registry.record_metrics(run.id, &[]).await.unwrap();
+    // Another run's series is separate.
+    let other = running_run(&t.registry, "h").await;
+    assert!(t
+        .registry
+        .metrics(other.id, None, None, 100)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn replays_never_duplicate(t: TestContext) {
+    let run = running_run(&t.registry, "h").await;
+    t.registry
+        .record_metrics(run.id, &series(50))
+        .await
+        .unwrap();
+    t.registry
+        .record_metrics(run.id, &series(50))
+        .await
+        .unwrap();
+    // Overlapping and duplicated steps in one batch: the last given wins.
+    let mut batch = series(60)[40..].to_vec();
+    batch.push(point(45, 7.0));
+    t.registry.record_metrics(run.id, &batch).await.unwrap();
+
+    let stored = t.registry.metrics(run.id, None, None, 1000).await.unwrap();
+    assert_eq!(steps(&stored), (1..=60).collect::<Vec<_>>());
+    assert_eq!(stored[44].loss, 7.0);
+    assert_eq!(stored[43].loss, 1.0 / 44.0);
+    assert_eq!(
+        t.registry
+            .metric_summary(run.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .count,
+        60
+    );
+}
+
+async fn big_batches_span_several_statements(t: TestContext) {
+    let run = running_run(&t.registry, "h").await;
+    t.registry
+        .record_metrics(run.id, &series(2500))
+        .await
+        .unwrap();
+    let stored = t.registry.metrics(run.id, None, None, 5000).await.unwrap();
+    assert_eq!(stored.len(), 2500);
+    assert_eq!(stored, series(2500));
+}
+
+async fn metrics_of_unknown_runs_are_refused(t: TestContext) {
+    assert!(matches!(
+        t.registry.record_metrics(4242, &series(3)).await,
+        Err(RegistryError::RunNotFound(4242))
+    ));
+}
+
+async fn diverged_steps_keep_their_nan(t: TestContext) {
+    let run = running_run(&t.registry, "h").await;
+    let rows = vec![
+        point(1, 2.0),
+        MetricPoint {
+            grad_norm: Some(f64::NAN),
+            ..point(2, f64::NAN)
+        },
+        point(3, f64::INFINITY),
+    ];
+    t.registry.record_metrics(run.id, &rows).await.unwrap();
+    let stored = t.registry.metrics(run.id, None, None, 10).await.unwrap();
+    assert!(stored[1].loss.is_nan());
+    assert_eq!(stored[1].grad_norm, None);
+    assert_eq!(stored[2].loss, f64::INFINITY);
+    let summary = t.registry.metric_summary(run.id).await.unwrap().unwrap();
+    assert_eq!(summary.min_loss, Some(2.0));
+}
+
+async fn truncation_makes_room_for_the_resumed_steps(t: TestContext) {
+    let run = running_run(&t.registry, "h").await;
+    t.registry
+        .record_metrics(run.id, &series(100))
+        .await
+        .unwrap();
+    // The trainer died after step 100; its newest state is from step 60.
+    assert_eq!(
+        t.registry.truncate_metrics_after(run.id, 60).await.unwrap(),
+        40
+    );
+    let stored = t.registry.metrics(run.id, None, None, 1000).await.unwrap();
+    assert_eq!(steps(&stored), (1..=60).collect::<Vec<_>>());
+    assert_eq!(
+        t.registry.truncate_metrics_after(run.id, 60).await.unwrap(),
+        0
+    );
+    // The resumed attempt logs 61.. again, with new values.
+    let resumed: Vec<_> = (61..=100).map(|s| point(s, 0.001)).collect();
+    t.registry.record_metrics(run.id, &resumed).await.unwrap();
+    let stored = t.registry.metrics(run.id, None, None, 1000).await.unwrap();
+    assert_eq!(steps(&stored), (1..=100).collect::<Vec<_>>());
+    assert!(stored[60..].iter().all(|p| p.loss == 0.001));
+}
+
+async fn downsampling_keeps_every_kth_row_and_the_last(t: TestContext) {
+    let run = running_run(&t.registry, "h").await;
+    t.registry
+        .record_metrics(run.id, &series(10))
+        .await
+        .unwrap();
+    let metrics = |from, to, max| {
+        let registry = t.registry.clone();
+        async move { steps(&registry.metrics(run.id, from, to, max).await.unwrap()) }
+    };
+    assert_eq!(metrics(None, None, 4).await, [1, 4, 7, 10]);
+    assert_eq!(metrics(None, None, 3).await, [2, 6, 10]);
+    assert_eq!(metrics(None, None, 2).await, [5, 10]);
+    assert_eq!(metrics(None, None, 1).await, [10]);
+    assert!(metrics(None, None, 0).await.is_empty());
+    assert_eq!(metrics(None, None, 10).await, (1..=10).collect::<Vec<_>>());
+    assert_eq!(
+        metrics(None, None, 1000).await,
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(metrics(Some(3), Some(7), 100).await, [3, 4, 5, 6, 7]);
+    assert_eq!(metrics(Some(3), Some(7), 3).await, [3, 5, 7]);
+    assert_eq!(metrics(Some(8), None, 100).await, [8, 9, 10]);
+    assert_eq!(metrics(None, Some(2), 1).await, [2]);
+    assert!(metrics(Some(11), None, 5).await.is_empty());
+}
+
+async fn downsampling_a_long_series(t: TestContext) {
+    let run = running_run(&t.registry, "h").await;
+    t.registry
+        .record_metrics(run.id, &series(1000))
+        .await
+        .unwrap();
+    for max in [2usize, 3, 7, 100, 333, 999] {
+        let got = t.registry.metrics(run.id, None, None, max).await.unwrap();
+        assert!(got.len() <= max, "{} rows for max {max}", got.len());
+        assert!(
+            got.len() * 2 > max.min(1000),
+            "{} rows for max {max}",
+            got.len()
+        );
+        assert_eq!(got.last().unwrap().step, 1000);
+        // Evenly spaced and ordered by step.
+        let gaps: Vec<i64> = got.windows(2).map(|w| w[1].step - w[0].step).collect();
+        assert!(
+            gaps.windows(2).all(|g| g[0] == g[1] && g[0] > 0),
+            "{gaps:?}"
+        );
+        // Rows come back whole.
+        assert_eq!(got[0].loss, 1.0 / got[0].step as f64);
+    }
+}
+
+async fn summaries_describe_the_series(t: TestContext) {
+    let run = running_run(&t.registry, "h").await;
+    assert_eq!(t.registry.metric_summary(run.id).await.unwrap(), None);
+    // Steps 1..=20, loss 1/step, then a bump at the end.
+    let mut rows = series(20);
+    rows[19].loss = 0.5;
+    t.registry.record_metrics(run.id, &rows).await.unwrap();
+    let s = t.registry.metric_summary(run.id).await.unwrap().unwrap();
+    assert_eq!((s.count, s.first_step, s.last_step), (20, 1, 20));
+    assert_eq!(s.first_loss, 1.0);
+    assert_eq!(s.last_loss, 0.5);
+    assert_eq!(s.min_loss, Some(1.0 / 19.0));
+    // The last 10 %: steps 19 and 20.
+    assert_eq!(s.tail_count, 2);
+    let expected = (1.0 / 19.0 + 0.5) / 2.0;
+    assert!((s.tail_mean_loss.unwrap() - expected).abs() < 1e-12);
+
+    let one = running_run(&t.registry, "h").await;
+    t.registry
+        .record_metrics(one.id, &[point(5, 0.25)])
+        .await
+        .unwrap();
+    let s = t.registry.metric_summary(one.id).await.unwrap().unwrap();
+    assert_eq!(
+        (s.count, s.first_step, s.last_step, s.tail_count),
+        (1, 5, 5, 1)
+    );
+    assert_eq!((s.first_loss, s.last_loss), (0.25, 0.25));
+    assert_eq!((s.min_loss, s.tail_mean_loss), (Some(0.25), Some(0.25)));
+}
+
+both_backends!(
+    recorded_rows_read_back,
+    replays_never_duplicate,
+    big_batches_span_several_statements,
+    metrics_of_unknown_runs_are_refused,
+    diverged_steps_keep_their_nan,
+    truncation_makes_room_for_the_resumed_steps,
+    downsampling_keeps_every_kth_row_and_the_last,
+    downsampling_a_long_series,
+    summaries_describe_the_series,
+);

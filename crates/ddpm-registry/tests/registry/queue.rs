@@ -1,0 +1,202 @@
+//! The run queue: claiming queued runs and resuming interrupted or orphaned ones.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use ddpm_registry::{RegistryError, RunStatus};
+
+use crate::helpers::{queue_runs, running_run, TestContext};
+
+const LONG: Duration = Duration::from_secs(3600);
+
+async fn claims_take_the_oldest_queued_run(t: TestContext) {
+    assert_eq!(t.registry.claim_next_queued("h").await.unwrap(), None);
+    let runs = queue_runs(&t.registry, 3).await;
+    for expected in &runs {
+        let claimed = t.registry.claim_next_queued("h").await.unwrap().unwrap();
+        assert_eq!(claimed.id, expected.id);
+        assert_eq!(claimed.status, RunStatus::Running);
+        assert_eq!(claimed.host.as_deref(), Some("h"));
+        assert!(claimed.started_at.is_some() && claimed.heartbeat_at.is_some());
+        assert_eq!(claimed.config, expected.config);
+    }
+    assert_eq!(t.registry.claim_next_queued("h").await.unwrap(), None);
+}
+
+async fn racing_claims_never_share_a_run(t: TestContext) {
+    let runs = queue_runs(&t.registry, 3).await;
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let registry = t.registry.clone();
+            tokio::spawn(async move { registry.claim_next_queued(&format!("daemon-{i}")).await })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for racer in racers {
+        if let Some(run) = racer.await.unwrap().unwrap() {
+            claimed.push(run);
+        }
+    }
+    let ids: HashSet<i64> = claimed.iter().map(|r| r.id).collect();
+    assert_eq!(
+        claimed.len(),
+        3,
+        "each queued run claimed once: {claimed:?}"
+    );
+    assert_eq!(ids, runs.iter().map(|r| r.id).collect());
+    // The stored holder is the daemon that got the run.
+    for run in &claimed {
+        let stored = t.registry.get_run(run.id).await.unwrap().unwrap();
+        assert_eq!(stored.host, run.host);
+        assert_eq!(stored.attempts, 1);
+    }
+}
+
+async fn racing_daemons_drain_the_queue_exactly_once(t: TestContext) {
+    let runs = queue_runs(&t.registry, 30).await;
+    let daemons: Vec<_> = (0..8)
+        .map(|i| {
+            let registry = t.registry.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                while let Some(run) = registry
+                    .claim_next_queued(&format!("daemon-{i}"))
+                    .await
+                    .unwrap()
+                {
+                    mine.push(run.id);
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for daemon in daemons {
+        claimed.extend(daemon.await.unwrap());
+    }
+    claimed.sort_unstable();
+    assert_eq!(claimed, runs.iter().map(|r| r.id).collect::<Vec<_>>());
+    assert_eq!(
+        t.registry
+            .count_runs(Some(RunStatus::Running))
+            .await
+            .unwrap(),
+        30
+    );
+}
+
+async fn interrupted_runs_are_resumed(t: TestContext) {
+    let run = running_run(&t.registry, "old").await;
+    t.registry.heartbeat(run.id, "old", 400).await.unwrap();
+    t.registry
+        .finish_run(run.id, RunStatus::Interrupted, Some("SIGTERM"))
+        .await
+        .unwrap();
+
+    let resumed = t
+        .registry
+        .claim_resumable("new", LONG)
+        .await
+        .unwrap()
+        .expect("the interrupted run");
+    assert_eq!(resumed.id, run.id);
+    assert_eq!(resumed.status, RunStatus::Running);
+    assert_eq!(resumed.host.as_deref(), Some("new"));
+    assert_eq!(resumed.attempts, 2);
+    assert_eq!(resumed.current_step, 400);
+    assert_eq!((resumed.finished_at, resumed.error), (None, None));
+    assert_eq!(resumed.started_at, run.started_at);
+    assert_eq!(t.registry.claim_resumable("new", LONG).await.unwrap(), None);
+}
+
+async fn stale_running_runs_are_taken_over(t: TestContext) {
+    let run = running_run(&t.registry, "crashed").await;
+    // A fresh heartbeat keeps the run with its worker.
+    assert_eq!(t.registry.claim_resumable("new", LONG).await.unwrap(), None);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(t.registry.claim_resumable("new", LONG).await.unwrap(), None);
+    let taken = t
+        .registry
+        .claim_resumable("new", Duration::from_millis(50))
+        .await
+        .unwrap()
+        .expect("the run whose heartbeat went stale");
+    assert_eq!(taken.id, run.id);
+    assert_eq!(taken.host.as_deref(), Some("new"));
+    assert_eq!(taken.attempts, 2);
+    assert!(taken.heartbeat_at.unwrap() > run.heartbeat_at.unwrap());
+    // The old worker, should it wake up, learns it lost the run.
+    assert!(matches!(
+        t.registry.heartbeat(run.id, "crashed", 10).await,
+        Err(RegistryError::ClaimLost { .. })
+    ));
+    t.registry.heartbeat(run.id, "new", 10).await.unwrap();
+    // Its heartbeat is fresh again.
+    assert_eq!(
+        t.registry
+            .claim_resumable("third", Duration::from_millis(50))
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn finished_and_queued_runs_are_not_resumable(t: TestContext) {
+    let completed = running_run(&t.registry, "h").await;
+    t.registry
+        .finish_run(completed.id, RunStatus::Completed, None)
+        .await
+        .unwrap();
+    let failed = running_run(&t.registry, "h").await;
+    t.registry
+        .finish_run(failed.id, RunStatus::Failed, Some("boom"))
+        .await
+        .unwrap();
+    queue_runs(&t.registry, 1).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        t.registry
+            .claim_resumable("h", Duration::ZERO)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn racing_resumers_never_share_a_run(t: TestContext) {
+    let mut ids = HashSet::new();
+    for _ in 0..3 {
+        let run = running_run(&t.registry, "h").await;
+        t.registry
+            .finish_run(run.id, RunStatus::Interrupted, None)
+            .await
+            .unwrap();
+        ids.insert(run.id);
+    }
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let registry = t.registry.clone();
+            tokio::spawn(
+                async move { registry.claim_resumable(&format!("daemon-{i}"), LONG).await },
+            )
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for racer in racers {
+        if let Some(run) = racer.await.unwrap().unwrap() {
+            claimed.push(run.id);
+        }
+    }
+    assert_eq!(claimed.len(), 3, "{claimed:?}");
+    assert_eq!(claimed.into_iter().collect::<HashSet<_>>(), ids);
+}
+
+both_backends!(
+    claims_take_the_oldest_queued_run,
+    racing_claims_never_share_a_run,
+    racing_daemons_drain_the_queue_exactly_once,
+    interrupted_runs_are_resumed,
+    stale_running_runs_are_taken_over,
+    finished_and_queued_runs_are_not_resumable,
+    racing_resumers_never_share_a_run,
+);
