@@ -108,7 +108,10 @@ struct HostTensor {
 }
 
 fn to_host(t: &Tensor) -> Result<HostTensor> {
-    let t = t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
+    let t = t
+        .f_to_device(Device::Cpu)?
+        .f_to_kind(Kind::Float)?
+        .f_contiguous()?;
     let numel = t.numel();
     let mut bytes = vec![0u8; numel * 4];
     t.f_copy_data_u8(&mut bytes, numel)?;
@@ -142,15 +145,29 @@ fn serialize<M: Serialize>(
     manifest: &mut M,
     set_checksum: impl FnOnce(&mut M, String),
 ) -> Result<Vec<u8>> {
-    let sum = checksum(named.iter().map(|(n, t)| (n.as_str(), t.shape.as_slice(), t.bytes.as_slice())));
+    let sum = checksum(
+        named
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.shape.as_slice(), t.bytes.as_slice())),
+    );
     set_checksum(manifest, sum);
-    let json = serde_json::to_string(manifest).map_err(|e| CoreError::Input(format!("manifest: {e}")))?;
+    let json =
+        serde_json::to_string(manifest).map_err(|e| CoreError::Input(format!("manifest: {e}")))?;
     let views = named
         .iter()
-        .map(|(n, t)| Ok((n.clone(), TensorView::new(Dtype::F32, t.shape.clone(), &t.bytes).map_err(|e| CoreError::Input(e.to_string()))?)))
+        .map(|(n, t)| {
+            Ok((
+                n.clone(),
+                TensorView::new(Dtype::F32, t.shape.clone(), &t.bytes)
+                    .map_err(|e| CoreError::Input(e.to_string()))?,
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, Some(HashMap::from([(MANIFEST_KEY.to_string(), json)])))
-        .map_err(|e| CoreError::Input(format!("safetensors: {e}")))
+    safetensors::serialize(
+        views,
+        Some(HashMap::from([(MANIFEST_KEY.to_string(), json)])),
+    )
+    .map_err(|e| CoreError::Input(format!("safetensors: {e}")))
 }
 
 /// Parses and verifies a file's bytes: its manifest and the tensors by name.
@@ -166,36 +183,53 @@ fn parse<'a, M: DeserializeOwned>(
     checksum_of: impl FnOnce(&M) -> (&str, &str),
 ) -> Result<Parsed<'a, M>> {
     let bad = |m: String| CoreError::checkpoint(path, m);
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
     let json = meta
         .metadata()
         .as_ref()
         .and_then(|m| m.get(MANIFEST_KEY))
-        .ok_or_else(|| bad(format!("no {MANIFEST_KEY} in its metadata: not a ddpm file")))?;
-    let manifest: M = serde_json::from_str(json).map_err(|e| bad(format!("unreadable manifest: {e}")))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "no {MANIFEST_KEY} in its metadata: not a ddpm file"
+            ))
+        })?;
+    let manifest: M =
+        serde_json::from_str(json).map_err(|e| bad(format!("unreadable manifest: {e}")))?;
     let (found_format, expected_sum) = checksum_of(&manifest);
     if found_format != format {
         return Err(bad(format!("format {found_format:?}, expected {format:?}")));
     }
     let expected_sum = expected_sum.to_string();
-    let tensors = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("truncated or corrupt ({e})")))?;
+    let tensors =
+        SafeTensors::deserialize(bytes).map_err(|e| bad(format!("truncated or corrupt ({e})")))?;
     let mut views = Vec::new();
     for (name, view) in tensors.tensors() {
         if view.dtype() != Dtype::F32 {
-            return Err(bad(format!("tensor {name} is {:?}, expected F32", view.dtype())));
+            return Err(bad(format!(
+                "tensor {name} is {:?}, expected F32",
+                view.dtype()
+            )));
         }
         views.push((name, view));
     }
     let actual = checksum(views.iter().map(|(n, v)| (n.as_str(), v.shape(), v.data())));
     if actual != expected_sum {
-        return Err(bad(format!("checksum mismatch: manifest says {expected_sum}, contents are {actual}")));
+        return Err(bad(format!(
+            "checksum mismatch: manifest says {expected_sum}, contents are {actual}"
+        )));
     }
     Ok(Parsed { manifest, tensors })
 }
 
 /// Copies `prefix + name` from `tensors` into each of `vars`; every variable must be there
 /// with its exact shape.
-fn copy_into(path: &Path, tensors: &SafeTensors, prefix: &str, vars: &[(String, Tensor)]) -> Result<()> {
+fn copy_into(
+    path: &Path,
+    tensors: &SafeTensors,
+    prefix: &str,
+    vars: &[(String, Tensor)],
+) -> Result<()> {
     let _guard = tch::no_grad_guard();
     for (name, var) in vars {
         let key = format!("{prefix}{name}");
@@ -206,7 +240,10 @@ fn copy_into(path: &Path, tensors: &SafeTensors, prefix: &str, vars: &[(String, 
         if shape != var.size() {
             return Err(CoreError::checkpoint(
                 path,
-                format!("tensor {key} has shape {shape:?}, the model expects {:?}", var.size()),
+                format!(
+                    "tensor {key} has shape {shape:?}, the model expects {:?}",
+                    var.size()
+                ),
             ));
         }
         let host = Tensor::f_from_data_size(view.data(), &shape, Kind::Float)?;
@@ -217,9 +254,15 @@ fn copy_into(path: &Path, tensors: &SafeTensors, prefix: &str, vars: &[(String, 
 
 /// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let tmp: PathBuf = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
@@ -280,7 +323,8 @@ pub fn save_checkpoint(path: &Path, model: &Model, info: &CheckpointInfo) -> Res
 pub fn read_manifest(path: &Path) -> Result<Manifest> {
     let bytes = read(path)?;
     let bad = |m: String| CoreError::checkpoint(path, m);
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
     let json = meta
         .metadata()
         .as_ref()
@@ -296,20 +340,39 @@ pub fn load_checkpoint(path: &Path, device: Device) -> Result<LoadedCheckpoint> 
 }
 
 /// [`load_checkpoint`] from bytes already read (`path` names them in errors).
-pub fn load_checkpoint_bytes(path: &Path, bytes: &[u8], device: Device) -> Result<LoadedCheckpoint> {
-    let parsed: Parsed<Manifest> = parse(path, bytes, CHECKPOINT_FORMAT, |m: &Manifest| (m.format.as_str(), m.checksum.as_str()))?;
+pub fn load_checkpoint_bytes(
+    path: &Path,
+    bytes: &[u8],
+    device: Device,
+) -> Result<LoadedCheckpoint> {
+    let parsed: Parsed<Manifest> = parse(path, bytes, CHECKPOINT_FORMAT, |m: &Manifest| {
+        (m.format.as_str(), m.checksum.as_str())
+    })?;
     let manifest = parsed.manifest;
     let bad = |m: String| CoreError::checkpoint(path, m);
-    manifest.model.validate().map_err(|e| bad(format!("manifest model config: {e}")))?;
-    manifest.schedule.validate().map_err(|e| bad(format!("manifest schedule: {e}")))?;
+    manifest
+        .model
+        .validate()
+        .map_err(|e| bad(format!("manifest model config: {e}")))?;
+    manifest
+        .schedule
+        .validate()
+        .map_err(|e| bad(format!("manifest schedule: {e}")))?;
     let classes = manifest.model.num_classes.unwrap_or(0) as usize;
     if manifest.class_names.len() != classes {
-        return Err(bad(format!("{} class names for {classes} classes", manifest.class_names.len())));
+        return Err(bad(format!(
+            "{} class names for {classes} classes",
+            manifest.class_names.len()
+        )));
     }
     let model = Model::new(&manifest.model, device)?;
     let vars = model.named_variables();
     if parsed.tensors.len() != vars.len() {
-        return Err(bad(format!("{} tensors, the model has {} variables", parsed.tensors.len(), vars.len())));
+        return Err(bad(format!(
+            "{} tensors, the model has {} variables",
+            parsed.tensors.len(),
+            vars.len()
+        )));
     }
     copy_into(path, &parsed.tensors, "", &vars)?;
     Ok(LoadedCheckpoint { manifest, model })
@@ -324,7 +387,13 @@ pub struct StateInfo {
 }
 
 /// Saves the raw model, its EMA and the optimizer's moments at `path`, atomically.
-pub fn save_training_state(path: &Path, model: &Model, ema: &Ema, optimizer: &AdamW, info: &StateInfo) -> Result<StateManifest> {
+pub fn save_training_state(
+    path: &Path,
+    model: &Model,
+    ema: &Ema,
+    optimizer: &AdamW,
+    info: &StateInfo,
+) -> Result<StateManifest> {
     let mut named = Vec::new();
     for (prefix, m) in [("model.", model), ("ema.", ema.model())] {
         for (n, t) in m.named_variables() {
@@ -352,13 +421,22 @@ pub fn save_training_state(path: &Path, model: &Model, ema: &Ema, optimizer: &Ad
 
 /// Restores a training state into `model`, `ema` and `optimizer` (built from the same
 /// config). Nothing is modified unless the whole file verifies and matches.
-pub fn load_training_state(path: &Path, model: &Model, ema: &Ema, optimizer: &mut AdamW) -> Result<StateManifest> {
+pub fn load_training_state(
+    path: &Path,
+    model: &Model,
+    ema: &Ema,
+    optimizer: &mut AdamW,
+) -> Result<StateManifest> {
     let bytes = read(path)?;
-    let parsed: Parsed<StateManifest> =
-        parse(path, &bytes, STATE_FORMAT, |m: &StateManifest| (m.format.as_str(), m.checksum.as_str()))?;
+    let parsed: Parsed<StateManifest> = parse(path, &bytes, STATE_FORMAT, |m: &StateManifest| {
+        (m.format.as_str(), m.checksum.as_str())
+    })?;
     let manifest = parsed.manifest;
     if &manifest.model != model.config() {
-        return Err(CoreError::checkpoint(path, "the state's model config differs from the run's"));
+        return Err(CoreError::checkpoint(
+            path,
+            "the state's model config differs from the run's",
+        ));
     }
     // Check every shape before writing anything.
     let model_vars = model.named_variables();
@@ -367,9 +445,15 @@ pub fn load_training_state(path: &Path, model: &Model, ema: &Ema, optimizer: &mu
     for (prefix, vars) in [("model.", &model_vars), ("ema.", &ema_vars)] {
         for (name, var) in vars.iter() {
             let key = format!("{prefix}{name}");
-            let ok = parsed.tensors.tensor(&key).is_ok_and(|v| v.shape().iter().map(|&d| d as i64).eq(var.size()));
+            let ok = parsed
+                .tensors
+                .tensor(&key)
+                .is_ok_and(|v| v.shape().iter().map(|&d| d as i64).eq(var.size()));
             if !ok {
-                return Err(CoreError::checkpoint(path, format!("tensor {key} is missing or has another shape")));
+                return Err(CoreError::checkpoint(
+                    path,
+                    format!("tensor {key} is missing or has another shape"),
+                ));
             }
         }
     }
@@ -379,13 +463,20 @@ pub fn load_training_state(path: &Path, model: &Model, ema: &Ema, optimizer: &mu
             .tensor(key)
             .map_err(|_| CoreError::checkpoint(path, format!("missing tensor {key}")))?;
         if view.shape() != [n as usize] {
-            return Err(CoreError::checkpoint(path, format!("{key} has shape {:?}, expected [{n}]", view.shape())));
+            return Err(CoreError::checkpoint(
+                path,
+                format!("{key} has shape {:?}, expected [{n}]", view.shape()),
+            ));
         }
         Ok(Tensor::f_from_data_size(view.data(), &[n], Kind::Float)?)
     };
     let (m, v) = (moment("adamw.exp_avg")?, moment("adamw.exp_avg_sq")?);
     copy_into(path, &parsed.tensors, "model.", &model_vars)?;
     copy_into(path, &parsed.tensors, "ema.", &ema_vars)?;
-    optimizer.restore(&m.to_device(model.device()), &v.to_device(model.device()), manifest.step)?;
+    optimizer.restore(
+        &m.to_device(model.device()),
+        &v.to_device(model.device()),
+        manifest.step,
+    )?;
     Ok(manifest)
 }

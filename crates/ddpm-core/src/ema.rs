@@ -6,12 +6,12 @@
 //! in flat buffers of the same layout, so an update is one `lerp_` (or `copy_`) under
 //! no-grad, whatever the size of the network.
 
-use serde::{Deserialize, Serialize};
 use crate::{
     error::{CoreError, Result},
     flat::FlatParams,
     unet::{Model, UNetConfig},
 };
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EmaConfig {
@@ -33,7 +33,10 @@ impl Default for EmaConfig {
 impl EmaConfig {
     pub fn validate(&self) -> Result<()> {
         if !(0.0..1.0).contains(&self.decay) {
-            return Err(CoreError::config("ema.decay", format!("must be in [0, 1), got {}", self.decay)));
+            return Err(CoreError::config(
+                "ema.decay",
+                format!("must be in [0, 1), got {}", self.decay),
+            ));
         }
         if self.warmup_steps < 0 {
             return Err(CoreError::config("ema.warmup_steps", "must be >= 0"));
@@ -55,14 +58,22 @@ impl Ema {
     pub fn new(model_config: &UNetConfig, source: &FlatParams, config: EmaConfig) -> Result<Self> {
         config.validate()?;
         let model = Model::new(model_config, source.flat().device())?;
-        let vars = model.named_variables().into_iter().map(|(_, t)| t).collect();
+        let vars = model
+            .named_variables()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
         let params = FlatParams::new(vars);
         if params.len() != source.len() {
             return Err(CoreError::Input("EMA and model configs differ".into()));
         }
         let _guard = tch::no_grad_guard();
         params.flat().shallow_clone().copy_(source.flat());
-        Ok(Ema { config, model, params })
+        Ok(Ema {
+            config,
+            model,
+            params,
+        })
     }
 
     pub fn config(&self) -> &EmaConfig {

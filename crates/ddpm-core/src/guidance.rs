@@ -19,7 +19,13 @@ fn needs_uncond(label: i64, null: Option<i64>, w: f64) -> bool {
 
 /// ε̃ for `x: [B, C, H, W]` at `t: [B]`, with per-sample `labels` (the null label for
 /// "no class") and guidance scales. Call under `tch::no_grad`.
-pub fn guided_epsilon(model: &Model, x: &Tensor, t: &Tensor, labels: &[i64], guidance_scales: &[f64]) -> Result<Tensor> {
+pub fn guided_epsilon(
+    model: &Model,
+    x: &Tensor,
+    t: &Tensor,
+    labels: &[i64],
+    guidance_scales: &[f64],
+) -> Result<Tensor> {
     let b = x.size()[0];
     if labels.len() as i64 != b || guidance_scales.len() as i64 != b {
         return Err(CoreError::Input(format!(
@@ -29,7 +35,9 @@ pub fn guided_epsilon(model: &Model, x: &Tensor, t: &Tensor, labels: &[i64], gui
         )));
     }
     if let Some(w) = guidance_scales.iter().find(|w| !w.is_finite()) {
-        return Err(CoreError::Input(format!("guidance scale {w} is not finite")));
+        return Err(CoreError::Input(format!(
+            "guidance scale {w} is not finite"
+        )));
     }
     let device = x.device();
     let null = model.config().null_label();
@@ -55,7 +63,10 @@ pub fn guided_epsilon(model: &Model, x: &Tensor, t: &Tensor, labels: &[i64], gui
     let out = model.forward_checked(&x_in, &t_in, Some(&l_in))?;
     let cond = out.narrow(0, 0, b); // [B, C, H, W]
     let uncond = out.narrow(0, b, k); // [k, C, H, W]
-    let w: Vec<f32> = guided.iter().map(|&i| guidance_scales[i as usize] as f32).collect();
+    let w: Vec<f32> = guided
+        .iter()
+        .map(|&i| guidance_scales[i as usize] as f32)
+        .collect();
     let w = Tensor::from_slice(&w).to_device(device).view([k, 1, 1, 1]);
     if all {
         // torch.lerp(uncond, cond, w) = uncond + w·(cond − uncond).

@@ -79,7 +79,10 @@ impl AdamW {
         let n = self.params.len();
         for (name, t) in [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] {
             if t.size() != [n] {
-                return Err(CoreError::Input(format!("optimizer {name} has shape {:?}, expected [{n}]", t.size())));
+                return Err(CoreError::Input(format!(
+                    "optimizer {name} has shape {:?}, expected [{n}]",
+                    t.size()
+                )));
             }
         }
         let _guard = tch::no_grad_guard();

@@ -56,7 +56,10 @@ impl ScheduleConfig {
 
     pub fn validate(&self) -> Result<()> {
         if self.timesteps < 2 {
-            return Err(CoreError::config("schedule.timesteps", "must be at least 2"));
+            return Err(CoreError::config(
+                "schedule.timesteps",
+                "must be at least 2",
+            ));
         }
         match self.betas {
             BetaSchedule::Linear {
@@ -76,7 +79,10 @@ impl ScheduleConfig {
                     return Err(CoreError::config("schedule.s", "must be >= 0"));
                 }
                 if !(max_beta > 0.0 && max_beta < 1.0) {
-                    return Err(CoreError::config("schedule.max_beta", "need 0 < max_beta < 1"));
+                    return Err(CoreError::config(
+                        "schedule.max_beta",
+                        "need 0 < max_beta < 1",
+                    ));
                 }
             }
         }
@@ -116,7 +122,11 @@ impl NoiseSchedule {
                 .collect(),
             BetaSchedule::Cosine { s, max_beta } => {
                 // Float division on purpose: i / T in integers is 0 for every i < T.
-                let alpha_bar = |t: f64| ((t + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                let alpha_bar = |t: f64| {
+                    ((t + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2)
+                        .cos()
+                        .powi(2)
+                };
                 (0..t_max)
                     .map(|i| {
                         let t1 = i as f64 / t_max as f64;
@@ -182,7 +192,10 @@ impl NoiseSchedule {
     /// `x0` and `noise` are `[B, C, H, W]`, `t` is `[B]` int64 on the same device; ε must be
     /// standard normal (the seed drew it uniformly, a bug we do not copy).
     pub fn q_sample(&self, x0: &Tensor, t: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        let sqrt_ab = self.sqrt_alphas_cumprod.f_index_select(0, t)?.f_view([-1, 1, 1, 1])?; // [B,1,1,1]
+        let sqrt_ab = self
+            .sqrt_alphas_cumprod
+            .f_index_select(0, t)?
+            .f_view([-1, 1, 1, 1])?; // [B,1,1,1]
         let sqrt_1m = self
             .sqrt_one_minus_alphas_cumprod
             .f_index_select(0, t)?

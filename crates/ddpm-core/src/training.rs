@@ -59,9 +59,19 @@ mod tests {
         tch::manual_seed(0);
         let labels = Tensor::zeros([10_000], (Kind::Int64, tch::Device::Cpu));
         let dropped = drop_labels(&labels, 3, 0.1);
-        let frac = dropped.eq(3).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        let frac = dropped
+            .eq(3)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
         // Whole-batch dropout would give 0 or 1; per-sample gives ≈ p.
         assert!((frac - 0.1).abs() < 0.02, "{frac}");
-        assert_eq!(drop_labels(&labels, 3, 0.0).eq(3).sum(Kind::Int64).int64_value(&[]), 0);
+        assert_eq!(
+            drop_labels(&labels, 3, 0.0)
+                .eq(3)
+                .sum(Kind::Int64)
+                .int64_value(&[]),
+            0
+        );
     }
 }

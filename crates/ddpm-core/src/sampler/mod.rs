@@ -111,7 +111,10 @@ impl std::str::FromStr for SamplerKind {
         match s {
             "ddpm" => Ok(SamplerKind::Ddpm),
             "ddim" => Ok(SamplerKind::Ddim),
-            other => Err(CoreError::config("sampler", format!("unknown sampler {other:?}: use ddpm or ddim"))),
+            other => Err(CoreError::config(
+                "sampler",
+                format!("unknown sampler {other:?}: use ddpm or ddim"),
+            )),
         }
     }
 }
@@ -162,10 +165,16 @@ impl SamplerConfig {
     pub fn validate(&self, schedule: &NoiseSchedule) -> Result<()> {
         let t_max = schedule.timesteps();
         if self.steps == 0 || self.steps > t_max {
-            return Err(CoreError::config("steps", format!("must be in 1..={t_max}, got {}", self.steps)));
+            return Err(CoreError::config(
+                "steps",
+                format!("must be in 1..={t_max}, got {}", self.steps),
+            ));
         }
         if !(0.0..=1.0).contains(&self.eta) {
-            return Err(CoreError::config("eta", format!("must be in [0, 1], got {}", self.eta)));
+            return Err(CoreError::config(
+                "eta",
+                format!("must be in [0, 1], got {}", self.eta),
+            ));
         }
         Ok(())
     }
@@ -233,18 +242,42 @@ pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Tensor> {
     let t = timestep_tensor(batch.timesteps, device);
     let mut eps = guided_epsilon(model, batch.x, &t, batch.labels, batch.guidance_scales)?;
     let per_sample = |v: Vec<f32>| Tensor::from_slice(&v).to_device(device).view([b, 1, 1, 1]);
-    let column = |f: fn(&StepCoefficients) -> f64| per_sample(batch.coefficients.iter().map(|c| f(c) as f32).collect());
+    let column = |f: fn(&StepCoefficients) -> f64| {
+        per_sample(batch.coefficients.iter().map(|c| f(c) as f32).collect())
+    };
     if batch.clips.iter().any(Option::is_some) {
         // Samples that do not clip get (s, σ) = (1, 1) and an infinite clamp: ε̂ = ε.
-        let s = per_sample(batch.clips.iter().map(|c| c.map_or(1.0, |c| c.sqrt_alpha_cumprod) as f32).collect());
-        let sigma = per_sample(batch.clips.iter().map(|c| c.map_or(1.0, |c| c.sqrt_one_minus_alpha_cumprod) as f32).collect());
+        let s = per_sample(
+            batch
+                .clips
+                .iter()
+                .map(|c| c.map_or(1.0, |c| c.sqrt_alpha_cumprod) as f32)
+                .collect(),
+        );
+        let sigma = per_sample(
+            batch
+                .clips
+                .iter()
+                .map(|c| c.map_or(1.0, |c| c.sqrt_one_minus_alpha_cumprod) as f32)
+                .collect(),
+        );
         let x0 = (batch.x - &eps * &sigma) / &s; // x̂₀ [B, C, H, W]
         let clipped = x0.clamp(-1.0, 1.0);
         let eps_hat = (batch.x - clipped * &s) / &sigma;
-        let mask = per_sample(batch.clips.iter().map(|c| if c.is_some() { 1.0 } else { 0.0 }).collect()).gt(0.5);
+        let mask = per_sample(
+            batch
+                .clips
+                .iter()
+                .map(|c| if c.is_some() { 1.0 } else { 0.0 })
+                .collect(),
+        )
+        .gt(0.5);
         eps = eps_hat.where_self(&mask, &eps);
     }
-    let mut out = batch.x.f_mul(&column(|c| c.x))?.f_add(&eps.f_mul(&column(|c| c.eps))?)?;
+    let mut out = batch
+        .x
+        .f_mul(&column(|c| c.x))?
+        .f_add(&eps.f_mul(&column(|c| c.eps))?)?;
     if batch.coefficients.iter().any(|c| c.noise != 0.0) {
         let z = batch
             .noise
@@ -286,10 +319,14 @@ impl Trajectory {
         let label = match (spec.label, cfg.num_classes) {
             (Some(l), Some(n)) if (0..n).contains(&l) => l,
             (Some(l), Some(n)) => {
-                return Err(CoreError::Input(format!("class {l} is out of range: the model has {n} classes")));
+                return Err(CoreError::Input(format!(
+                    "class {l} is out of range: the model has {n} classes"
+                )));
             }
             (Some(_), None) => {
-                return Err(CoreError::Input("the model is unconditional: it takes no class".into()));
+                return Err(CoreError::Input(
+                    "the model is unconditional: it takes no class".into(),
+                ));
             }
             (None, n) => n.unwrap_or(0),
         };
@@ -362,7 +399,8 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
     let timesteps: Vec<i64> = batch.iter().map(|t| t.current().timestep).collect();
     let labels: Vec<i64> = batch.iter().map(|t| t.label).collect();
     let guidance: Vec<f64> = batch.iter().map(|t| t.spec.guidance_scale).collect();
-    let coefficients: Vec<StepCoefficients> = batch.iter().map(|t| t.current().coefficients).collect();
+    let coefficients: Vec<StepCoefficients> =
+        batch.iter().map(|t| t.current().coefficients).collect();
     let clips: Vec<Option<Clip>> = batch.iter().map(|t| t.current().clip).collect();
     let per_sample = x.size()[1..].iter().product::<i64>() as usize;
     let draws: Vec<Option<Vec<f32>>> = batch.iter_mut().map(|t| t.draw_noise()).collect();
@@ -374,7 +412,11 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
                 None => flat.extend(std::iter::repeat_n(0.0f32, per_sample)),
             }
         }
-        Some(Tensor::from_slice(&flat).view(x.size().as_slice()).to_device(device))
+        Some(
+            Tensor::from_slice(&flat)
+                .view(x.size().as_slice())
+                .to_device(device),
+        )
     } else {
         None
     };
@@ -399,7 +441,12 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
 /// Samples whole trajectories, at most `max_batch` per forward pass, and returns the images
 /// as `[N, C, H, W]` f32 in [−1, 1]. Samples with different samplers and step counts share
 /// passes until the shorter ones finish.
-pub fn sample(model: &Model, schedule: &NoiseSchedule, specs: &[SampleSpec], max_batch: usize) -> Result<Tensor> {
+pub fn sample(
+    model: &Model,
+    schedule: &NoiseSchedule,
+    specs: &[SampleSpec],
+    max_batch: usize,
+) -> Result<Tensor> {
     if specs.is_empty() {
         return Err(CoreError::Input("no samples requested".into()));
     }
@@ -409,8 +456,11 @@ pub fn sample(model: &Model, schedule: &NoiseSchedule, specs: &[SampleSpec], max
         .map(|s| Trajectory::new(model, schedule, *s))
         .collect::<Result<Vec<_>>>()?;
     loop {
-        let mut active: Vec<&mut Trajectory> =
-            trajectories.iter_mut().filter(|t| !t.is_done()).take(max_batch).collect();
+        let mut active: Vec<&mut Trajectory> = trajectories
+            .iter_mut()
+            .filter(|t| !t.is_done())
+            .take(max_batch)
+            .collect();
         if active.is_empty() {
             break;
         }
@@ -445,14 +495,23 @@ mod tests {
         assert_eq!(plan[0].timestep, 999);
         assert_eq!(plan[999].timestep, 0);
         assert_eq!(plan[999].prev_timestep, -1);
-        assert_eq!(plan[999].coefficients.noise, 0.0, "no noise on the last step");
+        assert_eq!(
+            plan[999].coefficients.noise, 0.0,
+            "no noise on the last step"
+        );
         assert!(plan[998].coefficients.noise > 0.0);
     }
 
     #[test]
     fn spacings_match_their_definitions() {
-        assert_eq!(TimestepSpacing::Leading.timesteps(1000, 4), vec![750, 500, 250, 0]);
-        assert_eq!(TimestepSpacing::Trailing.timesteps(1000, 4), vec![999, 749, 499, 249]);
+        assert_eq!(
+            TimestepSpacing::Leading.timesteps(1000, 4),
+            vec![750, 500, 250, 0]
+        );
+        assert_eq!(
+            TimestepSpacing::Trailing.timesteps(1000, 4),
+            vec![999, 749, 499, 249]
+        );
     }
 
     #[test]
@@ -471,7 +530,10 @@ mod tests {
         for cfg in [
             SamplerConfig::ddpm(1000),
             SamplerConfig::ddim(20),
-            SamplerConfig { eta: 1.0, ..SamplerConfig::ddim(50) },
+            SamplerConfig {
+                eta: 1.0,
+                ..SamplerConfig::ddim(50)
+            },
             SamplerConfig {
                 kind: SamplerKind::Ddpm,
                 steps: 10,

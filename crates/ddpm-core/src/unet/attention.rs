@@ -29,7 +29,10 @@ impl SelfAttention {
         let in_proj_weight = mha.var(
             "in_proj_weight",
             &[3 * channels, channels],
-            Init::Uniform { lo: -bound, up: bound },
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
         );
         let in_proj_bias = mha.var("in_proj_bias", &[3 * channels], Init::Const(0.0));
         let out_proj = nn::linear(&mha / "out_proj", channels, channels, Default::default());
@@ -61,10 +64,20 @@ impl SelfAttention {
             .view([b, len, 3, self.heads, head_dim])
             .permute([2, 0, 3, 1, 4]); // [3, B, heads, L, d]
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let attn = Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, false, None, false); // [B, heads, L, d]
-        let attn = attn.transpose(1, 2).reshape([b, len, c]).apply(&self.out_proj);
+        let attn = Tensor::scaled_dot_product_attention::<Tensor>(
+            &q, &k, &v, None, 0.0, false, None, false,
+        ); // [B, heads, L, d]
+        let attn = attn
+            .transpose(1, 2)
+            .reshape([b, len, c])
+            .apply(&self.out_proj);
         let h1 = attn + &tokens;
-        let h2 = h1.apply(&self.ff_ln).apply(&self.ff_1).gelu("none").apply(&self.ff_2) + &h1;
+        let h2 = h1
+            .apply(&self.ff_ln)
+            .apply(&self.ff_1)
+            .gelu("none")
+            .apply(&self.ff_2)
+            + &h1;
         h2.transpose(1, 2).reshape([b, c, h, w])
     }
 }
@@ -75,7 +88,10 @@ pub fn timestep_encoding(t: &Tensor, dim: i64) -> Tensor {
     let device = t.device();
     let half = dim / 2;
     let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Float, device)) / dim as f64;
-    let inv_freq = Tensor::from(10000f64).to_device(device).pow(&exponents).reciprocal(); // [dim/2]
+    let inv_freq = Tensor::from(10000f64)
+        .to_device(device)
+        .pow(&exponents)
+        .reciprocal(); // [dim/2]
     let args = t.to_kind(Kind::Float).unsqueeze(-1) * inv_freq.view([1, half]); // [B, dim/2]
     Tensor::cat(&[args.sin(), args.cos()], -1)
 }

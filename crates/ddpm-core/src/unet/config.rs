@@ -102,7 +102,10 @@ impl UNetConfig {
             if v > 0 {
                 Ok(())
             } else {
-                Err(CoreError::config(field, format!("must be positive, got {v}")))
+                Err(CoreError::config(
+                    field,
+                    format!("must be positive, got {v}"),
+                ))
             }
         };
         positive("model.image_size", self.image_size)?;
@@ -145,7 +148,10 @@ impl UNetConfig {
             if ch % self.attention_heads != 0 {
                 return Err(CoreError::config(
                     "model.attention_heads",
-                    format!("{ch} channels at resolution {res} are not divisible by {} heads", self.attention_heads),
+                    format!(
+                        "{ch} channels at resolution {res} are not divisible by {} heads",
+                        self.attention_heads
+                    ),
                 ));
             }
         }
@@ -195,7 +201,11 @@ impl UNetConfig {
         let ups = (1..levels)
             .map(|j| {
                 let skip_level = levels - 1 - j;
-                let out = if skip_level >= 1 { c[skip_level - 1] } else { c[0] };
+                let out = if skip_level >= 1 {
+                    c[skip_level - 1]
+                } else {
+                    c[0]
+                };
                 let resolution = self.image_size >> skip_level;
                 let block = BlockPlan {
                     in_channels: h + c[skip_level],
@@ -243,9 +253,17 @@ mod tests {
     #[test]
     fn seed_plan_matches_the_seed_widths() {
         let p = UNetConfig::seed(None).plan();
-        let downs: Vec<_> = p.downs.iter().map(|b| (b.in_channels, b.out_channels, b.resolution)).collect();
+        let downs: Vec<_> = p
+            .downs
+            .iter()
+            .map(|b| (b.in_channels, b.out_channels, b.resolution))
+            .collect();
         assert_eq!(downs, vec![(64, 128, 32), (128, 256, 16), (256, 256, 8)]);
-        let ups: Vec<_> = p.ups.iter().map(|b| (b.in_channels, b.out_channels, b.resolution)).collect();
+        let ups: Vec<_> = p
+            .ups
+            .iter()
+            .map(|b| (b.in_channels, b.out_channels, b.resolution))
+            .collect();
         assert_eq!(ups, vec![(512, 128, 16), (256, 64, 32), (128, 64, 64)]);
         assert_eq!(p.bottleneck, 512);
     }
@@ -255,18 +273,33 @@ mod tests {
         let mut c = UNetConfig::tiny(Some(3));
         c.image_size = 18;
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("model.image_size") && e.contains("divisible"), "{e}");
+        assert!(
+            e.contains("model.image_size") && e.contains("divisible"),
+            "{e}"
+        );
 
         let mut c = UNetConfig::tiny(Some(3));
         c.attention_heads = 5;
-        assert!(c.validate().unwrap_err().to_string().contains("model.attention_heads"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("model.attention_heads"));
 
         let mut c = UNetConfig::tiny(Some(3));
         c.attention_resolutions = vec![5];
-        assert!(c.validate().unwrap_err().to_string().contains("model.attention_resolutions"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("model.attention_resolutions"));
 
         let mut c = UNetConfig::tiny(Some(3));
         c.time_embedding_dim = 63;
-        assert!(c.validate().unwrap_err().to_string().contains("model.time_embedding_dim"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("model.time_embedding_dim"));
     }
 }

@@ -49,10 +49,15 @@ impl UNet {
             .iter()
             .enumerate()
             .map(|(i, b)| {
-                let down = Down::new(vs / format!("down{}", i + 1), b.in_channels, b.out_channels, emb);
-                let sa = b
-                    .attention
-                    .then(|| SelfAttention::new(vs / format!("sa{}", i + 1), b.out_channels, heads));
+                let down = Down::new(
+                    vs / format!("down{}", i + 1),
+                    b.in_channels,
+                    b.out_channels,
+                    emb,
+                );
+                let sa = b.attention.then(|| {
+                    SelfAttention::new(vs / format!("sa{}", i + 1), b.out_channels, heads)
+                });
                 (down, sa)
             })
             .collect();
@@ -61,11 +66,16 @@ impl UNet {
             .iter()
             .enumerate()
             .map(|(j, b)| {
-                let up = Up::new(vs / format!("up{}", j + 1), b.in_channels, b.out_channels, emb);
+                let up = Up::new(
+                    vs / format!("up{}", j + 1),
+                    b.in_channels,
+                    b.out_channels,
+                    emb,
+                );
                 // The seed numbers its attention blocks on from the down path's: sa4, sa5, sa6.
-                let sa = b
-                    .attention
-                    .then(|| SelfAttention::new(vs / format!("sa{}", levels + j), b.out_channels, heads));
+                let sa = b.attention.then(|| {
+                    SelfAttention::new(vs / format!("sa{}", levels + j), b.out_channels, heads)
+                });
                 (up, sa)
             })
             .collect();
@@ -77,7 +87,10 @@ impl UNet {
         ];
         let label_emb = config.num_classes.map(|n| {
             let cfg = nn::EmbeddingConfig {
-                ws_init: nn::Init::Randn { mean: 0.0, stdev: 1.0 },
+                ws_init: nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
                 ..Default::default()
             };
             nn::embedding(vs / "label_emb", n + 1, emb, cfg)
@@ -88,7 +101,13 @@ impl UNet {
             downs,
             bottleneck,
             ups,
-            outc: nn::conv2d(vs / "outc", c[0], config.out_channels, 1, Default::default()),
+            outc: nn::conv2d(
+                vs / "outc",
+                c[0],
+                config.out_channels,
+                1,
+                Default::default(),
+            ),
             label_emb,
         })
     }
@@ -164,7 +183,11 @@ impl Model {
 
     /// The number of scalar parameters.
     pub fn parameter_count(&self) -> i64 {
-        self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+        self.vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum()
     }
 
     /// Variables sorted by name: a stable order for flattening and serialisation.
@@ -175,7 +198,12 @@ impl Model {
     }
 
     /// [`UNet::forward`] with the shapes checked first, for inputs that come from outside.
-    pub fn forward_checked(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward_checked(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let cfg = self.config();
         let size = x.size();
         let expected = [cfg.in_channels, cfg.image_size, cfg.image_size];
@@ -186,15 +214,25 @@ impl Model {
             )));
         }
         if t.size() != [size[0]] {
-            return Err(CoreError::Input(format!("t has shape {:?}, expected [{}]", t.size(), size[0])));
+            return Err(CoreError::Input(format!(
+                "t has shape {:?}, expected [{}]",
+                t.size(),
+                size[0]
+            )));
         }
         if let (Some(l), Some(n)) = (labels, cfg.num_classes) {
             if l.size() != [size[0]] {
-                return Err(CoreError::Input(format!("labels have shape {:?}, expected [{}]", l.size(), size[0])));
+                return Err(CoreError::Input(format!(
+                    "labels have shape {:?}, expected [{}]",
+                    l.size(),
+                    size[0]
+                )));
             }
             let (lo, hi) = (l.min().int64_value(&[]), l.max().int64_value(&[]));
             if lo < 0 || hi > n {
-                return Err(CoreError::Input(format!("labels must be in 0..={n} (null = {n})")));
+                return Err(CoreError::Input(format!(
+                    "labels must be in 0..={n} (null = {n})"
+                )));
             }
         }
         Ok(self.net.forward(x, t, labels))

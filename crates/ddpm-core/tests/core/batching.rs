@@ -32,8 +32,14 @@ fn single_pass_guidance_equals_two_passes_per_sample() {
     let scales = [3.0, 7.5, 1.0, 4.0, 0.0];
     let eps = guided_epsilon(&model, &x, &t, &labels, &scales).unwrap();
 
-    let cond = model.net.forward(&x, &t, Some(&Tensor::from_slice(&labels)));
-    let uncond = model.net.forward(&x, &t, Some(&Tensor::full([5], 3, (Kind::Int64, Device::Cpu))));
+    let cond = model
+        .net
+        .forward(&x, &t, Some(&Tensor::from_slice(&labels)));
+    let uncond = model.net.forward(
+        &x,
+        &t,
+        Some(&Tensor::full([5], 3, (Kind::Int64, Device::Cpu))),
+    );
     for (i, &w) in scales.iter().enumerate() {
         let i = i as i64;
         let expected = if labels[i as usize] == 3 || w == 1.0 {
@@ -77,9 +83,22 @@ fn an_image_depends_only_on_its_own_seed_and_settings() {
         label: Some(seed as i64 % 3),
         guidance_scale: 1.0 + seed as f64,
         seed,
-        sampler: if seed % 2 == 0 { SamplerConfig::ddim(7) } else { stochastic_ddim },
+        sampler: if seed % 2 == 0 {
+            SamplerConfig::ddim(7)
+        } else {
+            stochastic_ddim
+        },
     };
-    let specs = [others(1), others(2), target, others(3), SampleSpec { label: None, ..others(4) }];
+    let specs = [
+        others(1),
+        others(2),
+        target,
+        others(3),
+        SampleSpec {
+            label: None,
+            ..others(4)
+        },
+    ];
     let batched = sample(&model, &schedule, &specs, 8).unwrap();
     let d = max_abs_diff(&alone.get(0), &batched.get(2));
     assert!(d <= TOLERANCE, "batched image differs by {d}");
@@ -99,7 +118,9 @@ fn bad_sample_requests_are_errors() {
         seed: 0,
         sampler: SamplerConfig::ddim(5),
     };
-    let err = sample(&model, &schedule, &[spec], 1).unwrap_err().to_string();
+    let err = sample(&model, &schedule, &[spec], 1)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("class 3"), "{err}");
     let nan = SampleSpec {
         label: Some(0),
@@ -112,6 +133,9 @@ fn bad_sample_requests_are_errors() {
         sampler: SamplerConfig::ddim(5000),
         ..spec
     };
-    assert!(sample(&model, &schedule, &[too_many], 1).unwrap_err().to_string().contains("steps"));
+    assert!(sample(&model, &schedule, &[too_many], 1)
+        .unwrap_err()
+        .to_string()
+        .contains("steps"));
     assert!(sample(&model, &schedule, &[], 1).is_err());
 }

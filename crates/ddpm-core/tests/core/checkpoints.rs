@@ -5,8 +5,8 @@ use std::fs;
 
 use ddpm_core::{
     checkpoint::{
-        load_checkpoint, load_training_state, read_manifest, save_checkpoint, save_training_state, CheckpointInfo,
-        StateInfo,
+        load_checkpoint, load_training_state, read_manifest, save_checkpoint, save_training_state,
+        CheckpointInfo, StateInfo,
     },
     ema::{Ema, EmaConfig},
     flat::FlatParams,
@@ -44,7 +44,10 @@ fn checkpoint_round_trip_gives_identical_outputs() {
     let saved = save_checkpoint(&path, &model, &info()).unwrap();
     assert!(saved.checksum.starts_with("sha256:"));
     // Only the file itself is left behind: no temp files.
-    let names: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
 
     let manifest = read_manifest(&path).unwrap();
@@ -64,7 +67,10 @@ fn expect_checkpoint_error(result: Result<impl std::fmt::Debug, CoreError>, need
     match result {
         Err(e @ CoreError::Checkpoint { .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains(needle), "error {msg:?} does not mention {needle:?}");
+            assert!(
+                msg.contains(needle),
+                "error {msg:?} does not mention {needle:?}"
+            );
         }
         other => panic!("expected a checkpoint error mentioning {needle:?}, got {other:?}"),
     }
@@ -98,7 +104,11 @@ fn corrupt_truncated_and_mismatched_checkpoints_are_refused() {
     // so the file stays well-formed and the checksum of the tensors still matches).
     let text = String::from_utf8_lossy(&bytes).to_string();
     assert!(text.contains("\\\"base_channels\\\":16"));
-    let edited = bytes_replace(&bytes, b"\\\"base_channels\\\":16", b"\\\"base_channels\\\":32");
+    let edited = bytes_replace(
+        &bytes,
+        b"\\\"base_channels\\\":16",
+        b"\\\"base_channels\\\":32",
+    );
     let mismatched = dir.path().join("mismatched.safetensors");
     fs::write(&mismatched, &edited).unwrap();
     expect_checkpoint_error(load_checkpoint(&mismatched, Device::Cpu), "shape");
@@ -115,7 +125,10 @@ fn corrupt_truncated_and_mismatched_checkpoints_are_refused() {
 fn bytes_replace(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     assert_eq!(from.len(), to.len());
     let mut out = haystack.to_vec();
-    let pos = haystack.windows(from.len()).position(|w| w == from).expect("pattern present");
+    let pos = haystack
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("pattern present");
     out[pos..pos + to.len()].copy_from_slice(to);
     out
 }
@@ -129,10 +142,28 @@ struct Run {
 fn new_run(config: &UNetConfig) -> Run {
     tch::manual_seed(11);
     let model = Model::new(config, Device::Cpu).unwrap();
-    let params = FlatParams::new(model.named_variables().into_iter().map(|(_, t)| t).collect());
-    let ema = Ema::new(config, &params, EmaConfig { decay: 0.9, warmup_steps: 2 }).unwrap();
+    let params = FlatParams::new(
+        model
+            .named_variables()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect(),
+    );
+    let ema = Ema::new(
+        config,
+        &params,
+        EmaConfig {
+            decay: 0.9,
+            warmup_steps: 2,
+        },
+    )
+    .unwrap();
     let optimizer = AdamW::new(params, AdamWConfig::default());
-    Run { model, ema, optimizer }
+    Run {
+        model,
+        ema,
+        optimizer,
+    }
 }
 
 /// Steps `from..to`, every random draw seeded by (seed, step) as the trainer does.
@@ -140,7 +171,14 @@ fn steps(run: &mut Run, schedule: &NoiseSchedule, data: &(Tensor, Tensor), from:
     for step in from..to {
         tch::manual_seed(1000 + step);
         let idx = Tensor::randint(data.0.size()[0], [8], (Kind::Int64, Device::Cpu));
-        let loss = diffusion_loss(&run.model, schedule, &data.0.index_select(0, &idx), Some(&data.1.index_select(0, &idx)), 0.1).unwrap();
+        let loss = diffusion_loss(
+            &run.model,
+            schedule,
+            &data.0.index_select(0, &idx),
+            Some(&data.1.index_select(0, &idx)),
+            0.1,
+        )
+        .unwrap();
         loss.backward();
         let _ = run.optimizer.step(1e-3, Some(1.0));
         run.ema.update(run.optimizer.params(), step).unwrap();
@@ -162,25 +200,47 @@ fn training_state_resumes_exactly() {
         seed: 1000,
         extra: serde_json::json!({"epoch": 1}),
     };
-    save_training_state(&path, &straight.model, &straight.ema, &straight.optimizer, &info).unwrap();
+    save_training_state(
+        &path,
+        &straight.model,
+        &straight.ema,
+        &straight.optimizer,
+        &info,
+    )
+    .unwrap();
     steps(&mut straight, &schedule, &data, 4, 8);
 
     // A fresh process would rebuild everything from the config, then load the state.
     let mut resumed = new_run(&config);
     tch::manual_seed(99); // different init: the state must overwrite it all
-    let manifest = load_training_state(&path, &resumed.model, &resumed.ema, &mut resumed.optimizer).unwrap();
+    let manifest =
+        load_training_state(&path, &resumed.model, &resumed.ema, &mut resumed.optimizer).unwrap();
     assert_eq!((manifest.step, manifest.seed), (4, 1000));
     assert_eq!(manifest.extra["epoch"], 1);
     assert_eq!(resumed.optimizer.steps(), 4);
     steps(&mut resumed, &schedule, &data, 4, 8);
 
-    assert!(straight.optimizer.params().flat().equal(resumed.optimizer.params().flat()), "weights diverged");
-    assert!(straight.ema.flat().flat().equal(resumed.ema.flat().flat()), "EMA diverged");
+    assert!(
+        straight
+            .optimizer
+            .params()
+            .flat()
+            .equal(resumed.optimizer.params().flat()),
+        "weights diverged"
+    );
+    assert!(
+        straight.ema.flat().flat().equal(resumed.ema.flat().flat()),
+        "EMA diverged"
+    );
 
     // A state of another network is refused and changes nothing.
-    let mut other = new_run(&UNetConfig { base_channels: 8, ..config.clone() });
+    let mut other = new_run(&UNetConfig {
+        base_channels: 8,
+        ..config.clone()
+    });
     let before = other.optimizer.params().flat().copy();
-    let err = load_training_state(&path, &other.model, &other.ema, &mut other.optimizer).unwrap_err();
+    let err =
+        load_training_state(&path, &other.model, &other.ema, &mut other.optimizer).unwrap_err();
     assert!(err.to_string().contains("config"), "{err}");
     assert!(other.optimizer.params().flat().equal(&before));
 }

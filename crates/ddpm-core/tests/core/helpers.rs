@@ -22,8 +22,11 @@ pub fn colour_dataset(classes: i64, n: i64, size: i64) -> (Tensor, Tensor) {
     let mut images = Vec::new();
     let mut labels = Vec::new();
     for c in 0..classes {
-        let rgb = Tensor::from_slice(&class_colour(c)).to_kind(Kind::Float).view([1, 3, 1, 1]);
-        let ramp = Tensor::linspace(-0.15, 0.15, size, (Kind::Float, Device::Cpu)).view([1, 1, 1, size]);
+        let rgb = Tensor::from_slice(&class_colour(c))
+            .to_kind(Kind::Float)
+            .view([1, 3, 1, 1]);
+        let ramp =
+            Tensor::linspace(-0.15, 0.15, size, (Kind::Float, Device::Cpu)).view([1, 1, 1, size]);
         let sign = (Tensor::rand([n, 1, 1, 1], (Kind::Float, Device::Cpu)) - 0.5).sign();
         let noise = Tensor::randn([n, 3, size, size], (Kind::Float, Device::Cpu)) * 0.05;
         images.push((rgb + ramp * sign + noise).clamp(-1.0, 1.0));
@@ -57,17 +60,37 @@ pub struct Trained {
 }
 
 /// Trains `config` on `(images, labels)` for `steps` steps of `batch` with label dropout.
-pub fn train(config: &UNetConfig, images: &Tensor, labels: &Tensor, steps: i64, batch: i64, lr: f64, seed: i64) -> Trained {
+pub fn train(
+    config: &UNetConfig,
+    images: &Tensor,
+    labels: &Tensor,
+    steps: i64,
+    batch: i64,
+    lr: f64,
+    seed: i64,
+) -> Trained {
     tch::manual_seed(seed);
     let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
     let model = Model::new(config, Device::Cpu).unwrap();
-    let params = FlatParams::new(model.named_variables().into_iter().map(|(_, t)| t).collect());
+    let params = FlatParams::new(
+        model
+            .named_variables()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect(),
+    );
     let ema_cfg = EmaConfig {
         decay: 0.99,
         warmup_steps: steps / 4,
     };
     let mut ema = Ema::new(config, &params, ema_cfg).unwrap();
-    let mut optimizer = AdamW::new(params, AdamWConfig { lr, ..Default::default() });
+    let mut optimizer = AdamW::new(
+        params,
+        AdamWConfig {
+            lr,
+            ..Default::default()
+        },
+    );
     let n = images.size()[0];
     let mut losses = Vec::new();
     for step in 0..steps {

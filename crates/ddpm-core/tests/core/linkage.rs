@@ -10,11 +10,19 @@ pub fn needed_libraries(binary: &std::path::Path) -> Vec<String> {
         .arg(binary)
         .output()
         .expect("readelf (binutils) must be installed to run this test");
-    assert!(out.status.success(), "readelf failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "readelf failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.contains("(NEEDED)"))
-        .filter_map(|l| l.split('[').nth(1).map(|s| s.trim_end_matches(']').to_string()))
+        .filter_map(|l| {
+            l.split('[')
+                .nth(1)
+                .map(|s| s.trim_end_matches(']').to_string())
+        })
         .collect()
 }
 
@@ -27,9 +35,17 @@ fn test_binary_links_libtorch_cuda_and_finds_it_by_rpath() {
         "libtorch_cuda.so is not NEEDED by {}: {needed:?}",
         exe.display()
     );
-    let out = Command::new("readelf").arg("-d").arg(&exe).output().unwrap();
+    let out = Command::new("readelf")
+        .arg("-d")
+        .arg(&exe)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("RUNPATH") || text.contains("RPATH"), "no rpath in {}", exe.display());
+    assert!(
+        text.contains("RUNPATH") || text.contains("RPATH"),
+        "no rpath in {}",
+        exe.display()
+    );
     // And libtorch really works from this binary without any environment set up.
     assert_eq!(ddpm_core::LIBTORCH_VERSION, "2.11.0");
     let t = tch::Tensor::from_slice(&[1.0f32, 2.0]).sum(tch::Kind::Float);

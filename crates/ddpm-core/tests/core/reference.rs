@@ -15,7 +15,9 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 fn reference(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference")
+        .join(name)
 }
 
 fn json(name: &str) -> Value {
@@ -24,46 +26,102 @@ fn json(name: &str) -> Value {
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn assert_close(name: &str, actual: &[f64], expected: &[f64], rel: f64, abs: f64) {
     assert_eq!(actual.len(), expected.len(), "{name}: lengths");
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
         let tol = abs + rel * e.abs();
-        assert!((a - e).abs() <= tol, "{name}[{i}]: {a} vs reference {e} (tol {tol})");
+        assert!(
+            (a - e).abs() <= tol,
+            "{name}[{i}]: {a} vs reference {e} (tol {tol})"
+        );
     }
 }
 
 #[test]
 fn schedules_match_diffusers() {
     let v = json("scheduler_vectors.json");
-    for (name, config) in [("linear", ScheduleConfig::default()), ("cosine", ScheduleConfig::cosine(1000))] {
+    for (name, config) in [
+        ("linear", ScheduleConfig::default()),
+        ("cosine", ScheduleConfig::cosine(1000)),
+    ] {
         let r = &v["schedules"][name];
         let s = NoiseSchedule::new(config, Device::Cpu).unwrap();
-        assert_close(&format!("{name} betas"), &s.betas, &floats(&r["betas"]), 1e-12, 1e-15);
-        assert_close(&format!("{name} alphas"), &s.alphas, &floats(&r["alphas"]), 1e-12, 1e-15);
-        assert_close(&format!("{name} alphas_cumprod"), &s.alphas_cumprod, &floats(&r["alphas_cumprod"]), 1e-9, 1e-15);
-        let ts: Vec<usize> = r["posterior_variance_t"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as usize).collect();
+        assert_close(
+            &format!("{name} betas"),
+            &s.betas,
+            &floats(&r["betas"]),
+            1e-12,
+            1e-15,
+        );
+        assert_close(
+            &format!("{name} alphas"),
+            &s.alphas,
+            &floats(&r["alphas"]),
+            1e-12,
+            1e-15,
+        );
+        assert_close(
+            &format!("{name} alphas_cumprod"),
+            &s.alphas_cumprod,
+            &floats(&r["alphas_cumprod"]),
+            1e-9,
+            1e-15,
+        );
+        let ts: Vec<usize> = r["posterior_variance_t"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as usize)
+            .collect();
         let ours: Vec<f64> = ts.iter().map(|&t| s.posterior_variance[t]).collect();
-        assert_close(&format!("{name} posterior variance"), &ours, &floats(&r["posterior_variance"]), 1e-9, 1e-15);
+        assert_close(
+            &format!("{name} posterior variance"),
+            &ours,
+            &floats(&r["posterior_variance"]),
+            1e-9,
+            1e-15,
+        );
     }
 }
 
 /// x' = a·x + b·ε + c·z in f64, elementwise.
 fn step(c: ddpm_core::sampler::StepCoefficients, x: &[f64], eps: &[f64], z: &[f64]) -> Vec<f64> {
-    x.iter().zip(eps).zip(z).map(|((x, e), z)| c.x * x + c.eps * e + c.noise * z).collect()
+    x.iter()
+        .zip(eps)
+        .zip(z)
+        .map(|((x, e), z)| c.x * x + c.eps * e + c.noise * z)
+        .collect()
 }
 
 #[test]
 fn ddpm_steps_match_diffusers() {
     let v = json("scheduler_vectors.json");
-    let (x, eps, z) = (floats(&v["inputs"]["x"]), floats(&v["inputs"]["eps"]), floats(&v["inputs"]["z"]));
+    let (x, eps, z) = (
+        floats(&v["inputs"]["x"]),
+        floats(&v["inputs"]["eps"]),
+        floats(&v["inputs"]["z"]),
+    );
     let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
     for case in v["ddpm"]["cases"].as_array().unwrap() {
-        let (t, prev) = (case["t"].as_i64().unwrap(), case["prev_t"].as_i64().unwrap());
+        let (t, prev) = (
+            case["t"].as_i64().unwrap(),
+            case["prev_t"].as_i64().unwrap(),
+        );
         let ours = step(Ddpm.coefficients(&s, t, prev), &x, &eps, &z);
-        assert_close(&format!("ddpm t={t}→{prev}"), &ours, &floats(&case["prev_sample"]), 1e-9, 1e-10);
+        assert_close(
+            &format!("ddpm t={t}→{prev}"),
+            &ours,
+            &floats(&case["prev_sample"]),
+            1e-9,
+            1e-10,
+        );
     }
     // The 50-step plan visits diffusers' timesteps (leading spacing).
     let cfg = SamplerConfig {
@@ -74,14 +132,23 @@ fn ddpm_steps_match_diffusers() {
         clip_denoised: false,
     };
     let plan: Vec<i64> = cfg.plan(&s).unwrap().iter().map(|p| p.timestep).collect();
-    let expected: Vec<i64> = v["ddpm"]["set_timesteps_50"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
+    let expected: Vec<i64> = v["ddpm"]["set_timesteps_50"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_i64().unwrap())
+        .collect();
     assert_eq!(plan, expected);
 }
 
 #[test]
 fn ddim_steps_and_timesteps_match_diffusers() {
     let v = json("scheduler_vectors.json");
-    let (x, eps, z) = (floats(&v["inputs"]["x"]), floats(&v["inputs"]["eps"]), floats(&v["inputs"]["z"]));
+    let (x, eps, z) = (
+        floats(&v["inputs"]["x"]),
+        floats(&v["inputs"]["eps"]),
+        floats(&v["inputs"]["z"]),
+    );
     let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
     let runs = v["ddim"]["runs"].as_object().unwrap();
     assert_eq!(runs.len(), 4);
@@ -92,12 +159,27 @@ fn ddim_steps_and_timesteps_match_diffusers() {
             other => panic!("unexpected spacing {other}"),
         };
         let n = run["num_inference_steps"].as_u64().unwrap() as usize;
-        let expected: Vec<i64> = run["timesteps"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
+        let expected: Vec<i64> = run["timesteps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_i64().unwrap())
+            .collect();
         assert_eq!(spacing.timesteps(1000, n), expected, "{name} timesteps");
         for case in run["cases"].as_array().unwrap() {
-            let (t, prev, eta) = (case["t"].as_i64().unwrap(), case["prev_t"].as_i64().unwrap(), case["eta"].as_f64().unwrap());
+            let (t, prev, eta) = (
+                case["t"].as_i64().unwrap(),
+                case["prev_t"].as_i64().unwrap(),
+                case["eta"].as_f64().unwrap(),
+            );
             let ours = step(Ddim { eta }.coefficients(&s, t, prev), &x, &eps, &z);
-            assert_close(&format!("{name} ddim t={t}→{prev} η={eta}"), &ours, &floats(&case["prev_sample"]), 1e-9, 1e-10);
+            assert_close(
+                &format!("{name} ddim t={t}→{prev} η={eta}"),
+                &ours,
+                &floats(&case["prev_sample"]),
+                1e-9,
+                1e-10,
+            );
         }
     }
 }
@@ -110,7 +192,12 @@ fn state_dict(name: &str) -> (Vec<(String, Vec<i64>)>, i64) {
         .iter()
         .map(|e| {
             let name = e[0].as_str().unwrap().to_string();
-            let shape = e[1].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect();
+            let shape = e[1]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_i64().unwrap())
+                .collect();
             (name, shape)
         })
         .collect();
@@ -118,7 +205,11 @@ fn state_dict(name: &str) -> (Vec<(String, Vec<i64>)>, i64) {
 }
 
 fn our_shapes(model: &Model) -> Vec<(String, Vec<i64>)> {
-    model.named_variables().into_iter().map(|(n, t)| (n, t.size())).collect()
+    model
+        .named_variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.size()))
+        .collect()
 }
 
 #[test]
@@ -127,7 +218,11 @@ fn seed_preset_has_the_seed_models_parameters() {
     let model = Model::new(&UNetConfig::seed(Some(10)), Device::Cpu).unwrap();
     // Our label embedding has one more row: the learned null label for guidance.
     let null_row = 256;
-    assert_eq!(model.parameter_count(), total + null_row, "parameter count vs the seed's {total}");
+    assert_eq!(
+        model.parameter_count(),
+        total + null_row,
+        "parameter count vs the seed's {total}"
+    );
     for (name, shape) in theirs.iter_mut() {
         if name == "label_emb.weight" {
             assert_eq!(shape, &vec![10, 256]);
@@ -135,13 +230,21 @@ fn seed_preset_has_the_seed_models_parameters() {
         }
     }
     theirs.sort();
-    assert_eq!(our_shapes(&model), theirs, "names and shapes differ from the seed's state dict");
+    assert_eq!(
+        our_shapes(&model),
+        theirs,
+        "names and shapes differ from the seed's state dict"
+    );
 }
 
 #[test]
 fn tiny_config_layout_matches_the_pytorch_model() {
     let config: UNetConfig = serde_json::from_value(json("tiny_config.json")).unwrap();
-    assert_eq!(config, UNetConfig::tiny(Some(3)), "the tiny preset is the reference's config");
+    assert_eq!(
+        config,
+        UNetConfig::tiny(Some(3)),
+        "the tiny preset is the reference's config"
+    );
     let (mut theirs, total) = state_dict("tiny_state_dict.json");
     theirs.sort();
     let model = Model::new(&config, Device::Cpu).unwrap();
@@ -152,14 +255,24 @@ fn tiny_config_layout_matches_the_pytorch_model() {
 #[test]
 fn tiny_forward_matches_pytorch_numerically() {
     let tensors = Tensor::read_safetensors(reference("tiny_forward.safetensors")).unwrap();
-    let get = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone()).unwrap();
+    let get = |name: &str| {
+        tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.shallow_clone())
+            .unwrap()
+    };
     let model = Model::new(&UNetConfig::tiny(Some(3)), Device::Cpu).unwrap();
     tch::no_grad(|| {
         for (name, var) in model.named_variables() {
             var.shallow_clone().copy_(&get(&name).to_kind(Kind::Float));
         }
     });
-    let (x, t, y) = (get("input.x").to_kind(Kind::Float), get("input.t").to_kind(Kind::Int64), get("input.y").to_kind(Kind::Int64));
+    let (x, t, y) = (
+        get("input.x").to_kind(Kind::Float),
+        get("input.t").to_kind(Kind::Int64),
+        get("input.y").to_kind(Kind::Int64),
+    );
     let expected = get("output.eps").to_kind(Kind::Float);
     let eps = tch::no_grad(|| model.net.forward(&x, &t, Some(&y)));
     let diff = (&eps - &expected).abs().max().double_value(&[]);

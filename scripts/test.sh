@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite from a fresh machine: installs libtorch (cached), finds or starts
+# PostgreSQL, checks formatting and lints, then runs every test of the workspace.
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p ddpm-core`).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/setup-libtorch.sh >/dev/null
+DDPM_TEST_POSTGRES_URL=$(scripts/test-postgres.sh)
+export DDPM_TEST_POSTGRES_URL
+echo "test: PostgreSQL at $DDPM_TEST_POSTGRES_URL"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked "$@"
