@@ -8,9 +8,12 @@
 //!
 //! then runs `benches/reference/torch_steps.py` (the same model and steps in PyTorch, its
 //! fastest eager variants) with the same batch, device and thread count, and prints the
-//! medians and the ratios. Settings: `DDPM_BENCH_CONFIGS` (default `tiny,seed`),
-//! `DDPM_BENCH_BATCH` (8), `DDPM_BENCH_ITERS` (tiny: 20, seed: 3 on CPU), `DDPM_PYTHON`
-//! (default: the cached torch venv's python).
+//! medians and the ratios. Ours and PyTorch's alternate in rounds, and each figure is the
+//! median over rounds of the per-round medians, so a load spike on a shared machine hits
+//! both sides alike. Settings: `DDPM_BENCH_CONFIGS` (default `tiny,seed`),
+//! `DDPM_BENCH_BATCH` (8), `DDPM_BENCH_ITERS` (tiny: 20, seed: 3 on CPU),
+//! `DDPM_BENCH_ROUNDS` (tiny: 5, seed: 1 on CPU), `DDPM_PYTHON` (default: the cached torch
+//! venv's python).
 
 use std::{path::PathBuf, process::Command, time::Instant};
 
@@ -200,6 +203,23 @@ fn pytorch(
     ))
 }
 
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn median_timings(rounds: &[Timings]) -> Timings {
+    Timings {
+        train: median(rounds.iter().map(|t| t.train).collect()),
+        guided: median(rounds.iter().map(|t| t.guided).collect()),
+        two_pass: median(rounds.iter().map(|t| t.two_pass).collect()),
+    }
+}
+
 fn main() {
     let device = Device::cuda_if_available();
     if device.is_cuda() {
@@ -230,27 +250,45 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default_iters);
         let warmup = (iters / 4).max(1);
-        let us = ours(&config, batch, device, iters, warmup);
-        println!("\n[{name}] {iters} iterations, medians in ms");
+        let default_rounds = if name == "seed" && !device.is_cuda() {
+            1
+        } else {
+            5
+        };
+        let rounds = env_usize("DDPM_BENCH_ROUNDS")
+            .unwrap_or(default_rounds)
+            .max(1);
+        let mut ours_rounds = Vec::new();
+        let mut theirs_rounds = Vec::new();
+        let mut variants = String::new();
+        for _ in 0..rounds {
+            ours_rounds.push(ours(&config, batch, device, iters, warmup));
+            if let Some((t, v)) = pytorch(name, batch, device, iters, warmup) {
+                theirs_rounds.push(t);
+                variants = v;
+            }
+        }
+        let us = median_timings(&ours_rounds);
+        println!("\n[{name}] {rounds} round(s) of {iters} iterations, medians in ms");
         println!(
             "{:<28}{:>12}{:>12}{:>10}",
             "step", "ddpm (Rust)", "PyTorch", "ratio"
         );
-        match pytorch(name, batch, device, iters, warmup) {
-            Some((them, variants)) => {
-                for (label, a, b) in [
-                    ("train step", us.train, them.train),
-                    ("guided step (one 2B pass)", us.guided, them.guided),
-                    ("guided step (two passes)", us.two_pass, them.two_pass),
-                ] {
-                    println!("{label:<28}{a:>12.2}{b:>12.2}{:>10.2}", a / b);
-                }
-                println!("PyTorch's fastest variants: {variants}");
+        if theirs_rounds.len() == rounds {
+            let them = median_timings(&theirs_rounds);
+            for (label, a, b) in [
+                ("train step", us.train, them.train),
+                ("guided step (one 2B pass)", us.guided, them.guided),
+                ("guided step (two passes)", us.two_pass, them.two_pass),
+            ] {
+                println!("{label:<28}{a:>12.2}{b:>12.2}{:>10.2}", a / b);
             }
-            None => println!(
+            println!("PyTorch's fastest variants: {variants}");
+        } else {
+            println!(
                 "(PyTorch reference unavailable; ours: train {:.2}, guided {:.2}, two-pass {:.2})",
                 us.train, us.guided, us.two_pass
-            ),
+            );
         }
         println!(
             "one-pass / two-pass guidance (ours): {:.2}; training images/s (ours): {:.1}",

@@ -228,8 +228,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_configs() {
-        let mut c = ScheduleConfig::default();
-        c.timesteps = 1;
+        let c = ScheduleConfig {
+            timesteps: 1,
+            ..Default::default()
+        };
         assert!(NoiseSchedule::new(c, Device::Cpu).is_err());
         let c = ScheduleConfig {
             timesteps: 10,

@@ -132,7 +132,7 @@ impl UNet {
                     &null
                 }
             };
-            emb = emb + labels.apply(label_emb);
+            emb += labels.apply(label_emb);
         }
         let mut h = self.inc.forward(x);
         let mut skips = vec![h.shallow_clone()];

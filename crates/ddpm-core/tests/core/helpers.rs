@@ -52,9 +52,7 @@ pub fn micro_config(classes: i64) -> UNetConfig {
 }
 
 pub struct Trained {
-    pub model: Model,
     pub ema: Ema,
-    pub optimizer: AdamW,
     pub schedule: NoiseSchedule,
     pub losses: Vec<f64>,
 }
@@ -104,9 +102,7 @@ pub fn train(
         losses.push(loss.double_value(&[]));
     }
     Trained {
-        model,
         ema,
-        optimizer,
         schedule,
         losses,
     }
