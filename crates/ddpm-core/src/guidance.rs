@@ -41,12 +41,21 @@ pub fn guided_epsilon(
     }
     let device = x.device();
     let null = model.config().null_label();
+    // Validate labels on the host: checking the tensor would sync with the GPU every step.
+    if let Some(n) = null {
+        if let Some(l) = labels.iter().find(|&&l| !(0..=n).contains(&l)) {
+            return Err(CoreError::Input(format!(
+                "label {l} is outside 0..={n} (null = {n})"
+            )));
+        }
+    }
+    check_input(model, x, t)?;
     let labels_t = Tensor::from_slice(labels).to_device(device);
     let guided: Vec<i64> = (0..b)
         .filter(|&i| needs_uncond(labels[i as usize], null, guidance_scales[i as usize]))
         .collect();
     if guided.is_empty() {
-        return model.forward_checked(x, t, Some(&labels_t));
+        return Ok(model.net.forward(x, t, Some(&labels_t)));
     }
     let k = guided.len() as i64;
     let all = k == b;
@@ -60,7 +69,7 @@ pub fn guided_epsilon(
     let x_in = Tensor::f_cat(&[x, &x_u], 0)?; // [B + k, C, H, W]
     let t_in = Tensor::f_cat(&[t, &t_u], 0)?;
     let l_in = Tensor::f_cat(&[&labels_t, &null_labels], 0)?;
-    let out = model.forward_checked(&x_in, &t_in, Some(&l_in))?;
+    let out = model.net.forward(&x_in, &t_in, Some(&l_in));
     let cond = out.narrow(0, 0, b); // [B, C, H, W]
     let uncond = out.narrow(0, b, k); // [k, C, H, W]
     let w: Vec<f32> = guided
@@ -76,6 +85,26 @@ pub fn guided_epsilon(
     let cond_sel = cond.f_index_select(0, &idx)?;
     let mixed = uncond.f_lerp_tensor(&cond_sel, &w)?;
     Ok(cond.f_index_copy(0, &idx, &mixed)?)
+}
+
+/// Shape checks that need no device sync: x is `[B, C, S, S]` for the model, t is `[B]`.
+fn check_input(model: &Model, x: &Tensor, t: &Tensor) -> Result<()> {
+    let cfg = model.config();
+    let size = x.size();
+    if size.len() != 4 || size[1..] != [cfg.in_channels, cfg.image_size, cfg.image_size] {
+        return Err(CoreError::Input(format!(
+            "x has shape {size:?}, the model takes [B, {}, {}, {}]",
+            cfg.in_channels, cfg.image_size, cfg.image_size
+        )));
+    }
+    if t.size() != [size[0]] {
+        return Err(CoreError::Input(format!(
+            "t has shape {:?}, expected [{}]",
+            t.size(),
+            size[0]
+        )));
+    }
+    Ok(())
 }
 
 /// A `[B]` int64 tensor of timesteps on `device`.

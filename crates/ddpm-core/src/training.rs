@@ -46,7 +46,17 @@ pub fn diffusion_loss(
         (Some(null), Some(l)) => Some(drop_labels(l, null, label_dropout)),
         _ => None,
     };
-    let eps = model.forward_checked(&xt, &t, labels.as_ref())?;
+    if let Some(l) = &labels {
+        if l.size() != [b] {
+            return Err(CoreError::Input(format!(
+                "labels have shape {:?}, expected [{b}]",
+                l.size()
+            )));
+        }
+    }
+    // Labels come from the dataset (ids below num_classes); no per-step range check, which
+    // would sync with the GPU.
+    let eps = model.net.forward(&xt, &t, labels.as_ref());
     Ok(eps.mse_loss(&noise, Reduction::Mean))
 }
 
