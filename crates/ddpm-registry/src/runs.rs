@@ -229,6 +229,29 @@ pub(crate) async fn claim_queued<'e>(
     row.map(Run::try_from).transpose()
 }
 
+/// Moves queued run `id` to running for `host`; `None` when it is not queued (any
+/// more): another worker claimed it first, or it does not exist.
+pub(crate) async fn claim_queued_by_id<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    backend: Backend,
+    id: i64,
+    host: &str,
+) -> Result<Option<Run>> {
+    let now = backend.now_ms();
+    let sql = format!(
+        "UPDATE runs SET status = 'running', host = $1, attempts = attempts + 1, \
+             started_at = COALESCE(started_at, {now}), heartbeat_at = {now}, updated_at = {now} \
+         WHERE id = $2 AND status = 'queued' \
+         RETURNING {RUN_COLUMNS}"
+    );
+    let row: Option<RunRow> = sqlx::query_as(&sql)
+        .bind(host)
+        .bind(id)
+        .fetch_optional(ex)
+        .await?;
+    row.map(Run::try_from).transpose()
+}
+
 /// Moves the oldest interrupted run, or running run with a heartbeat older
 /// than `stale_after_ms`, to running for `host`.
 pub(crate) async fn claim_resumable<'e>(
@@ -366,6 +389,14 @@ impl Registry {
     #[tracing::instrument(skip(self))]
     pub async fn claim_next_queued(&self, host: &str) -> Result<Option<Run>> {
         claim_queued(&self.pool, self.backend, host).await
+    }
+
+    /// Atomically claims queued run `id` for `host` (a foreground `train` claiming
+    /// the run it just created, ahead of older queued ones). `None` when the run
+    /// is not queued: a daemon took it first, or there is no such run.
+    #[tracing::instrument(skip(self))]
+    pub async fn claim_run(&self, id: i64, host: &str) -> Result<Option<Run>> {
+        claim_queued_by_id(&self.pool, self.backend, id, host).await
     }
 
     /// Atomically claims the oldest run that can be resumed: one that is

@@ -23,6 +23,29 @@ async fn claims_take_the_oldest_queued_run(t: TestContext) {
     assert_eq!(t.registry.claim_next_queued("h").await.unwrap(), None);
 }
 
+async fn a_run_can_be_claimed_by_id_once(t: TestContext) {
+    let runs = queue_runs(&t.registry, 3).await;
+    // The newest, ahead of the older queued ones.
+    let newest = runs[2].id;
+    let claimed = t.registry.claim_run(newest, "fg").await.unwrap().unwrap();
+    assert_eq!((claimed.id, claimed.status), (newest, RunStatus::Running));
+    assert_eq!(claimed.host.as_deref(), Some("fg"));
+    assert_eq!(claimed.attempts, 1);
+    assert_eq!(
+        t.registry.claim_run(newest, "other").await.unwrap(),
+        None,
+        "already running"
+    );
+    assert_eq!(
+        t.registry.claim_run(newest + 100, "fg").await.unwrap(),
+        None,
+        "no such run"
+    );
+    // The others are still queued, oldest first.
+    let next = t.registry.claim_next_queued("d").await.unwrap().unwrap();
+    assert_eq!(next.id, runs[0].id);
+}
+
 async fn racing_claims_never_share_a_run(t: TestContext) {
     let runs = queue_runs(&t.registry, 3).await;
     let racers: Vec<_> = (0..8)
@@ -193,6 +216,7 @@ async fn racing_resumers_never_share_a_run(t: TestContext) {
 
 both_backends!(
     claims_take_the_oldest_queued_run,
+    a_run_can_be_claimed_by_id_once,
     racing_claims_never_share_a_run,
     racing_daemons_drain_the_queue_exactly_once,
     interrupted_runs_are_resumed,

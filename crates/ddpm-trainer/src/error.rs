@@ -1,0 +1,79 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Everything the trainer library can fail with. Binaries wrap it in `anyhow`.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    /// A run config (or CLI override) that cannot work, with the field named.
+    #[error("invalid config: {field}: {message}")]
+    Config { field: String, message: String },
+
+    /// A run config file that is not valid TOML or has unknown / mistyped fields
+    /// (toml's message names the key and the line).
+    #[error("invalid run config {path}: {message}")]
+    ConfigFile { path: PathBuf, message: String },
+
+    /// A dataset that cannot be trained on: missing, empty, an empty class, …
+    #[error("dataset {path}: {message}")]
+    Dataset { path: PathBuf, message: String },
+
+    /// The data loader stopped (its thread panicked or the dataset went away).
+    #[error("data loader: {0}")]
+    Loader(String),
+
+    #[error(transparent)]
+    Core(#[from] ddpm_core::CoreError),
+
+    #[error(transparent)]
+    Registry(#[from] ddpm_registry::RegistryError),
+
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+
+    #[error("image {path}: {source}")]
+    Image {
+        path: PathBuf,
+        #[source]
+        source: image::ImageError,
+    },
+
+    #[error("i/o on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A run stored in the registry whose config or dataset summary this version cannot
+    /// read, or whose dataset changed since it was queued.
+    #[error("run {id}: {message}")]
+    Run { id: i64, message: String },
+
+    /// The training thread panicked (a bug, or libtorch aborting an op).
+    #[error("training thread: {0}")]
+    Thread(String),
+}
+
+impl TrainerError {
+    pub(crate) fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
+        TrainerError::Config {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn dataset(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        TrainerError::Dataset {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| TrainerError::Io { path, source }
+    }
+}
+
+pub type Result<T, E = TrainerError> = std::result::Result<T, E>;

@@ -1,0 +1,198 @@
+//! `runs list` and `runs show`: run history as text, with a loss-curve summary.
+
+use std::fmt::Write;
+
+use ddpm_registry::{MetricPoint, Registry, Run, RunStatus};
+
+use crate::error::{Result, TrainerError};
+
+/// Points of the loss curve `runs show` prints.
+const CURVE_POINTS: usize = 12;
+const SPARK: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+
+pub async fn list(registry: &Registry, status: Option<RunStatus>, limit: i64) -> Result<String> {
+    let runs = registry.list_runs(status, limit.max(1), 0).await?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>5}  {:<11}  {:>17}  {:>8}  {:>10}  {:<19}  dataset",
+        "id", "status", "step", "attempts", "last loss", "created"
+    );
+    for run in &runs {
+        let last_loss = registry
+            .metric_summary(run.id)
+            .await?
+            .map(|s| format!("{:.4}", s.last_loss))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:>5}  {:<11}  {:>17}  {:>8}  {:>10}  {:<19}  {}",
+            run.id,
+            run.status.as_str(),
+            format!("{}/{}", run.current_step, run.total_steps),
+            run.attempts,
+            last_loss,
+            run.created_at.format("%Y-%m-%d %H:%M:%S"),
+            dataset_path(run),
+        );
+    }
+    if runs.is_empty() {
+        let _ = writeln!(out, "(no runs)");
+    }
+    Ok(out)
+}
+
+fn dataset_path(run: &Run) -> String {
+    run.dataset
+        .get("path")
+        .and_then(|p| p.as_str())
+        .unwrap_or("-")
+        .to_string()
+}
+
+pub async fn show(registry: &Registry, id: i64) -> Result<String> {
+    let run = registry.get_run(id).await?.ok_or(TrainerError::Run {
+        id,
+        message: "no such run".into(),
+    })?;
+    let mut out = String::new();
+    let _ = writeln!(out, "run {}: {}", run.id, run.status);
+    let _ = writeln!(
+        out,
+        "  step        {}/{}",
+        run.current_step, run.total_steps
+    );
+    let _ = writeln!(out, "  attempts    {}", run.attempts);
+    let _ = writeln!(out, "  host        {}", run.host.as_deref().unwrap_or("-"));
+    let _ = writeln!(out, "  created     {}", run.created_at);
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+    };
+    let _ = writeln!(out, "  started     {}", time(run.started_at));
+    let _ = writeln!(out, "  finished    {}", time(run.finished_at));
+    let _ = writeln!(out, "  heartbeat   {}", time(run.heartbeat_at));
+    if let Some(e) = &run.error {
+        let _ = writeln!(out, "  error       {e}");
+    }
+    let d = &run.dataset;
+    let _ = writeln!(
+        out,
+        "  dataset     {} ({} images, classes {}, {} skipped)",
+        dataset_path(&run),
+        d.get("image_count").and_then(|v| v.as_u64()).unwrap_or(0),
+        d.get("class_names")
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "[]".into()),
+        d.get("skipped_count").and_then(|v| v.as_u64()).unwrap_or(0),
+    );
+
+    match registry.metric_summary(id).await? {
+        Some(s) => {
+            let _ = writeln!(out, "\nloss");
+            let _ = writeln!(
+                out,
+                "  {} rows, steps {}..{}; first {:.4}, last {:.4}, min {}, mean of last {} rows {}",
+                s.count,
+                s.first_step,
+                s.last_step,
+                s.first_loss,
+                s.last_loss,
+                fmt_opt(s.min_loss),
+                s.tail_count,
+                fmt_opt(s.tail_mean_loss)
+            );
+            let points = registry.metrics(id, None, None, CURVE_POINTS).await?;
+            let _ = writeln!(out, "  curve {}", sparkline(&points));
+            for p in &points {
+                let _ = writeln!(
+                    out,
+                    "  step {:>8}  loss {:.4}  lr {:.2e}  grad {}  {} img/s",
+                    p.step,
+                    p.loss,
+                    p.learning_rate,
+                    fmt_opt(p.grad_norm),
+                    p.images_per_sec
+                        .map(|v| format!("{v:.0}"))
+                        .unwrap_or_else(|| "-".into())
+                );
+            }
+        }
+        None => {
+            let _ = writeln!(out, "\nloss\n  (no metrics yet)");
+        }
+    }
+
+    let checkpoints = registry.list_checkpoints(id).await?;
+    let _ = writeln!(out, "\ncheckpoints");
+    if checkpoints.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for c in &checkpoints {
+        let _ = writeln!(
+            out,
+            "  {:>5}  step {:>8}  {:<5}  {:>10} B  {}",
+            c.id,
+            c.step,
+            c.kind.as_str(),
+            c.size_bytes,
+            c.path
+        );
+    }
+    let _ = writeln!(out, "\nconfig");
+    let config = serde_json::to_string_pretty(&run.config).unwrap_or_default();
+    for line in config.lines() {
+        let _ = writeln!(out, "  {line}");
+    }
+    Ok(out)
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into())
+}
+
+/// The losses as a one-line bar chart (high = high loss).
+pub fn sparkline(points: &[MetricPoint]) -> String {
+    let finite: Vec<f64> = points
+        .iter()
+        .map(|p| p.loss)
+        .filter(|l| l.is_finite())
+        .collect();
+    let (lo, hi) = finite
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    points
+        .iter()
+        .map(|p| {
+            if !p.loss.is_finite() {
+                return '·';
+            }
+            let frac = if hi > lo {
+                (p.loss - lo) / (hi - lo)
+            } else {
+                0.5
+            };
+            SPARK[((frac * (SPARK.len() - 1) as f64).round() as usize).min(SPARK.len() - 1)]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparkline_falls_with_the_loss() {
+        let p = |step, loss| MetricPoint {
+            step,
+            loss,
+            learning_rate: 1e-3,
+            grad_norm: None,
+            images_per_sec: None,
+            recorded_at: chrono::Utc::now(),
+        };
+        let s = sparkline(&[p(1, 1.0), p(2, 0.5), p(3, f64::NAN), p(4, 0.0)]);
+        assert_eq!(s, "█▅·▁");
+    }
+}

@@ -1,0 +1,325 @@
+//! Runs as the registry sees them: queueing a new run, executing a claimed one (fresh or
+//! resumed) with its recorder and heartbeat, and the daemon loop that claims them.
+
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicI64},
+        Arc,
+    },
+    time::Duration,
+};
+
+use ddpm_registry::{CheckpointKind, CheckpointStore, NewRun, Registry, Run, RunStatus};
+use tch::Device;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{
+    config::{Overrides, RunConfig},
+    dataset::{DatasetSummary, ImageFolder},
+    error::{Result, TrainerError},
+    recorder::{heartbeat, record, Sink},
+    train::{train, Outcome, TrainJob},
+};
+
+/// How a run this worker executed ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    Completed,
+    Interrupted,
+    Failed(String),
+    /// Another worker took it over (our heartbeat had gone stale).
+    Lost,
+}
+
+/// A trainer process as the registry knows it.
+#[derive(Clone)]
+pub struct Worker {
+    pub registry: Registry,
+    pub store: CheckpointStore,
+    pub device: Device,
+    /// Unique per process (`host:pid`): heartbeats check it.
+    pub name: String,
+    pub heartbeat_interval: Duration,
+    pub progress: bool,
+    pub shutdown: CancellationToken,
+}
+
+/// Scans a dataset off the async threads.
+async fn scan(path: &Path) -> Result<ImageFolder> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || ImageFolder::scan(&path))
+        .await
+        .map_err(|e| TrainerError::Thread(e.to_string()))?
+}
+
+/// Reads, overrides and validates a run config and its dataset: what `submit` queues
+/// and `train` runs. The dataset path becomes absolute so any worker finds it.
+pub async fn resolve_new_run(
+    config_path: &Path,
+    overrides: &Overrides,
+) -> Result<(RunConfig, NewRun)> {
+    let mut config = RunConfig::from_file(config_path, overrides)?;
+    if config.dataset.path.is_relative() && !config.dataset.path.as_os_str().is_empty() {
+        config.dataset.path = std::path::absolute(&config.dataset.path)
+            .map_err(TrainerError::io(&config.dataset.path))?;
+    }
+    config.validate()?;
+    let folder = scan(&config.dataset.path).await?;
+    config.model.num_classes = folder.num_classes();
+    config.validate()?;
+    let summary = folder.summary();
+    tracing::info!(
+        path = %summary.path.display(),
+        images = summary.image_count,
+        classes = ?summary.class_names,
+        skipped = summary.skipped_count,
+        "dataset scanned"
+    );
+    let new = NewRun {
+        config: serde_json::to_value(&config)
+            .map_err(|e| TrainerError::config("config", e.to_string()))?,
+        dataset: serde_json::to_value(&summary)
+            .map_err(|e| TrainerError::config("dataset", e.to_string()))?,
+        total_steps: config.training.steps,
+    };
+    Ok((config, new))
+}
+
+impl Worker {
+    /// Executes a run this worker has claimed, to its end; records the end in the
+    /// registry. `Err` only for registry failures while finishing.
+    pub async fn execute(&self, run: Run) -> Result<RunEnd> {
+        let span = tracing::info_span!("run", id = run.id);
+        self.execute_inner(run).instrument(span).await
+    }
+
+    async fn execute_inner(&self, run: Run) -> Result<RunEnd> {
+        let id = run.id;
+        tracing::info!(
+            attempt = run.attempts,
+            from_step = run.current_step,
+            total = run.total_steps,
+            "run claimed"
+        );
+        let prepared = self.prepare(&run).await;
+        let (config, folder, states) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "run cannot start");
+                self.registry
+                    .finish_run(id, RunStatus::Failed, Some(&e.to_string()))
+                    .await?;
+                return Ok(RunEnd::Failed(e.to_string()));
+            }
+        };
+
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink = Sink {
+            registry: self.registry.clone(),
+            store: self.store.clone(),
+            run_id: id,
+            keep_last: config.training.keep_last,
+        };
+        let recorder = tokio::spawn(record(sink, events_rx).in_current_span());
+        let step = Arc::new(AtomicI64::new(run.current_step));
+        let lost = Arc::new(AtomicBool::new(false));
+        let beats = tokio::spawn(
+            heartbeat(
+                self.registry.clone(),
+                id,
+                self.name.clone(),
+                step.clone(),
+                lost.clone(),
+                self.heartbeat_interval,
+            )
+            .in_current_span(),
+        );
+        let job = TrainJob {
+            run_id: id,
+            class_names: folder.class_names.clone(),
+            items: folder.items,
+            config,
+            device: self.device,
+            store: self.store.clone(),
+            states,
+            events: events_tx,
+            stop: self.shutdown.child_token(),
+            lost: lost.clone(),
+            step: step.clone(),
+            progress: self.progress,
+        };
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let span = tracing::Span::current();
+        let spawned = std::thread::Builder::new()
+            .name(format!("ddpm-train-{id}"))
+            .spawn(move || {
+                let _span = span.entered();
+                let _ = done_tx.send(train(job));
+            });
+        let outcome = match spawned {
+            Ok(_) => done_rx.await.unwrap_or_else(|_| {
+                Err(TrainerError::Thread("the training thread panicked".into()))
+            }),
+            Err(e) => Err(TrainerError::Thread(format!(
+                "cannot start the training thread: {e}"
+            ))),
+        };
+        beats.abort();
+        let report = recorder.await.unwrap_or_default();
+        tracing::info!(
+            rows = report.rows,
+            checkpoints = report.checkpoints,
+            "recorder finished"
+        );
+
+        let end = match outcome {
+            Ok(Outcome::Completed { step }) => {
+                if let Err(e) = self.registry.heartbeat(id, &self.name, step).await {
+                    tracing::warn!(error = %e, "final heartbeat failed");
+                }
+                self.registry
+                    .finish_run(id, RunStatus::Completed, None)
+                    .await?;
+                // A completed run keeps its newest checkpoint whatever keep_last says.
+                if let Err(e) = self
+                    .store
+                    .apply_retention(&self.registry, id, run_keep_last(&run))
+                    .await
+                {
+                    tracing::warn!(error = %e, "retention failed");
+                }
+                tracing::info!(step, "run completed");
+                RunEnd::Completed
+            }
+            Ok(Outcome::Interrupted { step }) => {
+                let _ = self.registry.heartbeat(id, &self.name, step).await;
+                self.registry
+                    .finish_run(id, RunStatus::Interrupted, None)
+                    .await?;
+                tracing::info!(step, "run interrupted; it resumes from this step");
+                RunEnd::Interrupted
+            }
+            Ok(Outcome::Lost { step }) => {
+                tracing::warn!(step, "run taken over by another worker");
+                RunEnd::Lost
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "run failed");
+                if lost.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(RunEnd::Lost);
+                }
+                self.registry
+                    .finish_run(id, RunStatus::Failed, Some(&e.to_string()))
+                    .await?;
+                RunEnd::Failed(e.to_string())
+            }
+        };
+        Ok(end)
+    }
+
+    /// The run's config, its dataset (checked against what was queued) and its training
+    /// states, newest first.
+    async fn prepare(
+        &self,
+        run: &Run,
+    ) -> Result<(RunConfig, ImageFolder, Vec<ddpm_registry::CheckpointRecord>)> {
+        let bad = |m: String| TrainerError::Run {
+            id: run.id,
+            message: m,
+        };
+        let config: RunConfig = serde_json::from_value(run.config.clone())
+            .map_err(|e| bad(format!("unreadable config: {e}")))?;
+        config.validate()?;
+        let queued: Option<DatasetSummary> = serde_json::from_value(run.dataset.clone()).ok();
+        let folder = scan(&config.dataset.path).await?;
+        if folder.num_classes() != config.model.num_classes {
+            return Err(bad(format!(
+                "the dataset now has {:?} classes, the run was queued with {:?}",
+                folder.num_classes(),
+                config.model.num_classes
+            )));
+        }
+        if let Some(q) = queued {
+            if q.class_names != folder.class_names {
+                return Err(bad(format!(
+                    "the dataset's classes changed since the run was queued: {:?} → {:?}",
+                    q.class_names, folder.class_names
+                )));
+            }
+        }
+        let mut states: Vec<_> = self
+            .registry
+            .list_checkpoints(run.id)
+            .await?
+            .into_iter()
+            .filter(|c| c.kind == CheckpointKind::State)
+            .collect();
+        states.sort_by_key(|c| std::cmp::Reverse((c.step, c.id)));
+        Ok((config, folder, states))
+    }
+
+    /// Claims and executes runs until the queue is empty (`once`) or shutdown: first
+    /// runs to resume (interrupted, or running with a stale heartbeat), then queued ones.
+    pub async fn daemon(
+        &self,
+        poll_interval: Duration,
+        stale_after: Duration,
+        once: bool,
+    ) -> Result<()> {
+        tracing::info!(worker = %self.name, ?poll_interval, ?stale_after, once, "daemon started");
+        while !self.shutdown.is_cancelled() {
+            let claimed = match self.registry.claim_resumable(&self.name, stale_after).await {
+                Ok(Some(run)) => {
+                    tracing::info!(id = run.id, step = run.current_step, "resuming run");
+                    Ok(Some(run))
+                }
+                Ok(None) => self.registry.claim_next_queued(&self.name).await,
+                Err(e) => Err(e),
+            };
+            match claimed {
+                Ok(Some(run)) => match self.execute(run).await {
+                    // The next run is claimed at once; only an empty queue waits.
+                    Ok(_) => continue,
+                    Err(e) if once => return Err(e),
+                    Err(e) => tracing::error!(error = %e, "recording a run's end failed"),
+                },
+                Ok(None) if once => {
+                    tracing::info!("queue empty: exiting (--once)");
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) if once => return Err(e.into()),
+                Err(e) => tracing::error!(error = %e, "claiming a run failed; retrying"),
+            }
+            if !once {
+                tokio::select! {
+                    _ = tokio::time::sleep(poll_interval) => {}
+                    _ = self.shutdown.cancelled() => {}
+                }
+            }
+        }
+        tracing::info!("daemon stopped");
+        Ok(())
+    }
+
+    /// Claims the run `id` that this process just queued (ahead of older queued runs,
+    /// which stay for the daemons) and executes it in the foreground.
+    pub async fn train_own(&self, id: i64) -> Result<RunEnd> {
+        match self.registry.claim_run(id, &self.name).await? {
+            Some(run) => self.execute(run).await,
+            None => Err(TrainerError::Run {
+                id,
+                message: "was claimed by another trainer before this one".into(),
+            }),
+        }
+    }
+}
+
+/// `keep_last` from a run's stored config (the default 3 if unreadable).
+fn run_keep_last(run: &Run) -> usize {
+    serde_json::from_value::<RunConfig>(run.config.clone())
+        .map(|c| c.training.keep_last)
+        .unwrap_or(3)
+}

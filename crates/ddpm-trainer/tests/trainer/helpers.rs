@@ -1,0 +1,343 @@
+//! Shared plumbing: a fresh database per test (SQLite file or a PostgreSQL database with
+//! a random name, dropped afterwards), a generated dataset, a micro run config, and the
+//! `ddpm-trainer` binary as a child process with its logs in a file.
+
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use ddpm_registry::{CheckpointKind, MetricPoint, Registry, Run};
+use ddpm_trainer::demo::{write_demo_dataset, DemoSpec};
+use sqlx::Connection;
+
+pub const POSTGRES_URL_VAR: &str = "DDPM_TEST_POSTGRES_URL";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates a `sqlite::<name>` and a `postgres::<name>` test for each
+/// `async fn(TestEnv)` named.
+macro_rules! both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    crate::helpers::with_env(crate::helpers::Db::Sqlite, super::$test).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    crate::helpers::with_env(crate::helpers::Db::Postgres, super::$test).await;
+                }
+            )*
+        }
+    };
+}
+pub(crate) use both_backends;
+
+/// What a test gets: a database, a dataset, a checkpoint directory.
+pub struct TestEnv {
+    pub registry: Registry,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pub dataset: PathBuf,
+    pub checkpoints: PathBuf,
+}
+
+/// Runs `test` in a fresh environment on `db`; the database is dropped afterwards, also
+/// when the test panics.
+pub async fn with_env<F, Fut>(db: Db, test: F)
+where
+    F: FnOnce(TestEnv) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (url, postgres) = match db {
+        Db::Sqlite => (
+            format!("sqlite://{}/registry.db?mode=rwc", dir.path().display()),
+            None,
+        ),
+        Db::Postgres => {
+            let server = postgres_server_url();
+            let name = format!("ddpm_trainer_test_{}", uuid::Uuid::new_v4().simple());
+            let mut admin = sqlx::PgConnection::connect(&server)
+                .await
+                .unwrap_or_else(|e| panic!("connect to {server}: {e}"));
+            sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+                .execute(&mut admin)
+                .await
+                .expect("create database");
+            let _ = admin.close().await;
+            (with_database(&server, &name), Some((server, name)))
+        }
+    };
+    let registry = Registry::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    let dataset = dir.path().join("dataset");
+    let spec = DemoSpec {
+        size: 8,
+        per_class: 12,
+        classes: 3,
+        seed: 1,
+    };
+    write_demo_dataset(&dataset, &spec).expect("demo dataset");
+    let env = TestEnv {
+        registry: registry.clone(),
+        url,
+        checkpoints: dir.path().join("checkpoints"),
+        dataset,
+        dir,
+    };
+    let outcome = tokio::spawn(test(env)).await;
+    registry.close().await;
+    if let Some((server, name)) = postgres {
+        let mut admin = sqlx::PgConnection::connect(&server).await.expect("connect");
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+            .expect("drop database");
+        let _ = admin.close().await;
+    }
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+pub fn postgres_server_url() -> String {
+    match std::env::var(POSTGRES_URL_VAR) {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "{POSTGRES_URL_VAR} is not set, so the PostgreSQL half of the trainer tests cannot run. \
+             Run the project's test script (scripts/test.sh), which starts PostgreSQL and sets it, \
+             or set it to a server's URL, e.g. {POSTGRES_URL_VAR}=postgres://postgres@127.0.0.1:5432/postgres"
+        ),
+    }
+}
+
+/// `url` with its database name replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let path = base[authority..]
+        .find('/')
+        .map(|i| authority + i)
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{name}", &base[..path]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+/// A run config for an 8×8 micro network that trains a step in milliseconds.
+pub fn micro_config(dataset: &Path, steps: i64, log_every: i64, checkpoint_every: i64) -> String {
+    format!(
+        r#"preset = "tiny"
+
+[dataset]
+path = {dataset:?}
+cache = true
+
+[model]
+image_size = 8
+base_channels = 8
+channel_mults = [1, 2]
+bottleneck_mult = 2
+attention_resolutions = [4]
+attention_heads = 2
+time_embedding_dim = 16
+
+[schedule]
+timesteps = 100
+
+[training]
+steps = {steps}
+batch_size = 8
+lr = 1e-3
+warmup_steps = 10
+log_every = {log_every}
+checkpoint_every = {checkpoint_every}
+keep_last = 2
+sample_grid_per_class = 2
+sample_steps = 4
+
+[ema]
+warmup_steps = 10
+"#,
+        dataset = dataset.display().to_string()
+    )
+}
+
+impl TestEnv {
+    /// Writes a config file into the test's directory.
+    pub fn write_config(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    /// The binary with this environment's database and store, on one CPU thread.
+    pub fn trainer(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddpm-trainer"));
+        cmd.args(["--database-url", &self.url])
+            .arg("--checkpoint-dir")
+            .arg(&self.checkpoints)
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args([
+                "--device",
+                "cpu",
+                "--torch-threads",
+                "1",
+                "--log-format",
+                "json",
+            ])
+            .args(["--heartbeat-interval", "200ms"])
+            .args(args)
+            .env("RUST_LOG", "info,sqlx=warn")
+            .env("RAYON_NUM_THREADS", "1")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Starts the binary with stdout and stderr in `<dir>/<log>.log`.
+    pub fn spawn(&self, log: &str, args: &[&str]) -> Child {
+        let path = self.log_path(log);
+        let out = std::fs::File::create(&path).expect("log file");
+        let err = out.try_clone().expect("log file");
+        self.trainer(args)
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start ddpm-trainer")
+    }
+
+    pub fn log_path(&self, log: &str) -> PathBuf {
+        self.dir.path().join(format!("{log}.log"))
+    }
+
+    pub fn log(&self, log: &str) -> String {
+        std::fs::read_to_string(self.log_path(log)).unwrap_or_default()
+    }
+
+    /// Runs the binary to its end; panics with its log if it takes longer than `limit`.
+    pub async fn run_to_end(&self, log: &str, args: &[&str], limit: Duration) -> ExitStatus {
+        let child = self.spawn(log, args);
+        self.wait(child, log, limit).await
+    }
+
+    pub async fn wait(&self, mut child: Child, log: &str, limit: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "ddpm-trainer {log} ran over {limit:?}; its log:\n{}",
+                    self.log(log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Queues a run through the CLI; returns its id.
+    pub async fn submit(&self, config: &Path) -> i64 {
+        let out = self
+            .trainer(&["submit", config.to_str().expect("utf-8 path")])
+            .output()
+            .expect("submit");
+        assert!(
+            out.status.success(),
+            "submit failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("submit prints the run id")
+    }
+
+    pub async fn run(&self, id: i64) -> Run {
+        self.registry
+            .get_run(id)
+            .await
+            .expect("get run")
+            .expect("run exists")
+    }
+
+    pub async fn metric_steps(&self, id: i64) -> Vec<i64> {
+        self.metrics(id).await.iter().map(|p| p.step).collect()
+    }
+
+    pub async fn metrics(&self, id: i64) -> Vec<MetricPoint> {
+        self.registry
+            .metrics(id, None, None, 1_000_000)
+            .await
+            .expect("metrics")
+    }
+
+    /// The newest registered checkpoint step of `kind`, if any.
+    pub async fn newest_step(&self, id: i64, kind: CheckpointKind) -> Option<i64> {
+        self.registry
+            .newest_checkpoint(Some(id), kind)
+            .await
+            .expect("newest checkpoint")
+            .map(|c| c.step)
+    }
+
+    /// Polls `check` every 50 ms until it holds; panics with `log` after `limit`.
+    pub async fn wait_until<F, Fut>(&self, log: &str, limit: Duration, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let start = Instant::now();
+        while !check().await {
+            if start.elapsed() > limit {
+                panic!(
+                    "timed out waiting for {what}; log of {log}:\n{}",
+                    self.log(log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The log-step series of an uninterrupted run: every `log_every`-th step and the last.
+pub fn expected_steps(total: i64, log_every: i64) -> Vec<i64> {
+    let mut steps: Vec<i64> = (1..=total).filter(|s| s % log_every == 0).collect();
+    if steps.last() != Some(&total) {
+        steps.push(total);
+    }
+    steps
+}
+
+/// Sends `signal` (`KILL`, `TERM`) to a child.
+pub fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} failed");
+}

@@ -1,0 +1,152 @@
+//! Crashes and stops: a trainer killed with SIGKILL mid-run is resumed by a restarted
+//! daemon once its heartbeat is stale; SIGTERM saves a state and marks the run
+//! interrupted, and a daemon resumes it. Either way the run finishes with every step's
+//! metric row exactly once.
+
+use std::time::Duration;
+
+use ddpm_registry::{CheckpointKind, RunStatus};
+
+use crate::helpers::{both_backends, expected_steps, micro_config, signal, TestEnv};
+
+const LIMIT: Duration = Duration::from_secs(300);
+const TOTAL: i64 = 600;
+const LOG_EVERY: i64 = 10;
+
+async fn sigkill_mid_run_is_resumed_by_a_restarted_daemon(env: TestEnv) {
+    let config = env.write_config(
+        "run.toml",
+        &micro_config(&env.dataset, TOTAL, LOG_EVERY, 50),
+    );
+    let id = env.submit(&config).await;
+    let child = env.spawn(
+        "first",
+        &["daemon", "--poll-interval", "100ms", "--stale-after", "1s"],
+    );
+
+    // Mid-run: a state is registered and rows beyond it were recorded.
+    env.wait_until(
+        "first",
+        LIMIT,
+        "a state at step >= 100 and rows after it",
+        || async {
+            match env.newest_step(id, CheckpointKind::State).await {
+                Some(s) if s >= 100 => env
+                    .metric_steps(id)
+                    .await
+                    .last()
+                    .is_some_and(|&last| last > s),
+                _ => false,
+            }
+        },
+    )
+    .await;
+    signal(&child, "KILL");
+    let status = env.wait(child, "first", Duration::from_secs(10)).await;
+    assert!(!status.success(), "SIGKILL ends the process");
+    let crashed = env.run(id).await;
+    assert_eq!(
+        crashed.status,
+        RunStatus::Running,
+        "a crash leaves the run running, its heartbeat stopping"
+    );
+    assert!(crashed.current_step < TOTAL, "the run was killed mid-run");
+    let rows_before = env.metric_steps(id).await;
+
+    // Past the stale threshold a restarted daemon takes it over.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = env
+        .run_to_end(
+            "second",
+            &[
+                "daemon",
+                "--once",
+                "--poll-interval",
+                "100ms",
+                "--stale-after",
+                "1s",
+            ],
+            LIMIT,
+        )
+        .await;
+    assert!(status.success(), "daemon failed:\n{}", env.log("second"));
+    let run = env.run(id).await;
+    assert_eq!(run.status, RunStatus::Completed, "{}", env.log("second"));
+    assert_eq!((run.current_step, run.attempts), (TOTAL, 2));
+    assert_eq!(
+        env.metric_steps(id).await,
+        expected_steps(TOTAL, LOG_EVERY),
+        "no gaps, no duplicates"
+    );
+    assert!(
+        rows_before.len() >= 10,
+        "rows recorded before the crash: {rows_before:?}"
+    );
+    assert!(
+        env.log("second").contains("resuming from a training state"),
+        "{}",
+        env.log("second")
+    );
+    assert_eq!(env.newest_step(id, CheckpointKind::Ema).await, Some(TOTAL));
+}
+
+async fn sigterm_interrupts_and_the_run_resumes(env: TestEnv) {
+    let config = env.write_config(
+        "run.toml",
+        &micro_config(&env.dataset, TOTAL, LOG_EVERY, 1000),
+    );
+    let child = env.spawn("train", &["train", config.to_str().unwrap()]);
+    env.wait_until("train", LIMIT, "rows past step 30", || async {
+        let runs = env.registry.list_runs(None, 1, 0).await.unwrap_or_default();
+        match runs.first() {
+            Some(run) => env
+                .metric_steps(run.id)
+                .await
+                .last()
+                .is_some_and(|&s| s >= 30),
+            None => false,
+        }
+    })
+    .await;
+    signal(&child, "TERM");
+    let status = env.wait(child, "train", Duration::from_secs(60)).await;
+    assert!(
+        status.success(),
+        "SIGTERM is a clean exit:\n{}",
+        env.log("train")
+    );
+    let id = env.registry.list_runs(None, 1, 0).await.unwrap()[0].id;
+    let run = env.run(id).await;
+    assert_eq!(run.status, RunStatus::Interrupted, "{}", env.log("train"));
+    let stopped_at = run.current_step;
+    assert!((30..TOTAL).contains(&stopped_at), "{stopped_at}");
+    // The state is saved at the step it stopped at, not at a checkpoint interval.
+    assert_eq!(
+        env.newest_step(id, CheckpointKind::State).await,
+        Some(stopped_at)
+    );
+    assert_eq!(
+        env.newest_step(id, CheckpointKind::Ema).await,
+        Some(stopped_at)
+    );
+
+    let status = env
+        .run_to_end(
+            "daemon",
+            &["daemon", "--once", "--poll-interval", "100ms"],
+            LIMIT,
+        )
+        .await;
+    assert!(status.success(), "daemon failed:\n{}", env.log("daemon"));
+    let run = env.run(id).await;
+    assert_eq!(
+        (run.status, run.current_step, run.attempts),
+        (RunStatus::Completed, TOTAL, 2)
+    );
+    assert_eq!(env.metric_steps(id).await, expected_steps(TOTAL, LOG_EVERY));
+}
+
+both_backends!(
+    sigkill_mid_run_is_resumed_by_a_restarted_daemon,
+    sigterm_interrupts_and_the_run_resumes
+);
