@@ -1,0 +1,180 @@
+//! Step-level (continuous) batching: the model runs on one dedicated thread that keeps a
+//! set of in-flight samples and advances all of them by one step per forward pass.
+//!
+//! [`Batcher`] is the cheap `Clone` handle the HTTP handlers use: it takes admission
+//! permits (one per image) from a semaphore sized by the queue capacity, sends the job
+//! over a channel and awaits a `oneshot` reply. The model thread ([`worker`]) owns a
+//! [`SlotSet`] (the pure batch-formation state machine in [`slots`]): every iteration it
+//! takes new jobs, drops those whose client has gone or whose deadline passed, admits
+//! waiting samples into free slots, runs one guided forward pass per model over the active
+//! samples (each at its own timestep, with its own sampler, class, guidance and seeded
+//! noise), and answers the requests whose samples all reached t = 0.
+//!
+//! A job carries the model it was validated against (`Arc<LoadedModel>`), so a hot swap
+//! never changes the model under a request: samples of different models simply never share
+//! a forward pass (during a swap an iteration runs one pass per model).
+
+pub mod slots;
+mod worker;
+
+use std::{
+    sync::{mpsc, Arc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ddpm_core::SampleSpec;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+pub use slots::SlotSet;
+
+use crate::{error::ApiError, metrics::Metrics, model::LoadedModel};
+
+/// One generated image: 8-bit pixels, rows of `[R, G, B]` (or grey) values.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    pub label: Option<i64>,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    /// 1 (grey) or 3 (RGB).
+    pub channels: u8,
+    /// `[H, W, C]` row-major.
+    pub pixels: Vec<u8>,
+}
+
+/// What the model thread answers.
+pub type Reply = Result<Vec<GeneratedImage>, ApiError>;
+
+/// A sampling job as the model thread receives it.
+pub(crate) struct Job {
+    model: Arc<LoadedModel>,
+    specs: Vec<SampleSpec>,
+    deadline: Instant,
+    timeout: Duration,
+    reply: oneshot::Sender<Reply>,
+    /// Released (the queue slot freed) when the job is answered or dropped.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// How the model thread batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatcherConfig {
+    /// Most samples per forward pass.
+    pub max_batch: usize,
+    /// Most images accepted and not yet answered.
+    pub queue_capacity: usize,
+}
+
+/// The handle on the model thread. Cloning is cheap.
+#[derive(Debug, Clone)]
+pub struct Batcher {
+    jobs: mpsc::Sender<Job>,
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// Joins the model thread; it ends once every [`Batcher`] is dropped and the work in flight
+/// is answered.
+#[derive(Debug)]
+pub struct WorkerHandle(thread::JoinHandle<()>);
+
+impl WorkerHandle {
+    /// Waits (blocking) for the model thread to finish.
+    pub fn join(self) {
+        if self.0.join().is_err() {
+            tracing::error!("the model thread panicked");
+        }
+    }
+}
+
+impl Batcher {
+    /// Starts the model thread.
+    pub fn spawn(
+        config: BatcherConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Batcher, WorkerHandle)> {
+        let (jobs, receiver) = mpsc::channel();
+        let worker_metrics = metrics.clone();
+        let max_batch = config.max_batch.max(1);
+        let span = tracing::Span::current();
+        let thread = thread::Builder::new()
+            .name("ddpm-model".into())
+            .spawn(move || {
+                let _entered = span.enter();
+                worker::run(receiver, max_batch, &worker_metrics);
+            })?;
+        Ok((
+            Batcher {
+                jobs,
+                permits: Arc::new(Semaphore::new(config.queue_capacity.max(1))),
+                capacity: config.queue_capacity.max(1),
+                metrics,
+            },
+            WorkerHandle(thread),
+        ))
+    }
+
+    /// Generates one image per spec on `model`. Fails fast with [`ApiError::Overloaded`]
+    /// when the queue cannot take them; gives up with [`ApiError::Timeout`] after `timeout`.
+    /// Dropping the returned future (a client that went away) drops the job's samples at
+    /// the model thread's next iteration.
+    pub async fn generate(
+        &self,
+        model: Arc<LoadedModel>,
+        specs: Vec<SampleSpec>,
+        timeout: Duration,
+    ) -> Reply {
+        let n = u32::try_from(specs.len())
+            .ok()
+            .filter(|&n| n as usize <= self.capacity)
+            .ok_or_else(|| {
+                ApiError::Overloaded(format!(
+                    "{} images exceed the queue's capacity of {}",
+                    specs.len(),
+                    self.capacity
+                ))
+            })?;
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| {
+                self.metrics
+                    .requests_rejected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ApiError::Overloaded(format!(
+                    "the queue is full ({} of {} images waiting or in flight): retry later",
+                    self.in_flight(),
+                    self.capacity
+                ))
+            })?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            model,
+            specs,
+            deadline: Instant::now() + timeout,
+            timeout,
+            reply,
+            _permit: permit,
+        };
+        self.jobs
+            .send(job)
+            .map_err(|_| ApiError::Unavailable("the model thread has stopped".into()))?;
+        // The model thread answers a job past its deadline itself; this is the backstop.
+        match tokio::time::timeout(timeout + Duration::from_secs(1), answer).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(ApiError::Unavailable(
+                "the model thread dropped the request".into(),
+            )),
+            Err(_) => Err(ApiError::Timeout(timeout)),
+        }
+    }
+
+    /// Images accepted and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.capacity
+            .saturating_sub(self.permits.available_permits())
+    }
+}

@@ -1,0 +1,185 @@
+//! The library's error type ([`ServerError`]) and the API's ([`ApiError`]): every error a
+//! client sees is a JSON body `{"error": {"code", "message"}}` with a stable `code`.
+
+use std::time::Duration;
+
+use axum::{
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde_json::json;
+
+/// What starting and running the server can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Registry(#[from] ddpm_registry::RegistryError),
+    #[error(transparent)]
+    Core(#[from] ddpm_core::CoreError),
+    /// A checkpoint that loads but cannot be served by this server or contradicts its record.
+    #[error("checkpoint {id} is incompatible: {message}")]
+    IncompatibleCheckpoint { id: i64, message: String },
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the model thread is gone")]
+    WorkerGone,
+}
+
+/// An error answered to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is well-formed but asks for something invalid (422).
+    #[error("{message}")]
+    Validation { code: &'static str, message: String },
+    /// The body is not parseable JSON (400).
+    #[error("{0}")]
+    MalformedJson(String),
+    #[error("the request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    NotAcceptable(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    #[error("missing or wrong bearer token: send `Authorization: Bearer <token>`")]
+    Unauthorized,
+    /// The queue is full (429 with Retry-After).
+    #[error("{0}")]
+    Overloaded(String),
+    #[error("no model is loaded yet: the server serves the newest checkpoint in the registry once one is registered")]
+    NoModel,
+    /// The server is shutting down or the model thread is gone (503).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("the request did not finish within {0:?}")]
+    Timeout(Duration),
+    /// Anything else: the detail is logged, never sent.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn validation(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::Validation {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        ApiError::Internal(detail.to_string())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::MalformedJson(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NoModel | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Validation { code, .. } => code,
+            ApiError::MalformedJson(_) => "malformed_json",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::NotAcceptable(_) => "not_acceptable",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Overloaded(_) => "overloaded",
+            ApiError::NoModel => "model_not_loaded",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Timeout(_) => "timeout",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// Seconds a client should wait before retrying an overloaded or unavailable server.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(%detail, "internal error");
+        }
+        let body = Json(json!({ "error": { "code": self.code(), "message": self.to_string() } }));
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        match self {
+            ApiError::Overloaded(_) | ApiError::NoModel | ApiError::Unavailable(_) => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECONDS),
+                );
+            }
+            ApiError::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<ddpm_registry::RegistryError> for ApiError {
+    fn from(e: ddpm_registry::RegistryError) -> Self {
+        match e {
+            ddpm_registry::RegistryError::RunNotFound(id) => {
+                ApiError::NotFound(format!("run {id} not found"))
+            }
+            ddpm_registry::RegistryError::CheckpointNotFound(id) => {
+                ApiError::NotFound(format!("checkpoint {id} not found"))
+            }
+            ddpm_registry::RegistryError::Database(
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed,
+            ) => ApiError::Unavailable("the run registry is unavailable".into()),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn errors_have_stable_codes_and_hide_internal_details() {
+        let response = ApiError::internal("db password is hunter2").into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "internal");
+        assert!(!body.to_string().contains("hunter2"));
+
+        let response = ApiError::Overloaded("queue full".into()).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(response.headers().contains_key(header::RETRY_AFTER));
+        assert_eq!(ApiError::NoModel.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(ApiError::validation("invalid_n", "n").code(), "invalid_n");
+    }
+}

@@ -1,0 +1,98 @@
+//! Extractors whose rejections are [`ApiError`]s with stable codes.
+
+use axum::{
+    body::Bytes,
+    extract::{FromRequest, FromRequestParts, Request},
+    http::{header, request::Parts},
+};
+use serde::de::DeserializeOwned;
+
+use super::BODY_LIMIT;
+use crate::error::ApiError;
+
+/// A JSON body: 415 without `Content-Type: application/json`, 413 above the body limit,
+/// 400 when it is not JSON, 422 when it is JSON of the wrong shape.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if essence != "application/json" {
+            let given = if content_type.is_empty() {
+                "none".to_string()
+            } else {
+                format!("{content_type:?}")
+            };
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "send the request as JSON with `Content-Type: application/json` (got {given})"
+            )));
+        }
+        let bytes = Bytes::from_request(request, state).await.map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge { limit: BODY_LIMIT }
+            } else {
+                ApiError::BadRequest(format!("could not read the request body: {e}"))
+            }
+        })?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data => ApiError::validation(
+                    "invalid_request",
+                    format!("the request does not match the schema: {e}"),
+                ),
+                Category::Syntax | Category::Eof | Category::Io => {
+                    ApiError::MalformedJson(format!("the body is not valid JSON: {e}"))
+                }
+            }
+        })
+    }
+}
+
+/// Query parameters: 422 `invalid_query` when they do not parse.
+#[derive(Debug)]
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| QueryParams(q.0))
+            .map_err(|e| ApiError::validation("invalid_query", e.body_text()))
+    }
+}
+
+/// A numeric id in the path: 422 `invalid_id` otherwise.
+#[derive(Debug)]
+pub struct PathId(pub i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<i64>::from_request_parts(parts, state)
+            .await
+            .map(|p| PathId(p.0))
+            .map_err(|e| {
+                ApiError::validation(
+                    "invalid_id",
+                    format!("the id in the path must be an integer: {}", e.body_text()),
+                )
+            })
+    }
+}

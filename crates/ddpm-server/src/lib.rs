@@ -1,0 +1,137 @@
+//! # ddpm-server
+//!
+//! Serves class-conditional diffusion models over HTTP: guided DDPM/DDIM sampling with
+//! step-level (continuous) batching on one model thread, the newest checkpoint from the
+//! run registry hot-swapped in as training produces it, and the runs' history.
+//!
+//! The binary is thin: it parses [`Config`], starts [`telemetry`] and calls [`run`] with a
+//! bound listener and a shutdown future, so tests bind port 0 and run the real server.
+//!
+//! ## Layout
+//!
+//! - [`config`]: CLI flags with `DDPM_*` environment fallbacks.
+//! - [`telemetry`]: tracing subscriber, pretty or JSON.
+//! - [`model`]: a verified, warmed-up checkpoint on the device ([`LoadedModel`]) and the
+//!   slot holding the current one.
+//! - [`watcher`]: finds the checkpoint to serve (newest, or pinned), loads it off the
+//!   request path and swaps it in; polling plus PostgreSQL `LISTEN`.
+//! - [`batcher`]: the model thread and its handle; [`batcher::slots`] is batch formation as
+//!   a pure state machine.
+//! - [`http`]: the axum router, handlers, extractors, bearer token, OpenAPI document.
+//! - [`encode`]: PNG, labelled PNG grid, ZIP.
+//! - [`metrics`]: Prometheus text exposition.
+//! - [`error`]: [`ServerError`] (the library's) and [`ApiError`] (what clients see).
+
+pub mod batcher;
+pub mod config;
+pub mod encode;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod model;
+pub mod telemetry;
+pub mod watcher;
+
+use std::{future::Future, sync::Arc};
+
+use ddpm_registry::{CheckpointStore, Registry};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use error::{ApiError, ServerError};
+pub use model::{LoadedModel, ModelInfo};
+
+use crate::{
+    batcher::{Batcher, BatcherConfig},
+    http::{AppState, Settings},
+    metrics::Metrics,
+    model::CurrentModel,
+    watcher::{Pin, Watcher},
+};
+
+/// Runs the server on `listener` until `shutdown` completes, then stops accepting, answers
+/// the requests in flight and returns once the model thread has finished.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    if config.queue_capacity < config.max_images_per_request {
+        return Err(ServerError::Config(format!(
+            "--queue-capacity ({}) must be at least --max-images-per-request ({})",
+            config.queue_capacity, config.max_images_per_request
+        )));
+    }
+    let device = config.device.resolve()?;
+    let database_url = config.database_url();
+    let registry = Registry::connect(&database_url).await?;
+    let store = CheckpointStore::new(config.checkpoint_dir())?;
+    let metrics = Arc::new(Metrics::default());
+    let current = CurrentModel::default();
+    let pin = match (config.pin_checkpoint, config.pin_run) {
+        (Some(id), _) => Pin::Checkpoint(id),
+        (None, Some(run)) => Pin::Run(run),
+        (None, None) => Pin::Newest,
+    };
+    tracing::info!(
+        device = %ddpm_core::device::device_name(device),
+        backend = ?registry.backend(),
+        checkpoints = %store.root().display(),
+        ?pin,
+        "starting"
+    );
+
+    let mut watcher = Watcher::new(
+        registry.clone(),
+        store,
+        device,
+        pin,
+        current.clone(),
+        metrics.clone(),
+    );
+    if let Err(e) = watcher.check().await {
+        tracing::warn!(error = %e, "could not look for a checkpoint at start; retrying every poll");
+    }
+    if current.get().is_none() {
+        tracing::warn!("no usable checkpoint yet: sampling answers 503 until one is registered");
+    }
+    let stop_watching = CancellationToken::new();
+    let watching =
+        tokio::spawn(watcher.run(config.poll_interval, database_url, stop_watching.clone()));
+
+    let (batcher, worker) = Batcher::spawn(
+        BatcherConfig {
+            max_batch: config.max_batch as usize,
+            queue_capacity: config.queue_capacity as usize,
+        },
+        metrics.clone(),
+    )?;
+    let state = AppState {
+        registry: registry.clone(),
+        current,
+        batcher,
+        metrics,
+        settings: Arc::new(Settings {
+            max_images_per_request: config.max_images_per_request as usize,
+            default_sampler: config.default_sampler.into(),
+            default_steps: config.default_steps as usize,
+            request_timeout: config.request_timeout,
+            api_token: config.api_token.clone().filter(|t| !t.is_empty()),
+        }),
+    };
+    let address = listener.local_addr()?;
+    tracing::info!(%address, "listening");
+    let served = axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    tracing::info!("stopped accepting; finishing the work in flight");
+    stop_watching.cancel();
+    let _ = watching.await;
+    // The router and every batcher handle are gone: the model thread ends when idle.
+    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    registry.close().await;
+    served?;
+    tracing::info!("shut down");
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! Logging: a `tracing` subscriber, pretty or JSON, filtered by `RUST_LOG`
+//! (default `info`).
+
+use tracing_subscriber::{fmt, EnvFilter};
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber; a second call (tests) leaves the first in place.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,tower_http=info,sqlx=warn"));
+    let builder = fmt().with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

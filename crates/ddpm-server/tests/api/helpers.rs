@@ -1,0 +1,536 @@
+//! Shared plumbing: a tiny trained checkpoint (trained once per test binary), a fresh
+//! registry database per test (SQLite file, or a PostgreSQL database on the server named
+//! by `DDPM_TEST_POSTGRES_URL`), and [`spawn_app`], which runs the real server on port 0.
+//! `TEST_LOG=1` turns the server's logs on.
+
+use std::{
+    path::Path,
+    sync::{Once, OnceLock},
+    time::Duration,
+};
+
+use ddpm_core::{
+    checkpoint::{checkpoint_bytes, load_checkpoint_bytes, CheckpointInfo},
+    ema::{Ema, EmaConfig},
+    flat::FlatParams,
+    optim::{AdamW, AdamWConfig},
+    training::diffusion_loss,
+    Model, NoiseSchedule, ScheduleConfig, UNetConfig,
+};
+use ddpm_registry::{CheckpointKind, CheckpointRecord, CheckpointStore, NewRun, Registry};
+use ddpm_server::Config;
+use sqlx::Connection;
+use tch::{Device, Kind, Tensor};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+pub const POSTGRES_URL_VAR: &str = "DDPM_TEST_POSTGRES_URL";
+pub const CLASSES: [&str; 3] = ["red", "green", "blue"];
+pub const IMAGE_SIZE: u32 = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// How to start a test server.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub db: Db,
+    /// Register a trained checkpoint (run 1, step 100) before the server starts.
+    pub checkpoint: bool,
+    pub max_batch: u32,
+    pub queue_capacity: u32,
+    pub max_images_per_request: u32,
+    pub poll_interval: Duration,
+    pub request_timeout: Duration,
+    pub api_token: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            db: Db::Sqlite,
+            checkpoint: true,
+            max_batch: 16,
+            queue_capacity: 64,
+            max_images_per_request: 16,
+            poll_interval: Duration::from_millis(100),
+            request_timeout: Duration::from_secs(60),
+            api_token: None,
+        }
+    }
+}
+
+pub struct TestApp {
+    /// `http://127.0.0.1:<port>`.
+    pub address: String,
+    pub client: reqwest::Client,
+    pub registry: Registry,
+    pub store: CheckpointStore,
+    /// The run the first checkpoint belongs to.
+    pub run_id: i64,
+    _dir: tempfile::TempDir,
+    database: FreshDatabase,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<Result<(), ddpm_server::ServerError>>>,
+}
+
+/// Starts the real server on 127.0.0.1:0 with a fresh registry.
+pub async fn spawn_app(options: Options) -> TestApp {
+    init_logging();
+    single_threaded_torch();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database = FreshDatabase::create(options.db, dir.path()).await;
+    let registry = Registry::connect(&database.url)
+        .await
+        .expect("connect to the test registry");
+    let store = CheckpointStore::new(dir.path().join("checkpoints")).expect("store");
+    let run_id = registry
+        .create_run(&new_run())
+        .await
+        .expect("create run")
+        .id;
+    if options.checkpoint {
+        add_checkpoint(&registry, &store, run_id, 100).await;
+    }
+    let mut config = Config::with_data_dir(dir.path());
+    config.database_url = Some(database.url.clone());
+    config.checkpoint_dir = Some(store.root().to_path_buf());
+    config.device = ddpm_core::DeviceChoice::Cpu;
+    config.max_batch = options.max_batch;
+    config.queue_capacity = options.queue_capacity;
+    config.max_images_per_request = options.max_images_per_request;
+    config.poll_interval = options.poll_interval;
+    config.request_timeout = options.request_timeout;
+    config.api_token = options.api_token.clone();
+    config.default_steps = 20;
+    config.pin_run = None;
+    config.pin_checkpoint = None;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+    let address = format!("http://{}", listener.local_addr().expect("address"));
+    let (shutdown, stop) = oneshot::channel::<()>();
+    let server = tokio::spawn(ddpm_server::run(config, listener, async move {
+        let _ = stop.await;
+    }));
+    let app = TestApp {
+        address,
+        client: reqwest::Client::new(),
+        registry,
+        store,
+        run_id,
+        _dir: dir,
+        database,
+        shutdown: Some(shutdown),
+        server: Some(server),
+    };
+    app.wait_until_up().await;
+    app
+}
+
+impl TestApp {
+    async fn wait_until_up(&self) {
+        for _ in 0..200 {
+            if let Ok(r) = self.client.get(self.url("/healthz")).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the server did not come up");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    /// `POST /v1/samples` with `body` and `Accept: accept`.
+    pub async fn sample(&self, body: serde_json::Value, accept: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/samples"))
+            .header("accept", accept)
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// The JSON answer of a sampling request that must succeed.
+    pub async fn sample_json(&self, body: serde_json::Value) -> serde_json::Value {
+        let response = self.sample(body, "application/json").await;
+        let status = response.status();
+        let text = response.text().await.expect("body");
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str(&text).expect("JSON")
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// A metric's value from `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The step of the model `/v1/model` reports.
+    pub async fn model_step(&self) -> Option<i64> {
+        let (status, body) = self.get_json("/v1/model").await;
+        (status == 200).then(|| body["step"].as_i64()).flatten()
+    }
+
+    /// Waits up to `limit` for `/v1/model` to report `step`.
+    pub async fn wait_for_step(&self, step: i64, limit: Duration) -> bool {
+        let until = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < until {
+            if self.model_step().await == Some(step) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) -> Result<(), ddpm_server::ServerError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let result = match self.server.take() {
+            Some(server) => server.await.expect("server task"),
+            None => Ok(()),
+        };
+        self.registry.close().await;
+        std::mem::replace(&mut self.database, FreshDatabase::none())
+            .drop_database()
+            .await;
+        result
+    }
+
+    /// Sends the shutdown signal without waiting.
+    pub fn signal_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub fn take_server(&mut self) -> Option<JoinHandle<Result<(), ddpm_server::ServerError>>> {
+        self.server.take()
+    }
+}
+
+pub fn new_run() -> NewRun {
+    NewRun {
+        config: serde_json::json!({ "model": "micro", "classes": CLASSES }),
+        dataset: serde_json::json!({ "path": "memory:colours", "image_count": 192, "class_names": CLASSES }),
+        total_steps: 1000,
+    }
+}
+
+/// Registers a checkpoint of the trained model for `run_id` at `step`.
+pub async fn add_checkpoint(
+    registry: &Registry,
+    store: &CheckpointStore,
+    run_id: i64,
+    step: i64,
+) -> CheckpointRecord {
+    let bytes = tokio::task::spawn_blocking(move || checkpoint_for(run_id, step))
+        .await
+        .expect("checkpoint thread");
+    add_checkpoint_bytes(registry, store, run_id, step, bytes).await
+}
+
+/// Registers arbitrary bytes as the EMA checkpoint of `run_id` at `step`.
+pub async fn add_checkpoint_bytes(
+    registry: &Registry,
+    store: &CheckpointStore,
+    run_id: i64,
+    step: i64,
+    bytes: Vec<u8>,
+) -> CheckpointRecord {
+    store
+        .save_and_register(
+            registry,
+            run_id,
+            step,
+            CheckpointKind::Ema,
+            move |tmp: &Path| std::fs::write(tmp, &bytes),
+        )
+        .await
+        .expect("save and register")
+}
+
+/// The trained model as a checkpoint of `run_id` at `step`.
+pub fn checkpoint_for(run_id: i64, step: i64) -> Vec<u8> {
+    let trained = trained_checkpoint();
+    let loaded =
+        load_checkpoint_bytes(Path::new("trained"), trained, Device::Cpu).expect("reload trained");
+    let info = CheckpointInfo {
+        schedule: loaded.manifest.schedule,
+        class_names: loaded.manifest.class_names.clone(),
+        run_id: Some(run_id),
+        step,
+    };
+    checkpoint_bytes(&loaded.model, &info)
+        .expect("checkpoint bytes")
+        .0
+}
+
+/// The micro model of ddpm-core's tests.
+pub fn micro_config() -> UNetConfig {
+    UNetConfig {
+        image_size: IMAGE_SIZE as i64,
+        in_channels: 3,
+        out_channels: 3,
+        base_channels: 16,
+        channel_mults: vec![1, 2],
+        bottleneck_mult: 2,
+        attention_resolutions: vec![4],
+        attention_heads: 2,
+        time_embedding_dim: 32,
+        num_classes: Some(CLASSES.len() as i64),
+    }
+}
+
+/// Class c is a flat colour: channel c bright, the others dark.
+pub fn colour_dataset(n: i64) -> (Tensor, Tensor) {
+    let size = IMAGE_SIZE as i64;
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    for c in 0..CLASSES.len() as i64 {
+        let mut rgb = [-0.8f32; 3];
+        rgb[c as usize] = 0.8;
+        let rgb = Tensor::from_slice(&rgb).view([1, 3, 1, 1]);
+        let noise = Tensor::randn([n, 3, size, size], (Kind::Float, Device::Cpu)) * 0.05;
+        images.push((rgb + noise).clamp(-1.0, 1.0));
+        labels.push(Tensor::full([n], c, (Kind::Int64, Device::Cpu)));
+    }
+    (Tensor::cat(&images, 0), Tensor::cat(&labels, 0))
+}
+
+/// Steps of training for the shared checkpoint: enough that guided samples show their
+/// class's colour.
+const TRAIN_STEPS: i64 = 800;
+
+/// The EMA weights of the micro model trained on the colour classes, as checkpoint bytes
+/// (trained once per test binary).
+pub fn trained_checkpoint() -> &'static [u8] {
+    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    BYTES.get_or_init(|| train(TRAIN_STEPS, 0))
+}
+
+/// Trains the micro model for `steps` and returns its EMA checkpoint (run None, step 0).
+pub fn train(steps: i64, seed: i64) -> Vec<u8> {
+    single_threaded_torch();
+    let started = std::time::Instant::now();
+    tch::manual_seed(seed);
+    let config = micro_config();
+    let (images, labels) = colour_dataset(64);
+    let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).expect("schedule");
+    let model = Model::new(&config, Device::Cpu).expect("model");
+    let params = FlatParams::new(
+        model
+            .named_variables()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect(),
+    );
+    let ema_config = EmaConfig {
+        decay: 0.99,
+        warmup_steps: steps / 4,
+    };
+    let mut ema = Ema::new(&config, &params, ema_config).expect("ema");
+    let lr = 2e-3;
+    let mut optimizer = AdamW::new(
+        params,
+        AdamWConfig {
+            lr,
+            ..Default::default()
+        },
+    );
+    let n = images.size()[0];
+    for step in 0..steps {
+        let idx = Tensor::randint(n, [32], (Kind::Int64, Device::Cpu));
+        let loss = diffusion_loss(
+            &model,
+            &schedule,
+            &images.index_select(0, &idx),
+            Some(&labels.index_select(0, &idx)),
+            0.1,
+        )
+        .expect("loss");
+        loss.backward();
+        let _ = optimizer.step(lr, Some(1.0));
+        ema.update(optimizer.params(), step).expect("ema update");
+    }
+    let info = CheckpointInfo {
+        schedule: *schedule.config(),
+        class_names: CLASSES.iter().map(|c| c.to_string()).collect(),
+        run_id: None,
+        step: 0,
+    };
+    let bytes = checkpoint_bytes(ema.model(), &info)
+        .expect("checkpoint bytes")
+        .0;
+    eprintln!(
+        "trained the micro model for {steps} steps in {:.1?}",
+        started.elapsed()
+    );
+    bytes
+}
+
+/// Decodes a PNG into (width, height, RGB bytes).
+pub fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let image = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
+        .expect("a PNG")
+        .to_rgb8();
+    (image.width(), image.height(), image.into_raw())
+}
+
+/// Mean of each channel of RGB bytes, in [0, 255].
+pub fn channel_means(rgb: &[u8]) -> [f64; 3] {
+    let mut sums = [0.0; 3];
+    for px in rgb.chunks(3) {
+        for c in 0..3 {
+            sums[c] += px[c] as f64;
+        }
+    }
+    let n = (rgb.len() / 3).max(1) as f64;
+    sums.map(|s| s / n)
+}
+
+/// The PNG bytes of image `i` of a JSON sampling response.
+pub fn json_png(body: &serde_json::Value, i: usize) -> Vec<u8> {
+    use base64::Engine;
+    let b64 = body["images"][i]["png_base64"]
+        .as_str()
+        .expect("png_base64");
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("base64")
+}
+
+/// A database that exists for one test.
+pub struct FreshDatabase {
+    pub url: String,
+    postgres: Option<(String, String)>,
+}
+
+impl FreshDatabase {
+    fn none() -> FreshDatabase {
+        FreshDatabase {
+            url: String::new(),
+            postgres: None,
+        }
+    }
+
+    pub async fn create(db: Db, dir: &Path) -> FreshDatabase {
+        match db {
+            Db::Sqlite => FreshDatabase {
+                url: format!("sqlite:{}", dir.join("registry.db").display()),
+                postgres: None,
+            },
+            Db::Postgres => {
+                let server = postgres_server_url();
+                let name = format!("ddpm_server_test_{}", uuid::Uuid::new_v4().simple());
+                let mut admin = sqlx::PgConnection::connect(&server)
+                    .await
+                    .unwrap_or_else(|e| panic!("connect to {server}: {e}"));
+                sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+                    .execute(&mut admin)
+                    .await
+                    .expect("create the test database");
+                let _ = admin.close().await;
+                FreshDatabase {
+                    url: with_database(&server, &name),
+                    postgres: Some((server, name)),
+                }
+            }
+        }
+    }
+
+    pub async fn drop_database(self) {
+        if let Some((server, name)) = self.postgres {
+            if let Ok(mut admin) = sqlx::PgConnection::connect(&server).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await;
+                let _ = admin.close().await;
+            }
+        }
+    }
+}
+
+/// The PostgreSQL server's URL; the PostgreSQL tests fail without it.
+pub fn postgres_server_url() -> String {
+    match std::env::var(POSTGRES_URL_VAR) {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "{POSTGRES_URL_VAR} is not set, so the PostgreSQL tests of ddpm-server cannot run. \
+             Run the project's test script (scripts/test.sh), which starts PostgreSQL and sets it, \
+             or set it to a server's URL, e.g. \
+             {POSTGRES_URL_VAR}=postgres://postgres@127.0.0.1:5432/postgres"
+        ),
+    }
+}
+
+/// `url` with its database name replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let path = base[authority..]
+        .find('/')
+        .map(|i| authority + i)
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{name}", &base[..path]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+/// Tests run side by side on few cores: libtorch's intra-op thread pool would only make
+/// its threads spin against each other (and against other processes).
+pub fn single_threaded_torch() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| tch::set_num_threads(1));
+}
+
+fn init_logging() {
+    static ONCE: Once = Once::new();
+    if std::env::var_os("TEST_LOG").is_some() {
+        ONCE.call_once(|| {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter("ddpm_server=debug,ddpm_registry=info,tower_http=debug")
+                .with_test_writer()
+                .try_init();
+        });
+    }
+}

@@ -1,0 +1,10 @@
+//! ddpm-server's integration tests: the real server on port 0 against a tiny checkpoint
+//! trained in the test (see helpers.rs).
+
+mod batching;
+mod helpers;
+mod ops;
+mod runs;
+mod samples;
+mod swap;
+mod validation;

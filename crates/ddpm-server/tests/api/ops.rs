@@ -1,0 +1,177 @@
+//! Operations: health, bearer token, metrics, OpenAPI, graceful shutdown, linkage.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::{spawn_app, Options};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_token_guards_every_route_but_health() {
+    let app = spawn_app(Options {
+        api_token: Some("s3cret".into()),
+        ..Options::default()
+    })
+    .await;
+    for path in ["/v1/model", "/v1/runs", "/metrics", "/openapi.json"] {
+        let response = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 401, "{path}");
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
+        let wrong = app
+            .client
+            .get(app.url(path))
+            .bearer_auth("guess")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 401, "{path}");
+        let right = app
+            .client
+            .get(app.url(path))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(right.status(), 200, "{path}");
+    }
+    let response = app.sample(json!({"steps": 2}), "application/json").await;
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap()["error"]["code"],
+        "unauthorized"
+    );
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(app.get_json(path).await.0, 200, "{path}");
+    }
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_metrics_and_openapi_describe_the_server() {
+    let app = spawn_app(Options::default()).await;
+    let (status, model) = app.get_json("/v1/model").await;
+    assert_eq!(status, 200);
+    assert_eq!(model["run_id"], app.run_id);
+    assert_eq!(model["step"], 100);
+    assert_eq!(model["classes"], json!(["red", "green", "blue"]));
+    assert_eq!(model["image_size"], 8);
+    assert_eq!(model["device"], "cpu");
+    assert!(model["loaded_at"].is_string());
+    let (status, ready) = app.get_json("/readyz").await;
+    assert_eq!((status, ready["status"].as_str()), (200, Some("ready")));
+
+    app.sample_json(json!({"n": 2, "steps": 3})).await;
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "ddpm_http_requests_total{method=\"POST\",route=\"/v1/samples\",status=\"200\"} 1",
+        "ddpm_http_request_duration_seconds_bucket{route=\"/v1/samples\",le=\"+Inf\"} 1",
+        "ddpm_queue_depth 0",
+        "ddpm_batch_size_count",
+        "ddpm_images_generated_total 2",
+        "ddpm_forward_passes_total 3",
+        "ddpm_model_step 100",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+
+    let (status, doc) = app.get_json("/openapi.json").await;
+    assert_eq!(status, 200);
+    for (method, path) in ddpm_server::http::ROUTES {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path}");
+        // And the route really exists on the server.
+        if *method == "get" && !path.contains('{') {
+            assert_ne!(app.get_json(path).await.0, 404, "{path}");
+        }
+    }
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_finishes_the_requests_in_flight() {
+    let mut app = spawn_app(Options::default()).await;
+    let in_flight = tokio::spawn({
+        let client = app.client.clone();
+        let url = app.url("/v1/samples");
+        async move {
+            client
+                .post(url)
+                .json(&json!({"n": 2, "sampler": "ddpm", "steps": 400}))
+                .send()
+                .await
+                .map(|r| r.status())
+        }
+    });
+    while app.metric("ddpm_active_samples").await < 2.0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    app.signal_shutdown();
+    let server = app.take_server().unwrap();
+    assert_eq!(
+        in_flight.await.unwrap().unwrap(),
+        200,
+        "the request in flight was not finished"
+    );
+    tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("the server did not stop")
+        .unwrap()
+        .unwrap();
+    assert!(
+        app.client.get(app.url("/healthz")).send().await.is_err(),
+        "still accepting"
+    );
+    app.stop().await.unwrap();
+}
+
+#[test]
+fn the_binary_links_libtorch_cuda() {
+    let exe = env!("CARGO_BIN_EXE_ddpm-server");
+    let out = std::process::Command::new("readelf")
+        .args(["-d", exe])
+        .output()
+        .expect("readelf (binutils) must be installed to run this test");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("(NEEDED)") && l.contains("[libtorch_cuda.so]")),
+        "libtorch_cuda.so is not NEEDED by {exe}:\n{text}"
+    );
+}
+
+#[test]
+fn the_binary_documents_its_environment() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpm-server"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "DDPM_BIND",
+        "DDPM_DATA_DIR",
+        "DDPM_DATABASE_URL",
+        "DDPM_CHECKPOINT_DIR",
+        "DDPM_DEVICE",
+        "DDPM_LOG_FORMAT",
+        "DDPM_MAX_BATCH",
+        "DDPM_QUEUE_CAPACITY",
+        "DDPM_MAX_IMAGES_PER_REQUEST",
+        "DDPM_DEFAULT_SAMPLER",
+        "DDPM_DEFAULT_STEPS",
+        "DDPM_POLL_INTERVAL",
+        "DDPM_REQUEST_TIMEOUT",
+        "DDPM_PIN_RUN",
+        "DDPM_PIN_CHECKPOINT",
+        "DDPM_API_TOKEN",
+    ] {
+        assert!(help.contains(var), "{var} missing from --help");
+    }
+}

@@ -1,0 +1,161 @@
+//! `POST /v1/samples`: formats, sizes, classes, seeds.
+
+use serde_json::json;
+
+use crate::helpers::{channel_means, decode_png, json_png, spawn_app, Options, IMAGE_SIZE};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn png_json_and_zip_answers_decode_to_the_right_size_and_count() {
+    let app = spawn_app(Options::default()).await;
+
+    let one = app
+        .sample(json!({"class": "red", "seed": 1}), "image/png")
+        .await;
+    assert_eq!(one.status(), 200);
+    assert_eq!(one.headers()["content-type"], "image/png");
+    assert_eq!(
+        one.headers()["x-ddpm-run-id"],
+        app.run_id.to_string().as_str()
+    );
+    assert_eq!(one.headers()["x-ddpm-step"], "100");
+    let (w, h, _) = decode_png(&one.bytes().await.unwrap());
+    assert_eq!((w, h), (IMAGE_SIZE, IMAGE_SIZE));
+
+    let grid = app
+        .sample(
+            json!({"classes": ["red", "green", "blue", 0, 1]}),
+            "image/png",
+        )
+        .await;
+    assert_eq!(grid.status(), 200);
+    assert_eq!(grid.headers()["x-ddpm-grid-columns"], "3");
+    assert_eq!(grid.headers()["x-ddpm-grid-rows"], "2");
+    assert_eq!(grid.headers()["x-ddpm-classes"], "red,green,blue,red,green");
+    let layout = ddpm_server::encode::GridLayout::new(5, IMAGE_SIZE, IMAGE_SIZE);
+    let (w, h, _) = decode_png(&grid.bytes().await.unwrap());
+    assert_eq!((w, h), (layout.width, layout.height));
+
+    let body = app
+        .sample_json(json!({"class": "green", "n": 3, "seed": 42, "steps": 10}))
+        .await;
+    let images = body["images"].as_array().unwrap();
+    assert_eq!(images.len(), 3);
+    for (i, image) in images.iter().enumerate() {
+        assert_eq!(image["class"], "green");
+        assert_eq!(image["class_index"], 1);
+        assert_eq!(image["seed"], 42 + i as u64);
+        assert_eq!(image["run_id"], app.run_id);
+        assert_eq!(image["step"], 100);
+        let (w, h, _) = decode_png(&json_png(&body, i));
+        assert_eq!((w, h), (IMAGE_SIZE, IMAGE_SIZE));
+    }
+    assert_eq!(body["model"]["step"], 100);
+    assert_eq!(body["sampler"]["steps"], 10);
+
+    let zip = app
+        .sample(
+            json!({"classes": ["blue", "red"], "seed": 5}),
+            "application/zip",
+        )
+        .await;
+    assert_eq!(zip.status(), 200);
+    assert_eq!(zip.headers()["content-type"], "application/zip");
+    let bytes = zip.bytes().await.unwrap();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes.to_vec())).unwrap();
+    assert_eq!(archive.len(), 2);
+    let names: Vec<String> = archive.file_names().map(String::from).collect();
+    assert!(
+        names.contains(&"000-blue-seed5.png".to_string()),
+        "{names:?}"
+    );
+    let mut png = Vec::new();
+    std::io::Read::read_to_end(&mut archive.by_name("001-red-seed6.png").unwrap(), &mut png)
+        .unwrap();
+    assert_eq!(decode_png(&png).0, IMAGE_SIZE);
+
+    // Unconditional samples work too.
+    let body = app.sample_json(json!({"n": 2})).await;
+    assert_eq!(body["images"][0]["class"], serde_json::Value::Null);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_of_a_class_has_that_class_colour() {
+    let app = spawn_app(Options::default()).await;
+    for (class, name) in ["red", "green", "blue"].iter().enumerate() {
+        let body = app
+            .sample_json(
+                json!({"class": name, "n": 4, "seed": 10, "guidance_scale": 3.0, "steps": 50}),
+            )
+            .await;
+        let mut right = 0;
+        for i in 0..4 {
+            let (_, _, rgb) = decode_png(&json_png(&body, i));
+            let means = channel_means(&rgb);
+            let brightest = (0..3)
+                .max_by(|&a, &b| means[a].total_cmp(&means[b]))
+                .unwrap();
+            if brightest == class {
+                right += 1;
+            }
+        }
+        assert!(right >= 3, "only {right}/4 {name} images are mostly {name}");
+    }
+    app.stop().await.unwrap();
+}
+
+/// Max |Δ| ≤ 1e-4 in [-1, 1] is at most one level after rounding to uint8.
+fn max_level_difference(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_seed_gives_the_same_image_alone_and_inside_a_batch() {
+    let app = spawn_app(Options::default()).await;
+    let settings = json!({"guidance_scale": 2.0, "sampler": "ddim", "steps": 25, "eta": 0.5});
+    let with = |extra: serde_json::Value| {
+        let mut body = settings.clone();
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let alone = app
+        .sample_json(with(json!({"class": "blue", "seed": 1001})))
+        .await;
+    let again = app
+        .sample_json(with(json!({"class": "blue", "seed": 1001})))
+        .await;
+    let alone_png = decode_png(&json_png(&alone, 0)).2;
+    assert_eq!(
+        alone_png,
+        decode_png(&json_png(&again, 0)).2,
+        "same seed, same image"
+    );
+
+    // Image 1 of a mixed request seeded 1000 has seed 1001 and class blue; run it while
+    // other requests (other classes, samplers, step counts) share the forward passes.
+    let mixed = with(json!({"classes": ["red", "blue", "green"], "seed": 1000}));
+    let noise = (0..3).map(|k| {
+        app.sample_json(json!({"class": k, "n": 2, "seed": 7 + k, "sampler": if k % 2 == 0 { "ddpm" } else { "ddim" }, "steps": 15 + 10 * k}))
+    });
+    let (batched, _others) = tokio::join!(app.sample_json(mixed), futures::future::join_all(noise));
+    assert_eq!(batched["images"][1]["seed"], 1001);
+    let batched_png = decode_png(&json_png(&batched, 1)).2;
+    let d = max_level_difference(&alone_png, &batched_png);
+    assert!(d <= 1, "the batched image differs by {d} levels");
+    let other_seed = app
+        .sample_json(with(json!({"class": "blue", "seed": 1002})))
+        .await;
+    assert_ne!(
+        alone_png,
+        decode_png(&json_png(&other_seed, 0)).2,
+        "another seed, another image"
+    );
+    app.stop().await.unwrap();
+}

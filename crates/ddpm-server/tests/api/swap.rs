@@ -1,0 +1,170 @@
+//! Model loading and hot swap: a newer checkpoint replaces the model with no failed
+//! request, a corrupt one never does, and without a model sampling answers 503.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use serde_json::json;
+
+use crate::helpers::{
+    add_checkpoint, add_checkpoint_bytes, checkpoint_for, spawn_app, Db, Options,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_newer_checkpoint_is_swapped_in_with_no_failed_request() {
+    let app = spawn_app(Options::default()).await;
+    assert_eq!(app.model_step().await, Some(100));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Clients keep sampling through the swap.
+    let clients: Vec<_> = (0..3)
+        .map(|k| {
+            let (client, url, stop) = (app.client.clone(), app.url("/v1/samples"), stop.clone());
+            tokio::spawn(async move {
+                let mut steps_seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let response = client
+                        .post(&url)
+                        .json(&json!({"class": k, "n": 2, "steps": 30, "seed": k}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 200, "a request failed during the swap");
+                    steps_seen.push(
+                        response.headers()["x-ddpm-step"]
+                            .to_str()
+                            .unwrap()
+                            .to_string(),
+                    );
+                }
+                steps_seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    add_checkpoint(&app.registry, &app.store, app.run_id, 200).await;
+    assert!(
+        app.wait_for_step(200, Duration::from_secs(30)).await,
+        "the newer checkpoint was not loaded"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for c in clients {
+        seen.extend(c.await.unwrap());
+    }
+    assert!(
+        seen.iter().any(|s| s == "100") && seen.iter().any(|s| s == "200"),
+        "{seen:?}"
+    );
+    assert_eq!(app.metric("ddpm_model_step").await, 200.0);
+    assert_eq!(app.metric("ddpm_model_swaps_total").await, 2.0);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_or_mismatched_newer_checkpoints_are_ignored() {
+    let app = spawn_app(Options::default()).await;
+    // Not a checkpoint at all (its registered SHA-256 is right: the file is what was written).
+    add_checkpoint_bytes(
+        &app.registry,
+        &app.store,
+        app.run_id,
+        200,
+        b"not a safetensors file".to_vec(),
+    )
+    .await;
+    // A good file truncated after registration (the checksum no longer matches).
+    let truncated = add_checkpoint(&app.registry, &app.store, app.run_id, 300).await;
+    let path = app.store.resolve(&truncated.path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    // Bits flipped inside the tensors, registered with the flipped file's SHA-256: only the
+    // checkpoint's own checksum catches it.
+    let mut flipped = checkpoint_for(app.run_id, 400);
+    let at = flipped.len() - 100;
+    flipped[at] ^= 0xff;
+    add_checkpoint_bytes(&app.registry, &app.store, app.run_id, 400, flipped).await;
+    // A manifest that contradicts its registration (step 999 registered as step 500).
+    add_checkpoint_bytes(
+        &app.registry,
+        &app.store,
+        app.run_id,
+        500,
+        checkpoint_for(app.run_id, 999),
+    )
+    .await;
+
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    while app.metric("ddpm_model_load_failures_total").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the bad checkpoints were never tried"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        app.model_step().await,
+        Some(100),
+        "a bad checkpoint replaced the good model"
+    );
+    app.sample_json(json!({"class": "red", "steps": 5})).await;
+
+    // A good one after them is taken.
+    add_checkpoint(&app.registry, &app.store, app.run_id, 600).await;
+    assert!(app.wait_for_step(600, Duration::from_secs(30)).await);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_model_sampling_answers_503_until_one_is_registered() {
+    let app = spawn_app(Options {
+        checkpoint: false,
+        ..Options::default()
+    })
+    .await;
+    let response = app.sample(json!({"class": 0}), "image/png").await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "model_not_loaded");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no model is loaded"));
+    assert_eq!(app.get_json("/v1/model").await.0, 503);
+    let (status, ready) = app.get_json("/readyz").await;
+    assert_eq!(status, 503);
+    assert_eq!(ready["model_loaded"], false);
+    assert_eq!(ready["registry_reachable"], true);
+
+    add_checkpoint(&app.registry, &app.store, app.run_id, 50).await;
+    assert!(app.wait_for_step(50, Duration::from_secs(30)).await);
+    assert_eq!(app.get_json("/readyz").await.0, 200);
+    app.sample_json(json!({"class": 0, "steps": 3})).await;
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_notifications_swap_without_waiting_for_the_poll() {
+    let app = spawn_app(Options {
+        db: Db::Postgres,
+        poll_interval: Duration::from_secs(3600),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(app.model_step().await, Some(100));
+    // Give the LISTEN connection a moment to be established.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    add_checkpoint(&app.registry, &app.store, app.run_id, 200).await;
+    assert!(
+        app.wait_for_step(200, Duration::from_secs(20)).await,
+        "the notification did not trigger a swap (the poll interval is an hour)"
+    );
+    app.stop().await.unwrap();
+}
