@@ -43,18 +43,23 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 
-class=$(curl -fsS "http://$bind/v1/model" | python3 -c 'import json,sys; print(json.load(sys.stdin)["classes"][0])' 2>/dev/null || echo 0)
+classes=$(curl -fsS "http://$bind/v1/model" | python3 -c 'import json,sys; print(",".join(json.dumps(c) for c in json.load(sys.stdin)["classes"]))')
+first=${classes%%,*}
 cat <<MSG
 
 The demo model is served at http://$bind. Try:
 
-  # one image of class "$class" as a PNG (guided, 50 DDIM steps)
+  # one image of class $first as a PNG (guided, 50 DDIM steps)
   curl -s -X POST http://$bind/v1/samples -H 'content-type: application/json' \\
-       -H 'accept: image/png' -d '{"class": "$class", "seed": 1}' -o sample.png
+       -H 'accept: image/png' -d '{"class": $first, "seed": 1}' -o sample.png
 
-  # a labelled grid: four images of each of several classes
+  # a labelled grid: one image of each class
   curl -s -X POST http://$bind/v1/samples -H 'content-type: application/json' \\
-       -H 'accept: image/png' -d '{"classes": [0, 1, 2, 3], "n": 4, "seed": 7}' -o grid.png
+       -H 'accept: image/png' -d '{"classes": [$classes], "seed": 7}' -o grid.png
+
+  # eight images of one class as JSON (base64 PNGs with class, seed, run and step)
+  curl -s -X POST http://$bind/v1/samples -H 'content-type: application/json' \\
+       -d '{"class": $first, "n": 8, "guidance_scale": 4, "sampler": "ddpm", "steps": 1000}'
 
   # the loaded model, the run history and a run's loss curve
   curl -s http://$bind/v1/model

@@ -63,6 +63,11 @@ pub struct Config {
     #[arg(long, env = "DDPM_LOG_FORMAT", value_enum, default_value = "pretty")]
     pub log_format: LogFormat,
 
+    /// libtorch's CPU threads (0: libtorch's default, one per core). On a small CPU host,
+    /// 1 often serves more requests/s: intra-op threads of small passes spin on each other.
+    #[arg(long, env = "DDPM_TORCH_THREADS", default_value_t = 0)]
+    pub torch_threads: i32,
+
     /// Most samples in one forward pass (1 turns batching off).
     #[arg(long, env = "DDPM_MAX_BATCH", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_batch: u32,
@@ -138,6 +143,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             database_url: None,
             checkpoint_dir: None,
+            torch_threads: 0,
             device: DeviceChoice::Auto,
             log_format: LogFormat::Pretty,
             max_batch: 16,

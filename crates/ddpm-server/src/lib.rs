@@ -63,6 +63,9 @@ pub async fn run(
             config.queue_capacity, config.max_images_per_request
         )));
     }
+    if config.torch_threads > 0 {
+        tch::set_num_threads(config.torch_threads);
+    }
     let device = config.device.resolve()?;
     let database_url = config.database_url();
     let registry = Registry::connect(&database_url).await?;
