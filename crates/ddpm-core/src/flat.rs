@@ -5,6 +5,11 @@
 //! variable is re-pointed (`set_data`) at a view of one flat `[N]` buffer, so AdamW, the
 //! EMA update, the gradient norm and clipping are each a handful of ops over one tensor,
 //! whatever the number of parameters.
+//!
+//! Gradients get the same treatment: after the first backward pass every variable's
+//! `.grad` is re-pointed at a view of one flat gradient buffer. Autograd accumulates into
+//! an existing gradient in place, so later backward passes write straight into that
+//! buffer: no concatenation per step, and zeroing is one `zero_()`.
 
 use tch::{Kind, Tensor};
 
@@ -13,6 +18,8 @@ use tch::{Kind, Tensor};
 pub struct FlatParams {
     vars: Vec<Tensor>,
     flat: Tensor,
+    /// `[N]`, the variables' gradients as views, once every variable has had one.
+    flat_grad: Option<Tensor>,
 }
 
 impl FlatParams {
@@ -30,7 +37,11 @@ impl FlatParams {
             handle.set_data(&view);
             offset += n;
         }
-        FlatParams { vars, flat }
+        FlatParams {
+            vars,
+            flat,
+            flat_grad: None,
+        }
     }
 
     /// The `[N]` buffer; writing to it writes the variables.
@@ -46,13 +57,20 @@ impl FlatParams {
         self.len() == 0
     }
 
-    /// The gradients as one `[N]` tensor (zeros where a variable got none).
-    pub fn flat_grad(&self) -> Tensor {
-        let grads: Vec<Tensor> = self
-            .vars
+    /// The gradients as one `[N]` tensor (zeros where a variable got none). The first
+    /// call after every variable has a gradient binds them to one buffer (see the module
+    /// doc); from then on this is that buffer, no copy.
+    pub fn flat_grad(&mut self) -> Tensor {
+        if let Some(g) = &self.flat_grad {
+            return g.shallow_clone();
+        }
+        let _guard = tch::no_grad_guard();
+        let grads: Vec<Tensor> = self.vars.iter().map(Tensor::grad).collect();
+        let all_defined = grads.iter().all(Tensor::defined);
+        let pieces: Vec<Tensor> = grads
             .iter()
-            .map(|v| {
-                let g = v.grad();
+            .zip(&self.vars)
+            .map(|(g, v)| {
                 if g.defined() {
                     g.reshape([-1])
                 } else {
@@ -60,13 +78,31 @@ impl FlatParams {
                 }
             })
             .collect();
-        Tensor::cat(&grads, 0)
+        let flat = Tensor::cat(&pieces, 0); // [N]
+        if all_defined {
+            let mut offset = 0;
+            for (g, v) in grads.iter().zip(&self.vars) {
+                let n = v.numel() as i64;
+                let mut handle = g.shallow_clone();
+                handle.set_data(&flat.narrow(0, offset, n).view(v.size().as_slice()));
+                offset += n;
+            }
+            self.flat_grad = Some(flat.shallow_clone());
+        }
+        flat
     }
 
-    /// Drops every gradient (the next backward allocates fresh ones).
+    /// Zeroes every gradient (in one op once they are bound to the flat buffer).
     pub fn zero_grad(&mut self) {
-        for v in &mut self.vars {
-            v.zero_grad();
+        match &mut self.flat_grad {
+            Some(g) => {
+                let _ = g.zero_();
+            }
+            None => {
+                for v in &mut self.vars {
+                    v.zero_grad();
+                }
+            }
         }
     }
 }

@@ -97,6 +97,8 @@ impl AdamW {
     /// only when logging: reading syncs with the GPU).
     pub fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Tensor {
         let _guard = tch::no_grad_guard();
+        // Once bound this is the gradient buffer itself: clipping scales it in place, which
+        // is fine as it is zeroed at the end of the step.
         let mut grad = self.params.flat_grad(); // [N]
         let norm = grad.norm(); // the norm before clipping, what users compare across runs
         if let Some(max) = max_grad_norm {
