@@ -22,19 +22,21 @@ pub struct Cli {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GlobalOptions {
-    /// Root of the default registry database and checkpoint directory.
+    /// Root of the local state: the default registry file and checkpoint store live here.
     #[arg(long, env = "DDPM_DATA_DIR", default_value = "./data", global = true)]
     pub data_dir: PathBuf,
-    /// Registry database: `postgres://…` or `sqlite:…` [default: sqlite://<data-dir>/registry.db?mode=rwc].
+    /// Run registry URL (`postgres://…` or `sqlite:…`); default: the SQLite file
+    /// `<data-dir>/registry.db`, as the trainer uses.
     #[arg(long, env = "DDPM_DATABASE_URL", global = true)]
     pub database_url: Option<String>,
-    /// Where checkpoint files go [default: <data-dir>/checkpoints].
+    /// Checkpoint store root (registry paths are relative to it); default
+    /// `<data-dir>/checkpoints`.
     #[arg(long, env = "DDPM_CHECKPOINT_DIR", global = true)]
     pub checkpoint_dir: Option<PathBuf>,
-    /// `auto` (a GPU when there is one), `cpu`, `cuda` or `cuda:N`.
+    /// Where the model runs: auto (the GPU when present, else the CPU), cpu, cuda, cuda:N.
     #[arg(long, env = "DDPM_DEVICE", default_value = "auto", global = true)]
     pub device: DeviceChoice,
-    /// Log format: human-readable or one JSON object per line.
+    /// Log format.
     #[arg(long, env = "DDPM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty, global = true)]
     pub log_format: LogFormat,
     /// This machine's name in the registry (the process id is appended) [default: the hostname].
@@ -43,7 +45,8 @@ pub struct GlobalOptions {
     /// How often a training worker tells the registry it is alive.
     #[arg(long, env = "DDPM_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration, global = true)]
     pub heartbeat_interval: Duration,
-    /// libtorch's CPU threads (0: libtorch's default, one per core).
+    /// libtorch's CPU threads (0: libtorch's default, one per core). On a small CPU host,
+    /// 1 often serves more requests/s: intra-op threads of small passes spin on each other.
     #[arg(long, env = "DDPM_TORCH_THREADS", default_value_t = 0, global = true)]
     pub torch_threads: i32,
 }
@@ -62,9 +65,12 @@ impl GlobalOptions {
     }
 }
 
+/// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    /// Human-readable, coloured when on a terminal.
     Pretty,
+    /// One JSON object per line, for log collectors.
     Json,
 }
 
@@ -127,6 +133,7 @@ pub enum RunsCommand {
         /// Only runs with this status (queued, running, completed, failed, interrupted).
         #[arg(long, env = "DDPM_RUNS_STATUS")]
         status: Option<RunStatus>,
+        /// How many runs to list.
         #[arg(long, env = "DDPM_RUNS_LIMIT", default_value_t = 20)]
         limit: i64,
     },

@@ -9,6 +9,12 @@ use ddpm_core::{
 };
 use tch::{Device, Kind, Tensor};
 
+/// One libtorch thread per test (see main.rs); every test that runs a model calls it.
+pub fn one_thread() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| tch::set_num_threads(1));
+}
+
 /// The colour of class `c` in [−1, 1] RGB: red, green, blue.
 pub fn class_colour(c: i64) -> [f64; 3] {
     let mut rgb = [-0.8; 3];
@@ -37,6 +43,7 @@ pub fn colour_dataset(classes: i64, n: i64, size: i64) -> (Tensor, Tensor) {
 
 /// A network small enough to learn the colour dataset in seconds on a CPU.
 pub fn micro_config(classes: i64) -> UNetConfig {
+    one_thread();
     UNetConfig {
         image_size: 8,
         in_channels: 3,
