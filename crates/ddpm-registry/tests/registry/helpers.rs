@@ -7,17 +7,7 @@ use std::future::Future;
 use std::sync::Once;
 
 use ddpm_registry::{NewRun, Registry, Run, RunStatus};
-use sqlx::Connection;
-
-/// The variable naming the PostgreSQL server the tests use.
-pub const POSTGRES_URL_VAR: &str = "DDPM_TEST_POSTGRES_URL";
-
-/// Which backend a test runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Db {
-    Sqlite,
-    Postgres,
-}
+pub use ddpm_testkit::{Db, FreshDatabase};
 
 /// What a test gets.
 pub struct TestContext {
@@ -80,91 +70,6 @@ where
     }
 }
 
-/// A database that exists for one test.
-pub struct FreshDatabase {
-    pub url: String,
-    /// PostgreSQL: the server's URL and the database's name, to drop it.
-    postgres: Option<(String, String)>,
-}
-
-impl FreshDatabase {
-    /// A new, empty (unmigrated) database of `db`; SQLite files go in `dir`.
-    pub async fn create(db: Db, dir: &std::path::Path) -> FreshDatabase {
-        match db {
-            Db::Sqlite => {
-                let file = dir.join(format!("registry-{}.db", uuid::Uuid::new_v4().simple()));
-                FreshDatabase {
-                    url: format!("sqlite:{}", file.display()),
-                    postgres: None,
-                }
-            }
-            Db::Postgres => {
-                let server = postgres_server_url();
-                let name = format!("ddpm_test_{}", uuid::Uuid::new_v4().simple());
-                let mut admin = sqlx::PgConnection::connect(&server)
-                    .await
-                    .unwrap_or_else(|e| panic!("connect to {server}: {e}"));
-                sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-                    .execute(&mut admin)
-                    .await
-                    .expect("create the test database");
-                let _ = admin.close().await;
-                FreshDatabase {
-                    url: with_database(&server, &name),
-                    postgres: Some((server, name)),
-                }
-            }
-        }
-    }
-
-    /// Drops a PostgreSQL database (ending its connections); SQLite files go
-    /// with the temp dir.
-    pub async fn drop_database(self) {
-        if let Some((server, name)) = self.postgres {
-            let mut admin = sqlx::PgConnection::connect(&server)
-                .await
-                .unwrap_or_else(|e| panic!("connect to {server}: {e}"));
-            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                .execute(&mut admin)
-                .await
-                .expect("drop the test database");
-            let _ = admin.close().await;
-        }
-    }
-}
-
-/// The PostgreSQL server's URL; the PostgreSQL tests fail without it.
-pub fn postgres_server_url() -> String {
-    match std::env::var(POSTGRES_URL_VAR) {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "{POSTGRES_URL_VAR} is not set, so the PostgreSQL half of the registry tests \
-             cannot run. Run the project's test script (scripts/test.sh), which starts \
-             PostgreSQL and sets it, or set it to a server's URL, e.g. \
-             {POSTGRES_URL_VAR}=postgres://postgres@127.0.0.1:5432/postgres"
-        ),
-    }
-}
-
-/// `url` with its database name replaced by `name`.
-pub fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let path = base[authority..]
-        .find('/')
-        .map(|i| authority + i)
-        .unwrap_or(base.len());
-    let mut out = format!("{}/{name}", &base[..path]);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    out
-}
-
 fn init_logging() {
     static ONCE: Once = Once::new();
     if std::env::var_os("TEST_LOG").is_some() {
@@ -210,17 +115,4 @@ pub async fn running_run(registry: &Registry, host: &str) -> Run {
     assert_eq!(run.id, queued.id, "no other queued run expected");
     assert_eq!(run.status, RunStatus::Running);
     run
-}
-
-#[test]
-fn database_names_are_replaced() {
-    assert_eq!(
-        with_database("postgres://postgres@127.0.0.1:5432/postgres", "t1"),
-        "postgres://postgres@127.0.0.1:5432/t1"
-    );
-    assert_eq!(
-        with_database("postgres://u:p@h:1/db?sslmode=disable", "t2"),
-        "postgres://u:p@h:1/t2?sslmode=disable"
-    );
-    assert_eq!(with_database("postgres://h", "t3"), "postgres://h/t3");
 }

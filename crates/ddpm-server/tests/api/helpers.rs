@@ -19,19 +19,13 @@ use ddpm_core::{
 };
 use ddpm_registry::{CheckpointKind, CheckpointRecord, CheckpointStore, NewRun, Registry};
 use ddpm_server::Config;
-use sqlx::Connection;
 use tch::{Device, Kind, Tensor};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
-pub const POSTGRES_URL_VAR: &str = "DDPM_TEST_POSTGRES_URL";
 pub const CLASSES: [&str; 3] = ["red", "green", "blue"];
 pub const IMAGE_SIZE: u32 = 8;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Db {
-    Sqlite,
-    Postgres,
-}
+pub use ddpm_testkit::{Db, FreshDatabase};
 
 /// How to start a test server.
 #[derive(Debug, Clone)]
@@ -431,89 +425,6 @@ pub fn json_png(body: &serde_json::Value, i: usize) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(b64)
         .expect("base64")
-}
-
-/// A database that exists for one test.
-pub struct FreshDatabase {
-    pub url: String,
-    postgres: Option<(String, String)>,
-}
-
-impl FreshDatabase {
-    fn none() -> FreshDatabase {
-        FreshDatabase {
-            url: String::new(),
-            postgres: None,
-        }
-    }
-
-    pub async fn create(db: Db, dir: &Path) -> FreshDatabase {
-        match db {
-            Db::Sqlite => FreshDatabase {
-                url: format!("sqlite:{}", dir.join("registry.db").display()),
-                postgres: None,
-            },
-            Db::Postgres => {
-                let server = postgres_server_url();
-                let name = format!("ddpm_server_test_{}", uuid::Uuid::new_v4().simple());
-                let mut admin = sqlx::PgConnection::connect(&server)
-                    .await
-                    .unwrap_or_else(|e| panic!("connect to {server}: {e}"));
-                sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-                    .execute(&mut admin)
-                    .await
-                    .expect("create the test database");
-                let _ = admin.close().await;
-                FreshDatabase {
-                    url: with_database(&server, &name),
-                    postgres: Some((server, name)),
-                }
-            }
-        }
-    }
-
-    pub async fn drop_database(self) {
-        if let Some((server, name)) = self.postgres {
-            if let Ok(mut admin) = sqlx::PgConnection::connect(&server).await {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                    .execute(&mut admin)
-                    .await;
-                let _ = admin.close().await;
-            }
-        }
-    }
-}
-
-/// The PostgreSQL server's URL; the PostgreSQL tests fail without it.
-pub fn postgres_server_url() -> String {
-    match std::env::var(POSTGRES_URL_VAR) {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "{POSTGRES_URL_VAR} is not set, so the PostgreSQL tests of ddpm-server cannot run. \
-             Run the project's test script (scripts/test.sh), which starts PostgreSQL and sets it, \
-             or set it to a server's URL, e.g. \
-             {POSTGRES_URL_VAR}=postgres://postgres@127.0.0.1:5432/postgres"
-        ),
-    }
-}
-
-/// `url` with its database name replaced by `name`.
-pub fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let path = base[authority..]
-        .find('/')
-        .map(|i| authority + i)
-        .unwrap_or(base.len());
-    let mut out = format!("{}/{name}", &base[..path]);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    out
 }
 
 /// Tests run side by side on few cores: libtorch's intra-op thread pool would only make

@@ -10,16 +10,8 @@ use std::{
 };
 
 use ddpm_registry::{CheckpointKind, MetricPoint, Registry, Run};
+pub use ddpm_testkit::{Db, FreshDatabase};
 use ddpm_trainer::demo::{write_demo_dataset, DemoSpec};
-use sqlx::Connection;
-
-pub const POSTGRES_URL_VAR: &str = "DDPM_TEST_POSTGRES_URL";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Db {
-    Sqlite,
-    Postgres,
-}
 
 /// Generates a `sqlite::<name>` and a `postgres::<name>` test for each
 /// `async fn(TestEnv)` named.
@@ -62,25 +54,8 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (url, postgres) = match db {
-        Db::Sqlite => (
-            format!("sqlite://{}/registry.db?mode=rwc", dir.path().display()),
-            None,
-        ),
-        Db::Postgres => {
-            let server = postgres_server_url();
-            let name = format!("ddpm_trainer_test_{}", uuid::Uuid::new_v4().simple());
-            let mut admin = sqlx::PgConnection::connect(&server)
-                .await
-                .unwrap_or_else(|e| panic!("connect to {server}: {e}"));
-            sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-                .execute(&mut admin)
-                .await
-                .expect("create database");
-            let _ = admin.close().await;
-            (with_database(&server, &name), Some((server, name)))
-        }
-    };
+    let database = FreshDatabase::create(db, dir.path()).await;
+    let url = database.url.clone();
     let registry = Registry::connect(&url)
         .await
         .unwrap_or_else(|e| panic!("connect {url}: {e}"));
@@ -101,47 +76,10 @@ where
     };
     let outcome = tokio::spawn(test(env)).await;
     registry.close().await;
-    if let Some((server, name)) = postgres {
-        let mut admin = sqlx::PgConnection::connect(&server).await.expect("connect");
-        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .execute(&mut admin)
-            .await
-            .expect("drop database");
-        let _ = admin.close().await;
-    }
+    database.drop_database().await;
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }
-}
-
-pub fn postgres_server_url() -> String {
-    match std::env::var(POSTGRES_URL_VAR) {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
-            "{POSTGRES_URL_VAR} is not set, so the PostgreSQL half of the trainer tests cannot run. \
-             Run the project's test script (scripts/test.sh), which starts PostgreSQL and sets it, \
-             or set it to a server's URL, e.g. {POSTGRES_URL_VAR}=postgres://postgres@127.0.0.1:5432/postgres"
-        ),
-    }
-}
-
-/// `url` with its database name replaced by `name`.
-pub fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let path = base[authority..]
-        .find('/')
-        .map(|i| authority + i)
-        .unwrap_or(base.len());
-    let mut out = format!("{}/{name}", &base[..path]);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    out
 }
 
 /// A run config for an 8×8 micro network that trains a step in milliseconds.
