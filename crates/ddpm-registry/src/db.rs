@@ -45,10 +45,14 @@ impl Backend {
 
     /// SQL for "now" in unix milliseconds, on the database's clock. Every
     /// timestamp is taken from the database so that heartbeats written by one
-    /// host and compared by another share one clock.
+    /// host and compared by another share one clock. It is fixed for the whole
+    /// statement on both backends (PostgreSQL's `statement_timestamp()`, SQLite's
+    /// 'now' within one step), so one UPDATE's `updated_at` and `heartbeat_at` are
+    /// equal; `clock_timestamp()` would differ between the two by a millisecond now
+    /// and then.
     pub(crate) fn now_ms(self) -> &'static str {
         match self {
-            Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+            Backend::Postgres => "CAST(EXTRACT(EPOCH FROM statement_timestamp()) * 1000 AS BIGINT)",
             // unixepoch('subsec') needs SQLite 3.42; sqlx bundles 3.46.
             Backend::Sqlite => "CAST(unixepoch('subsec') * 1000 AS INTEGER)",
         }
