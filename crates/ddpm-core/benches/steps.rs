@@ -18,12 +18,11 @@
 use std::{path::PathBuf, process::Command, time::Instant};
 
 use ddpm_core::{
-    ema::{Ema, EmaConfig},
-    flat::FlatParams,
-    optim::{AdamW, AdamWConfig},
+    ema::EmaConfig,
+    optim::AdamWConfig,
     sampler::{denoise_step, DenoiseBatch, StepCoefficients},
-    training::diffusion_loss,
-    Model, NoiseSchedule, ScheduleConfig, UNetConfig,
+    training::{diffusion_loss, Learner},
+    NoiseSchedule, ScheduleConfig, UNetConfig,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -58,36 +57,21 @@ struct Timings {
 fn ours(config: &UNetConfig, batch: i64, device: Device, iters: usize, warmup: usize) -> Timings {
     tch::manual_seed(0);
     let schedule = NoiseSchedule::new(ScheduleConfig::default(), device).unwrap();
-    let model = Model::new(config, device).unwrap();
-    let params = FlatParams::new(
-        model
-            .named_variables()
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect(),
-    );
-    let mut ema = Ema::new(
-        config,
-        &params,
-        EmaConfig {
-            decay: 0.995,
-            warmup_steps: 0,
-        },
-    )
-    .unwrap();
-    let mut optimizer = AdamW::new(params, AdamWConfig::default());
+    let ema = EmaConfig {
+        decay: 0.995,
+        warmup_steps: 0,
+    };
+    let mut learner = Learner::new(config, device, AdamWConfig::default(), ema).unwrap();
     let classes = config.num_classes.unwrap_or(1);
     let size = config.image_size;
-    let mut step = 0;
     let train = median_ms(device, iters, warmup, || {
         let x0 = Tensor::randn([batch, 3, size, size], (Kind::Float, device));
         let y = Tensor::randint(classes, [batch], (Kind::Int64, device));
-        let loss = diffusion_loss(&model, &schedule, &x0, Some(&y), 0.1).unwrap();
+        let loss = diffusion_loss(&learner.model, &schedule, &x0, Some(&y), 0.1).unwrap();
         loss.backward();
-        let _ = optimizer.step(3e-4, None);
-        ema.update(optimizer.params(), step).unwrap();
-        step += 1;
+        let _ = learner.update(3e-4, None).unwrap();
     });
+    let model = &learner.model;
 
     let x = Tensor::randn([batch, 3, size, size], (Kind::Float, device));
     let labels: Vec<i64> = (0..batch).map(|i| i % classes).collect();
@@ -104,7 +88,7 @@ fn ours(config: &UNetConfig, batch: i64, device: Device, iters: usize, warmup: u
     let clips = vec![None; batch as usize];
     let guided = median_ms(device, iters, warmup, || {
         let _ = denoise_step(
-            &model,
+            model,
             &DenoiseBatch {
                 x: &x,
                 timesteps: &timesteps,

@@ -3,13 +3,62 @@
 //! and ỹ the null label with probability p, independently per sample (the seed dropped
 //! the labels of the whole batch at once).
 
-use tch::{Kind, Reduction, Tensor};
+use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::{
+    ema::{Ema, EmaConfig},
     error::{CoreError, Result},
+    flat::FlatParams,
+    optim::{AdamW, AdamWConfig},
     schedule::NoiseSchedule,
-    unet::Model,
+    unet::{Model, UNetConfig},
 };
+
+/// A network in training: its weights, their EMA and AdamW, all over the same flat
+/// parameter layout. A step is `diffusion_loss(&learner.model, …)`, `backward()`, then
+/// [`Learner::update`].
+#[derive(Debug)]
+pub struct Learner {
+    pub model: Model,
+    pub ema: Ema,
+    pub optimizer: AdamW,
+}
+
+impl Learner {
+    /// A freshly initialised network (from libtorch's generator: seed it first), its EMA
+    /// starting as a copy, and an optimizer with zero moments.
+    pub fn new(
+        config: &UNetConfig,
+        device: Device,
+        optimizer: AdamWConfig,
+        ema: EmaConfig,
+    ) -> Result<Self> {
+        let model = Model::new(config, device)?;
+        let params = FlatParams::new(
+            model
+                .named_variables()
+                .into_iter()
+                .map(|(_, t)| t)
+                .collect(),
+        );
+        let ema = Ema::new(config, &params, ema)?;
+        Ok(Learner {
+            model,
+            ema,
+            optimizer: AdamW::new(params, optimizer),
+        })
+    }
+
+    /// After `backward()`: one AdamW update at `lr` (gradients clipped to
+    /// `max_grad_norm`), then the EMA update. Returns the gradient norm before clipping as
+    /// a 0-d tensor (reading it syncs with the GPU).
+    pub fn update(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<Tensor> {
+        let updates_done = self.optimizer.steps();
+        let grad_norm = self.optimizer.step(lr, max_grad_norm);
+        self.ema.update(self.optimizer.params(), updates_done)?;
+        Ok(grad_norm)
+    }
+}
 
 /// Replaces each label by `null` with probability `p`, independently. `[B]` int64.
 pub fn drop_labels(labels: &Tensor, null: i64, p: f64) -> Tensor {

@@ -9,11 +9,10 @@
 use std::{sync::Arc, time::Instant};
 
 use ddpm_core::{
-    ema::{Ema, EmaConfig},
-    flat::FlatParams,
-    optim::{AdamW, AdamWConfig},
-    training::diffusion_loss,
-    DeviceChoice, Model, NoiseSchedule, ScheduleConfig, UNetConfig,
+    ema::EmaConfig,
+    optim::AdamWConfig,
+    training::{diffusion_loss, Learner},
+    DeviceChoice, NoiseSchedule, ScheduleConfig, UNetConfig,
 };
 use ddpm_trainer::{
     dataset::{ImageFolder, ImageSource, Transform},
@@ -48,34 +47,31 @@ fn loader_rate(source: Arc<ImageSource>, batches: usize) -> f64 {
 fn step_rate(device: Device, steps: usize) -> f64 {
     let config = UNetConfig::seed(Some(CLASSES as i64));
     let schedule = NoiseSchedule::new(ScheduleConfig::default(), device).expect("schedule");
-    let model = Model::new(&config, device).expect("model");
-    let params = FlatParams::new(
-        model
-            .named_variables()
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect(),
-    );
-    let mut ema = Ema::new(&config, &params, EmaConfig::default()).expect("ema");
-    let mut optimizer = AdamW::new(params, AdamWConfig::default());
+    let mut learner = Learner::new(
+        &config,
+        device,
+        AdamWConfig::default(),
+        EmaConfig::default(),
+    )
+    .expect("learner");
     let x0 = Tensor::rand(
         [BATCH as i64, 3, SIZE as i64, SIZE as i64],
         (Kind::Float, device),
     ) * 2.0
         - 1.0;
     let labels = Tensor::randint(CLASSES as i64, [BATCH as i64], (Kind::Int64, device));
-    let mut step = |i: i64| {
-        let loss = diffusion_loss(&model, &schedule, &x0, Some(&labels), 0.1).expect("loss");
+    let mut step = || {
+        let loss =
+            diffusion_loss(&learner.model, &schedule, &x0, Some(&labels), 0.1).expect("loss");
         loss.backward();
-        let _ = optimizer.step(3e-4, None);
-        ema.update(optimizer.params(), i).expect("ema");
+        let _ = learner.update(3e-4, None).expect("update");
         loss
     };
-    let _ = step(0).double_value(&[]); // warm-up (allocations, cuDNN autotuning)
+    let _ = step().double_value(&[]); // warm-up (allocations, cuDNN autotuning)
     let t0 = Instant::now();
     let mut last = Tensor::zeros([], (Kind::Float, device));
-    for i in 0..steps {
-        last = step(i as i64 + 1);
+    for _ in 0..steps {
+        last = step();
     }
     let _ = last.double_value(&[]); // waits for the device
     (steps * BATCH) as f64 / t0.elapsed().as_secs_f64()

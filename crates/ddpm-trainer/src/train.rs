@@ -22,11 +22,8 @@ use ddpm_core::{
     checkpoint::{
         checkpoint_bytes, load_training_state, save_training_state, CheckpointInfo, StateInfo,
     },
-    ema::Ema,
-    flat::FlatParams,
-    optim::AdamW,
-    training::diffusion_loss,
-    Model, NoiseSchedule,
+    training::{diffusion_loss, Learner},
+    NoiseSchedule,
 };
 use ddpm_registry::{CheckpointKind, CheckpointRecord, CheckpointStore, MetricPoint, StoredFile};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -149,31 +146,15 @@ impl Window {
 
 /// The models and optimizer of one run.
 struct State {
-    model: Model,
-    ema: Ema,
-    optimizer: AdamW,
+    learner: Learner,
     schedule: NoiseSchedule,
 }
 
 fn build(config: &RunConfig, device: Device) -> Result<State> {
     tch::manual_seed(step_seed(config.training.seed, 0));
     let schedule = NoiseSchedule::new(config.schedule, device)?;
-    let model = Model::new(&config.model, device)?;
-    let params = FlatParams::new(
-        model
-            .named_variables()
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect(),
-    );
-    let ema = Ema::new(&config.model, &params, config.ema)?;
-    let optimizer = AdamW::new(params, config.optimizer());
-    Ok(State {
-        model,
-        ema,
-        optimizer,
-        schedule,
-    })
+    let learner = Learner::new(&config.model, device, config.optimizer(), config.ema)?;
+    Ok(State { learner, schedule })
 }
 
 /// Restores the newest usable state; returns its step (0 when there is none).
@@ -186,9 +167,9 @@ fn resume(job: &TrainJob, state: &mut State) -> i64 {
             .and_then(|path| {
                 Ok(load_training_state(
                     &path,
-                    &state.model,
-                    &state.ema,
-                    &mut state.optimizer,
+                    &state.learner.model,
+                    &state.learner.ema,
+                    &mut state.learner.optimizer,
                 )?)
             });
         match loaded {
@@ -253,7 +234,7 @@ pub fn train(job: TrainJob) -> Result<Outcome> {
         return Ok(Outcome::Completed { step: start });
     }
     tracing::info!(
-        parameters = state.model.parameter_count(),
+        parameters = state.learner.model.parameter_count(),
         device = ?job.device,
         start,
         steps = t.steps,
@@ -295,7 +276,7 @@ pub fn train(job: TrainJob) -> Result<Outcome> {
         let lr = lr_at(t.lr, t.warmup_steps, s);
         let loss = tch::autocast(bf16, || {
             diffusion_loss(
-                &state.model,
+                &state.learner.model,
                 &state.schedule,
                 &x0,
                 labels.as_ref(),
@@ -303,8 +284,7 @@ pub fn train(job: TrainJob) -> Result<Outcome> {
             )
         })?;
         loss.f_backward()?;
-        let grad_norm = state.optimizer.step(lr, clip);
-        state.ema.update(state.optimizer.params(), s - 1)?;
+        let grad_norm = state.learner.update(lr, clip)?;
         window.loss += loss.detach().to_kind(Kind::Double);
         window.grad_norm += grad_norm.to_kind(Kind::Double);
         window.steps += 1;
@@ -401,7 +381,7 @@ fn save(job: &TrainJob, state: &State, s: i64) -> Result<()> {
         run_id: Some(job.run_id),
         step: s,
     };
-    let (bytes, _) = checkpoint_bytes(state.ema.model(), &info)?;
+    let (bytes, _) = checkpoint_bytes(state.learner.ema.model(), &info)?;
     let ema_rel = job.store.path_for(job.run_id, s, CheckpointKind::Ema);
     let ema = job.store.write_bytes(&ema_rel, &bytes)?;
     if cfg.training.sample_grid_per_class > 0 {
@@ -412,15 +392,16 @@ fn save(job: &TrainJob, state: &State, s: i64) -> Result<()> {
             seed: cfg.training.seed,
         };
         // A grid is a picture for people: failing to draw one never costs a checkpoint.
-        let written = sample_grid(state.ema.model(), &state.schedule, &spec).and_then(|grid| {
-            let png = png_bytes(&grid).map_err(|source| TrainerError::Image {
-                path: ema_rel.clone(),
-                source,
-            })?;
-            Ok(job
-                .store
-                .write_bytes(&CheckpointStore::grid_path_for(&ema_rel), &png)?)
-        });
+        let written =
+            sample_grid(state.learner.ema.model(), &state.schedule, &spec).and_then(|grid| {
+                let png = png_bytes(&grid).map_err(|source| TrainerError::Image {
+                    path: ema_rel.clone(),
+                    source,
+                })?;
+                Ok(job
+                    .store
+                    .write_bytes(&CheckpointStore::grid_path_for(&ema_rel), &png)?)
+            });
         if let Err(e) = written {
             tracing::warn!(step = s, error = %e, "sample grid not written");
         }
@@ -432,7 +413,14 @@ fn save(job: &TrainJob, state: &State, s: i64) -> Result<()> {
         extra: serde_json::json!({ "run_id": job.run_id }),
     };
     let state_file = job.store.write_atomic(&state_rel, |tmp| {
-        save_training_state(tmp, &state.model, &state.ema, &state.optimizer, &info).map(|_| ())
+        save_training_state(
+            tmp,
+            &state.learner.model,
+            &state.learner.ema,
+            &state.learner.optimizer,
+            &info,
+        )
+        .map(|_| ())
     })?;
     tracing::info!(step = s, seconds = t0.elapsed().as_secs_f64(), path = %ema.path, "checkpoint written");
     let _ = job.events.send(Event::Checkpoint {

@@ -8,10 +8,9 @@ use ddpm_core::{
         load_checkpoint, load_training_state, read_manifest, save_checkpoint, save_training_state,
         CheckpointInfo, StateInfo,
     },
-    ema::{Ema, EmaConfig},
-    flat::FlatParams,
-    optim::{AdamW, AdamWConfig},
-    training::diffusion_loss,
+    ema::EmaConfig,
+    optim::AdamWConfig,
+    training::{diffusion_loss, Learner},
     CoreError, Model, NoiseSchedule, ScheduleConfig, UNetConfig,
 };
 use tch::{Device, Kind, Tensor};
@@ -133,41 +132,17 @@ fn bytes_replace(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     out
 }
 
-struct Run {
-    model: Model,
-    ema: Ema,
-    optimizer: AdamW,
-}
-
-fn new_run(config: &UNetConfig) -> Run {
+fn new_run(config: &UNetConfig) -> Learner {
     tch::manual_seed(11);
-    let model = Model::new(config, Device::Cpu).unwrap();
-    let params = FlatParams::new(
-        model
-            .named_variables()
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect(),
-    );
-    let ema = Ema::new(
-        config,
-        &params,
-        EmaConfig {
-            decay: 0.9,
-            warmup_steps: 2,
-        },
-    )
-    .unwrap();
-    let optimizer = AdamW::new(params, AdamWConfig::default());
-    Run {
-        model,
-        ema,
-        optimizer,
-    }
+    let ema = EmaConfig {
+        decay: 0.9,
+        warmup_steps: 2,
+    };
+    Learner::new(config, Device::Cpu, AdamWConfig::default(), ema).unwrap()
 }
 
 /// Steps `from..to`, every random draw seeded by (seed, step) as the trainer does.
-fn steps(run: &mut Run, schedule: &NoiseSchedule, data: &(Tensor, Tensor), from: i64, to: i64) {
+fn steps(run: &mut Learner, schedule: &NoiseSchedule, data: &(Tensor, Tensor), from: i64, to: i64) {
     for step in from..to {
         tch::manual_seed(1000 + step);
         let idx = Tensor::randint(data.0.size()[0], [8], (Kind::Int64, Device::Cpu));
@@ -180,8 +155,7 @@ fn steps(run: &mut Run, schedule: &NoiseSchedule, data: &(Tensor, Tensor), from:
         )
         .unwrap();
         loss.backward();
-        let _ = run.optimizer.step(1e-3, Some(1.0));
-        run.ema.update(run.optimizer.params(), step).unwrap();
+        let _ = run.update(1e-3, Some(1.0)).unwrap();
     }
 }
 

@@ -2,10 +2,9 @@
 
 use ddpm_core::{
     ema::{Ema, EmaConfig},
-    flat::FlatParams,
-    optim::{AdamW, AdamWConfig},
-    training::diffusion_loss,
-    Model, NoiseSchedule, ScheduleConfig, UNetConfig,
+    optim::AdamWConfig,
+    training::{diffusion_loss, Learner},
+    NoiseSchedule, ScheduleConfig, UNetConfig,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -76,40 +75,28 @@ pub fn train(
 ) -> Trained {
     tch::manual_seed(seed);
     let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
-    let model = Model::new(config, Device::Cpu).unwrap();
-    let params = FlatParams::new(
-        model
-            .named_variables()
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect(),
-    );
     let ema_cfg = EmaConfig {
         decay: 0.99,
         warmup_steps: steps / 4,
     };
-    let mut ema = Ema::new(config, &params, ema_cfg).unwrap();
-    let mut optimizer = AdamW::new(
-        params,
-        AdamWConfig {
-            lr,
-            ..Default::default()
-        },
-    );
+    let adamw = AdamWConfig {
+        lr,
+        ..Default::default()
+    };
+    let mut learner = Learner::new(config, Device::Cpu, adamw, ema_cfg).unwrap();
     let n = images.size()[0];
     let mut losses = Vec::new();
-    for step in 0..steps {
+    for _ in 0..steps {
         let idx = Tensor::randint(n, [batch], (Kind::Int64, Device::Cpu));
         let x0 = images.index_select(0, &idx);
         let y = labels.index_select(0, &idx);
-        let loss = diffusion_loss(&model, &schedule, &x0, Some(&y), 0.1).unwrap();
+        let loss = diffusion_loss(&learner.model, &schedule, &x0, Some(&y), 0.1).unwrap();
         loss.backward();
-        let _ = optimizer.step(lr, Some(1.0));
-        ema.update(optimizer.params(), step).unwrap();
+        let _ = learner.update(lr, Some(1.0)).unwrap();
         losses.push(loss.double_value(&[]));
     }
     Trained {
-        ema,
+        ema: learner.ema,
         schedule,
         losses,
     }

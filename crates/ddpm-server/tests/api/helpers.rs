@@ -11,11 +11,10 @@ use std::{
 
 use ddpm_core::{
     checkpoint::{checkpoint_bytes, load_checkpoint_bytes, CheckpointInfo},
-    ema::{Ema, EmaConfig},
-    flat::FlatParams,
-    optim::{AdamW, AdamWConfig},
-    training::diffusion_loss,
-    Model, NoiseSchedule, ScheduleConfig, UNetConfig,
+    ema::EmaConfig,
+    optim::AdamWConfig,
+    training::{diffusion_loss, Learner},
+    NoiseSchedule, ScheduleConfig, UNetConfig,
 };
 use ddpm_registry::{CheckpointKind, CheckpointRecord, CheckpointStore, NewRun, Registry};
 use ddpm_server::Config;
@@ -344,32 +343,21 @@ pub fn train(steps: i64, seed: i64) -> Vec<u8> {
     let config = micro_config();
     let (images, labels) = colour_dataset(64);
     let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).expect("schedule");
-    let model = Model::new(&config, Device::Cpu).expect("model");
-    let params = FlatParams::new(
-        model
-            .named_variables()
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect(),
-    );
     let ema_config = EmaConfig {
         decay: 0.99,
         warmup_steps: steps / 4,
     };
-    let mut ema = Ema::new(&config, &params, ema_config).expect("ema");
     let lr = 2e-3;
-    let mut optimizer = AdamW::new(
-        params,
-        AdamWConfig {
-            lr,
-            ..Default::default()
-        },
-    );
+    let adamw = AdamWConfig {
+        lr,
+        ..Default::default()
+    };
+    let mut learner = Learner::new(&config, Device::Cpu, adamw, ema_config).expect("learner");
     let n = images.size()[0];
-    for step in 0..steps {
+    for _ in 0..steps {
         let idx = Tensor::randint(n, [32], (Kind::Int64, Device::Cpu));
         let loss = diffusion_loss(
-            &model,
+            &learner.model,
             &schedule,
             &images.index_select(0, &idx),
             Some(&labels.index_select(0, &idx)),
@@ -377,8 +365,7 @@ pub fn train(steps: i64, seed: i64) -> Vec<u8> {
         )
         .expect("loss");
         loss.backward();
-        let _ = optimizer.step(lr, Some(1.0));
-        ema.update(optimizer.params(), step).expect("ema update");
+        let _ = learner.update(lr, Some(1.0)).expect("update");
     }
     let info = CheckpointInfo {
         schedule: *schedule.config(),
@@ -386,7 +373,7 @@ pub fn train(steps: i64, seed: i64) -> Vec<u8> {
         run_id: None,
         step: 0,
     };
-    let bytes = checkpoint_bytes(ema.model(), &info)
+    let bytes = checkpoint_bytes(learner.ema.model(), &info)
         .expect("checkpoint bytes")
         .0;
     eprintln!(
