@@ -21,7 +21,7 @@ use ddpm_core::{
     ema::EmaConfig,
     optim::AdamWConfig,
     sampler::{denoise_step, DenoiseBatch, StepCoefficients},
-    training::{diffusion_loss, Learner},
+    training::{diffusion_loss, Learner, Objective},
     NoiseSchedule, ScheduleConfig, UNetConfig,
 };
 use tch::{Device, Kind, Tensor};
@@ -60,6 +60,7 @@ fn ours(config: &UNetConfig, batch: i64, device: Device, iters: usize, warmup: u
     let ema = EmaConfig {
         decay: 0.995,
         warmup_steps: 0,
+        ..Default::default()
     };
     let mut learner = Learner::new(config, device, AdamWConfig::default(), ema).unwrap();
     let classes = config.num_classes.unwrap_or(1);
@@ -67,7 +68,15 @@ fn ours(config: &UNetConfig, batch: i64, device: Device, iters: usize, warmup: u
     let train = median_ms(device, iters, warmup, || {
         let x0 = Tensor::randn([batch, 3, size, size], (Kind::Float, device));
         let y = Tensor::randint(classes, [batch], (Kind::Int64, device));
-        let loss = diffusion_loss(&learner.model, &schedule, &x0, Some(&y), 0.1).unwrap();
+        let loss = diffusion_loss(
+            &learner.model,
+            &schedule,
+            &x0,
+            Some(&y),
+            &Objective::default(),
+        )
+        .unwrap()
+        .loss;
         loss.backward();
         let _ = learner.update(3e-4, None).unwrap();
     });

@@ -6,7 +6,9 @@
 //! laid out as `nn.MultiheadAttention`'s (`in_proj_weight [3C, C]`, `out_proj`), so the
 //! seed's weights load unchanged.
 
-use tch::{nn, nn::Init, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
+
+use super::init;
 
 #[derive(Debug)]
 pub struct SelfAttention {
@@ -24,19 +26,16 @@ pub struct SelfAttention {
 impl SelfAttention {
     pub fn new(vs: nn::Path, channels: i64, heads: i64) -> Self {
         let mha = &vs / "mha";
-        // nn.MultiheadAttention's initialisation: Xavier-uniform in_proj, zero biases.
-        let bound = (6.0 / (channels + 3 * channels) as f64).sqrt();
+        // nn.MultiheadAttention's initialisation: Xavier-uniform in_proj (fans of the
+        // packed [3C, C] matrix), zero in_proj and out_proj biases.
         let in_proj_weight = mha.var(
             "in_proj_weight",
             &[3 * channels, channels],
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
+            init::xavier_uniform(channels, 3 * channels),
         );
-        let in_proj_bias = mha.var("in_proj_bias", &[3 * channels], Init::Const(0.0));
-        let out_proj = nn::linear(&mha / "out_proj", channels, channels, Default::default());
-        let ln = nn::layer_norm(&vs / "ln", vec![channels], Default::default());
+        let in_proj_bias = mha.var("in_proj_bias", &[3 * channels], nn::Init::Const(0.0));
+        let out_proj = init::linear_zero_bias(&mha / "out_proj", channels, channels);
+        let ln = init::layer_norm(&vs / "ln", channels);
         let ff = &vs / "ff_self";
         SelfAttention {
             channels,
@@ -45,9 +44,9 @@ impl SelfAttention {
             in_proj_bias,
             out_proj,
             ln,
-            ff_ln: nn::layer_norm(&ff / 0, vec![channels], Default::default()),
-            ff_1: nn::linear(&ff / 1, channels, channels, Default::default()),
-            ff_2: nn::linear(&ff / 3, channels, channels, Default::default()),
+            ff_ln: init::layer_norm(&ff / 0, channels),
+            ff_1: init::linear(&ff / 1, channels, channels),
+            ff_2: init::linear(&ff / 3, channels, channels),
         }
     }
 

@@ -4,6 +4,8 @@
 
 use tch::{nn, Tensor};
 
+use super::init;
+
 /// conv3×3 → GroupNorm(1) → GELU → conv3×3 → GroupNorm(1), with an optional residual
 /// (then `gelu(x + f(x))`).
 #[derive(Debug)]
@@ -19,16 +21,11 @@ impl DoubleConv {
     pub fn new(vs: nn::Path, in_ch: i64, out_ch: i64, mid_ch: Option<i64>, residual: bool) -> Self {
         let mid = mid_ch.unwrap_or(out_ch);
         let vs = vs / "double_conv";
-        let conv = nn::ConvConfig {
-            padding: 1,
-            bias: false,
-            ..Default::default()
-        };
         DoubleConv {
-            conv1: nn::conv2d(&vs / 0, in_ch, mid, 3, conv),
-            norm1: nn::group_norm(&vs / 1, 1, mid, Default::default()),
-            conv2: nn::conv2d(&vs / 3, mid, out_ch, 3, conv),
-            norm2: nn::group_norm(&vs / 4, 1, out_ch, Default::default()),
+            conv1: init::conv2d(&vs / 0, in_ch, mid, 3, 1, false),
+            norm1: init::group_norm(&vs / 1, 1, mid),
+            conv2: init::conv2d(&vs / 3, mid, out_ch, 3, 1, false),
+            norm2: init::group_norm(&vs / 4, 1, out_ch),
             residual,
         }
     }
@@ -57,7 +54,7 @@ struct EmbeddingProjection {
 impl EmbeddingProjection {
     fn new(vs: nn::Path, emb_dim: i64, out_ch: i64) -> Self {
         EmbeddingProjection {
-            linear: nn::linear(vs / "emb_layer" / 1, emb_dim, out_ch, Default::default()),
+            linear: init::linear(vs / "emb_layer" / 1, emb_dim, out_ch),
         }
     }
 

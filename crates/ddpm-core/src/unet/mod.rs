@@ -3,7 +3,8 @@
 //! Layout:
 //! - `config`: [`UNetConfig`], its presets (`seed`, `tiny`) and validation;
 //! - `blocks`: `DoubleConv`, `Down`, `Up` (the seed's convolutional blocks);
-//! - `attention`: the self-attention block and the sinusoidal timestep encoding.
+//! - `attention`: the self-attention block and the sinusoidal timestep encoding;
+//! - `init`: every layer built with PyTorch's initialisation (the seed's).
 //!
 //! Variable names follow the seed's PyTorch state dict (`inc`, `down1`, `sa1`, …, `bot1`,
 //! `up1`, …, `outc`, `label_emb`), so a test compares names and shapes with the PyTorch
@@ -12,6 +13,7 @@
 mod attention;
 mod blocks;
 mod config;
+mod init;
 
 pub use attention::timestep_encoding;
 pub use config::UNetConfig;
@@ -85,29 +87,16 @@ impl UNet {
             DoubleConv::new(vs / "bot2", plan.bottleneck, plan.bottleneck, None, false),
             DoubleConv::new(vs / "bot3", plan.bottleneck, deepest, None, false),
         ];
-        let label_emb = config.num_classes.map(|n| {
-            let cfg = nn::EmbeddingConfig {
-                ws_init: nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 1.0,
-                },
-                ..Default::default()
-            };
-            nn::embedding(vs / "label_emb", n + 1, emb, cfg)
-        });
+        let label_emb = config
+            .num_classes
+            .map(|n| init::embedding(vs / "label_emb", n + 1, emb));
         Ok(UNet {
             config: config.clone(),
             inc: DoubleConv::new(vs / "inc", config.in_channels, c[0], None, false),
             downs,
             bottleneck,
             ups,
-            outc: nn::conv2d(
-                vs / "outc",
-                c[0],
-                config.out_channels,
-                1,
-                Default::default(),
-            ),
+            outc: init::conv2d(vs / "outc", c[0], config.out_channels, 1, 0, true),
             label_emb,
         })
     }

@@ -10,12 +10,12 @@ use ddpm_core::{
     },
     ema::EmaConfig,
     optim::AdamWConfig,
-    training::{diffusion_loss, Learner},
+    training::{diffusion_loss, Learner, Objective},
     CoreError, Model, NoiseSchedule, ScheduleConfig, UNetConfig,
 };
 use tch::{Device, Kind, Tensor};
 
-use crate::helpers::{colour_dataset, micro_config};
+use crate::helpers::{colour_dataset, exclusive_rng, micro_config};
 
 fn info() -> CheckpointInfo {
     CheckpointInfo {
@@ -137,6 +137,7 @@ fn new_run(config: &UNetConfig) -> Learner {
     let ema = EmaConfig {
         decay: 0.9,
         warmup_steps: 2,
+        ..Default::default()
     };
     Learner::new(config, Device::Cpu, AdamWConfig::default(), ema).unwrap()
 }
@@ -151,9 +152,10 @@ fn steps(run: &mut Learner, schedule: &NoiseSchedule, data: &(Tensor, Tensor), f
             schedule,
             &data.0.index_select(0, &idx),
             Some(&data.1.index_select(0, &idx)),
-            0.1,
+            &Objective::default(),
         )
-        .unwrap();
+        .unwrap()
+        .loss;
         loss.backward();
         let _ = run.update(1e-3, Some(1.0)).unwrap();
     }
@@ -161,6 +163,7 @@ fn steps(run: &mut Learner, schedule: &NoiseSchedule, data: &(Tensor, Tensor), f
 
 #[test]
 fn training_state_resumes_exactly() {
+    let _rng = exclusive_rng();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.safetensors");
     let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();

@@ -3,10 +3,31 @@
 use ddpm_core::{
     ema::{Ema, EmaConfig},
     optim::AdamWConfig,
-    training::{diffusion_loss, Learner},
+    training::{diffusion_loss, Learner, Objective},
     NoiseSchedule, ScheduleConfig, UNetConfig,
 };
 use tch::{Device, Kind, Tensor};
+
+/// A file of `tests/reference/`.
+pub fn reference_path(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference")
+        .join(name)
+}
+
+/// A JSON file of `tests/reference/`.
+pub fn reference_json(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(reference_path(name)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// libtorch has one global generator: a test that seeds it and expects the seeded
+/// stream holds this lock for as long as it draws, so tests on other threads cannot
+/// take numbers out of the middle of its stream. Every test that seeds holds it.
+pub fn exclusive_rng() -> std::sync::MutexGuard<'static, ()> {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// One libtorch thread per test (see main.rs); every test that runs a model calls it.
 pub fn one_thread() {
@@ -73,11 +94,13 @@ pub fn train(
     lr: f64,
     seed: i64,
 ) -> Trained {
+    let _rng = exclusive_rng();
     tch::manual_seed(seed);
     let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
     let ema_cfg = EmaConfig {
         decay: 0.99,
         warmup_steps: steps / 4,
+        ..Default::default()
     };
     let adamw = AdamWConfig {
         lr,
@@ -90,7 +113,15 @@ pub fn train(
         let idx = Tensor::randint(n, [batch], (Kind::Int64, Device::Cpu));
         let x0 = images.index_select(0, &idx);
         let y = labels.index_select(0, &idx);
-        let loss = diffusion_loss(&learner.model, &schedule, &x0, Some(&y), 0.1).unwrap();
+        let loss = diffusion_loss(
+            &learner.model,
+            &schedule,
+            &x0,
+            Some(&y),
+            &Objective::default(),
+        )
+        .unwrap()
+        .loss;
         loss.backward();
         let _ = learner.update(lr, Some(1.0)).unwrap();
         losses.push(loss.double_value(&[]));

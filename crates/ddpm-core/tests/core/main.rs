@@ -6,6 +6,8 @@
 mod batching;
 mod checkpoints;
 mod helpers;
+mod init;
 mod learning;
 mod linkage;
+mod parity;
 mod reference;

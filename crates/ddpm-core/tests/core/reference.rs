@@ -5,8 +5,6 @@
 //! - `tiny_state_dict.json`, `tiny_forward.safetensors`: the generalised PyTorch UNet at
 //!   the tiny config, its (float16-exact) weights, inputs and float32 output.
 
-use std::path::PathBuf;
-
 use ddpm_core::{
     sampler::{Ddim, Ddpm, Sampler, SamplerKind, TimestepSpacing},
     Model, NoiseSchedule, SamplerConfig, ScheduleConfig, UNetConfig,
@@ -14,16 +12,7 @@ use ddpm_core::{
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-fn reference(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/reference")
-        .join(name)
-}
-
-fn json(name: &str) -> Value {
-    let text = std::fs::read_to_string(reference(name)).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
+use crate::helpers::{reference_json as json, reference_path as reference};
 
 fn floats(v: &Value) -> Vec<f64> {
     v.as_array()
