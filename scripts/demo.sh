@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The demo, end to end on this machine (CPU or GPU): builds both binaries, writes a demo
-# dataset of generated shapes, trains the tiny preset on it (a few minutes on a laptop
+# dataset of generated shapes, trains the fast preset on it (a few minutes on a laptop
 # CPU), then serves the model on http://127.0.0.1:8080 and prints curl commands to try.
 #
 #   DDPM_DEMO_DIR      where the dataset, registry and checkpoints go (default ./data/demo)
 #   DDPM_BIND          the server's address (default 127.0.0.1:8080)
 #   DDPM_DEMO_RETRAIN  set to 1 to train again although a checkpoint exists
-#   DDPM_DEMO_STEPS    training steps (default: the tiny-demo config's)
+#   DDPM_DEMO_STEPS    training steps (default: the demo config's)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -27,8 +27,8 @@ fi
 if [ "${DDPM_DEMO_RETRAIN:-0}" = 1 ] || ! ls "$demo"/checkpoints/runs/*/ema-*.safetensors >/dev/null 2>&1; then
   steps=()
   [ -n "${DDPM_DEMO_STEPS:-}" ] && steps=(--steps "$DDPM_DEMO_STEPS")
-  echo "demo: training the tiny preset on $demo/dataset"
-  "$trainer" train deploy/runs/tiny-demo.toml --dataset "$demo/dataset" "${steps[@]}"
+  echo "demo: training the fast preset on $demo/dataset"
+  "$trainer" train deploy/runs/demo.toml --dataset "$demo/dataset" "${steps[@]}"
 fi
 
 "$trainer" runs list

@@ -34,6 +34,11 @@ pub struct MetricPoint {
     pub images_per_sec: Option<f64>,
     /// When the trainer logged the step.
     pub recorded_at: DateTime<Utc>,
+    /// (placeholder until the metric-detail branch lands)
+    #[serde(default)]
+    pub loss_smoothed: Option<f64>,
+    #[serde(default)]
+    pub loss_by_timestep: [Option<f64>; 4],
 }
 
 /// Reads JSON `null` (what serde_json writes for NaN) back as NaN.
@@ -83,6 +88,8 @@ impl MetricRow {
             grad_norm: self.grad_norm,
             images_per_sec: self.images_per_sec,
             recorded_at: from_millis("metrics", run_id, self.recorded_at)?,
+            loss_smoothed: None,
+            loss_by_timestep: [None; 4],
         })
     }
 }

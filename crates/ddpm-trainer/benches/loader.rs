@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Instant};
 use ddpm_core::{
     ema::EmaConfig,
     optim::AdamWConfig,
-    training::{diffusion_loss, Learner},
+    training::{diffusion_loss, Learner, Objective},
     DeviceChoice, NoiseSchedule, ScheduleConfig, UNetConfig,
 };
 use ddpm_trainer::{
@@ -61,8 +61,15 @@ fn step_rate(device: Device, steps: usize) -> f64 {
         - 1.0;
     let labels = Tensor::randint(CLASSES as i64, [BATCH as i64], (Kind::Int64, device));
     let mut step = || {
-        let loss =
-            diffusion_loss(&learner.model, &schedule, &x0, Some(&labels), 0.1).expect("loss");
+        let loss = diffusion_loss(
+            &learner.model,
+            &schedule,
+            &x0,
+            Some(&labels),
+            &Objective::default(),
+        )
+        .expect("loss")
+        .loss;
         loss.backward();
         let _ = learner.update(3e-4, None).expect("update");
         loss

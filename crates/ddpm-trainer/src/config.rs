@@ -16,9 +16,10 @@
 use std::path::{Path, PathBuf};
 
 use ddpm_core::{
-    ema::EmaConfig,
+    ema::{EmaConfig, EmaWarmup},
     optim::AdamWConfig,
     schedule::{BetaSchedule, ScheduleConfig},
+    training::{LossWeighting, LrSchedule, Objective},
     UNetConfig,
 };
 use serde::{Deserialize, Deserializer, Serialize};
@@ -34,6 +35,9 @@ pub enum Preset {
     Tiny,
     /// The seed: its UNet at 64×64, batch 48, AdamW 3e-4, EMA 0.995 after 2000 steps.
     Seed,
+    /// The tiny network with the training options that learned fastest per step in the
+    /// learning benchmark (BENCHMARKS.md): what the demo and the README use.
+    Fast,
 }
 
 impl Preset {
@@ -41,6 +45,7 @@ impl Preset {
         match self {
             Preset::Tiny => "tiny",
             Preset::Seed => "seed",
+            Preset::Fast => "fast",
         }
     }
 }
@@ -107,6 +112,14 @@ pub struct TrainingConfig {
     pub lr: f64,
     /// Steps of linear learning-rate warm-up from lr/warmup_steps to lr (0: none).
     pub warmup_steps: i64,
+    /// After the warm-up: `constant` (the seed) or `cosine` (decays to 0 at the last step).
+    /// Absent from configs stored before it existed: those runs were constant.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// Min-SNR-γ loss weighting's γ (Hang et al. 2023; 5 in the paper); 0 turns it off
+    /// (the seed's plain ε-MSE).
+    #[serde(default)]
+    pub min_snr_gamma: f64,
     /// Gradient-norm clipping threshold (0: no clipping).
     pub max_grad_norm: f64,
     /// AdamW's decoupled weight decay (PyTorch's default 0.01).
@@ -209,6 +222,8 @@ pub struct TrainingSection {
     pub batch_size: Option<i64>,
     pub lr: Option<f64>,
     pub warmup_steps: Option<i64>,
+    pub lr_schedule: Option<LrSchedule>,
+    pub min_snr_gamma: Option<f64>,
     pub max_grad_norm: Option<f64>,
     pub weight_decay: Option<f64>,
     pub label_dropout: Option<f64>,
@@ -227,6 +242,7 @@ pub struct TrainingSection {
 pub struct EmaSection {
     pub decay: Option<f64>,
     pub warmup_steps: Option<i64>,
+    pub warmup: Option<EmaWarmup>,
 }
 
 /// The common overrides, as CLI flags of `train` and `submit`.
@@ -268,6 +284,8 @@ impl RunConfig {
                     batch_size: 32,
                     lr: 1e-3,
                     warmup_steps: 100,
+                    lr_schedule: LrSchedule::Constant,
+                    min_snr_gamma: 0.0,
                     max_grad_norm: 1.0,
                     weight_decay: 0.01,
                     label_dropout: 0.1,
@@ -283,6 +301,7 @@ impl RunConfig {
                 ema: EmaConfig {
                     decay: 0.995,
                     warmup_steps: 200,
+                    warmup: EmaWarmup::Copy,
                 },
             },
             Preset::Seed => RunConfig {
@@ -301,6 +320,8 @@ impl RunConfig {
                     batch_size: 48,
                     lr: 3e-4,
                     warmup_steps: 0,
+                    lr_schedule: LrSchedule::Constant,
+                    min_snr_gamma: 0.0,
                     // The seed does not clip; clipping stays available.
                     max_grad_norm: 0.0,
                     weight_decay: 0.01,
@@ -316,6 +337,20 @@ impl RunConfig {
                 },
                 ema: EmaConfig::default(),
             },
+            Preset::Fast => {
+                // The tiny preset with what the learning benchmark showed learns fastest
+                // per step (BENCHMARKS.md, "Learning speed").
+                let mut c = RunConfig::preset(Preset::Tiny);
+                c.preset = preset;
+                c.training.min_snr_gamma = 5.0;
+                c.training.lr_schedule = LrSchedule::Cosine;
+                c.ema = EmaConfig {
+                    decay: 0.995,
+                    warmup_steps: 0,
+                    warmup: EmaWarmup::Ramp,
+                };
+                c
+            }
         }
     }
 
@@ -374,6 +409,8 @@ impl RunConfig {
         set(&mut c.training.batch_size, t.batch_size);
         set(&mut c.training.lr, t.lr);
         set(&mut c.training.warmup_steps, t.warmup_steps);
+        set(&mut c.training.lr_schedule, t.lr_schedule);
+        set(&mut c.training.min_snr_gamma, t.min_snr_gamma);
         set(&mut c.training.max_grad_norm, t.max_grad_norm);
         set(&mut c.training.weight_decay, t.weight_decay);
         set(&mut c.training.label_dropout, t.label_dropout);
@@ -391,6 +428,7 @@ impl RunConfig {
 
         set(&mut c.ema.decay, file.ema.decay);
         set(&mut c.ema.warmup_steps, file.ema.warmup_steps);
+        set(&mut c.ema.warmup, file.ema.warmup);
         Ok(c)
     }
 
@@ -420,6 +458,25 @@ impl RunConfig {
             weight_decay: self.training.weight_decay,
             ..AdamWConfig::default()
         }
+    }
+
+    /// What each step minimises.
+    pub fn objective(&self) -> Objective {
+        let gamma = self.training.min_snr_gamma;
+        Objective {
+            label_dropout: self.training.label_dropout,
+            weighting: if gamma > 0.0 {
+                LossWeighting::MinSnr { gamma }
+            } else {
+                LossWeighting::Uniform
+            },
+        }
+    }
+
+    /// The learning rate of step `s` (1-based).
+    pub fn lr_at(&self, s: i64) -> f64 {
+        let t = &self.training;
+        t.lr_schedule.lr_at(t.lr, t.warmup_steps, t.steps, s)
     }
 
     /// Checks every field that can be checked without reading the dataset's images;
@@ -491,6 +548,15 @@ impl RunConfig {
             return Err(TrainerError::config(
                 "training.weight_decay",
                 "must be >= 0",
+            ));
+        }
+        if !(t.min_snr_gamma.is_finite() && t.min_snr_gamma >= 0.0) {
+            return Err(TrainerError::config(
+                "training.min_snr_gamma",
+                format!(
+                    "must be >= 0 (0 turns the weighting off), got {}",
+                    t.min_snr_gamma
+                ),
             ));
         }
         if !(0.0..1.0).contains(&t.label_dropout) {
@@ -641,6 +707,15 @@ mod tests {
         let tiny = parse("").unwrap();
         assert_eq!(tiny.preset, Preset::Tiny);
         assert_eq!(tiny.model.image_size, 16);
+        let fast = parse("preset = \"fast\"").unwrap();
+        assert_eq!(fast.model, tiny.model);
+        assert_eq!(
+            fast.objective().weighting,
+            LossWeighting::MinSnr { gamma: 5.0 }
+        );
+        assert_eq!(fast.ema.warmup, EmaWarmup::Ramp);
+        assert_eq!(c.objective(), Objective::default());
+        assert_eq!(c.training.lr_schedule, LrSchedule::Constant);
     }
 
     #[test]
@@ -676,10 +751,10 @@ mod tests {
 
     #[test]
     fn deployed_run_configs_are_the_presets() {
-        let tiny = parse(include_str!("../../../deploy/runs/tiny-demo.toml")).unwrap();
-        let mut expected = RunConfig::preset(Preset::Tiny);
+        let demo = parse(include_str!("../../../deploy/runs/demo.toml")).unwrap();
+        let mut expected = RunConfig::preset(Preset::Fast);
         expected.dataset.path = PathBuf::from("data/demo/dataset");
-        assert_eq!(tiny, expected);
+        assert_eq!(demo, expected);
         let seed = parse(include_str!("../../../deploy/runs/seed-cifar10.toml")).unwrap();
         let mut expected = RunConfig::preset(Preset::Seed);
         expected.dataset.path = PathBuf::from("/datasets/cifar10");
@@ -715,6 +790,7 @@ mod tests {
             ("[training]\nbatch_size = 0", "training.batch_size"),
             ("[training]\nlabel_dropout = 1.5", "training.label_dropout"),
             ("[training]\nkeep_last = 0", "training.keep_last"),
+            ("[training]\nmin_snr_gamma = -1.0", "training.min_snr_gamma"),
             ("[ema]\ndecay = 1.5", "ema.decay"),
             ("[schedule]\ntimesteps = 1", "schedule.timesteps"),
             ("[model]\nattention_heads = 5", "model.attention_heads"),

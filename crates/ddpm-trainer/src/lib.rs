@@ -13,7 +13,7 @@
 //! ## Layout
 //!
 //! - [`cli`]: the command line (global options with env fallbacks, subcommands).
-//! - [`config`]: run configs: TOML with presets (`tiny`, `seed`), overrides, validation
+//! - [`config`]: run configs: TOML with presets (`tiny`, `seed`, `fast`), overrides, validation
 //!   that names the field.
 //! - [`dataset`]: image folders (classes from subfolders), decoding, the seed's
 //!   augmentation, corrupt files skipped and counted.
@@ -22,6 +22,7 @@
 //! - [`demo`]: the generated demo dataset.
 //! - [`train`]: the training loop on its own thread; checkpoints and sample grids.
 //! - [`grid`]: the sample grid beside each EMA checkpoint.
+//! - [`probe`]: a small classifier trained on a dataset, to score samples by class.
 //! - [`recorder`]: metric batching, checkpoint registration, retention, heartbeats.
 //! - [`worker`]: queueing, executing and resuming runs; the daemon loop.
 //! - [`history`]: `runs list` / `runs show`.
@@ -36,6 +37,7 @@ mod error;
 pub mod grid;
 pub mod history;
 pub mod loader;
+pub mod probe;
 pub mod recorder;
 pub mod telemetry;
 pub mod train;

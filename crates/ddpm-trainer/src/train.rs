@@ -2,9 +2,11 @@
 //!
 //! Step s (1-based) seeds libtorch with f(seed, s) before any draw and trains on batch
 //! s − 1 of the data stream, so a run resumed from the state saved after step S replays
-//! steps S + 1, … exactly. Every `log_every` steps a metric row (loss and grad norm
-//! averaged over the window, learning rate, images/s) goes to the recorder over an
-//! unbounded channel, so recording never stalls a step; every `checkpoint_every` steps,
+//! steps S + 1, … exactly. Every `log_every` steps a metric row goes to the recorder over
+//! an unbounded channel, so recording never stalls a step: the plain ε-MSE and the grad
+//! norm averaged over the window, the ε-MSE by quarter of the timestep range, an
+//! exponentially smoothed loss (whose state travels in the training state, so a resumed
+//! run continues the same curve), the learning rate and images/s; every `checkpoint_every` steps,
 //! at the end and on a stop request, the EMA checkpoint, its sample grid and the
 //! training state are written to the store, and the recorder registers them.
 
@@ -22,7 +24,7 @@ use ddpm_core::{
     checkpoint::{
         checkpoint_bytes, load_training_state, save_training_state, CheckpointInfo, StateInfo,
     },
-    training::{diffusion_loss, Learner},
+    training::{diffusion_loss, Learner, Objective},
     NoiseSchedule,
 };
 use ddpm_registry::{CheckpointKind, CheckpointRecord, CheckpointStore, MetricPoint, StoredFile};
@@ -98,14 +100,11 @@ pub fn step_seed(seed: u64, step: i64) -> i64 {
     (mix(seed, step as u64 ^ 0x5EED_0000_0000) >> 1) as i64
 }
 
-/// The learning rate at step `s` (1-based): linear warm-up to `lr`, then constant.
-pub fn lr_at(lr: f64, warmup_steps: i64, s: i64) -> f64 {
-    if warmup_steps > 0 && s < warmup_steps {
-        lr * s as f64 / warmup_steps as f64
-    } else {
-        lr
-    }
-}
+/// Quarters of the timestep range the loss is split into (metric `loss_by_timestep`).
+const TIMESTEP_BUCKETS: i64 = 4;
+/// Decay of the smoothed loss per step: a time constant of about 100 steps, the window
+/// over which runs are usually compared.
+const LOSS_SMOOTHING: f64 = 0.99;
 
 /// Switches CUDA autocast to bf16 on this thread: `tch::autocast` enables autocast with
 /// libtorch's default CUDA dtype, f16, which needs loss scaling; bf16 does not. `tch`
@@ -127,6 +126,9 @@ fn use_bf16_autocast() {
 struct Window {
     loss: Tensor,
     grad_norm: Tensor,
+    /// Sum of per-sample ε-MSE and sample count per timestep quarter, `[4]` f64 each.
+    bucket_loss: Tensor,
+    bucket_count: Tensor,
     steps: i64,
     started: Instant,
     waited: Duration,
@@ -137,9 +139,74 @@ impl Window {
         Window {
             loss: Tensor::zeros([], (Kind::Double, device)),
             grad_norm: Tensor::zeros([], (Kind::Double, device)),
+            bucket_loss: Tensor::zeros([TIMESTEP_BUCKETS], (Kind::Double, device)),
+            bucket_count: Tensor::zeros([TIMESTEP_BUCKETS], (Kind::Double, device)),
             steps: 0,
             started: Instant::now(),
             waited: Duration::ZERO,
+        }
+    }
+
+    /// Adds one step: its per-sample losses `[B]` at timesteps `t: [B]` of `timesteps`.
+    fn add(&mut self, per_sample: &Tensor, t: &Tensor, timesteps: i64, grad_norm: &Tensor) {
+        let per_sample = per_sample.to_kind(Kind::Double);
+        self.loss += per_sample.mean(Kind::Double);
+        self.grad_norm += grad_norm.to_kind(Kind::Double);
+        let bucket = (t * TIMESTEP_BUCKETS).floor_divide_scalar(timesteps); // [B] in 0..4
+        let _ = self.bucket_loss.index_add_(0, &bucket, &per_sample);
+        let _ = self
+            .bucket_count
+            .index_add_(0, &bucket, &per_sample.ones_like());
+        self.steps += 1;
+    }
+}
+
+/// An exponential moving average of the per-step loss with Adam's bias correction, so
+/// the first values are not pulled towards 0. Its raw state is saved with the training
+/// state; a resumed run continues it exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+struct SmoothedLoss {
+    /// Σ (1 − β)·β^(n−i)·loss_i, not yet bias-corrected.
+    raw: f64,
+    steps: i64,
+}
+
+impl SmoothedLoss {
+    /// Where the training state keeps it.
+    const KEY: &'static str = "smoothed_loss";
+
+    fn value(&self) -> Option<f64> {
+        (self.steps > 0).then(|| self.raw / (1.0 - LOSS_SMOOTHING.powi(self.steps as i32)))
+    }
+}
+
+/// The smoothed loss kept on the device, updated every step without a sync.
+struct DeviceSmoothedLoss {
+    raw: Tensor,
+    steps: i64,
+}
+
+impl DeviceSmoothedLoss {
+    fn new(from: SmoothedLoss, device: Device) -> Self {
+        DeviceSmoothedLoss {
+            raw: Tensor::from(from.raw)
+                .to_kind(Kind::Double)
+                .to_device(device),
+            steps: from.steps,
+        }
+    }
+
+    fn add(&mut self, loss: &Tensor) {
+        self.raw *= LOSS_SMOOTHING;
+        self.raw += loss.to_kind(Kind::Double) * (1.0 - LOSS_SMOOTHING);
+        self.steps += 1;
+    }
+
+    /// Reads the state (a host sync: only when logging or saving).
+    fn read(&self) -> SmoothedLoss {
+        SmoothedLoss {
+            raw: self.raw.double_value(&[]),
+            steps: self.steps,
         }
     }
 }
@@ -148,13 +215,19 @@ impl Window {
 struct State {
     learner: Learner,
     schedule: NoiseSchedule,
+    /// What was restored with the training state.
+    smoothed: SmoothedLoss,
 }
 
 fn build(config: &RunConfig, device: Device) -> Result<State> {
     tch::manual_seed(step_seed(config.training.seed, 0));
     let schedule = NoiseSchedule::new(config.schedule, device)?;
     let learner = Learner::new(&config.model, device, config.optimizer(), config.ema)?;
-    Ok(State { learner, schedule })
+    Ok(State {
+        learner,
+        schedule,
+        smoothed: SmoothedLoss::default(),
+    })
 }
 
 /// Restores the newest usable state; returns its step (0 when there is none).
@@ -175,6 +248,12 @@ fn resume(job: &TrainJob, state: &mut State) -> i64 {
         match loaded {
             Ok(manifest) => {
                 tracing::info!(step = manifest.step, path = %record.path, "resuming from a training state");
+                // States written before the smoothed loss existed restart it.
+                state.smoothed = manifest
+                    .extra
+                    .get(SmoothedLoss::KEY)
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                    .unwrap_or_default();
                 return manifest.step;
             }
             Err(e) => {
@@ -252,9 +331,12 @@ pub fn train(job: TrainJob) -> Result<Outcome> {
     let size = cfg.model.image_size;
     let clip = (t.max_grad_norm > 0.0).then_some(t.max_grad_norm);
     let conditional = cfg.model.num_classes.is_some();
+    let objective: Objective = cfg.objective();
+    let timesteps = state.schedule.timesteps() as i64;
     let bar = job.progress.then(|| progress_bar(t.steps, start));
 
     let mut window = Window::new(job.device);
+    let mut smoothed = DeviceSmoothedLoss::new(state.smoothed, job.device);
     let mut step = start;
     let mut saved = start;
     while step < t.steps {
@@ -273,21 +355,20 @@ pub fn train(job: TrainJob) -> Result<Outcome> {
             .f_view([t.batch_size, 3, size, size])? // [B, 3, S, S]
             .f_to_device(job.device)?;
         let labels = conditional.then(|| Tensor::from_slice(&batch.labels).to_device(job.device)); // [B]
-        let lr = lr_at(t.lr, t.warmup_steps, s);
+        let lr = cfg.lr_at(s);
         let loss = tch::autocast(bf16, || {
             diffusion_loss(
                 &state.learner.model,
                 &state.schedule,
                 &x0,
                 labels.as_ref(),
-                t.label_dropout,
+                &objective,
             )
         })?;
-        loss.f_backward()?;
+        loss.loss.f_backward()?;
         let grad_norm = state.learner.update(lr, clip)?;
-        window.loss += loss.detach().to_kind(Kind::Double);
-        window.grad_norm += grad_norm.to_kind(Kind::Double);
-        window.steps += 1;
+        window.add(&loss.per_sample, &loss.t, timesteps, &grad_norm);
+        smoothed.add(&loss.per_sample.mean(Kind::Float));
         step = s;
         job.step.store(s, Ordering::Relaxed);
         if let Some(bar) = &bar {
@@ -295,13 +376,13 @@ pub fn train(job: TrainJob) -> Result<Outcome> {
         }
 
         if s % t.log_every == 0 || s == t.steps {
-            let point = window_metrics(&mut window, s, lr, t.batch_size);
+            let point = window_metrics(&window, smoothed.read(), s, lr, t.batch_size);
             report(&point, &window, bar.as_ref());
             let _ = job.events.send(Event::Metrics(point));
             window = Window::new(job.device);
         }
         if s % t.checkpoint_every == 0 || s == t.steps {
-            save(&job, &state, s)?;
+            save(&job, &state, smoothed.read(), s)?;
             saved = s;
         }
     }
@@ -318,19 +399,33 @@ pub fn train(job: TrainJob) -> Result<Outcome> {
         return Ok(Outcome::Completed { step });
     }
     if step > saved {
-        save(&job, &state, step)?;
+        save(&job, &state, smoothed.read(), step)?;
     }
     tracing::info!(step, "stopped on request; training state saved");
     Ok(Outcome::Interrupted { step })
 }
 
-fn window_metrics(window: &mut Window, s: i64, lr: f64, batch: i64) -> MetricPoint {
+fn window_metrics(
+    window: &Window,
+    smoothed: SmoothedLoss,
+    s: i64,
+    lr: f64,
+    batch: i64,
+) -> MetricPoint {
     let n = window.steps.max(1) as f64;
     let seconds = window.started.elapsed().as_secs_f64();
+    // Reading the sums is the only host sync of the window.
+    let sums = Vec::<f64>::try_from(&window.bucket_loss).unwrap_or_default();
+    let counts = Vec::<f64>::try_from(&window.bucket_count).unwrap_or_default();
+    let mut loss_by_timestep = [None; TIMESTEP_BUCKETS as usize];
+    for (slot, (sum, count)) in loss_by_timestep.iter_mut().zip(sums.iter().zip(&counts)) {
+        *slot = (*count > 0.0).then(|| sum / count);
+    }
     MetricPoint {
         step: s,
-        // Reading the sums is the only host sync of the window.
         loss: window.loss.double_value(&[]) / n,
+        loss_smoothed: smoothed.value(),
+        loss_by_timestep,
         learning_rate: lr,
         grad_norm: Some(window.grad_norm.double_value(&[]) / n),
         images_per_sec: (seconds > 0.0).then(|| window.steps as f64 * batch as f64 / seconds),
@@ -372,7 +467,7 @@ pub fn stderr_is_terminal() -> bool {
 
 /// Writes the EMA checkpoint, its grid and the training state at step `s`, then tells
 /// the recorder to register them.
-fn save(job: &TrainJob, state: &State, s: i64) -> Result<()> {
+fn save(job: &TrainJob, state: &State, smoothed: SmoothedLoss, s: i64) -> Result<()> {
     let t0 = Instant::now();
     let cfg = &job.config;
     let info = CheckpointInfo {
@@ -410,7 +505,7 @@ fn save(job: &TrainJob, state: &State, s: i64) -> Result<()> {
     let info = StateInfo {
         step: s,
         seed: cfg.training.seed,
-        extra: serde_json::json!({ "run_id": job.run_id }),
+        extra: serde_json::json!({ "run_id": job.run_id, SmoothedLoss::KEY: smoothed }),
     };
     let state_file = job.store.write_atomic(&state_rel, |tmp| {
         save_training_state(
@@ -436,11 +531,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn warm_up_is_linear_then_constant() {
-        assert_eq!(lr_at(1.0, 0, 1), 1.0);
-        assert_eq!(lr_at(1.0, 4, 1), 0.25);
-        assert_eq!(lr_at(1.0, 4, 4), 1.0);
-        assert_eq!(lr_at(1.0, 4, 100), 1.0);
+    fn smoothed_loss_is_bias_corrected() {
+        let mut raw = SmoothedLoss::default();
+        assert_eq!(raw.value(), None);
+        for _ in 0..3 {
+            raw.raw = raw.raw * LOSS_SMOOTHING + 0.5 * (1.0 - LOSS_SMOOTHING);
+            raw.steps += 1;
+        }
+        // A constant loss reads back as itself from the first step on.
+        assert!((raw.value().unwrap() - 0.5).abs() < 1e-12);
+        let mut device = DeviceSmoothedLoss::new(SmoothedLoss::default(), Device::Cpu);
+        for loss in [2.0, 1.0, 0.5] {
+            device.add(&Tensor::from(loss));
+        }
+        let read = device.read();
+        let expected = (2.0 * 0.99 * 0.99 + 1.0 * 0.99 + 0.5) * 0.01 / (1.0 - 0.99f64.powi(3));
+        assert!((read.value().unwrap() - expected).abs() < 1e-12);
+        let json = serde_json::to_value(read).unwrap();
+        assert_eq!(serde_json::from_value::<SmoothedLoss>(json).unwrap(), read);
+    }
+
+    #[test]
+    fn window_splits_the_loss_by_timestep_quarter() {
+        let mut w = Window::new(Device::Cpu);
+        let per_sample = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 5.0]);
+        let t = Tensor::from_slice(&[0i64, 249, 250, 999]);
+        w.add(&per_sample, &t, 1000, &Tensor::from(1.0f32));
+        let p = window_metrics(&w, SmoothedLoss::default(), 1, 1e-3, 4);
+        assert_eq!(p.loss_by_timestep, [Some(1.5), Some(3.0), None, Some(5.0)]);
+        assert_eq!(p.loss, 2.75);
+        assert_eq!(p.loss_smoothed, None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use ddpm_core::{
     checkpoint::{checkpoint_bytes, load_checkpoint_bytes, CheckpointInfo},
     ema::EmaConfig,
     optim::AdamWConfig,
-    training::{diffusion_loss, Learner},
+    training::{diffusion_loss, Learner, Objective},
     NoiseSchedule, ScheduleConfig, UNetConfig,
 };
 use ddpm_registry::{CheckpointKind, CheckpointRecord, CheckpointStore, NewRun, Registry};
@@ -346,6 +346,7 @@ pub fn train(steps: i64, seed: i64) -> Vec<u8> {
     let ema_config = EmaConfig {
         decay: 0.99,
         warmup_steps: steps / 4,
+        ..Default::default()
     };
     let lr = 2e-3;
     let adamw = AdamWConfig {
@@ -363,7 +364,8 @@ pub fn train(steps: i64, seed: i64) -> Vec<u8> {
             Some(&labels.index_select(0, &idx)),
             0.1,
         )
-        .expect("loss");
+        .expect("loss")
+        .loss;
         loss.backward();
         let _ = learner.update(lr, Some(1.0)).expect("update");
     }

@@ -1,7 +1,7 @@
 //! Crashes and stops: a trainer killed with SIGKILL mid-run is resumed by a restarted
 //! daemon once its heartbeat is stale; SIGTERM saves a state and marks the run
 //! interrupted, and a daemon resumes it. Either way the run finishes with every step's
-//! metric row exactly once.
+//! metric row exactly once, and a resumed run's curve is the uninterrupted run's.
 
 use std::time::Duration;
 
@@ -91,9 +91,11 @@ async fn sigkill_mid_run_is_resumed_by_a_restarted_daemon(env: TestEnv) {
 }
 
 async fn sigterm_interrupts_and_the_run_resumes(env: TestEnv) {
+    // The fast preset's options (Min-SNR, cosine lr, EMA ramp) through a stop and resume.
     let config = env.write_config(
         "run.toml",
-        &micro_config(&env.dataset, TOTAL, LOG_EVERY, 1000),
+        &micro_config(&env.dataset, TOTAL, LOG_EVERY, 1000)
+            .replace("preset = \"tiny\"", "preset = \"fast\""),
     );
     let child = env.spawn("train", &["train", config.to_str().unwrap()]);
     env.wait_until("train", LIMIT, "rows past step 30", || async {
@@ -144,6 +146,44 @@ async fn sigterm_interrupts_and_the_run_resumes(env: TestEnv) {
         (RunStatus::Completed, TOTAL, 2)
     );
     assert_eq!(env.metric_steps(id).await, expected_steps(TOTAL, LOG_EVERY));
+
+    // The same config trained without a stop: the resumed run's rows are its rows. The
+    // smoothed loss carries its state in the training state, so it matches at every row;
+    // the window means match wherever a window lies wholly before the stop or after it.
+    let status = env
+        .run_to_end("straight", &["train", config.to_str().unwrap()], LIMIT)
+        .await;
+    assert!(status.success(), "train failed:\n{}", env.log("straight"));
+    let straight_id = env.registry.list_runs(None, 1, 0).await.unwrap()[0].id;
+    assert_ne!(straight_id, id);
+    let (resumed, straight) = (env.metrics(id).await, env.metrics(straight_id).await);
+    assert_eq!(resumed.len(), straight.len());
+    for (a, b) in resumed.iter().zip(&straight) {
+        assert_eq!(a.step, b.step);
+        let smoothed = (a.loss_smoothed, b.loss_smoothed);
+        assert!(
+            matches!(smoothed, (Some(x), Some(y)) if (x - y).abs() <= 1e-9 * y.abs()),
+            "step {}: smoothed loss {smoothed:?} (resumed, straight)",
+            a.step
+        );
+        let straddles = a.step > stopped_at && a.step - LOG_EVERY < stopped_at;
+        if !straddles {
+            assert_eq!(
+                (a.loss, a.loss_by_timestep),
+                (b.loss, b.loss_by_timestep),
+                "step {}: the window's losses",
+                a.step
+            );
+        }
+        assert!(
+            a.loss_by_timestep
+                .iter()
+                .all(|q| q.is_some_and(f64::is_finite)),
+            "step {}: a quarter of the timesteps without samples: {:?}",
+            a.step,
+            a.loss_by_timestep
+        );
+    }
 }
 
 both_backends!(

@@ -1,0 +1,448 @@
+//! Learning speed: how fast a model learns per step, ours beside PyTorch's, and which
+//! training options learn fastest.
+//!
+//! `cargo bench -p ddpm-trainer --bench learning` generates the demo dataset (8 shape
+//! classes, 16×16, 175 images each: 1,400 images, no augmentation), fixes the batches
+//! (epoch-wise shuffles) and every step's seed, then:
+//!
+//! - **parity** — trains the seed's training settings (AdamW 3e-4, batch 32, linear β,
+//!   label dropout 0.1, no clipping, EMA 0.995 copied for 2000 steps) on the seed's
+//!   architecture at base width 32 with attention at every level, once with ddpm-core
+//!   (the trainer's own `RunConfig`, `Learner` and `diffusion_loss`) and once in PyTorch
+//!   (`benches/reference/torch_learning.py`: `GeneralUNet` with PyTorch's own
+//!   initialisation, `torch.optim.AdamW`), side by side on one thread each. Both seed the
+//!   generator with the same value before each step's draws (t, ε, dropout), and both
+//!   draw in the same order, so they see the same data, timesteps and noise; only the
+//!   initial weights (each side's own draw) and float rounding differ. Prints the 100-step
+//!   mean loss of both at every 100 steps and their ratio (target ≤ 1.05 from step 200).
+//! - **options** — trains the tiny network under the seed's settings, the `tiny`
+//!   preset's, each option of the `tiny` preset alone (Min-SNR-5, diffusers' EMA ramp, the
+//!   cosine β schedule, cosine learning-rate decay) and the `fast` preset, at equal steps;
+//!   prints the plain ε-MSE (comparable across loss weightings, not across β schedules)
+//!   and sample quality: the class-probe accuracy (`ddpm_trainer::probe`, luminance only,
+//!   so the shape must be right) of 16 guided DDIM-50 samples per class from the EMA
+//!   model (guidance 3) at several steps.
+//!
+//! Settings: `DDPM_BENCH_PARTS` (`parity,options`), `DDPM_BENCH_STEPS` (2000),
+//! `DDPM_BENCH_PARITY_MODEL` (`seed32`, or `tiny`), `DDPM_BENCH_VARIANTS` (a comma list
+//! of the variant names below; default all), `DDPM_PYTHON` (default: the cached torch
+//! venv's python). CPU only: the figures are per step, not per second.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use ddpm_core::{
+    ema::EmaWarmup,
+    schedule::{BetaSchedule, ScheduleConfig},
+    training::{diffusion_loss, Learner, LrSchedule},
+    NoiseSchedule, UNetConfig,
+};
+use ddpm_trainer::{
+    config::{Preset, RunConfig},
+    dataset::{mix, ImageFolder, ImageSource, Transform},
+    demo::{write_demo_dataset, DemoSpec},
+    probe::{sample_classes, ClassProbe, ProbeConfig},
+};
+use rand::{seq::SliceRandom, SeedableRng};
+use rand_pcg::Pcg64Mcg;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+const CLASSES: usize = 8;
+const PER_CLASS: usize = 175;
+const SIZE: i64 = 16;
+const BATCH: i64 = 32;
+const LOG_EVERY: usize = 100;
+const SEED: u64 = 7;
+/// Guided samples per class that the probe scores.
+const PROBE_SAMPLES: i64 = 16;
+
+struct Data {
+    images: Tensor, // [N, 3, S, S] in [−1, 1]
+    labels: Tensor, // [N]
+    /// `[steps, B]` indices into `images`.
+    batches: Tensor,
+    step_seeds: Vec<i64>,
+}
+
+fn make_data(dir: &Path, steps: usize) -> Data {
+    let spec = DemoSpec {
+        size: SIZE as u32,
+        per_class: PER_CLASS,
+        classes: CLASSES,
+        seed: 0,
+    };
+    write_demo_dataset(dir, &spec).expect("demo dataset");
+    let folder = ImageFolder::scan(dir).expect("scan");
+    let transform = Transform {
+        image_size: SIZE as u32,
+        augment: false,
+        flip: false,
+    };
+    let source = ImageSource::new(folder.items.clone(), transform, false);
+    let len = transform.sample_len();
+    let mut pixels = vec![0f32; source.len() * len];
+    let mut labels = Vec::with_capacity(source.len());
+    for (i, out) in pixels.chunks_mut(len).enumerate() {
+        labels.push(source.sample(i, 0, out).expect("decodable demo image"));
+    }
+    let n = source.len();
+    let images = Tensor::from_slice(&pixels).view([n as i64, 3, SIZE, SIZE]);
+    // Epoch-wise shuffles, the same for every run of the bench.
+    let mut rng = Pcg64Mcg::seed_from_u64(SEED);
+    let mut order: Vec<i64> = Vec::new();
+    let mut batches = Vec::with_capacity(steps * BATCH as usize);
+    while batches.len() < steps * BATCH as usize {
+        if order.is_empty() {
+            order = (0..n as i64).collect();
+            order.shuffle(&mut rng);
+        }
+        batches.push(order.pop().unwrap_or(0));
+    }
+    Data {
+        images,
+        labels: Tensor::from_slice(&labels),
+        batches: Tensor::from_slice(&batches).view([steps as i64, BATCH]),
+        step_seeds: (1..=steps as u64)
+            .map(|s| (mix(SEED, s) >> 1) as i64)
+            .collect(),
+    }
+}
+
+/// What the PyTorch side needs of a run config.
+#[derive(Serialize)]
+struct TorchSetting {
+    model: UNetConfig,
+    images: usize,
+    steps: usize,
+    batch_size: i64,
+    timesteps: usize,
+    beta_schedule: &'static str,
+    lr: f64,
+    warmup_steps: i64,
+    lr_schedule: LrSchedule,
+    weight_decay: f64,
+    max_grad_norm: f64,
+    min_snr_gamma: f64,
+    ema_decay: f64,
+    ema_warmup: EmaWarmup,
+    ema_warmup_steps: i64,
+    label_dropout: f64,
+    init_seed: i64,
+}
+
+impl TorchSetting {
+    fn of(c: &RunConfig) -> TorchSetting {
+        TorchSetting {
+            model: c.model.clone(),
+            images: CLASSES * PER_CLASS,
+            steps: c.training.steps as usize,
+            batch_size: c.training.batch_size,
+            timesteps: c.schedule.timesteps,
+            beta_schedule: match c.schedule.betas {
+                BetaSchedule::Linear { .. } => "linear",
+                BetaSchedule::Cosine { .. } => "cosine",
+            },
+            lr: c.training.lr,
+            warmup_steps: c.training.warmup_steps,
+            lr_schedule: c.training.lr_schedule,
+            weight_decay: c.training.weight_decay,
+            max_grad_norm: c.training.max_grad_norm,
+            min_snr_gamma: c.training.min_snr_gamma,
+            ema_decay: c.ema.decay,
+            ema_warmup: c.ema.warmup,
+            ema_warmup_steps: c.ema.warmup_steps,
+            label_dropout: c.training.label_dropout,
+            init_seed: c.training.seed as i64,
+        }
+    }
+}
+
+/// A run's per-step plain ε-MSE and its probe scores by step.
+struct Curve {
+    losses: Vec<f64>,
+    accuracy: Vec<(usize, f64)>,
+}
+
+/// Trains `config` with ddpm-core exactly as the trainer's loop does (seeded per step,
+/// `diffusion_loss` with the run's objective, `Learner::update` at the run's lr).
+fn train_ours(config: &RunConfig, data: &Data, probe: Option<(&ClassProbe, &[usize])>) -> Curve {
+    let device = Device::Cpu;
+    tch::manual_seed(config.training.seed as i64);
+    let schedule = NoiseSchedule::new(config.schedule, device).expect("schedule");
+    let mut learner =
+        Learner::new(&config.model, device, config.optimizer(), config.ema).expect("learner");
+    let objective = config.objective();
+    let clip = (config.training.max_grad_norm > 0.0).then_some(config.training.max_grad_norm);
+    let steps = config.training.steps as usize;
+    let mut curve = Curve {
+        losses: Vec::with_capacity(steps),
+        accuracy: Vec::new(),
+    };
+    for s in 1..=steps {
+        tch::manual_seed(data.step_seeds[s - 1]);
+        let idx = data.batches.get(s as i64 - 1);
+        let x0 = data.images.index_select(0, &idx);
+        let y = data.labels.index_select(0, &idx);
+        let loss =
+            diffusion_loss(&learner.model, &schedule, &x0, Some(&y), &objective).expect("loss");
+        loss.loss.backward();
+        let _ = learner
+            .update(config.lr_at(s as i64), clip)
+            .expect("update");
+        curve
+            .losses
+            .push(loss.per_sample.mean(Kind::Float).double_value(&[]));
+        if let Some((probe, at)) = probe {
+            if at.contains(&s) {
+                let (samples, labels) =
+                    sample_classes(learner.ema.model(), &schedule, PROBE_SAMPLES, 50, 3.0, SEED)
+                        .expect("samples");
+                curve.accuracy.push((s, probe.accuracy(&samples, &labels)));
+            }
+        }
+    }
+    curve
+}
+
+/// Mean of the 100 steps ending at `step` (1-based).
+fn window_mean(losses: &[f64], step: usize) -> f64 {
+    let w = &losses[step.saturating_sub(LOG_EVERY)..step];
+    w.iter().sum::<f64>() / w.len() as f64
+}
+
+fn python() -> PathBuf {
+    std::env::var("DDPM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+            PathBuf::from(home).join(".cache/ddpm/torch-2.11.0/bin/python")
+        })
+}
+
+fn parity(dir: &Path, steps: usize, data: &Data) {
+    let model = match std::env::var("DDPM_BENCH_PARITY_MODEL").as_deref() {
+        Ok("tiny") => UNetConfig::tiny(Some(CLASSES as i64)),
+        _ => UNetConfig {
+            image_size: SIZE,
+            base_channels: 32,
+            // The seed's four levels; at 16×16 they sit at 16, 8, 4 and 2 pixels.
+            attention_resolutions: vec![2, 4, 8, 16],
+            ..UNetConfig::seed(Some(CLASSES as i64))
+        },
+    };
+    let mut config = RunConfig::preset(Preset::Seed);
+    config.model = model;
+    config.training.batch_size = BATCH;
+    config.training.steps = steps as i64;
+    config.training.seed = 1;
+
+    // The data and the setting for the PyTorch side, as raw little-endian arrays (the
+    // torch venv has no safetensors package).
+    let data_dir = dir.join("run");
+    std::fs::create_dir_all(&data_dir).expect("run dir");
+    let seeds = Tensor::from_slice(&data.step_seeds);
+    for (name, tensor) in [
+        ("images.f32", &data.images),
+        ("labels.i64", &data.labels),
+        ("batches.i64", &data.batches),
+        ("step_seeds.i64", &seeds),
+    ] {
+        let flat = tensor.contiguous().view([-1]);
+        let bytes: Vec<u8> = match tensor.kind() {
+            Kind::Float => Vec::<f32>::try_from(&flat)
+                .expect("f32")
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            _ => Vec::<i64>::try_from(&flat)
+                .expect("i64")
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        };
+        std::fs::write(data_dir.join(name), bytes).expect("write run data");
+    }
+    let setting_path = dir.join("setting.json");
+    std::fs::write(
+        &setting_path,
+        serde_json::to_vec(&TorchSetting::of(&config)).expect("json"),
+    )
+    .expect("write setting");
+    let out_path = dir.join("torch.json");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/reference/torch_learning.py");
+    let mut torch = Command::new(python())
+        .arg(&script)
+        .arg("--data")
+        .arg(&data_dir)
+        .arg("--setting")
+        .arg(&setting_path)
+        .arg("--out")
+        .arg(&out_path)
+        .spawn()
+        .expect("start the PyTorch side (set DDPM_PYTHON to a python with torch)");
+
+    println!(
+        "parity: {} parameters, {steps} steps of batch {BATCH}, ours and PyTorch side by side",
+        tch::no_grad(|| ddpm_core::Model::new(&config.model, Device::Cpu)
+            .expect("model")
+            .parameter_count())
+    );
+    let t0 = Instant::now();
+    let ours = train_ours(&config, data, None);
+    let ours_s = t0.elapsed().as_secs_f64();
+    let status = torch.wait().expect("wait for PyTorch");
+    assert!(status.success(), "the PyTorch side failed: {status}");
+    let torch_s = t0.elapsed().as_secs_f64();
+    let theirs: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&out_path).expect("PyTorch output")).expect("json");
+    let theirs: Vec<f64> = theirs["losses"]
+        .as_array()
+        .expect("losses")
+        .iter()
+        .map(|v| v.as_f64().unwrap_or(f64::NAN))
+        .collect();
+
+    println!("\n| step | ddpm, 100-step mean loss | PyTorch | ratio |");
+    println!("| ---: | ---: | ---: | ---: |");
+    let mut worst: f64 = 0.0;
+    for step in (LOG_EVERY..=steps).step_by(LOG_EVERY) {
+        let (a, b) = (window_mean(&ours.losses, step), window_mean(&theirs, step));
+        if step >= 200 {
+            worst = worst.max(a / b);
+        }
+        println!("| {step} | {a:.4} | {b:.4} | {:.3} |", a / b);
+    }
+    println!(
+        "\nworst ratio from step 200 on: {worst:.3} (target ≤ 1.05); wall time ours {ours_s:.0} s, \
+         PyTorch {torch_s:.0} s (side by side, one thread each)"
+    );
+}
+
+/// The option variants, each a run config on the tiny network.
+fn variants(steps: usize) -> Vec<(&'static str, RunConfig)> {
+    let base = |preset: Preset| {
+        let mut c = RunConfig::preset(preset);
+        c.model = UNetConfig::tiny(Some(CLASSES as i64));
+        c.training.batch_size = BATCH;
+        c.training.steps = steps as i64;
+        c.training.seed = 1;
+        c
+    };
+    let tiny = base(Preset::Tiny);
+    let with = |f: &dyn Fn(&mut RunConfig)| {
+        let mut c = tiny.clone();
+        f(&mut c);
+        c
+    };
+    vec![
+        ("seed settings", base(Preset::Seed)),
+        ("tiny preset", tiny.clone()),
+        (
+            "tiny + min-SNR-5",
+            with(&|c| c.training.min_snr_gamma = 5.0),
+        ),
+        (
+            "tiny + EMA ramp",
+            with(&|c| {
+                c.ema.warmup = EmaWarmup::Ramp;
+                c.ema.warmup_steps = 0;
+            }),
+        ),
+        (
+            "tiny + cosine beta",
+            with(&|c| c.schedule = ScheduleConfig::cosine(1000)),
+        ),
+        (
+            "tiny + cosine lr",
+            with(&|c| c.training.lr_schedule = LrSchedule::Cosine),
+        ),
+        ("fast preset", base(Preset::Fast)),
+    ]
+}
+
+fn options(steps: usize, data: &Data) {
+    let t0 = Instant::now();
+    let probe = ClassProbe::train(
+        &data.images,
+        &data.labels,
+        CLASSES as i64,
+        &ProbeConfig::default(),
+    )
+    .expect("probe");
+    println!(
+        "\noptions: probe trained in {:.0} s, held-out accuracy on real images {:.3}",
+        t0.elapsed().as_secs_f64(),
+        probe.holdout_accuracy
+    );
+    let wanted: Option<Vec<String>> = std::env::var("DDPM_BENCH_VARIANTS")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+    let probe_at: Vec<usize> = [steps / 4, steps / 2, steps]
+        .into_iter()
+        .filter(|&s| s > 0)
+        .collect();
+    let loss_at: Vec<usize> = [200, 500, 1000, 2000, steps]
+        .into_iter()
+        .filter(|&s| s <= steps && s >= LOG_EVERY)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut header = String::from("| variant |");
+    let mut rule = String::from("| --- |");
+    for s in &loss_at {
+        header += &format!(" loss @{s} |");
+        rule += " ---: |";
+    }
+    for s in &probe_at {
+        header += &format!(" probe acc @{s} |");
+        rule += " ---: |";
+    }
+    let mut rows = Vec::new();
+    for (name, config) in variants(steps) {
+        if let Some(w) = &wanted {
+            if !w.iter().any(|v| v == name) {
+                continue;
+            }
+        }
+        let t = Instant::now();
+        let curve = train_ours(&config, data, Some((&probe, &probe_at)));
+        let mut row = format!("| {name} |");
+        for &s in &loss_at {
+            row += &format!(" {:.4} |", window_mean(&curve.losses, s));
+        }
+        for (_, acc) in &curve.accuracy {
+            row += &format!(" {acc:.3} |");
+        }
+        eprintln!("{row}  ({:.0} s)", t.elapsed().as_secs_f64());
+        rows.push(row);
+    }
+    println!("\n{header}\n{rule}");
+    for row in rows {
+        println!("{row}");
+    }
+}
+
+fn main() {
+    let steps: usize = std::env::var("DDPM_BENCH_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let parts = std::env::var("DDPM_BENCH_PARTS").unwrap_or_else(|_| "parity,options".into());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = make_data(&dir.path().join("dataset"), steps);
+    if parts.contains("parity") {
+        // One thread each: the two sides run side by side.
+        tch::set_num_threads(1);
+        parity(dir.path(), steps, &data);
+    }
+    if parts.contains("options") {
+        tch::set_num_threads(2);
+        options(steps, &data);
+    }
+}
