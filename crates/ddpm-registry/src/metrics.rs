@@ -138,7 +138,13 @@ pub(crate) async fn upsert_metrics<'e>(
     rows: &[MetricPoint],
 ) -> Result<()> {
     let sql = upsert_sql(rows.len());
-    let mut query = sqlx::query(&sql);
+    // Not cached as a prepared statement: sqlx 0.8's `Any` driver binds a NULL
+    // f64 as PostgreSQL `real` (its NULL mapping swaps real and double,
+    // transact-rs/sqlx#4284), so a statement first prepared with a NULL in a
+    // column refuses a value there later ("incorrect binary data format in
+    // bind parameter"). Preparing per call costs little at one call per
+    // logging window.
+    let mut query = sqlx::query(&sql).persistent(false);
     for p in rows {
         query = query
             .bind(run_id)

@@ -122,6 +122,43 @@ async fn diverged_steps_keep_their_nan(t: TestContext) {
     assert_eq!(summary.min_loss, Some(2.0));
 }
 
+/// Each single-row upsert is the same statement text. Once a connection has run
+/// it with NULLs (NaN or `None`), later runs on that connection with values
+/// must still be stored: sqlx's `Any` driver binds a NULL `f64` as `real`, and
+/// a statement cached with that type refused the 8-byte value ("incorrect
+/// binary data format in bind parameter").
+async fn values_after_nulls_in_the_same_columns_are_stored(t: TestContext) {
+    let run = running_run(&t.registry, "h").await;
+    let empty = |step| MetricPoint {
+        grad_norm: None,
+        images_per_sec: None,
+        ..point(step, f64::NAN)
+    };
+    // One at a time, so the pool hands out its idle connections in turn and
+    // every one of them (at most 10) has run the statement with NULLs.
+    for step in 1..=10 {
+        t.registry
+            .record_metrics(run.id, &[empty(step)])
+            .await
+            .unwrap();
+    }
+    for step in 11..=20 {
+        t.registry
+            .record_metrics(run.id, &[point(step, 0.5)])
+            .await
+            .unwrap();
+    }
+    let stored = t.registry.metrics(run.id, None, None, 100).await.unwrap();
+    assert_eq!(stored.len(), 20);
+    assert_eq!(
+        stored[10..],
+        (11..=20).map(|s| point(s, 0.5)).collect::<Vec<_>>()
+    );
+    assert!(stored[..10]
+        .iter()
+        .all(|p| p.loss.is_nan() && p.grad_norm.is_none() && p.images_per_sec.is_none()));
+}
+
 async fn truncation_makes_room_for_the_resumed_steps(t: TestContext) {
     let run = running_run(&t.registry, "h").await;
     t.registry
@@ -237,6 +274,7 @@ both_backends!(
     big_batches_span_several_statements,
     metrics_of_unknown_runs_are_refused,
     diverged_steps_keep_their_nan,
+    values_after_nulls_in_the_same_columns_are_stored,
     truncation_makes_room_for_the_resumed_steps,
     downsampling_keeps_every_kth_row_and_the_last,
     downsampling_a_long_series,
