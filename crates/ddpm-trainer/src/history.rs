@@ -191,6 +191,8 @@ mod tests {
             grad_norm: None,
             images_per_sec: None,
             recorded_at: chrono::Utc::now(),
+            loss_smoothed: None,
+            loss_by_timestep: [None; 4],
         };
         let s = sparkline(&[p(1, 1.0), p(2, 0.5), p(3, f64::NAN), p(4, 0.0)]);
         assert_eq!(s, "█▅·▁");

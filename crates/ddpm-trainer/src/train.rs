@@ -335,6 +335,8 @@ fn window_metrics(window: &mut Window, s: i64, lr: f64, batch: i64) -> MetricPoi
         grad_norm: Some(window.grad_norm.double_value(&[]) / n),
         images_per_sec: (seconds > 0.0).then(|| window.steps as f64 * batch as f64 / seconds),
         recorded_at: Utc::now(),
+        loss_smoothed: None,
+        loss_by_timestep: [None; 4],
     }
 }
 

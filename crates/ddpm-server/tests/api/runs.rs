@@ -29,6 +29,8 @@ async fn run_history(db: Db) {
             grad_norm: None,
             images_per_sec: Some(100.0),
             recorded_at: Utc::now(),
+            loss_smoothed: None,
+            loss_by_timestep: [None; 4],
         })
         .collect();
     registry.record_metrics(running.id, &points).await.unwrap();
