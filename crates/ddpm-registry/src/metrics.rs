@@ -1,4 +1,4 @@
-//! A run's metric series: one row per logged step, idempotent on
+//! A run's metric series: one row per logging window, idempotent on
 //! `(run_id, step)`, downsampled for charts, summarised for `runs show`.
 
 use chrono::{DateTime, Utc};
@@ -9,21 +9,25 @@ use crate::db::{from_millis, run_fk, Registry};
 use crate::error::{RegistryError, Result};
 
 /// Bound parameters per metrics row in [`record_metrics`](Registry::record_metrics).
-const PARAMS_PER_ROW: usize = 7;
+const PARAMS_PER_ROW: usize = 12;
 /// Rows per `INSERT`: keeps a statement far below both backends' limit on
 /// bound parameters (SQLite 32766, PostgreSQL 65535).
 const ROWS_PER_INSERT: usize = 1000;
 const _: () = assert!(ROWS_PER_INSERT * PARAMS_PER_ROW <= 32_766);
 
-/// One logged training step.
+/// One row of a run's metric series: the trainer's logging window that ends
+/// at `step`.
 ///
 /// `loss` and `learning_rate` may be NaN (a diverged step); it is stored as
 /// NULL on both backends, so aggregates skip it, and travels as JSON `null`.
+/// A NaN in one of the optional values is stored as NULL too and reads back as
+/// `None`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct MetricPoint {
-    /// The optimiser step this row describes.
+    /// The optimiser step this row describes (the window's last step).
     pub step: i64,
-    /// Training loss (MSE on the noise) at this step.
+    /// Training loss: the plain, unweighted ε-MSE (MSE between the true and the
+    /// predicted noise), averaged over the window's steps.
     #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
     #[serde(deserialize_with = "nan_if_null")]
@@ -34,9 +38,17 @@ pub struct MetricPoint {
     pub images_per_sec: Option<f64>,
     /// When the trainer logged the step.
     pub recorded_at: DateTime<Utc>,
-    /// (placeholder until the metric-detail branch lands)
+    /// An exponential moving average of the per-step loss, with bias
+    /// correction (so the first steps are not pulled towards zero), as of
+    /// `step`. `None` when not computed: rows logged before it existed.
     #[serde(default)]
     pub loss_smoothed: Option<f64>,
+    /// The mean ε-MSE of the window's samples by the quarter of [0, T) their
+    /// diffusion timestep t falls in: index 0 is t in [0, T/4) (least noise),
+    /// 1 is [T/4, T/2), 2 is [T/2, 3T/4), 3 is [3T/4, T) (most noise). An
+    /// entry is `None` when no sample of the window fell in that quarter, and
+    /// for rows logged before it existed. JSON: an array of 4 numbers or
+    /// `null`s; absent reads as all `null`.
     #[serde(default)]
     pub loss_by_timestep: [Option<f64>; 4],
 }
@@ -77,6 +89,11 @@ struct MetricRow {
     grad_norm: Option<f64>,
     images_per_sec: Option<f64>,
     recorded_at: i64,
+    loss_smoothed: Option<f64>,
+    loss_t_q1: Option<f64>,
+    loss_t_q2: Option<f64>,
+    loss_t_q3: Option<f64>,
+    loss_t_q4: Option<f64>,
 }
 
 impl MetricRow {
@@ -88,13 +105,19 @@ impl MetricRow {
             grad_norm: self.grad_norm,
             images_per_sec: self.images_per_sec,
             recorded_at: from_millis("metrics", run_id, self.recorded_at)?,
-            loss_smoothed: None,
-            loss_by_timestep: [None; 4],
+            loss_smoothed: self.loss_smoothed,
+            loss_by_timestep: [
+                self.loss_t_q1,
+                self.loss_t_q2,
+                self.loss_t_q3,
+                self.loss_t_q4,
+            ],
         })
     }
 }
 
-const METRIC_COLUMNS: &str = "step, loss, learning_rate, grad_norm, images_per_sec, recorded_at";
+const METRIC_COLUMNS: &str = "step, loss, learning_rate, grad_norm, images_per_sec, recorded_at, \
+     loss_smoothed, loss_t_q1, loss_t_q2, loss_t_q3, loss_t_q4";
 
 /// NaN as NULL: SQLite cannot store NaN, and NULL keeps both backends'
 /// aggregates equal.
@@ -115,7 +138,7 @@ fn dedup_by_step(rows: &[MetricPoint]) -> Vec<MetricPoint> {
 fn upsert_sql(rows: usize) -> String {
     let mut sql = String::from(
         "INSERT INTO metrics (run_id, step, loss, learning_rate, grad_norm, images_per_sec, \
-         recorded_at) VALUES ",
+         recorded_at, loss_smoothed, loss_t_q1, loss_t_q2, loss_t_q3, loss_t_q4) VALUES ",
     );
     for row in 0..rows {
         if row > 0 {
@@ -133,7 +156,10 @@ fn upsert_sql(rows: usize) -> String {
     sql.push_str(
         " ON CONFLICT (run_id, step) DO UPDATE SET loss = excluded.loss, \
          learning_rate = excluded.learning_rate, grad_norm = excluded.grad_norm, \
-         images_per_sec = excluded.images_per_sec, recorded_at = excluded.recorded_at",
+         images_per_sec = excluded.images_per_sec, recorded_at = excluded.recorded_at, \
+         loss_smoothed = excluded.loss_smoothed, loss_t_q1 = excluded.loss_t_q1, \
+         loss_t_q2 = excluded.loss_t_q2, loss_t_q3 = excluded.loss_t_q3, \
+         loss_t_q4 = excluded.loss_t_q4",
     );
     sql
 }
@@ -145,7 +171,14 @@ pub(crate) async fn upsert_metrics<'e>(
     rows: &[MetricPoint],
 ) -> Result<()> {
     let sql = upsert_sql(rows.len());
-    let mut query = sqlx::query(&sql);
+    // Not cached as a prepared statement: sqlx 0.8's `Any` driver binds a NULL
+    // f64 as PostgreSQL `real` (its NULL mapping swaps real and double,
+    // transact-rs/sqlx#4284), so a statement first prepared with a NULL in a
+    // column refuses a value there later ("incorrect binary data format in
+    // bind parameter"). The optional values are NULL often (a timestep quarter
+    // no sample fell in, a diverged window); preparing per call costs little
+    // at one call per logging window.
+    let mut query = sqlx::query(&sql).persistent(false);
     for p in rows {
         query = query
             .bind(run_id)
@@ -154,7 +187,11 @@ pub(crate) async fn upsert_metrics<'e>(
             .bind(finite_or_null(p.learning_rate))
             .bind(p.grad_norm.and_then(finite_or_null))
             .bind(p.images_per_sec.and_then(finite_or_null))
-            .bind(p.recorded_at.timestamp_millis());
+            .bind(p.recorded_at.timestamp_millis())
+            .bind(p.loss_smoothed.and_then(finite_or_null));
+        for quarter in p.loss_by_timestep {
+            query = query.bind(quarter.and_then(finite_or_null));
+        }
     }
     query.execute(ex).await.map_err(run_fk(run_id))?;
     Ok(())
@@ -341,6 +378,8 @@ mod tests {
             grad_norm: None,
             images_per_sec: None,
             recorded_at: DateTime::from_timestamp_millis(1_700_000_000_000).unwrap(),
+            loss_smoothed: None,
+            loss_by_timestep: [None; 4],
         }
     }
 
@@ -357,8 +396,16 @@ mod tests {
     #[test]
     fn upsert_sql_numbers_every_parameter() {
         let sql = upsert_sql(2);
-        assert!(sql.contains("($1, $2, $3, $4, $5, $6, $7), ($8, $9, $10, $11, $12, $13, $14)"));
-        assert!(!sql.contains("$15"));
+        assert!(sql.contains(
+            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12), \
+             ($13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+        ));
+        assert!(!sql.contains("$25"));
+        // As many columns as parameters per row.
+        let columns = sql[sql.find('(').unwrap() + 1..sql.find(')').unwrap()]
+            .split(',')
+            .count();
+        assert_eq!(columns, PARAMS_PER_ROW);
     }
 
     #[test]
@@ -383,5 +430,37 @@ mod tests {
         let back: MetricPoint = serde_json::from_str(&json).unwrap();
         assert!(back.loss.is_nan());
         assert_eq!(back.step, 1);
+    }
+
+    #[test]
+    fn timestep_quarters_travel_as_an_array_with_nulls() {
+        let p = MetricPoint {
+            loss_smoothed: Some(0.25),
+            loss_by_timestep: [Some(0.5), None, Some(f64::NAN), Some(2.0)],
+            ..point(1, 1.0)
+        };
+        let json = serde_json::to_value(p).unwrap();
+        assert_eq!(json["loss_smoothed"], 0.25);
+        assert_eq!(
+            json["loss_by_timestep"],
+            serde_json::json!([0.5, null, null, 2.0])
+        );
+        let back: MetricPoint = serde_json::from_value(json).unwrap();
+        assert_eq!(back.loss_by_timestep, [Some(0.5), None, None, Some(2.0)]);
+        assert_eq!(back.loss_smoothed, Some(0.25));
+    }
+
+    #[test]
+    fn json_without_the_newer_fields_reads_as_none() {
+        // What a client or cache that predates the two fields holds.
+        let json = r#"{"step": 7, "loss": 0.5, "learning_rate": 0.001, "grad_norm": null,
+            "images_per_sec": 10.0, "recorded_at": "2023-11-14T22:13:20Z"}"#;
+        let p: MetricPoint = serde_json::from_str(json).unwrap();
+        assert_eq!((p.step, p.loss), (7, 0.5));
+        assert_eq!(p.loss_smoothed, None);
+        assert_eq!(p.loss_by_timestep, [None; 4]);
+        // Four entries exactly: a short array is an error, not silently padded.
+        let short = json.replace(r#""step": 7"#, r#""step": 7, "loss_by_timestep": [1.0]"#);
+        assert!(serde_json::from_str::<MetricPoint>(&short).is_err());
     }
 }

@@ -103,18 +103,9 @@ pub async fn show(registry: &Registry, id: i64) -> Result<String> {
             );
             let points = registry.metrics(id, None, None, CURVE_POINTS).await?;
             let _ = writeln!(out, "  curve {}", sparkline(&points));
+            let _ = writeln!(out, "  {BY_T_LEGEND}");
             for p in &points {
-                let _ = writeln!(
-                    out,
-                    "  step {:>8}  loss {:.4}  lr {:.2e}  grad {}  {} img/s",
-                    p.step,
-                    p.loss,
-                    p.learning_rate,
-                    fmt_opt(p.grad_norm),
-                    p.images_per_sec
-                        .map(|v| format!("{v:.0}"))
-                        .unwrap_or_else(|| "-".into())
-                );
+                let _ = writeln!(out, "  {}", metric_line(p));
             }
         }
         None => {
@@ -144,6 +135,30 @@ pub async fn show(registry: &Registry, id: i64) -> Result<String> {
         let _ = writeln!(out, "  {line}");
     }
     Ok(out)
+}
+
+/// The header over the per-row lines: what `loss`, `smoothed` and the four
+/// `by t:` columns are. A row shows `-` for a quarter that no sample of its
+/// window fell in, and for values of rows logged before the trainer recorded
+/// them.
+const BY_T_LEGEND: &str = "loss: mean over the logging window; smoothed: moving average of the \
+     per-step loss; by t: mean loss of the window's samples with timestep t in \
+     [0,T/4) [T/4,T/2) [T/2,3T/4) [3T/4,T), least noise first";
+
+/// One metric row of `runs show`.
+fn metric_line(p: &MetricPoint) -> String {
+    let [q1, q2, q3, q4] = p.loss_by_timestep.map(fmt_opt);
+    format!(
+        "step {:>8}  loss {:.4} (smoothed {})  by t: {q1} {q2} {q3} {q4}  lr {:.2e}  grad {}  {} img/s",
+        p.step,
+        p.loss,
+        fmt_opt(p.loss_smoothed),
+        p.learning_rate,
+        fmt_opt(p.grad_norm),
+        p.images_per_sec
+            .map(|v| format!("{v:.0}"))
+            .unwrap_or_else(|| "-".into())
+    )
 }
 
 fn fmt_opt(v: Option<f64>) -> String {
@@ -196,5 +211,36 @@ mod tests {
         };
         let s = sparkline(&[p(1, 1.0), p(2, 0.5), p(3, f64::NAN), p(4, 0.0)]);
         assert_eq!(s, "█▅·▁");
+    }
+
+    #[test]
+    fn metric_lines_show_the_smoothed_and_per_timestep_losses() {
+        let p = MetricPoint {
+            step: 1200,
+            loss: 0.04123,
+            learning_rate: 2e-4,
+            grad_norm: Some(0.8),
+            images_per_sec: Some(512.4),
+            recorded_at: chrono::Utc::now(),
+            loss_smoothed: Some(0.042),
+            loss_by_timestep: [Some(0.0101), None, Some(0.04552), Some(0.0731)],
+        };
+        assert_eq!(
+            metric_line(&p),
+            "step     1200  loss 0.0412 (smoothed 0.0420)  by t: 0.0101 - 0.0455 0.0731  \
+             lr 2.00e-4  grad 0.8000  512 img/s"
+        );
+        // A row logged before the trainer recorded them.
+        let old = MetricPoint {
+            loss_smoothed: None,
+            loss_by_timestep: [None; 4],
+            grad_norm: None,
+            images_per_sec: None,
+            ..p
+        };
+        assert_eq!(
+            metric_line(&old),
+            "step     1200  loss 0.0412 (smoothed -)  by t: - - - -  lr 2.00e-4  grad -  - img/s"
+        );
     }
 }

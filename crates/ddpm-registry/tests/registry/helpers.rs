@@ -4,6 +4,7 @@
 //! `TEST_LOG=1` turns the registry's tracing output on.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use ddpm_registry::{NewRun, Registry, Run, RunStatus};
@@ -64,6 +65,77 @@ where
     };
     let outcome = tokio::spawn(test(ctx)).await;
     registry.close().await;
+    scratch.drop_database().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// The source tree's migrations folder for `db`'s dialect (what the registry
+/// embeds).
+pub fn migrations_dir(db: Db) -> PathBuf {
+    let dialect = match db {
+        Db::Sqlite => "sqlite",
+        Db::Postgres => "postgres",
+    };
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../migrations")
+        .join(dialect)
+}
+
+/// The migration files of `db`'s dialect up to and including `version`.
+pub fn migration_files(db: Db, version: i64) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(migrations_dir(db))
+        .expect("read the migrations folder")
+        .map(|entry| entry.expect("list the migrations folder").path())
+        .filter(|path| {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let number = name.split('_').next().and_then(|n| n.parse::<i64>().ok());
+            name.ends_with(".sql") && number.is_some_and(|n| n <= version)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Runs `test` with the URL of another fresh database of `db` whose schema is
+/// what a release that shipped migration `version` left behind: only the
+/// migrations up to `version` applied, recorded in `_sqlx_migrations` as sqlx
+/// records them, so that `Registry::connect` later applies the rest as an
+/// upgrade. The database is removed afterwards, also when `test` panics.
+pub async fn with_database_at_version<F, Fut>(db: Db, version: i64, test: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let dir = tempfile::tempdir().expect("create a temp dir");
+    let scratch = FreshDatabase::create(db, dir.path()).await;
+    if db == Db::Sqlite {
+        // An empty file is an empty SQLite database; sqlx opens only existing
+        // files unless told to create them.
+        std::fs::File::create(dir.path().join("registry.db")).expect("create the SQLite file");
+    }
+    // sqlx reads a folder; copying the released files keeps their checksums.
+    let older = dir.path().join("migrations");
+    std::fs::create_dir(&older).expect("create the migrations folder");
+    let files = migration_files(db, version);
+    assert!(!files.is_empty(), "no migrations up to {version}");
+    for file in files {
+        std::fs::copy(&file, older.join(file.file_name().unwrap())).expect("copy a migration");
+    }
+    let migrator = sqlx::migrate::Migrator::new(older)
+        .await
+        .expect("read the older migrations");
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&scratch.url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", scratch.url));
+    migrator
+        .run(&pool)
+        .await
+        .expect("apply the older migrations");
+    pool.close().await;
+    let outcome = tokio::spawn(test(scratch.url.clone())).await;
     scratch.drop_database().await;
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());

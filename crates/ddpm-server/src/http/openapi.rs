@@ -104,9 +104,13 @@ pub fn document() -> Value {
                     "run_id": { "type": "integer" }, "from_step": { "type": ["integer", "null"] }, "to_step": { "type": ["integer", "null"] },
                     "max_points": { "type": "integer" },
                     "points": { "type": "array", "items": { "type": "object", "properties": {
-                        "step": { "type": "integer" }, "loss": { "type": ["number", "null"] }, "learning_rate": { "type": ["number", "null"] },
+                        "step": { "type": "integer", "description": "The last optimiser step of the logging window the point describes." },
+                        "loss": { "type": ["number", "null"], "description": "The plain, unweighted ε-MSE averaged over the logging window; null for a diverged (NaN) window." },
+                        "learning_rate": { "type": ["number", "null"] },
                         "grad_norm": { "type": ["number", "null"] }, "images_per_sec": { "type": ["number", "null"] },
-                        "recorded_at": { "type": "string", "format": "date-time" }
+                        "recorded_at": { "type": "string", "format": "date-time" },
+                        "loss_smoothed": { "type": ["number", "null"], "description": "Exponential moving average of the per-step loss, bias-corrected, as of `step`; null when not recorded (rows logged before the trainer computed it)." },
+                        "loss_by_timestep": { "type": "array", "minItems": 4, "maxItems": 4, "items": { "type": ["number", "null"] }, "description": "Mean ε-MSE of the window's samples by the quarter of [0, T) their diffusion timestep t falls in: [0, T/4) (least noise), [T/4, T/2), [T/2, 3T/4), [3T/4, T) (most noise). An entry is null when no sample of the window fell in that quarter, and all four are null for rows logged before the trainer recorded them." }
                     } } }
                 } },
                 "Checkpoints": { "type": "object", "properties": {

@@ -362,7 +362,7 @@ pub fn train(steps: i64, seed: i64) -> Vec<u8> {
             &schedule,
             &images.index_select(0, &idx),
             Some(&labels.index_select(0, &idx)),
-            0.1,
+            &Objective::default(),
         )
         .expect("loss")
         .loss;

@@ -1,9 +1,65 @@
 //! Run history against SQLite and PostgreSQL.
 
+use std::collections::BTreeSet;
+
 use chrono::Utc;
 use ddpm_registry::{MetricPoint, RunStatus};
+use serde_json::{json, Value};
 
 use crate::helpers::{add_checkpoint, new_run, spawn_app, Db, Options};
+
+/// The smoothed loss and the loss by timestep quarter recorded for `step`: each
+/// kind of row the trainer writes, by `step % 4`.
+fn detail(step: i64) -> (Option<f64>, [Option<f64>; 4]) {
+    let loss = 1.0 / step as f64;
+    let smoothed = Some(loss * 1.5);
+    match step % 4 {
+        // A row logged before the trainer recorded these values.
+        0 => (None, [None; 4]),
+        // A window none of whose samples drew a timestep in the noisiest quarter.
+        1 => (
+            smoothed,
+            [Some(loss * 0.25), Some(loss * 0.5), Some(loss * 2.0), None],
+        ),
+        // A diverged quarter: NaN, stored as NULL, travels as null.
+        2 => (
+            smoothed,
+            [
+                Some(loss * 0.25),
+                Some(f64::NAN),
+                Some(loss * 2.0),
+                Some(loss * 4.0),
+            ],
+        ),
+        _ => (
+            smoothed,
+            [
+                Some(loss * 0.25),
+                Some(loss * 0.5),
+                Some(loss * 2.0),
+                Some(loss * 4.0),
+            ],
+        ),
+    }
+}
+
+/// `served` is JSON null where `recorded` is `None` or NaN, else the number.
+/// Within a relative 1e-12: serde_json's default float parsing on the client
+/// may be off in the last digit (the registry's tests compare exactly).
+fn assert_number(served: &Value, recorded: Option<f64>, step: i64) {
+    match recorded.filter(|v| !v.is_nan()) {
+        None => assert_eq!(*served, Value::Null, "step {step}"),
+        Some(recorded) => {
+            let served = served
+                .as_f64()
+                .unwrap_or_else(|| panic!("step {step}: {served} is not a number"));
+            assert!(
+                (served - recorded).abs() <= 1e-12 * recorded.abs(),
+                "step {step}: {served} != {recorded}"
+            );
+        }
+    }
+}
 
 async fn run_history(db: Db) {
     let app = spawn_app(Options {
@@ -29,8 +85,8 @@ async fn run_history(db: Db) {
             grad_norm: None,
             images_per_sec: Some(100.0),
             recorded_at: Utc::now(),
-            loss_smoothed: None,
-            loss_by_timestep: [None; 4],
+            loss_smoothed: detail(step).0,
+            loss_by_timestep: detail(step).1,
         })
         .collect();
     registry.record_metrics(running.id, &points).await.unwrap();
@@ -76,7 +132,60 @@ async fn run_history(db: Db) {
     let (_, all) = app
         .get_json(&format!("/v1/runs/{}/metrics", running.id))
         .await;
-    assert_eq!(all["points"].as_array().unwrap().len(), 100);
+    let all = all["points"].as_array().unwrap();
+    assert_eq!(all.len(), 100);
+    for p in all {
+        let step = p["step"].as_i64().unwrap();
+        let (smoothed, by_timestep) = detail(step);
+        assert_number(&p["loss_smoothed"], smoothed, step);
+        let served = p["loss_by_timestep"].as_array().expect("an array");
+        assert_eq!(served.len(), 4, "step {step}");
+        for (served, recorded) in served.iter().zip(by_timestep) {
+            assert_number(served, recorded, step);
+        }
+    }
+    // The same, spelled out, so the loop cannot pass by comparing nothing.
+    assert_eq!(all[0]["loss_smoothed"], 1.5);
+    assert_eq!(all[0]["loss_by_timestep"], json!([0.25, 0.5, 2.0, null]));
+    assert_eq!(all[1]["loss_by_timestep"], json!([0.125, null, 1.0, 2.0]));
+    assert_eq!(all[3]["loss_smoothed"], Value::Null);
+    assert_eq!(all[3]["loss_by_timestep"], json!([null, null, null, null]));
+    // The downsampled series carries them too.
+    let (_, last) = app
+        .get_json(&format!("/v1/runs/{}/metrics?max_points=1", running.id))
+        .await;
+    assert_eq!(last["points"][0]["step"], 100);
+    assert_eq!(
+        last["points"][0]["loss_by_timestep"],
+        json!([null, null, null, null])
+    );
+    let (_, near_last) = app
+        .get_json(&format!(
+            "/v1/runs/{}/metrics?to_step=99&max_points=1",
+            running.id
+        ))
+        .await;
+    let near_last = &near_last["points"][0];
+    assert_eq!(near_last["step"], 99);
+    for (served, recorded) in near_last["loss_by_timestep"]
+        .as_array()
+        .expect("an array")
+        .iter()
+        .zip(detail(99).1)
+    {
+        assert_number(served, recorded, 99);
+    }
+
+    // The OpenAPI document describes exactly the fields a point has.
+    let (_, doc) = app.get_json("/openapi.json").await;
+    let documented: BTreeSet<&String> = doc["components"]["schemas"]["MetricSeries"]["properties"]
+        ["points"]["items"]["properties"]
+        .as_object()
+        .expect("MetricSeries points are described")
+        .keys()
+        .collect();
+    let served: BTreeSet<&String> = all[0].as_object().unwrap().keys().collect();
+    assert_eq!(served, documented);
 
     let (status, checkpoints) = app
         .get_json(&format!("/v1/runs/{}/checkpoints", running.id))

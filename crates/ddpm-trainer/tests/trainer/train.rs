@@ -118,6 +118,7 @@ async fn train_records_the_run_its_metrics_and_checkpoints(env: TestEnv) {
         "run 1: completed",
         "6 rows, steps 10..60",
         "curve",
+        "by t:",
         "ema-00000060.safetensors",
         "\"lr\"",
     ] {
