@@ -19,14 +19,16 @@
 //!   preset's, each option of the `tiny` preset alone (Min-SNR-5, diffusers' EMA ramp, the
 //!   cosine β schedule, cosine learning-rate decay) and the `fast` preset, at equal steps;
 //!   prints the plain ε-MSE (comparable across loss weightings, not across β schedules)
-//!   and sample quality: the class-probe accuracy (`ddpm_trainer::probe`, luminance only,
+//!   and its part at t < T/4 (the low-noise steps that remove the last noise), and
+//!   sample quality: the class-probe accuracy (`ddpm_trainer::probe`, luminance only,
 //!   so the shape must be right) of 16 guided DDIM-50 samples per class from the EMA
-//!   model (guidance 3) at several steps.
+//!   model (guidance 3) at several steps, and their roughness relative to the real
+//!   images' (residual noise raises it; 1 = as smooth as the data).
 //!
 //! Settings: `DDPM_BENCH_PARTS` (`parity,options`), `DDPM_BENCH_STEPS` (2000),
 //! `DDPM_BENCH_PARITY_MODEL` (`seed32`, or `tiny`), `DDPM_BENCH_VARIANTS` (a comma list
-//! of the variant names below; default all), `DDPM_PYTHON` (default: the cached torch
-//! venv's python). CPU only: the figures are per step, not per second.
+//! of the variant names below; default all), `DDPM_BENCH_THREADS` (libtorch threads of the
+//! options part, 1), `DDPM_PYTHON` (default: the cached torch venv's python). CPU only: the figures are per step, not per second.
 
 use std::{
     collections::HashMap,
@@ -45,7 +47,7 @@ use ddpm_trainer::{
     config::{Preset, RunConfig},
     dataset::{mix, ImageFolder, ImageSource, Transform},
     demo::{write_demo_dataset, DemoSpec},
-    probe::{sample_classes, ClassProbe, ProbeConfig},
+    probe::{roughness, sample_classes, ClassProbe, ProbeConfig},
 };
 use rand::{seq::SliceRandom, SeedableRng};
 use rand_pcg::Pcg64Mcg;
@@ -162,10 +164,13 @@ impl TorchSetting {
     }
 }
 
-/// A run's per-step plain ε-MSE and its probe scores by step.
+/// A run's per-step plain ε-MSE, and by step: the probe's accuracy and the samples'
+/// roughness.
 struct Curve {
     losses: Vec<f64>,
-    accuracy: Vec<(usize, f64)>,
+    /// Per step: (Σ ε-MSE, count) of the samples with t in the lowest quarter.
+    low_noise: Vec<(f64, f64)>,
+    accuracy: Vec<(usize, f64, f64)>,
 }
 
 /// Trains `config` with ddpm-core exactly as the trainer's loop does (seeded per step,
@@ -181,8 +186,10 @@ fn train_ours(config: &RunConfig, data: &Data, probe: Option<(&ClassProbe, &[usi
     let steps = config.training.steps as usize;
     let mut curve = Curve {
         losses: Vec::with_capacity(steps),
+        low_noise: Vec::with_capacity(steps),
         accuracy: Vec::new(),
     };
+    let quarter = config.schedule.timesteps as i64 / 4;
     for s in 1..=steps {
         tch::manual_seed(data.step_seeds[s - 1]);
         let idx = data.batches.get(s as i64 - 1);
@@ -197,12 +204,23 @@ fn train_ours(config: &RunConfig, data: &Data, probe: Option<(&ClassProbe, &[usi
         curve
             .losses
             .push(loss.per_sample.mean(Kind::Float).double_value(&[]));
+        let low = loss.t.lt(quarter).to_kind(Kind::Float);
+        curve.low_noise.push((
+            (&loss.per_sample * &low)
+                .sum(Kind::Double)
+                .double_value(&[]),
+            low.sum(Kind::Double).double_value(&[]),
+        ));
         if let Some((probe, at)) = probe {
             if at.contains(&s) {
                 let (samples, labels) =
                     sample_classes(learner.ema.model(), &schedule, PROBE_SAMPLES, 50, 3.0, SEED)
                         .expect("samples");
-                curve.accuracy.push((s, probe.accuracy(&samples, &labels)));
+                curve.accuracy.push((
+                    s,
+                    probe.accuracy(&samples, &labels),
+                    roughness(&samples) / roughness(&data.images),
+                ));
             }
         }
     }
@@ -362,6 +380,14 @@ fn variants(steps: usize) -> Vec<(&'static str, RunConfig)> {
             "tiny + cosine lr",
             with(&|c| c.training.lr_schedule = LrSchedule::Cosine),
         ),
+        (
+            "tiny + cosine lr + EMA ramp",
+            with(&|c| {
+                c.training.lr_schedule = LrSchedule::Cosine;
+                c.ema.warmup = EmaWarmup::Ramp;
+                c.ema.warmup_steps = 0;
+            }),
+        ),
         ("fast preset", base(Preset::Fast)),
     ]
 }
@@ -399,10 +425,14 @@ fn options(steps: usize, data: &Data) {
         header += &format!(" loss @{s} |");
         rule += " ---: |";
     }
+    header += &format!(" loss t<T/4 @{steps} |");
+    rule += " ---: |";
     for s in &probe_at {
         header += &format!(" probe acc @{s} |");
         rule += " ---: |";
     }
+    header += &format!(" roughness @{steps} |");
+    rule += " ---: |";
     let mut rows = Vec::new();
     for (name, config) in variants(steps) {
         if let Some(w) = &wanted {
@@ -416,9 +446,16 @@ fn options(steps: usize, data: &Data) {
         for &s in &loss_at {
             row += &format!(" {:.4} |", window_mean(&curve.losses, s));
         }
-        for (_, acc) in &curve.accuracy {
+        let tail = &curve.low_noise[steps.saturating_sub(LOG_EVERY)..];
+        let (sum, count) = tail
+            .iter()
+            .fold((0.0, 0.0), |(a, b), (s, c)| (a + s, b + c));
+        row += &format!(" {:.4} |", sum / count.max(1.0));
+        for (_, acc, _) in &curve.accuracy {
             row += &format!(" {acc:.3} |");
         }
+        let rough = curve.accuracy.last().map(|a| a.2).unwrap_or(f64::NAN);
+        row += &format!(" {rough:.2} |");
         eprintln!("{row}  ({:.0} s)", t.elapsed().as_secs_f64());
         rows.push(row);
     }
@@ -442,7 +479,13 @@ fn main() {
         parity(dir.path(), steps, &data);
     }
     if parts.contains("options") {
-        tch::set_num_threads(2);
+        // One thread by default: on a small shared CPU, libtorch's spinning OpenMP threads
+        // waste more than a second thread gains; split variants over processes instead.
+        let threads = std::env::var("DDPM_BENCH_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        tch::set_num_threads(threads);
         options(steps, &data);
     }
 }

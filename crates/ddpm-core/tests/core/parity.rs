@@ -111,8 +111,7 @@ fn run_case(case: &str) {
     tch::no_grad(|| {
         for model in [&learner.model, learner.ema.model()] {
             for (name, var) in model.named_variables() {
-                let _ = var
-                    .shallow_clone()
+                var.shallow_clone()
                     .copy_(r.get(&format!("{case}.init.{name}")));
             }
         }
