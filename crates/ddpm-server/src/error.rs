@@ -1,5 +1,7 @@
 //! The library's error type ([`ServerError`]) and the API's ([`ApiError`]): every error a
-//! client sees is a JSON body `{"error": {"code", "message"}}` with a stable `code`.
+//! client sees is a JSON body `{"error": {"code", "message"}}` with a stable `code`. The
+//! lower layers' errors ([`BatchError`], [`NotAcceptable`], the registry's) are mapped to
+//! statuses here, once.
 
 use std::time::Duration;
 
@@ -9,6 +11,8 @@ use axum::{
     Json,
 };
 use serde_json::json;
+
+use crate::{batcher::BatchError, encode::NotAcceptable};
 
 /// What starting and running the server can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +148,28 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<BatchError> for ApiError {
+    fn from(e: BatchError) -> Self {
+        match e {
+            BatchError::TooLarge { .. } | BatchError::QueueFull { .. } => {
+                ApiError::Overloaded(e.to_string())
+            }
+            BatchError::Stopped | BatchError::Dropped => ApiError::Unavailable(e.to_string()),
+            BatchError::Timeout(after) => ApiError::Timeout(after),
+            // The handler validated the request against this very model: only a programmer
+            // error gets here, answered as the request it came from.
+            BatchError::InvalidSpec(message) => ApiError::validation("invalid_request", message),
+            BatchError::ForwardPass(_) | BatchError::Image(_) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<NotAcceptable> for ApiError {
+    fn from(e: NotAcceptable) -> Self {
+        ApiError::NotAcceptable(e.0)
+    }
+}
+
 impl From<ddpm_registry::RegistryError> for ApiError {
     fn from(e: ddpm_registry::RegistryError) -> Self {
         match e {
@@ -181,5 +207,26 @@ mod tests {
         assert!(response.headers().contains_key(header::RETRY_AFTER));
         assert_eq!(ApiError::NoModel.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(ApiError::validation("invalid_n", "n").code(), "invalid_n");
+    }
+
+    #[test]
+    fn batch_errors_map_to_their_statuses() {
+        let status = |e: BatchError| ApiError::from(e).status();
+        assert_eq!(
+            status(BatchError::QueueFull {
+                in_flight: 4,
+                capacity: 4
+            }),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(status(BatchError::Stopped), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            status(BatchError::Timeout(Duration::from_secs(1))),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            status(BatchError::ForwardPass("nan".into())),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

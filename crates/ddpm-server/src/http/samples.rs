@@ -14,7 +14,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{extract::JsonBody, AppState, Settings};
-use crate::{batcher::GeneratedImage, encode, error::ApiError, model::ModelInfo};
+use crate::{
+    batcher::GeneratedImage,
+    encode::{self, Format},
+    error::ApiError,
+    model::ModelInfo,
+};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/samples", post(create_samples))
@@ -219,48 +224,6 @@ pub fn plan(
     Ok(Plan { specs, class_names })
 }
 
-/// What the client asked for in `Accept`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Json,
-    Png,
-    Zip,
-}
-
-/// The supported type the client prefers most (by q, then order); JSON when it does not say.
-pub fn negotiate(headers: &HeaderMap) -> Result<Format, ApiError> {
-    let Some(accept) = headers.get(header::ACCEPT) else {
-        return Ok(Format::Json);
-    };
-    let accept = accept
-        .to_str()
-        .map_err(|_| ApiError::NotAcceptable("the Accept header is not readable text".into()))?;
-    let mut ranges: Vec<(f64, usize, Format)> = Vec::new();
-    for (order, range) in accept.split(',').enumerate() {
-        let mut parts = range.split(';');
-        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-        let q = parts
-            .filter_map(|p| p.trim().strip_prefix("q="))
-            .find_map(|q| q.trim().parse::<f64>().ok())
-            .unwrap_or(1.0);
-        let format = match media.as_str() {
-            "application/json" | "application/*" | "*/*" => Format::Json,
-            "image/png" | "image/*" => Format::Png,
-            "application/zip" => Format::Zip,
-            _ => continue,
-        };
-        if q > 0.0 {
-            ranges.push((q, order, format));
-        }
-    }
-    ranges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    ranges.first().map(|r| r.2).ok_or_else(|| {
-        ApiError::NotAcceptable(format!(
-            "cannot answer with {accept:?}: accept application/json, image/png or application/zip"
-        ))
-    })
-}
-
 #[derive(Debug, Serialize)]
 struct ImageJson {
     index: usize,
@@ -281,7 +244,7 @@ async fn create_samples(
     headers: HeaderMap,
     JsonBody(request): JsonBody<SampleRequest>,
 ) -> Result<Response, ApiError> {
-    let format = negotiate(&headers)?;
+    let format = encode::negotiate(headers.get(header::ACCEPT).map(HeaderValue::as_bytes))?;
     let model = state.current.get().ok_or(ApiError::NoModel)?;
     let info = model.info();
     let plan = plan(&request, &info, model.is_conditional(), &state.settings)?;
@@ -556,23 +519,5 @@ mod tests {
         let unconditional =
             plan(&request(json!({"class": 0})), &info(), false, &settings()).unwrap_err();
         assert_eq!(unconditional.code(), "unknown_class");
-    }
-
-    #[test]
-    fn accept_negotiation() {
-        let accept = |v: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(header::ACCEPT, HeaderValue::from_str(v).unwrap());
-            negotiate(&h)
-        };
-        assert_eq!(negotiate(&HeaderMap::new()).unwrap(), Format::Json);
-        assert_eq!(accept("image/png").unwrap(), Format::Png);
-        assert_eq!(accept("application/zip").unwrap(), Format::Zip);
-        assert_eq!(accept("text/html, */*;q=0.1").unwrap(), Format::Json);
-        assert_eq!(
-            accept("application/json;q=0.5, image/png").unwrap(),
-            Format::Png
-        );
-        assert_eq!(accept("text/html").unwrap_err().code(), "not_acceptable");
     }
 }
