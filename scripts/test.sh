@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite from a fresh machine: installs libtorch (cached), finds or starts
-# PostgreSQL, checks formatting and lints, runs every test of the workspace, then the
-# deployment checks (compose, Dockerfile lint, the Docker build script's release build,
-# the staged runtime, environment-variable parity: scripts/check-deploy.sh).
-# Extra arguments go to `cargo test` and skip the deployment checks
+# PostgreSQL, checks formatting and lints, runs every test of the workspace, then fuzzes
+# the live server against its generated OpenAPI document (scripts/schemathesis.sh) and
+# runs the deployment checks (compose, Dockerfile lint, the Docker build script's release
+# build, the staged runtime, environment-variable parity: scripts/check-deploy.sh).
+# Extra arguments go to `cargo test` and skip the fuzzing and the deployment checks
 # (e.g. `scripts/test.sh -p ddpm-core`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,5 +18,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked "$@"
 if [ $# -eq 0 ]; then
+  scripts/schemathesis.sh
   scripts/check-deploy.sh
 fi

@@ -1,4 +1,5 @@
-//! Image encodings of a response: one PNG, a labelled PNG grid, a ZIP of PNGs.
+//! A response's encodings: [`negotiate`] picks one from the request's `Accept`; then one
+//! PNG, a labelled PNG grid, or a ZIP of PNGs (JSON is the handler's).
 
 use std::io::{Cursor, Write};
 
@@ -17,6 +18,53 @@ pub enum EncodeError {
     Io(#[from] std::io::Error),
     #[error("nothing to encode")]
     Empty,
+}
+
+/// What a sampling response can be encoded as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Png,
+    Zip,
+}
+
+/// No encoding the client accepts is one the server can produce (406).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotAcceptable(pub String);
+
+/// The supported type the client prefers most (by q, then order) in an `Accept` header's
+/// value; JSON when there is none.
+pub fn negotiate(accept: Option<&[u8]>) -> Result<Format, NotAcceptable> {
+    let Some(accept) = accept else {
+        return Ok(Format::Json);
+    };
+    let accept = std::str::from_utf8(accept)
+        .map_err(|_| NotAcceptable("the Accept header is not readable text".into()))?;
+    let mut ranges: Vec<(f64, usize, Format)> = Vec::new();
+    for (order, range) in accept.split(',').enumerate() {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|q| q.trim().parse::<f64>().ok())
+            .unwrap_or(1.0);
+        let format = match media.as_str() {
+            "application/json" | "application/*" | "*/*" => Format::Json,
+            "image/png" | "image/*" => Format::Png,
+            "application/zip" => Format::Zip,
+            _ => continue,
+        };
+        if q > 0.0 {
+            ranges.push((q, order, format));
+        }
+    }
+    ranges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    ranges.first().map(|r| r.2).ok_or_else(|| {
+        NotAcceptable(format!(
+            "cannot answer with {accept:?}: accept application/json, image/png or application/zip"
+        ))
+    })
 }
 
 /// One image as PNG bytes.
@@ -214,6 +262,22 @@ fn draw_text(canvas: &mut [u8], canvas_width: usize, x: u32, y: u32, max_width: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_negotiation() {
+        let accept = |v: &str| negotiate(Some(v.as_bytes()));
+        assert_eq!(negotiate(None).unwrap(), Format::Json);
+        assert_eq!(accept("image/png").unwrap(), Format::Png);
+        assert_eq!(accept("application/zip").unwrap(), Format::Zip);
+        assert_eq!(accept("text/html, */*;q=0.1").unwrap(), Format::Json);
+        assert_eq!(
+            accept("application/json;q=0.5, image/png").unwrap(),
+            Format::Png
+        );
+        assert!(accept("text/html").is_err());
+        assert!(accept("image/png;q=0").is_err());
+        assert!(negotiate(Some(b"\xff")).is_err());
+    }
 
     fn image(value: u8) -> GeneratedImage {
         GeneratedImage {

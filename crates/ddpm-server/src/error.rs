@@ -1,5 +1,7 @@
 //! The library's error type ([`ServerError`]) and the API's ([`ApiError`]): every error a
-//! client sees is a JSON body `{"error": {"code", "message"}}` with a stable `code`.
+//! client sees is a JSON [`ErrorBody`] `{"error": {"code", "message"}}` whose `code` is an
+//! [`ErrorCode`]. The lower layers' errors ([`ValidationError`], [`BatchError`],
+//! [`NotAcceptable`], the registry's) are mapped to statuses here, once.
 
 use std::time::Duration;
 
@@ -8,7 +10,10 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{batcher::BatchError, encode::NotAcceptable, validate::ValidationError};
 
 /// What starting and running the server can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -28,12 +33,55 @@ pub enum ServerError {
     WorkerGone,
 }
 
+/// The stable, machine-readable kind of an error. The OpenAPI document's list of codes is
+/// generated from this enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidRequest,
+    InvalidN,
+    UnknownClass,
+    InvalidSteps,
+    InvalidSampler,
+    InvalidEta,
+    InvalidGuidanceScale,
+    InvalidQuery,
+    InvalidStatus,
+    InvalidId,
+    MalformedJson,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    NotAcceptable,
+    BadRequest,
+    NotFound,
+    MethodNotAllowed,
+    Unauthorized,
+    Overloaded,
+    ModelNotLoaded,
+    Unavailable,
+    Timeout,
+    Internal,
+}
+
+/// Every error response's body.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    /// What went wrong and what to fix.
+    pub message: String,
+}
+
 /// An error answered to a client.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The request is well-formed but asks for something invalid (422).
-    #[error("{message}")]
-    Validation { code: &'static str, message: String },
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
     /// The body is not parseable JSON (400).
     #[error("{0}")]
     MalformedJson(String),
@@ -67,20 +115,13 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    pub fn validation(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError::Validation {
-            code,
-            message: message.into(),
-        }
-    }
-
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         ApiError::Internal(detail.to_string())
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::MalformedJson(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -96,22 +137,33 @@ impl ApiError {
     }
 
     /// The stable machine-readable code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ApiError::Validation { code, .. } => code,
-            ApiError::MalformedJson(_) => "malformed_json",
-            ApiError::PayloadTooLarge { .. } => "payload_too_large",
-            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
-            ApiError::NotAcceptable(_) => "not_acceptable",
-            ApiError::BadRequest(_) => "bad_request",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
-            ApiError::Unauthorized => "unauthorized",
-            ApiError::Overloaded(_) => "overloaded",
-            ApiError::NoModel => "model_not_loaded",
-            ApiError::Unavailable(_) => "unavailable",
-            ApiError::Timeout(_) => "timeout",
-            ApiError::Internal(_) => "internal",
+            ApiError::Validation(e) => match e {
+                ValidationError::Request(_) => ErrorCode::InvalidRequest,
+                ValidationError::N(_) => ErrorCode::InvalidN,
+                ValidationError::UnknownClass(_) => ErrorCode::UnknownClass,
+                ValidationError::Steps(_) => ErrorCode::InvalidSteps,
+                ValidationError::Sampler(_) => ErrorCode::InvalidSampler,
+                ValidationError::Eta(_) => ErrorCode::InvalidEta,
+                ValidationError::GuidanceScale(_) => ErrorCode::InvalidGuidanceScale,
+                ValidationError::Query(_) => ErrorCode::InvalidQuery,
+                ValidationError::Status(_) => ErrorCode::InvalidStatus,
+                ValidationError::Id(_) => ErrorCode::InvalidId,
+            },
+            ApiError::MalformedJson(_) => ErrorCode::MalformedJson,
+            ApiError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            ApiError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
+            ApiError::NotAcceptable(_) => ErrorCode::NotAcceptable,
+            ApiError::BadRequest(_) => ErrorCode::BadRequest,
+            ApiError::NotFound(_) => ErrorCode::NotFound,
+            ApiError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
+            ApiError::Unauthorized => ErrorCode::Unauthorized,
+            ApiError::Overloaded(_) => ErrorCode::Overloaded,
+            ApiError::NoModel => ErrorCode::ModelNotLoaded,
+            ApiError::Unavailable(_) => ErrorCode::Unavailable,
+            ApiError::Timeout(_) => ErrorCode::Timeout,
+            ApiError::Internal(_) => ErrorCode::Internal,
         }
     }
 }
@@ -125,7 +177,12 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(detail) = &self {
             tracing::error!(%detail, "internal error");
         }
-        let body = Json(json!({ "error": { "code": self.code(), "message": self.to_string() } }));
+        let body = Json(ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+            },
+        });
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
         match self {
@@ -141,6 +198,28 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+}
+
+impl From<BatchError> for ApiError {
+    fn from(e: BatchError) -> Self {
+        match e {
+            BatchError::TooLarge { .. } | BatchError::QueueFull { .. } => {
+                ApiError::Overloaded(e.to_string())
+            }
+            BatchError::Stopped | BatchError::Dropped => ApiError::Unavailable(e.to_string()),
+            BatchError::Timeout(after) => ApiError::Timeout(after),
+            // The handler validated the request against this very model: only a programmer
+            // error gets here, answered as the request it came from.
+            BatchError::InvalidSpec(message) => ValidationError::Request(message).into(),
+            BatchError::ForwardPass(_) | BatchError::Image(_) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<NotAcceptable> for ApiError {
+    fn from(e: NotAcceptable) -> Self {
+        ApiError::NotAcceptable(e.0)
     }
 }
 
@@ -165,21 +244,49 @@ impl From<ddpm_registry::RegistryError> for ApiError {
 mod tests {
     use super::*;
 
+    async fn read_body(response: Response) -> ErrorBody {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
     #[tokio::test]
     async fn errors_have_stable_codes_and_hide_internal_details() {
         let response = ApiError::internal("db password is hunter2").into_response();
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
-            .await
-            .unwrap();
-        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(body["error"]["code"], "internal");
-        assert!(!body.to_string().contains("hunter2"));
+        let body = read_body(response).await;
+        assert_eq!(body.error.code, ErrorCode::Internal);
+        assert!(!body.error.message.contains("hunter2"));
 
         let response = ApiError::Overloaded("queue full".into()).into_response();
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert!(response.headers().contains_key(header::RETRY_AFTER));
         assert_eq!(ApiError::NoModel.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(ApiError::validation("invalid_n", "n").code(), "invalid_n");
+        let invalid_n = ApiError::from(ValidationError::N("n".into()));
+        assert_eq!(invalid_n.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let body = read_body(invalid_n.into_response()).await;
+        assert_eq!(serde_json::to_value(body.error.code).unwrap(), "invalid_n");
+    }
+
+    #[test]
+    fn batch_errors_map_to_their_statuses() {
+        let status = |e: BatchError| ApiError::from(e).status();
+        assert_eq!(
+            status(BatchError::QueueFull {
+                in_flight: 4,
+                capacity: 4
+            }),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(status(BatchError::Stopped), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            status(BatchError::Timeout(Duration::from_secs(1))),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            status(BatchError::ForwardPass("nan".into())),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

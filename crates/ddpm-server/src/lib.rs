@@ -15,12 +15,16 @@
 //!   slot holding the current one.
 //! - [`watcher`]: finds the checkpoint to serve (newest, or pinned), loads it off the
 //!   request path and swaps it in; polling plus PostgreSQL `LISTEN`.
-//! - [`batcher`]: the model thread and its handle; [`batcher::slots`] is batch formation as
-//!   a pure state machine.
-//! - [`http`]: the axum router, handlers, extractors, bearer token, OpenAPI document.
-//! - [`encode`]: PNG, labelled PNG grid, ZIP.
+//! - [`batcher`]: the model thread and its handle, with its own [`batcher::BatchError`];
+//!   [`batcher::slots`] is batch formation as a pure state machine.
+//! - [`validate`]: requests checked into what the model thread and the registry are asked
+//!   for, free of HTTP; a typed [`validate::ValidationError`].
+//! - [`http`]: the axum router, handlers, extractors, bearer token, and the OpenAPI
+//!   document generated from the request and response types.
+//! - [`encode`]: `Accept` negotiation; PNG, labelled PNG grid, ZIP.
 //! - [`metrics`]: Prometheus text exposition.
-//! - [`error`]: [`ServerError`] (the library's) and [`ApiError`] (what clients see).
+//! - [`error`]: [`ServerError`] (the library's) and [`ApiError`] (what clients see: each
+//!   lower layer's error mapped to a status and an [`error::ErrorCode`], once).
 
 pub mod batcher;
 pub mod config;
@@ -30,6 +34,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod telemetry;
+pub mod validate;
 pub mod watcher;
 
 use std::{future::Future, sync::Arc};
@@ -47,6 +52,7 @@ use crate::{
     http::{AppState, Settings},
     metrics::Metrics,
     model::CurrentModel,
+    validate::SampleDefaults,
     watcher::{Pin, Watcher},
 };
 
@@ -116,9 +122,11 @@ pub async fn run(
         batcher,
         metrics,
         settings: Arc::new(Settings {
-            max_images_per_request: config.max_images_per_request as usize,
-            default_sampler: config.default_sampler.into(),
-            default_steps: config.default_steps as usize,
+            samples: SampleDefaults {
+                max_images_per_request: config.max_images_per_request as usize,
+                default_sampler: config.default_sampler.into(),
+                default_steps: config.default_steps as usize,
+            },
             request_timeout: config.request_timeout,
             api_token: config.api_token.clone().filter(|t| !t.is_empty()),
         }),

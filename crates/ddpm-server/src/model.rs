@@ -14,6 +14,7 @@ use ddpm_core::{
 use ddpm_registry::{CheckpointRecord, CheckpointStore};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
+use utoipa::ToSchema;
 
 use crate::error::ServerError;
 
@@ -42,7 +43,8 @@ pub struct Net {
 }
 
 /// What `GET /v1/model` and the response headers say about a model.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
+#[schema(as = Model)]
 pub struct ModelInfo {
     pub checkpoint_id: i64,
     pub run_id: i64,

@@ -28,7 +28,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 pub use slots::SlotSet;
 
-use crate::{error::ApiError, metrics::Metrics, model::LoadedModel};
+use crate::{metrics::Metrics, model::LoadedModel};
 
 /// One generated image: 8-bit pixels, rows of `[R, G, B]` (or grey) values.
 #[derive(Debug, Clone)]
@@ -43,8 +43,35 @@ pub struct GeneratedImage {
     pub pixels: Vec<u8>,
 }
 
+/// Why a job was not answered with its images. `crate::error` maps each to a status.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BatchError {
+    /// More images than the queue can ever hold.
+    #[error("{requested} images exceed the queue's capacity of {capacity}")]
+    TooLarge { requested: usize, capacity: usize },
+    #[error(
+        "the queue is full ({in_flight} of {capacity} images waiting or in flight): retry later"
+    )]
+    QueueFull { in_flight: usize, capacity: usize },
+    #[error("the model thread has stopped")]
+    Stopped,
+    #[error("the model thread dropped the request")]
+    Dropped,
+    #[error("the request did not finish within {0:?}")]
+    Timeout(Duration),
+    /// A spec the model cannot start (the handler validated it against the same model, so
+    /// a programmer error).
+    #[error("{0}")]
+    InvalidSpec(String),
+    #[error("the forward pass failed: {0}")]
+    ForwardPass(String),
+    /// A finished sample could not be turned into pixels.
+    #[error("a finished sample could not be read: {0}")]
+    Image(String),
+}
+
 /// What the model thread answers.
-pub type Reply = Result<Vec<GeneratedImage>, ApiError>;
+pub type Reply = Result<Vec<GeneratedImage>, BatchError>;
 
 /// A sampling job as the model thread receives it.
 pub(crate) struct Job {
@@ -116,8 +143,8 @@ impl Batcher {
         ))
     }
 
-    /// Generates one image per spec on `model`. Fails fast with [`ApiError::Overloaded`]
-    /// when the queue cannot take them; gives up with [`ApiError::Timeout`] after `timeout`.
+    /// Generates one image per spec on `model`. Fails fast with [`BatchError::QueueFull`]
+    /// when the queue cannot take them; gives up with [`BatchError::Timeout`] after `timeout`.
     /// Dropping the returned future (a client that went away) drops the job's samples at
     /// the model thread's next iteration.
     pub async fn generate(
@@ -129,12 +156,9 @@ impl Batcher {
         let n = u32::try_from(specs.len())
             .ok()
             .filter(|&n| n as usize <= self.capacity)
-            .ok_or_else(|| {
-                ApiError::Overloaded(format!(
-                    "{} images exceed the queue's capacity of {}",
-                    specs.len(),
-                    self.capacity
-                ))
+            .ok_or(BatchError::TooLarge {
+                requested: specs.len(),
+                capacity: self.capacity,
             })?;
         let permit = self
             .permits
@@ -144,11 +168,10 @@ impl Batcher {
                 self.metrics
                     .requests_rejected
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                ApiError::Overloaded(format!(
-                    "the queue is full ({} of {} images waiting or in flight): retry later",
-                    self.in_flight(),
-                    self.capacity
-                ))
+                BatchError::QueueFull {
+                    in_flight: self.in_flight(),
+                    capacity: self.capacity,
+                }
             })?;
         let (reply, answer) = oneshot::channel();
         let job = Job {
@@ -159,16 +182,12 @@ impl Batcher {
             reply,
             _permit: permit,
         };
-        self.jobs
-            .send(job)
-            .map_err(|_| ApiError::Unavailable("the model thread has stopped".into()))?;
+        self.jobs.send(job).map_err(|_| BatchError::Stopped)?;
         // The model thread answers a job past its deadline itself; this is the backstop.
         match tokio::time::timeout(timeout + Duration::from_secs(1), answer).await {
             Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => Err(ApiError::Unavailable(
-                "the model thread dropped the request".into(),
-            )),
-            Err(_) => Err(ApiError::Timeout(timeout)),
+            Ok(Err(_)) => Err(BatchError::Dropped),
+            Err(_) => Err(BatchError::Timeout(timeout)),
         }
     }
 

@@ -12,9 +12,9 @@ use tokio::sync::oneshot;
 
 use super::{
     slots::{RequestId, SlotSet},
-    GeneratedImage, Job, Reply,
+    BatchError, GeneratedImage, Job, Reply,
 };
-use crate::{error::ApiError, metrics::Metrics, model::LoadedModel};
+use crate::{metrics::Metrics, model::LoadedModel};
 
 /// A request between acceptance and its answer.
 struct Pending {
@@ -115,9 +115,7 @@ impl Worker<'_> {
             Err(e) => {
                 // The handler validated the request against this very model: only a
                 // programmer error gets here, but the client still gets an answer.
-                let _ = job
-                    .reply
-                    .send(Err(ApiError::validation("invalid_request", e.to_string())));
+                let _ = job.reply.send(Err(BatchError::InvalidSpec(e.to_string())));
             }
         }
     }
@@ -141,7 +139,7 @@ impl Worker<'_> {
                 self.slots.cancel(id);
                 if let Some(p) = self.pending.remove(&id) {
                     let timeout = p.timeout;
-                    p.answer(Err(ApiError::Timeout(timeout)));
+                    p.answer(Err(BatchError::Timeout(timeout)));
                 }
                 self.metrics
                     .requests_timed_out
@@ -193,7 +191,7 @@ impl Worker<'_> {
         for (id, error) in failed {
             self.slots.cancel(id);
             if let Some(p) = self.pending.remove(&id) {
-                p.answer(Err(ApiError::internal(error)));
+                p.answer(Err(BatchError::ForwardPass(error)));
             }
         }
     }
@@ -204,7 +202,7 @@ impl Worker<'_> {
             let Some(p) = self.pending.remove(&done.request) else {
                 continue;
             };
-            let images: Result<Vec<GeneratedImage>, ApiError> =
+            let images: Result<Vec<GeneratedImage>, BatchError> =
                 done.samples.iter().map(to_image).collect();
             if let Ok(images) = &images {
                 self.metrics
@@ -217,17 +215,18 @@ impl Worker<'_> {
 }
 
 /// A finished trajectory's x₀ as 8-bit `[H, W, C]` pixels.
-fn to_image(t: &Trajectory) -> Result<GeneratedImage, ApiError> {
+fn to_image(t: &Trajectory) -> Result<GeneratedImage, BatchError> {
     let x = t.x(); // [C, H, W]
     let size = x.size();
     let [c, h, w] = size[..] else {
-        return Err(ApiError::internal(format!("an image of shape {size:?}")));
+        return Err(BatchError::Image(format!("an image of shape {size:?}")));
     };
     let hwc = to_uint8(&x.unsqueeze(0))
         .squeeze_dim(0)
         .permute([1, 2, 0])
         .contiguous(); // [H, W, C]
-    let pixels = Vec::<u8>::try_from(hwc.view([-1])).map_err(ApiError::internal)?;
+    let pixels =
+        Vec::<u8>::try_from(hwc.view([-1])).map_err(|e| BatchError::Image(e.to_string()))?;
     let spec = t.spec();
     Ok(GeneratedImage {
         label: spec.label,

@@ -8,7 +8,7 @@ use axum::{
 use serde::de::DeserializeOwned;
 
 use super::BODY_LIMIT;
-use crate::error::ApiError;
+use crate::{error::ApiError, validate::ValidationError};
 
 /// A JSON body: 415 without `Content-Type: application/json`, 413 above the body limit,
 /// 400 when it is not JSON, 422 when it is JSON of the wrong shape.
@@ -50,10 +50,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
             use serde_json::error::Category;
             match e.classify() {
-                Category::Data => ApiError::validation(
-                    "invalid_request",
-                    format!("the request does not match the schema: {e}"),
-                ),
+                Category::Data => {
+                    ValidationError::Request(format!("the request does not match the schema: {e}"))
+                        .into()
+                }
                 Category::Syntax | Category::Eof | Category::Io => {
                     ApiError::MalformedJson(format!("the body is not valid JSON: {e}"))
                 }
@@ -73,7 +73,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| QueryParams(q.0))
-            .map_err(|e| ApiError::validation("invalid_query", e.body_text()))
+            .map_err(|e| ValidationError::Query(e.body_text()).into())
     }
 }
 
@@ -89,10 +89,11 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
             .await
             .map(|p| PathId(p.0))
             .map_err(|e| {
-                ApiError::validation(
-                    "invalid_id",
-                    format!("the id in the path must be an integer: {}", e.body_text()),
-                )
+                ValidationError::Id(format!(
+                    "the id in the path must be an integer: {}",
+                    e.body_text()
+                ))
+                .into()
             })
     }
 }

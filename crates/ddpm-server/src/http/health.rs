@@ -7,9 +7,10 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use super::AppState;
+use super::{model::ModelRef, AppState};
 
 /// `/healthz` and `/readyz`: never behind the bearer token.
 pub fn router() -> Router<AppState> {
@@ -22,14 +23,56 @@ pub fn metrics_router() -> Router<AppState> {
     Router::new().route("/metrics", get(metrics))
 }
 
-/// The process is up and answering.
-async fn healthz() -> impl IntoResponse {
-    Json(json!({ "status": "ok" }))
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(example = "ok")]
+    pub status: &'static str,
 }
 
-/// Ready to serve samples: a model is loaded and the registry answers.
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let model = state.current.get().map(|m| m.info());
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready`, or `not_ready` (answered 503).
+    #[schema(schema_with = readiness_status_schema)]
+    pub status: &'static str,
+    pub model_loaded: bool,
+    pub registry_reachable: bool,
+    /// The model being served; null until one is loaded.
+    pub model: Option<ModelRef>,
+}
+
+const READY: &str = "ready";
+const NOT_READY: &str = "not_ready";
+
+fn readiness_status_schema() -> utoipa::openapi::ObjectBuilder {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .enum_values(Some([READY, NOT_READY]))
+}
+
+/// Liveness: the process is up and answering.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "Up.", body = Health))
+)]
+pub(super) async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Readiness: a model is loaded and the registry answers.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready.", body = Readiness),
+        (status = 503, description = "Not ready; the body says why.", body = Readiness),
+    )
+)]
+pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let model = state.current.get().map(|m| ModelRef::from(&m.info()));
     let registry = state.registry.ping().await;
     let ready = model.is_some() && registry.is_ok();
     let status = if ready {
@@ -37,16 +80,27 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
-        "status": if ready { "ready" } else { "not_ready" },
-        "model_loaded": model.is_some(),
-        "registry_reachable": registry.is_ok(),
-        "model": model.map(|m| json!({ "checkpoint_id": m.checkpoint_id, "run_id": m.run_id, "step": m.step })),
-    });
+    let body = Readiness {
+        status: if ready { READY } else { NOT_READY },
+        model_loaded: model.is_some(),
+        registry_reachable: registry.is_ok(),
+        model,
+    };
     (status, Json(body))
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+/// Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Text exposition format 0.0.4.", body = String,
+            content_type = "text/plain"),
+    )
+)]
+pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,

@@ -1,5 +1,7 @@
 //! The HTTP API: shared state, the router, and the layers every route goes through
-//! (tracing, metrics, body limit, bearer token).
+//! (tracing, metrics, body limit, bearer token). Handlers parse (the [`extract`]ors),
+//! call ([`crate::validate`], the batcher, the registry) and map (to the response types
+//! each resource module declares, from which [`openapi`] generates the document).
 
 mod extract;
 mod health;
@@ -17,17 +19,19 @@ use axum::{
     response::{IntoResponse, Response},
     Router,
 };
-use ddpm_core::SamplerKind;
 use ddpm_registry::Registry;
 use tower_http::trace::TraceLayer;
 
-use crate::{batcher::Batcher, error::ApiError, metrics::Metrics, model::CurrentModel};
+use crate::{
+    batcher::Batcher, error::ApiError, metrics::Metrics, model::CurrentModel,
+    validate::SampleDefaults,
+};
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
-/// Every route as `(method, path)`, in OpenAPI's path syntax; the OpenAPI document is
-/// tested to describe each.
+/// Every route as `(method, path)`, in OpenAPI's path syntax; the generated OpenAPI
+/// document is tested to describe exactly these, and the server to answer each.
 pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/samples"),
     ("get", "/v1/model"),
@@ -44,9 +48,8 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// Request limits and defaults the handlers apply.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub max_images_per_request: usize,
-    pub default_sampler: SamplerKind,
-    pub default_steps: usize,
+    /// What a sampling request is checked against and completed with.
+    pub samples: SampleDefaults,
     pub request_timeout: Duration,
     /// Required as `Authorization: Bearer <token>` on every route but the health checks.
     pub api_token: Option<String>,

@@ -43,6 +43,23 @@ async fn the_bearer_token_guards_every_route_but_health() {
     for path in ["/healthz", "/readyz"] {
         assert_eq!(app.get_json(path).await.0, 200, "{path}");
     }
+    // The document says so: a 401 on every route behind the token, none on the others.
+    let doc: serde_json::Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for (method, path) in ddpm_server::http::ROUTES {
+        let guarded = !["/healthz", "/readyz"].contains(path);
+        let op = &doc["paths"][path][method];
+        assert_eq!(op["responses"]["401"].is_object(), guarded, "{path}");
+        assert_eq!(op["security"][0]["bearer"].is_array(), guarded, "{path}");
+    }
     app.stop().await.unwrap();
 }
 
@@ -90,7 +107,22 @@ async fn model_metrics_and_openapi_describe_the_server() {
         if *method == "get" && !path.contains('{') {
             assert_ne!(app.get_json(path).await.0, 404, "{path}");
         }
+        // No token configured: nothing is documented as needing one.
+        assert!(doc["paths"][path][method].get("security").is_none());
     }
+    // The generated document carries this server's limits and this model's classes.
+    let schemas = &doc["components"]["schemas"];
+    let request = &schemas["SampleRequest"]["properties"];
+    assert_eq!(request["n"]["maximum"], 16, "--max-images-per-request");
+    assert_eq!(request["classes"]["maxItems"], 16);
+    assert_eq!(request["steps"]["maximum"], model["timesteps"]);
+    assert_eq!(
+        schemas["ClassRef"]["oneOf"][1]["enum"],
+        json!(["red", "green", "blue"])
+    );
+    assert_eq!(schemas["ClassRef"]["oneOf"][0]["maximum"], 2);
+    let codes = schemas["ErrorCode"]["enum"].as_array().unwrap();
+    assert!(codes.contains(&json!("invalid_guidance_scale")));
     app.stop().await.unwrap();
 }
 

@@ -210,11 +210,8 @@ async fn run_history(db: Db) {
         ("/v1/runs?limit=ten", 422, "invalid_query"),
         ("/v1/runs?offset=-1", 422, "invalid_query"),
         ("/v1/runs/1/metrics?max_points=0", 422, "invalid_query"),
-        (
-            "/v1/runs/1/metrics?from_step=10&to_step=5",
-            422,
-            "invalid_query",
-        ),
+        ("/v1/runs/1/metrics?max_points=2.5", 422, "invalid_query"),
+        ("/v1/runs/0/metrics", 404, "not_found"),
     ] {
         let (got, body) = app.get_json(path).await;
         assert_eq!(
@@ -223,6 +220,23 @@ async fn run_history(db: Db) {
             "{path}"
         );
     }
+    // A range that ends before it starts is empty, not an error: the document describes
+    // the two bounds separately and cannot forbid it.
+    let (status, empty) = app
+        .get_json(&format!(
+            "/v1/runs/{}/metrics?from_step=10&to_step=5",
+            running.id
+        ))
+        .await;
+    assert_eq!(status, 200, "{empty}");
+    assert_eq!(empty["points"], json!([]));
+    assert_eq!(
+        (empty["from_step"].as_i64(), empty["to_step"].as_i64()),
+        (Some(10), Some(5))
+    );
+    // JSON Schema's integers include 2.0, in a query string too.
+    let (status, page) = app.get_json("/v1/runs?limit=2.0&offset=0.0").await;
+    assert_eq!((status, page["limit"].as_i64()), (200, Some(2)), "{page}");
     app.stop().await.unwrap();
 }
 

@@ -34,6 +34,16 @@ async fn every_kind_of_bad_input_is_a_4xx_with_a_stable_code() {
             422,
             "invalid_guidance_scale",
         ),
+        // The document says number: a numeric string is refused like any other.
+        (
+            json!({"guidance_scale": "2.5"}),
+            422,
+            "invalid_guidance_scale",
+        ),
+        (json!({"n": 2.5}), 422, "invalid_request"),
+        (json!({"class": 0, "classes": [1]}), 422, "invalid_request"),
+        (json!({"classes": [0, 1], "n": 1}), 422, "invalid_n"),
+        (json!({"sampler": "ddpm", "eta": 0.5}), 422, "invalid_eta"),
         (json!({"n": "four"}), 422, "invalid_request"),
         (json!({"colour": "red"}), 422, "invalid_request"),
         (json!([1, 2]), 422, "invalid_request"),
@@ -110,6 +120,16 @@ async fn every_kind_of_bad_input_is_a_4xx_with_a_stable_code() {
     // Nothing above hurt the server.
     let body = app.sample_json(json!({"class": "red", "steps": 5})).await;
     assert_eq!(body["images"].as_array().unwrap().len(), 1);
+    // What the document allows is accepted: integers written 2.0 (JSON Schema's integers),
+    // nulls for absent fields, n repeating the length of `classes`.
+    let body = app
+        .sample_json(json!({"class": 1.0, "n": 2.0, "steps": 3, "seed": null, "classes": null}))
+        .await;
+    assert_eq!(body["images"][1]["class"], "green");
+    let body = app
+        .sample_json(json!({"classes": ["red", 2], "n": 2, "steps": 3}))
+        .await;
+    assert_eq!(body["images"].as_array().unwrap().len(), 2);
     assert_eq!(app.get_json("/healthz").await.0, 200);
     app.stop().await.unwrap();
 }

@@ -1,0 +1,183 @@
+//! The run history as the API shows it: the registry's records mirrored field by field
+//! (the conversions destructure them whole, so a field added to the registry does not
+//! compile until it is added here, and so to the document).
+
+use chrono::{DateTime, Utc};
+use ddpm_registry::{CheckpointKind, CheckpointRecord, MetricPoint, Run, RunStatus};
+use serde::Serialize;
+use utoipa::{
+    openapi::{ObjectBuilder, Type},
+    ToSchema,
+};
+
+/// A training run.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Run)]
+pub struct RunBody {
+    pub id: i64,
+    #[schema(schema_with = run_status_schema)]
+    pub status: RunStatus,
+    /// The full training config it was queued with.
+    #[schema(value_type = Object)]
+    pub config: serde_json::Value,
+    /// The dataset's summary: path, image count, class names.
+    #[schema(value_type = Object)]
+    pub dataset: serde_json::Value,
+    pub total_steps: i64,
+    /// The step of the newest heartbeat.
+    pub current_step: i64,
+    /// The worker that holds the run, or held it last.
+    pub host: Option<String>,
+    /// How many times the run was claimed (1 for a run never resumed).
+    pub attempts: i64,
+    /// Why a failed run failed.
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+    /// The worker's latest sign of life.
+    pub heartbeat_at: Option<DateTime<Utc>>,
+}
+
+impl From<Run> for RunBody {
+    fn from(run: Run) -> Self {
+        let Run {
+            id,
+            status,
+            config,
+            dataset,
+            total_steps,
+            current_step,
+            host,
+            attempts,
+            error,
+            created_at,
+            started_at,
+            finished_at,
+            updated_at,
+            heartbeat_at,
+        } = run;
+        RunBody {
+            id,
+            status,
+            config,
+            dataset,
+            total_steps,
+            current_step,
+            host,
+            attempts,
+            error,
+            created_at,
+            started_at,
+            finished_at,
+            updated_at,
+            heartbeat_at,
+        }
+    }
+}
+
+/// One logged training window.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MetricPointBody {
+    /// The last optimiser step of the logging window the point describes.
+    pub step: i64,
+    /// The plain, unweighted ε-MSE averaged over the logging window; null for a diverged
+    /// (NaN) window.
+    pub loss: Option<f64>,
+    pub learning_rate: Option<f64>,
+    /// Gradient norm before clipping, when the trainer computes it.
+    pub grad_norm: Option<f64>,
+    pub images_per_sec: Option<f64>,
+    pub recorded_at: DateTime<Utc>,
+    /// Exponential moving average of the per-step loss, bias-corrected, as of `step`; null
+    /// when not recorded (rows logged before the trainer computed it).
+    pub loss_smoothed: Option<f64>,
+    /// Mean ε-MSE of the window's samples by the quarter of [0, T) their diffusion
+    /// timestep t falls in: [0, T/4) (least noise), [T/4, T/2), [T/2, 3T/4), [3T/4, T)
+    /// (most noise). An entry is null when no sample of the window fell in that quarter,
+    /// and all four are null for rows logged before the trainer recorded them.
+    #[schema(min_items = 4, max_items = 4)]
+    pub loss_by_timestep: [Option<f64>; 4],
+}
+
+impl From<MetricPoint> for MetricPointBody {
+    fn from(point: MetricPoint) -> Self {
+        let MetricPoint {
+            step,
+            loss,
+            learning_rate,
+            grad_norm,
+            images_per_sec,
+            recorded_at,
+            loss_smoothed,
+            loss_by_timestep,
+        } = point;
+        // JSON has no NaN: the registry reads a diverged window's loss back as NaN.
+        let finite = |x: f64| x.is_finite().then_some(x);
+        MetricPointBody {
+            step,
+            loss: finite(loss),
+            learning_rate: finite(learning_rate),
+            grad_norm,
+            images_per_sec,
+            recorded_at,
+            loss_smoothed,
+            loss_by_timestep,
+        }
+    }
+}
+
+/// A registered checkpoint.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Checkpoint)]
+pub struct CheckpointBody {
+    pub id: i64,
+    pub run_id: i64,
+    pub step: i64,
+    #[schema(schema_with = checkpoint_kind_schema)]
+    pub kind: CheckpointKind,
+    /// Relative to the checkpoint store's root, `/`-separated.
+    pub path: String,
+    pub size_bytes: i64,
+    /// Lowercase hex SHA-256 of the file.
+    pub sha256: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<CheckpointRecord> for CheckpointBody {
+    fn from(record: CheckpointRecord) -> Self {
+        let CheckpointRecord {
+            id,
+            run_id,
+            step,
+            kind,
+            path,
+            size_bytes,
+            sha256,
+            created_at,
+        } = record;
+        CheckpointBody {
+            id,
+            run_id,
+            step,
+            kind,
+            path,
+            size_bytes,
+            sha256,
+            created_at,
+        }
+    }
+}
+
+fn run_status_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(RunStatus::ALL.map(RunStatus::as_str)))
+}
+
+fn checkpoint_kind_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(CheckpointKind::ALL.map(CheckpointKind::as_str)))
+}

@@ -1,0 +1,208 @@
+//! The training runs' history from the registry: runs, their metric series, their
+//! checkpoints.
+
+mod body;
+
+use axum::{extract::State, routing::get, Json, Router};
+use serde::Serialize;
+use utoipa::{
+    openapi::{ObjectBuilder, Type},
+    IntoParams, ToSchema,
+};
+
+pub use body::{CheckpointBody, MetricPointBody, RunBody};
+
+use super::{
+    extract::{PathId, QueryParams},
+    AppState,
+};
+use crate::{
+    error::{ApiError, ErrorBody},
+    validate::{MetricsQuery, RunsQuery},
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/runs", get(list_runs))
+        .route("/v1/runs/{id}", get(get_run))
+        .route("/v1/runs/{id}/metrics", get(run_metrics))
+        .route("/v1/runs/{id}/checkpoints", get(run_checkpoints))
+}
+
+/// The `{id}` of the run routes, as [`PathId`] parses it (the document's view of it).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct RunIdParam {
+    /// Run id.
+    #[param(schema_with = run_id_schema, required = true)]
+    id: i64,
+}
+
+/// Ids are positive; a larger number than 2⁶³ − 1 does not parse (422 `invalid_id`).
+fn run_id_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(1))
+        .maximum(Some(i64::MAX))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunsPage {
+    pub runs: Vec<RunBody>,
+    /// Runs matching the filter, on all pages.
+    pub total: i64,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// Training runs, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/runs",
+    tag = "runs",
+    params(RunsQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of runs.", body = RunsPage),
+        (status = 422, description = "Invalid query.", body = ErrorBody),
+        (status = 503, description = "The run registry is unavailable.", body = ErrorBody,
+            headers(("retry-after" = i64, description = "Seconds to wait."))),
+    )
+)]
+#[tracing::instrument(skip_all)]
+pub(super) async fn list_runs(
+    State(state): State<AppState>,
+    QueryParams(q): QueryParams<RunsQuery>,
+) -> Result<Json<RunsPage>, ApiError> {
+    let filter = q.validate()?;
+    let runs = state
+        .registry
+        .list_runs(filter.status, filter.limit, filter.offset)
+        .await?;
+    let total = state.registry.count_runs(filter.status).await?;
+    Ok(Json(RunsPage {
+        runs: runs.into_iter().map(RunBody::from).collect(),
+        total,
+        limit: filter.limit,
+        offset: filter.offset,
+    }))
+}
+
+async fn find_run(state: &AppState, id: i64) -> Result<ddpm_registry::Run, ApiError> {
+    state
+        .registry
+        .get_run(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("run {id} not found")))
+}
+
+/// One run.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}",
+    tag = "runs",
+    params(RunIdParam),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The run.", body = RunBody),
+        (status = 404, description = "No such run.", body = ErrorBody),
+        (status = 422, description = "The id is not an integer.", body = ErrorBody),
+        (status = 503, description = "The run registry is unavailable.", body = ErrorBody,
+            headers(("retry-after" = i64, description = "Seconds to wait."))),
+    )
+)]
+#[tracing::instrument(skip_all, fields(run = id))]
+pub(super) async fn get_run(
+    State(state): State<AppState>,
+    PathId(id): PathId,
+) -> Result<Json<RunBody>, ApiError> {
+    Ok(Json(find_run(&state, id).await?.into()))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MetricSeries {
+    pub run_id: i64,
+    pub from_step: Option<i64>,
+    pub to_step: Option<i64>,
+    pub max_points: usize,
+    /// Evenly spaced, the newest always included; empty when `from_step` is after
+    /// `to_step`.
+    #[schema(inline)]
+    pub points: Vec<MetricPointBody>,
+}
+
+/// A run's metric series, downsampled.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}/metrics",
+    tag = "runs",
+    params(RunIdParam, MetricsQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Evenly spaced points, the newest always included.", body = MetricSeries),
+        (status = 404, description = "No such run.", body = ErrorBody),
+        (status = 422, description = "Invalid id or query.", body = ErrorBody),
+        (status = 503, description = "The run registry is unavailable.", body = ErrorBody,
+            headers(("retry-after" = i64, description = "Seconds to wait."))),
+    )
+)]
+#[tracing::instrument(skip_all, fields(run = id))]
+pub(super) async fn run_metrics(
+    State(state): State<AppState>,
+    PathId(id): PathId,
+    QueryParams(q): QueryParams<MetricsQuery>,
+) -> Result<Json<MetricSeries>, ApiError> {
+    let range = q.validate()?;
+    find_run(&state, id).await?;
+    let points = if range.is_empty() {
+        Vec::new()
+    } else {
+        state
+            .registry
+            .metrics(id, range.from_step, range.to_step, range.max_points)
+            .await?
+    };
+    Ok(Json(MetricSeries {
+        run_id: id,
+        from_step: range.from_step,
+        to_step: range.to_step,
+        max_points: range.max_points,
+        points: points.into_iter().map(MetricPointBody::from).collect(),
+    }))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Checkpoints {
+    pub run_id: i64,
+    /// By step.
+    pub checkpoints: Vec<CheckpointBody>,
+}
+
+/// A run's checkpoints.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}/checkpoints",
+    tag = "runs",
+    params(RunIdParam),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "By step.", body = Checkpoints),
+        (status = 404, description = "No such run.", body = ErrorBody),
+        (status = 422, description = "The id is not an integer.", body = ErrorBody),
+        (status = 503, description = "The run registry is unavailable.", body = ErrorBody,
+            headers(("retry-after" = i64, description = "Seconds to wait."))),
+    )
+)]
+#[tracing::instrument(skip_all, fields(run = id))]
+pub(super) async fn run_checkpoints(
+    State(state): State<AppState>,
+    PathId(id): PathId,
+) -> Result<Json<Checkpoints>, ApiError> {
+    find_run(&state, id).await?;
+    let checkpoints = state.registry.list_checkpoints(id).await?;
+    Ok(Json(Checkpoints {
+        run_id: id,
+        checkpoints: checkpoints.into_iter().map(CheckpointBody::from).collect(),
+    }))
+}

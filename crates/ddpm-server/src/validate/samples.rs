@@ -1,0 +1,538 @@
+//! `POST /v1/samples`' body: the raw [`SampleRequest`] and [`plan`], which checks it against
+//! the model being served and the server's limits and turns it into one spec per image.
+//!
+//! The bounds that depend on neither (guidance scale, η, seed) are in the field schemas
+//! below; those that do (n, the classes, steps) are filled into the served document by
+//! `http::openapi` from the same [`SampleDefaults`] and model.
+
+use ddpm_core::{sampler::TimestepSpacing, SampleSpec, SamplerConfig, SamplerKind};
+use serde::Deserialize;
+use utoipa::{
+    openapi::{schema::SchemaType, ObjectBuilder, OneOfBuilder, RefOr, Schema, Type},
+    PartialSchema, ToSchema,
+};
+
+use super::{integral, ValidationError};
+use crate::model::ModelInfo;
+
+/// Guidance scales above this are refused (past it images saturate; it is a typo).
+pub const MAX_GUIDANCE_SCALE: f64 = 50.0;
+/// w of a request that gives none.
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 3.0;
+/// Every sampler a request can name, as it names them.
+pub const SAMPLERS: [SamplerKind; 2] = [SamplerKind::Ddpm, SamplerKind::Ddim];
+
+/// A class by index or by name.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClassRef {
+    Index(i64),
+    Name(String),
+}
+
+impl ClassRef {
+    /// A class by index or by name: those of `classes`, or (`None`) any 64-bit index ≥ 0
+    /// and any name. The served document states the model's ([`crate::http::openapi`]).
+    pub fn schema_for(classes: Option<&[String]>) -> Schema {
+        let (index, name) = match classes {
+            Some(names) => (
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(0))
+                    .maximum(Some(names.len().saturating_sub(1))),
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(names.iter().cloned())),
+            ),
+            None => (
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(0))
+                    .maximum(Some(i64::MAX)),
+                ObjectBuilder::new().schema_type(Type::String),
+            ),
+        };
+        OneOfBuilder::new()
+            .item(index)
+            .item(name)
+            .description(Some(
+                "A class by index or by name (`GET /v1/model` lists the model's classes).",
+            ))
+            .build()
+            .into()
+    }
+}
+
+impl PartialSchema for ClassRef {
+    fn schema() -> RefOr<Schema> {
+        ClassRef::schema_for(None).into()
+    }
+}
+
+impl ToSchema for ClassRef {}
+
+/// An integer (`2.0` included, as JSON Schema counts it) is an index, a string a name.
+impl<'de> Deserialize<'de> for ClassRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ClassVisitor;
+
+        impl serde::de::Visitor<'_> for ClassVisitor {
+            type Value = ClassRef;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a class index (an integer) or name (a string)")
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ClassRef, E> {
+                Ok(ClassRef::Index(v))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ClassRef, E> {
+                i64::try_from(v)
+                    .map(ClassRef::Index)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<ClassRef, E> {
+                integral::whole_i64(v)
+                    .map(ClassRef::Index)
+                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ClassRef, E> {
+                Ok(ClassRef::Name(v.to_owned()))
+            }
+        }
+
+        d.deserialize_any(ClassVisitor)
+    }
+}
+
+/// The request body. A request names one `class` (for all `n` images), or lists `classes`
+/// (one image each), or neither (unconditional images).
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SampleRequest {
+    /// One class for all `n` images, by index or by name (`GET /v1/model` lists them).
+    /// Excludes `classes`.
+    pub class: Option<ClassRef>,
+    /// One image per entry (a mixed request). Excludes `class`; `n`, if given, must be its
+    /// length.
+    #[schema(min_items = 1)]
+    pub classes: Option<Vec<ClassRef>>,
+    /// Images to generate (default 1), at most the server's --max-images-per-request.
+    #[serde(default, deserialize_with = "integral::body::i64")]
+    #[schema(schema_with = n_schema)]
+    pub n: Option<i64>,
+    /// Classifier-free guidance w: ε̃ = ε∅ + w·(εy − ε∅). Kept as JSON so that a value of
+    /// the wrong type is answered `invalid_guidance_scale`, like one out of range.
+    #[schema(schema_with = guidance_scale_schema)]
+    pub guidance_scale: Option<serde_json::Value>,
+    /// Default: the server's --default-sampler.
+    #[schema(schema_with = sampler_schema)]
+    pub sampler: Option<String>,
+    /// Network evaluations, at most the model's T (`timesteps` in `GET /v1/model`);
+    /// default: the server's --default-steps.
+    #[serde(default, deserialize_with = "integral::body::i64")]
+    #[schema(schema_with = steps_schema)]
+    pub steps: Option<i64>,
+    /// DDIM's η in [0, 1] (0: deterministic). Only with the ddim sampler.
+    #[schema(minimum = 0.0, maximum = 1.0, default = 0.0)]
+    pub eta: Option<f64>,
+    /// Image i uses seed + i (wrapping); the same seed and settings give the same image,
+    /// alone or batched. Random when absent.
+    #[serde(default, deserialize_with = "integral::body::u64")]
+    #[schema(schema_with = seed_schema)]
+    pub seed: Option<u64>,
+}
+
+/// A count of at least 1; the served document lowers the maximum to the server's and
+/// model's limits (`http::openapi`).
+fn count_schema(description: &str) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Integer, Type::Null]))
+        .minimum(Some(1))
+        .maximum(Some(i64::MAX))
+        .description(Some(description))
+}
+
+fn n_schema() -> ObjectBuilder {
+    count_schema(
+        "Images to generate (default 1), at most the server's --max-images-per-request. \
+         With `classes`, it may be given only as their number.",
+    )
+}
+
+fn steps_schema() -> ObjectBuilder {
+    count_schema(
+        "Network evaluations, at most the model's T (`timesteps` in `GET /v1/model`); \
+         default: the server's --default-steps.",
+    )
+}
+
+fn guidance_scale_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Number, Type::Null]))
+        .minimum(Some(0.0))
+        .maximum(Some(MAX_GUIDANCE_SCALE))
+        .default(Some(DEFAULT_GUIDANCE_SCALE.into()))
+        .description(Some("Classifier-free guidance w: ε̃ = ε∅ + w·(εy − ε∅)."))
+}
+
+fn sampler_schema() -> ObjectBuilder {
+    let names = SAMPLERS
+        .iter()
+        .filter_map(|kind| serde_json::to_value(kind).ok())
+        .chain([serde_json::Value::Null]);
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .enum_values(Some(names))
+        .description(Some("Default: the server's --default-sampler."))
+}
+
+fn seed_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Integer, Type::Null]))
+        .minimum(Some(0u64))
+        .maximum(Some(u64::MAX))
+        .description(Some(
+            "Image i uses seed + i (wrapping); the same seed and settings give the same \
+             image, alone or batched. Random when absent.",
+        ))
+}
+
+/// The server's limits and defaults that a request is checked against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleDefaults {
+    pub max_images_per_request: usize,
+    pub default_sampler: SamplerKind,
+    pub default_steps: usize,
+}
+
+/// A validated request: one spec per image, plus what the response reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub specs: Vec<SampleSpec>,
+    /// The class name (or `None`, unconditional) of each image.
+    pub class_names: Vec<Option<String>>,
+}
+
+/// Checks a request against the model and the limits; every refusal names what to fix.
+pub fn plan(
+    request: &SampleRequest,
+    model: &ModelInfo,
+    conditional: bool,
+    defaults: &SampleDefaults,
+) -> Result<Plan, ValidationError> {
+    let labels = labels(request, model, conditional, defaults.max_images_per_request)?;
+    let kind = match request.sampler.as_deref() {
+        None => defaults.default_sampler,
+        Some(s) => s.to_ascii_lowercase().parse::<SamplerKind>().map_err(|_| {
+            ValidationError::Sampler(format!("unknown sampler {s:?}: use \"ddpm\" or \"ddim\""))
+        })?,
+    };
+    let t_max = model.timesteps as i64;
+    let steps = request.steps.unwrap_or(defaults.default_steps as i64);
+    if steps < 1 || steps > t_max {
+        return Err(ValidationError::Steps(format!(
+            "steps must be in 1..={t_max}, got {steps}"
+        )));
+    }
+    let eta = request.eta.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&eta) {
+        return Err(ValidationError::Eta(format!(
+            "eta must be in [0, 1], got {eta}"
+        )));
+    }
+    if eta != 0.0 && kind == SamplerKind::Ddpm {
+        return Err(ValidationError::Eta(
+            "eta applies to the ddim sampler only: omit it for ddpm".into(),
+        ));
+    }
+    let guidance_scale = guidance_scale(request.guidance_scale.as_ref())?;
+    let sampler = SamplerConfig {
+        kind,
+        steps: steps as usize,
+        eta,
+        spacing: TimestepSpacing::Trailing,
+        clip_denoised: true,
+    };
+    let seed = request.seed.unwrap_or_else(rand::random);
+    let specs = labels
+        .iter()
+        .enumerate()
+        .map(|(i, &label)| SampleSpec {
+            label,
+            guidance_scale,
+            seed: seed.wrapping_add(i as u64),
+            sampler,
+        })
+        .collect();
+    let class_names = labels
+        .iter()
+        .map(|l| l.and_then(|i| model.classes.get(i as usize).cloned()))
+        .collect();
+    Ok(Plan { specs, class_names })
+}
+
+/// The label (or `None`, unconditional) of each image the request asks for.
+fn labels(
+    request: &SampleRequest,
+    model: &ModelInfo,
+    conditional: bool,
+    max_n: usize,
+) -> Result<Vec<Option<i64>>, ValidationError> {
+    let resolve = |c: &ClassRef| resolve_class(c, model, conditional);
+    match (&request.class, &request.classes) {
+        (Some(_), Some(_)) => Err(ValidationError::Request(
+            "give either `class` or `classes`, not both".into(),
+        )),
+        (None, Some(classes)) => {
+            if classes.is_empty() || classes.len() > max_n {
+                return Err(ValidationError::N(format!(
+                    "`classes` must list 1 to {max_n} classes, got {}",
+                    classes.len()
+                )));
+            }
+            // `n` may repeat the count; one that disagrees is a mistake worth naming.
+            if let Some(n) = request.n.filter(|&n| n != classes.len() as i64) {
+                return Err(ValidationError::N(format!(
+                    "n = {n} but `classes` lists {}: omit n or make them agree",
+                    classes.len()
+                )));
+            }
+            classes.iter().map(|c| resolve(c).map(Some)).collect()
+        }
+        (class, None) => {
+            let n = request.n.unwrap_or(1);
+            if n < 1 || n > max_n as i64 {
+                return Err(ValidationError::N(format!(
+                    "n must be in 1..={max_n}, got {n}"
+                )));
+            }
+            let label = class.as_ref().map(resolve).transpose()?;
+            Ok(vec![label; n as usize])
+        }
+    }
+}
+
+fn resolve_class(
+    class: &ClassRef,
+    model: &ModelInfo,
+    conditional: bool,
+) -> Result<i64, ValidationError> {
+    if !conditional {
+        return Err(ValidationError::UnknownClass(
+            "the loaded model is unconditional: omit `class` and `classes`".into(),
+        ));
+    }
+    let listed = || {
+        let names: Vec<&str> = model.classes.iter().take(50).map(String::as_str).collect();
+        names.join(", ")
+    };
+    match class {
+        ClassRef::Index(i) if (0..model.classes.len() as i64).contains(i) => Ok(*i),
+        ClassRef::Index(i) => Err(ValidationError::UnknownClass(format!(
+            "class index {i} is out of range: use 0..={} or a name ({})",
+            model.classes.len().saturating_sub(1),
+            listed()
+        ))),
+        ClassRef::Name(name) => model
+            .classes
+            .iter()
+            .position(|c| c == name)
+            .map(|i| i as i64)
+            .ok_or_else(|| {
+                ValidationError::UnknownClass(format!(
+                    "unknown class {name:?}: use one of {}",
+                    listed()
+                ))
+            }),
+    }
+}
+
+/// w from the request: a JSON number in [0, [`MAX_GUIDANCE_SCALE`]]. A string such as
+/// "2.5" is refused like any other non-number: the document says number.
+fn guidance_scale(value: Option<&serde_json::Value>) -> Result<f64, ValidationError> {
+    let w = match value {
+        None | Some(serde_json::Value::Null) => return Ok(DEFAULT_GUIDANCE_SCALE),
+        Some(serde_json::Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+        Some(other) => {
+            return Err(ValidationError::GuidanceScale(format!(
+                "guidance_scale must be a number, got {other}"
+            )));
+        }
+    };
+    if !w.is_finite() || !(0.0..=MAX_GUIDANCE_SCALE).contains(&w) {
+        return Err(ValidationError::GuidanceScale(format!(
+            "guidance_scale must be a finite number in [0, {MAX_GUIDANCE_SCALE}], got {w}"
+        )));
+    }
+    Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use serde_json::json;
+
+    fn defaults() -> SampleDefaults {
+        SampleDefaults {
+            max_images_per_request: 8,
+            default_sampler: SamplerKind::Ddim,
+            default_steps: 20,
+        }
+    }
+
+    fn info() -> ModelInfo {
+        ModelInfo {
+            checkpoint_id: 1,
+            run_id: 1,
+            step: 10,
+            classes: vec!["red".into(), "green".into(), "blue".into()],
+            image_size: 8,
+            channels: 3,
+            timesteps: 1000,
+            parameters: 1,
+            device: "cpu".into(),
+            checkpoint_path: "x".into(),
+            checkpoint_created_at: Utc::now(),
+            loaded_at: Utc::now(),
+        }
+    }
+
+    fn request(json: serde_json::Value) -> SampleRequest {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn error(json: serde_json::Value) -> ValidationError {
+        plan(&request(json), &info(), true, &defaults()).unwrap_err()
+    }
+
+    #[test]
+    fn defaults_and_seeds() {
+        let p = plan(
+            &request(json!({"class": "green", "n": 3, "seed": 7})),
+            &info(),
+            true,
+            &defaults(),
+        )
+        .unwrap();
+        assert_eq!(p.specs.len(), 3);
+        assert!(p
+            .specs
+            .iter()
+            .all(|s| s.label == Some(1) && s.guidance_scale == DEFAULT_GUIDANCE_SCALE));
+        assert_eq!(
+            p.specs.iter().map(|s| s.seed).collect::<Vec<_>>(),
+            [7, 8, 9]
+        );
+        assert_eq!(p.specs[0].sampler, SamplerConfig::ddim(20));
+        assert_eq!(p.class_names[0].as_deref(), Some("green"));
+        let p = plan(
+            &request(json!({"classes": [0, "blue"], "sampler": "DDPM", "steps": 1000})),
+            &info(),
+            true,
+            &defaults(),
+        )
+        .unwrap();
+        assert_eq!(
+            p.specs.iter().map(|s| s.label).collect::<Vec<_>>(),
+            [Some(0), Some(2)]
+        );
+        assert_eq!(p.specs[0].sampler.kind, SamplerKind::Ddpm);
+        let p = plan(&request(json!({})), &info(), true, &defaults()).unwrap();
+        assert_eq!(p.specs[0].label, None);
+        // JSON null is the field's absence, as the document's nullable types say.
+        let p = plan(
+            &request(json!({"guidance_scale": null, "steps": null, "seed": u64::MAX, "n": 2})),
+            &info(),
+            true,
+            &defaults(),
+        )
+        .unwrap();
+        assert_eq!(p.specs[0].guidance_scale, DEFAULT_GUIDANCE_SCALE);
+        assert_eq!(p.specs[1].seed, 0, "seeds wrap");
+        // JSON Schema's integers include 2.0.
+        let p = plan(
+            &request(json!({"class": 1.0, "n": 2.0, "steps": 5.0})),
+            &info(),
+            true,
+            &defaults(),
+        )
+        .unwrap();
+        assert_eq!(p.specs.len(), 2);
+        assert_eq!(p.specs[0].label, Some(1));
+        assert_eq!(p.specs[0].sampler.steps, 5);
+        for bad in [
+            json!({"class": 1.5}),
+            json!({"class": true}),
+            json!({"n": "2"}),
+        ] {
+            assert!(
+                serde_json::from_value::<SampleRequest>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_invalid_field_has_its_variant() {
+        use ValidationError as E;
+        let is = |body: serde_json::Value, f: fn(&E) -> bool| {
+            let e = error(body.clone());
+            assert!(f(&e), "{body}: {e:?}");
+        };
+        is(json!({"class": "purple"}), |e| {
+            matches!(e, E::UnknownClass(_))
+        });
+        is(json!({"class": 3}), |e| matches!(e, E::UnknownClass(_)));
+        is(json!({"class": -1}), |e| matches!(e, E::UnknownClass(_)));
+        is(json!({"n": 0}), |e| matches!(e, E::N(_)));
+        is(json!({"n": 9}), |e| matches!(e, E::N(_)));
+        is(json!({"classes": []}), |e| matches!(e, E::N(_)));
+        is(json!({"classes": [0, 1], "n": 3}), |e| matches!(e, E::N(_)));
+        is(json!({"class": 0, "classes": [0]}), |e| {
+            matches!(e, E::Request(_))
+        });
+        is(json!({"steps": 0}), |e| matches!(e, E::Steps(_)));
+        is(json!({"steps": 1001}), |e| matches!(e, E::Steps(_)));
+        is(json!({"sampler": "euler"}), |e| matches!(e, E::Sampler(_)));
+        is(json!({"eta": 1.5}), |e| matches!(e, E::Eta(_)));
+        is(json!({"sampler": "ddpm", "eta": 0.5}), |e| {
+            matches!(e, E::Eta(_))
+        });
+        for w in [
+            json!("NaN"),
+            json!("2.5"),
+            json!(1e9),
+            json!(-1),
+            json!([1]),
+        ] {
+            is(json!({ "guidance_scale": w }), |e| {
+                matches!(e, E::GuidanceScale(_))
+            });
+        }
+        let unconditional =
+            plan(&request(json!({"class": 0})), &info(), false, &defaults()).unwrap_err();
+        assert!(matches!(unconditional, E::UnknownClass(_)));
+    }
+
+    #[test]
+    fn the_documented_bounds_are_the_enforced_ones() {
+        let ok = |body: serde_json::Value| {
+            plan(&request(body.clone()), &info(), true, &defaults())
+                .unwrap_or_else(|e| panic!("{body}: {e}"));
+        };
+        ok(json!({"guidance_scale": 0}));
+        ok(json!({ "guidance_scale": MAX_GUIDANCE_SCALE }));
+        assert!(guidance_scale(Some(&json!(MAX_GUIDANCE_SCALE + 1e-9))).is_err());
+        ok(json!({"eta": 1.0, "sampler": "ddim"}));
+        ok(json!({"classes": [0, 1], "n": 2}));
+        for sampler in SAMPLERS {
+            ok(json!({ "sampler": sampler }));
+        }
+        let schema = serde_json::to_value(sampler_schema().build()).unwrap();
+        assert_eq!(schema["enum"], json!(["ddpm", "ddim", null]));
+    }
+}
