@@ -11,14 +11,17 @@
 //! steps = 3000
 //! ```
 //!
-//! Every table denies unknown fields, so a typo is an error that names the key.
+//! One path for every setting: the preset as a TOML table, the file laid over it key by
+//! key, then the CLI overrides, deserialized once. A key the preset lacks is an error
+//! that names it (`training.lrr`), and so is a value of the wrong type; each section
+//! validates itself and names the field.
 
 use std::path::{Path, PathBuf};
 
 use ddpm_core::{
     ema::{EmaConfig, EmaWarmup},
     optim::AdamWConfig,
-    schedule::{BetaSchedule, ScheduleConfig},
+    schedule::ScheduleConfig,
     training::{LossWeighting, LrSchedule, Objective},
     UNetConfig,
 };
@@ -90,6 +93,7 @@ impl<'de> Deserialize<'de> for CacheMode {
 
 /// `[dataset]`, resolved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DatasetConfig {
     /// An image folder: one subfolder per class (sorted names give the class ids), or a
     /// flat folder of images for an unconditional model.
@@ -104,6 +108,7 @@ pub struct DatasetConfig {
 
 /// `[training]`, resolved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TrainingConfig {
     /// Optimizer steps of the whole run.
     pub steps: i64,
@@ -147,8 +152,121 @@ pub struct TrainingConfig {
     pub guidance_scale: f64,
 }
 
+impl DatasetConfig {
+    /// The dataset path names an existing folder.
+    pub fn validate(&self) -> Result<()> {
+        let path = &self.path;
+        if path.as_os_str().is_empty() {
+            return Err(TrainerError::config(
+                "dataset.path",
+                "is required (an image folder)",
+            ));
+        }
+        if !path.is_dir() {
+            let what = if path.exists() {
+                "is not a directory"
+            } else {
+                "does not exist"
+            };
+            return Err(TrainerError::config(
+                "dataset.path",
+                format!("{} {what}", path.display()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl TrainingConfig {
+    /// Every field in range; `timesteps` is the schedule's T (the grid's DDIM steps are
+    /// at most T).
+    pub fn validate(&self, timesteps: usize) -> Result<()> {
+        let positive = |field: &str, v: i64| {
+            if v > 0 {
+                Ok(())
+            } else {
+                Err(TrainerError::config(
+                    field,
+                    format!("must be positive, got {v}"),
+                ))
+            }
+        };
+        positive("training.steps", self.steps)?;
+        positive("training.batch_size", self.batch_size)?;
+        positive("training.log_every", self.log_every)?;
+        positive("training.checkpoint_every", self.checkpoint_every)?;
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(TrainerError::config(
+                "training.lr",
+                format!("must be a positive number, got {}", self.lr),
+            ));
+        }
+        if self.warmup_steps < 0 {
+            return Err(TrainerError::config(
+                "training.warmup_steps",
+                "must be >= 0",
+            ));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return Err(TrainerError::config(
+                "training.max_grad_norm",
+                "must be >= 0 (0 turns clipping off)",
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(TrainerError::config(
+                "training.weight_decay",
+                "must be >= 0",
+            ));
+        }
+        if !(self.min_snr_gamma.is_finite() && self.min_snr_gamma >= 0.0) {
+            return Err(TrainerError::config(
+                "training.min_snr_gamma",
+                format!(
+                    "must be >= 0 (0 turns the weighting off), got {}",
+                    self.min_snr_gamma
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.label_dropout) {
+            return Err(TrainerError::config(
+                "training.label_dropout",
+                format!("must be in [0, 1), got {}", self.label_dropout),
+            ));
+        }
+        if self.keep_last == 0 {
+            return Err(TrainerError::config(
+                "training.keep_last",
+                "must be at least 1 (the newest state is what a resume needs)",
+            ));
+        }
+        if self.sample_grid_per_class < 0 {
+            return Err(TrainerError::config(
+                "training.sample_grid_per_class",
+                "must be >= 0",
+            ));
+        }
+        if self.sample_grid_per_class > 0
+            && (self.sample_steps == 0 || self.sample_steps > timesteps)
+        {
+            return Err(TrainerError::config(
+                "training.sample_steps",
+                format!("must be in 1..={}", timesteps),
+            ));
+        }
+        if !self.guidance_scale.is_finite() {
+            return Err(TrainerError::config(
+                "training.guidance_scale",
+                "must be finite",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A fully resolved run: what the registry stores and a resume rebuilds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RunConfig {
     pub preset: Preset,
     pub dataset: DatasetConfig,
@@ -157,92 +275,6 @@ pub struct RunConfig {
     pub schedule: ScheduleConfig,
     pub training: TrainingConfig,
     pub ema: EmaConfig,
-}
-
-// ---- the file as written: every field optional ----------------------------------------
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RunConfigFile {
-    pub preset: Option<Preset>,
-    #[serde(default)]
-    pub dataset: DatasetSection,
-    #[serde(default)]
-    pub model: ModelSection,
-    #[serde(default)]
-    pub schedule: ScheduleSection,
-    #[serde(default)]
-    pub training: TrainingSection,
-    #[serde(default)]
-    pub ema: EmaSection,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DatasetSection {
-    pub path: Option<PathBuf>,
-    pub augment: Option<bool>,
-    pub flip: Option<bool>,
-    pub cache: Option<CacheMode>,
-}
-
-/// Overrides of [`UNetConfig`] fields; `num_classes` is not one (it comes from the
-/// dataset).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSection {
-    pub image_size: Option<i64>,
-    pub in_channels: Option<i64>,
-    pub out_channels: Option<i64>,
-    pub base_channels: Option<i64>,
-    pub channel_mults: Option<Vec<i64>>,
-    pub bottleneck_mult: Option<i64>,
-    pub attention_resolutions: Option<Vec<i64>>,
-    pub attention_heads: Option<i64>,
-    pub time_embedding_dim: Option<i64>,
-}
-
-/// `[schedule]`: `kind` ("linear" | "cosine") switches the β schedule (with its default
-/// constants), the other fields override single constants.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScheduleSection {
-    pub timesteps: Option<usize>,
-    pub kind: Option<String>,
-    pub beta_start: Option<f64>,
-    pub beta_end: Option<f64>,
-    pub s: Option<f64>,
-    pub max_beta: Option<f64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainingSection {
-    pub steps: Option<i64>,
-    pub batch_size: Option<i64>,
-    pub lr: Option<f64>,
-    pub warmup_steps: Option<i64>,
-    pub lr_schedule: Option<LrSchedule>,
-    pub min_snr_gamma: Option<f64>,
-    pub max_grad_norm: Option<f64>,
-    pub weight_decay: Option<f64>,
-    pub label_dropout: Option<f64>,
-    pub seed: Option<u64>,
-    pub bf16: Option<bool>,
-    pub log_every: Option<i64>,
-    pub checkpoint_every: Option<i64>,
-    pub keep_last: Option<usize>,
-    pub sample_grid_per_class: Option<i64>,
-    pub sample_steps: Option<usize>,
-    pub guidance_scale: Option<f64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EmaSection {
-    pub decay: Option<f64>,
-    pub warmup_steps: Option<i64>,
-    pub warmup: Option<EmaWarmup>,
 }
 
 /// The common overrides, as CLI flags of `train` and `submit`.
@@ -263,6 +295,34 @@ pub struct Overrides {
     /// Override `dataset.path`.
     #[arg(long, env = "DDPM_DATASET")]
     pub dataset: Option<PathBuf>,
+}
+
+impl Overrides {
+    /// The overrides that are set, as (dotted config key, value).
+    fn values(&self) -> Result<Vec<(&'static str, toml::Value)>> {
+        fn value<T: Serialize>(key: &'static str, v: &T) -> Result<(&'static str, toml::Value)> {
+            toml::Value::try_from(v)
+                .map(|v| (key, v))
+                .map_err(|e| TrainerError::config(key, e.to_string()))
+        }
+        let mut out = Vec::new();
+        if let Some(v) = &self.steps {
+            out.push(value("training.steps", v)?);
+        }
+        if let Some(v) = &self.batch_size {
+            out.push(value("training.batch_size", v)?);
+        }
+        if let Some(v) = &self.lr {
+            out.push(value("training.lr", v)?);
+        }
+        if let Some(v) = &self.seed {
+            out.push(value("training.seed", v)?);
+        }
+        if let Some(v) = &self.dataset {
+            out.push(value("dataset.path", v)?);
+        }
+        Ok(out)
+    }
 }
 
 impl RunConfig {
@@ -361,92 +421,52 @@ impl RunConfig {
                 path: path.to_path_buf(),
                 message,
             },
+            TrainerError::Config { field, message } => TrainerError::ConfigFile {
+                path: path.to_path_buf(),
+                message: format!("{field}: {message}"),
+            },
             other => other,
         })
     }
 
     /// [`from_file`](Self::from_file) on a string; relative dataset paths stay relative.
+    ///
+    /// One path for every setting: the preset is written out as a TOML table, the file's
+    /// tables are laid over it key by key, then the CLI overrides, and the result is
+    /// deserialized once. A key the preset does not have is unknown (a typo), and a
+    /// mistyped value is reported with its dotted path, so adding a setting to a config
+    /// struct (with its preset value) is all it takes for files and overrides to reach it.
     pub fn from_toml(text: &str, overrides: &Overrides) -> Result<RunConfig> {
-        let file: RunConfigFile = toml::from_str(text).map_err(|e| TrainerError::ConfigFile {
+        let mut file: toml::Table = toml::from_str(text).map_err(|e| TrainerError::ConfigFile {
             path: PathBuf::from("<string>"),
             message: e.to_string(),
         })?;
-        let mut config = Self::merge(file)?;
-        config.apply(overrides);
-        Ok(config)
+        let preset = match file.remove("preset") {
+            None => Preset::default(),
+            Some(v) => Preset::deserialize(v).map_err(|e| {
+                TrainerError::config("preset", format!("{e} (use tiny, fast or seed)"))
+            })?,
+        };
+        let mut merged = RunConfig::preset(preset).to_table()?;
+        merged.insert("preset".into(), preset.name().into());
+        if let Some(toml::Value::Table(schedule)) = file.get("schedule") {
+            switch_schedule_kind(&mut merged, schedule)?;
+        }
+        lay_over(&mut merged, file, "")?;
+        for (key, value) in overrides.values()? {
+            lay_over(&mut merged, dotted(key, value), "")?;
+        }
+        serde_path_to_error::deserialize(toml::Value::Table(merged))
+            .map_err(|e| TrainerError::config(e.path().to_string(), e.inner().to_string()))
     }
 
-    /// The preset with the file's fields on top.
-    pub fn merge(file: RunConfigFile) -> Result<RunConfig> {
-        let mut c = RunConfig::preset(file.preset.unwrap_or_default());
-        fn set<T>(slot: &mut T, value: Option<T>) {
-            if let Some(v) = value {
-                *slot = v;
-            }
-        }
-        let d = file.dataset;
-        set(&mut c.dataset.path, d.path);
-        set(&mut c.dataset.augment, d.augment);
-        set(&mut c.dataset.flip, d.flip);
-        set(&mut c.dataset.cache, d.cache);
-
-        let m = file.model;
-        set(&mut c.model.image_size, m.image_size);
-        set(&mut c.model.in_channels, m.in_channels);
-        set(&mut c.model.out_channels, m.out_channels);
-        set(&mut c.model.base_channels, m.base_channels);
-        set(&mut c.model.channel_mults, m.channel_mults);
-        set(&mut c.model.bottleneck_mult, m.bottleneck_mult);
-        set(&mut c.model.attention_resolutions, m.attention_resolutions);
-        set(&mut c.model.attention_heads, m.attention_heads);
-        set(&mut c.model.time_embedding_dim, m.time_embedding_dim);
-
-        c.schedule = merge_schedule(c.schedule, file.schedule)?;
-
-        let t = file.training;
-        set(&mut c.training.steps, t.steps);
-        set(&mut c.training.batch_size, t.batch_size);
-        set(&mut c.training.lr, t.lr);
-        set(&mut c.training.warmup_steps, t.warmup_steps);
-        set(&mut c.training.lr_schedule, t.lr_schedule);
-        set(&mut c.training.min_snr_gamma, t.min_snr_gamma);
-        set(&mut c.training.max_grad_norm, t.max_grad_norm);
-        set(&mut c.training.weight_decay, t.weight_decay);
-        set(&mut c.training.label_dropout, t.label_dropout);
-        set(&mut c.training.seed, t.seed);
-        set(&mut c.training.bf16, t.bf16);
-        set(&mut c.training.log_every, t.log_every);
-        set(&mut c.training.checkpoint_every, t.checkpoint_every);
-        set(&mut c.training.keep_last, t.keep_last);
-        set(
-            &mut c.training.sample_grid_per_class,
-            t.sample_grid_per_class,
-        );
-        set(&mut c.training.sample_steps, t.sample_steps);
-        set(&mut c.training.guidance_scale, t.guidance_scale);
-
-        set(&mut c.ema.decay, file.ema.decay);
-        set(&mut c.ema.warmup_steps, file.ema.warmup_steps);
-        set(&mut c.ema.warmup, file.ema.warmup);
-        Ok(c)
-    }
-
-    /// Applies the CLI overrides.
-    pub fn apply(&mut self, o: &Overrides) {
-        if let Some(v) = o.steps {
-            self.training.steps = v;
-        }
-        if let Some(v) = o.batch_size {
-            self.training.batch_size = v;
-        }
-        if let Some(v) = o.lr {
-            self.training.lr = v;
-        }
-        if let Some(v) = o.seed {
-            self.training.seed = v;
-        }
-        if let Some(v) = &o.dataset {
-            self.dataset.path = v.clone();
+    /// This config as a TOML table: every field present (`Option`s that are `None`, only
+    /// `model.num_classes`, are absent: it comes from the dataset).
+    fn to_table(&self) -> Result<toml::Table> {
+        match toml::Value::try_from(self) {
+            Ok(toml::Value::Table(t)) => Ok(t),
+            Ok(_) => unreachable!("a struct serializes to a table"),
+            Err(e) => Err(TrainerError::config("config", e.to_string())),
         }
     }
 
@@ -474,31 +494,17 @@ impl RunConfig {
 
     /// The learning rate of step `s` (1-based).
     pub fn lr_at(&self, s: i64) -> f64 {
-        let t = &self.training;
-        t.lr_schedule.lr_at(t.lr, t.warmup_steps, t.steps, s)
+        let training = &self.training;
+        training
+            .lr_schedule
+            .lr_at(training.lr, training.warmup_steps, training.steps, s)
     }
 
-    /// Checks every field that can be checked without reading the dataset's images;
-    /// errors name the field (`training.lr`, `model.image_size`, `dataset.path`, …).
+    /// Checks every field that can be checked without reading the dataset's images,
+    /// section by section; errors name the field (`training.lr`, `model.image_size`,
+    /// `dataset.path`, …).
     pub fn validate(&self) -> Result<()> {
-        let path = &self.dataset.path;
-        if path.as_os_str().is_empty() {
-            return Err(TrainerError::config(
-                "dataset.path",
-                "is required (an image folder)",
-            ));
-        }
-        if !path.is_dir() {
-            let what = if path.exists() {
-                "is not a directory"
-            } else {
-                "does not exist"
-            };
-            return Err(TrainerError::config(
-                "dataset.path",
-                format!("{} {what}", path.display()),
-            ));
-        }
+        self.dataset.validate()?;
         // The model's own checks (divisibility by the downsampling, attention sizes, …)
         // already name `model.<field>`.
         self.model.validate().map_err(core_config)?;
@@ -510,87 +516,7 @@ impl RunConfig {
         }
         self.schedule.validate().map_err(core_config)?;
         self.ema.validate().map_err(core_config)?;
-        let t = &self.training;
-        let positive = |field: &str, v: i64| {
-            if v > 0 {
-                Ok(())
-            } else {
-                Err(TrainerError::config(
-                    field,
-                    format!("must be positive, got {v}"),
-                ))
-            }
-        };
-        positive("training.steps", t.steps)?;
-        positive("training.batch_size", t.batch_size)?;
-        positive("training.log_every", t.log_every)?;
-        positive("training.checkpoint_every", t.checkpoint_every)?;
-        if !(t.lr.is_finite() && t.lr > 0.0) {
-            return Err(TrainerError::config(
-                "training.lr",
-                format!("must be a positive number, got {}", t.lr),
-            ));
-        }
-        if t.warmup_steps < 0 {
-            return Err(TrainerError::config(
-                "training.warmup_steps",
-                "must be >= 0",
-            ));
-        }
-        if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
-            return Err(TrainerError::config(
-                "training.max_grad_norm",
-                "must be >= 0 (0 turns clipping off)",
-            ));
-        }
-        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
-            return Err(TrainerError::config(
-                "training.weight_decay",
-                "must be >= 0",
-            ));
-        }
-        if !(t.min_snr_gamma.is_finite() && t.min_snr_gamma >= 0.0) {
-            return Err(TrainerError::config(
-                "training.min_snr_gamma",
-                format!(
-                    "must be >= 0 (0 turns the weighting off), got {}",
-                    t.min_snr_gamma
-                ),
-            ));
-        }
-        if !(0.0..1.0).contains(&t.label_dropout) {
-            return Err(TrainerError::config(
-                "training.label_dropout",
-                format!("must be in [0, 1), got {}", t.label_dropout),
-            ));
-        }
-        if t.keep_last == 0 {
-            return Err(TrainerError::config(
-                "training.keep_last",
-                "must be at least 1 (the newest state is what a resume needs)",
-            ));
-        }
-        if t.sample_grid_per_class < 0 {
-            return Err(TrainerError::config(
-                "training.sample_grid_per_class",
-                "must be >= 0",
-            ));
-        }
-        if t.sample_grid_per_class > 0
-            && (t.sample_steps == 0 || t.sample_steps > self.schedule.timesteps)
-        {
-            return Err(TrainerError::config(
-                "training.sample_steps",
-                format!("must be in 1..={}", self.schedule.timesteps),
-            ));
-        }
-        if !t.guidance_scale.is_finite() {
-            return Err(TrainerError::config(
-                "training.guidance_scale",
-                "must be finite",
-            ));
-        }
-        Ok(())
+        self.training.validate(self.schedule.timesteps)
     }
 
     /// The TOML that reproduces this config (what `deploy/runs/*.toml` are made of).
@@ -607,69 +533,79 @@ fn core_config(e: ddpm_core::CoreError) -> TrainerError {
     }
 }
 
-fn merge_schedule(base: ScheduleConfig, s: ScheduleSection) -> Result<ScheduleConfig> {
-    let mut out = base;
-    if let Some(t) = s.timesteps {
-        out.timesteps = t;
-    }
-    if let Some(kind) = s.kind.as_deref() {
-        out.betas = match kind {
-            "linear" => BetaSchedule::Linear {
-                beta_start: 1e-4,
-                beta_end: 0.02,
-            },
-            "cosine" => ScheduleConfig::cosine(out.timesteps).betas,
-            other => {
-                return Err(TrainerError::config(
-                    "schedule.kind",
-                    format!("unknown schedule {other:?}: use linear or cosine"),
-                ))
-            }
+/// Lays `over` onto `base` key by key (tables recursively, anything else replaced);
+/// `prefix` is the dotted path of `base`, for errors. A key `base` lacks is an error.
+fn lay_over(base: &mut toml::Table, over: toml::Table, prefix: &str) -> Result<()> {
+    for (key, value) in over {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
         };
+        match (base.get_mut(&key), value) {
+            (None, _) => return Err(unknown_field(&path)),
+            (Some(toml::Value::Table(inner)), toml::Value::Table(value)) => {
+                lay_over(inner, value, &path)?
+            }
+            (Some(toml::Value::Table(_)), _) => {
+                return Err(TrainerError::config(path, "must be a table ([section])"))
+            }
+            (Some(slot), value) => *slot = value,
+        }
     }
-    let wrong = |field: &str, kind: &str| {
-        TrainerError::config(
-            format!("schedule.{field}"),
-            format!("only applies to kind = \"{kind}\""),
-        )
+    Ok(())
+}
+
+fn unknown_field(path: &str) -> TrainerError {
+    let message = match path {
+        "model.num_classes" => "is not set in a run config: it is the dataset's class count",
+        "schedule.s" | "schedule.max_beta" => "only applies to kind = \"cosine\"",
+        "schedule.beta_start" | "schedule.beta_end" => "only applies to kind = \"linear\"",
+        _ => "unknown field",
     };
-    match &mut out.betas {
-        BetaSchedule::Linear {
-            beta_start,
-            beta_end,
-        } => {
-            if s.s.is_some() {
-                return Err(wrong("s", "cosine"));
-            }
-            if s.max_beta.is_some() {
-                return Err(wrong("max_beta", "cosine"));
-            }
-            if let Some(v) = s.beta_start {
-                *beta_start = v;
-            }
-            if let Some(v) = s.beta_end {
-                *beta_end = v;
-            }
+    TrainerError::config(path, message)
+}
+
+/// `schedule.kind` in a file switches the β schedule to that kind with its published
+/// constants (keeping T); the file's other schedule fields then override single ones.
+fn switch_schedule_kind(merged: &mut toml::Table, file: &toml::Table) -> Result<()> {
+    let Some(kind) = file.get("kind") else {
+        return Ok(());
+    };
+    let betas = match kind.as_str() {
+        Some("linear") => ScheduleConfig::default().betas,
+        Some("cosine") => ScheduleConfig::cosine(0).betas,
+        _ => {
+            return Err(TrainerError::config(
+                "schedule.kind",
+                format!("unknown schedule {kind}: use \"linear\" or \"cosine\""),
+            ))
         }
-        BetaSchedule::Cosine {
-            s: offset,
-            max_beta,
-        } => {
-            if s.beta_start.is_some() {
-                return Err(wrong("beta_start", "linear"));
-            }
-            if s.beta_end.is_some() {
-                return Err(wrong("beta_end", "linear"));
-            }
-            if let Some(v) = s.s {
-                *offset = v;
-            }
-            if let Some(v) = s.max_beta {
-                *max_beta = v;
-            }
-        }
-    }
-    Ok(out)
+    };
+    let Some(toml::Value::Table(schedule)) = merged.get_mut("schedule") else {
+        unreachable!("every preset has a schedule table");
+    };
+    let fresh = toml::Value::try_from(ScheduleConfig {
+        timesteps: 0,
+        betas,
+    })
+    .map_err(|e| TrainerError::config("schedule", e.to_string()))?;
+    let toml::Value::Table(mut fresh) = fresh else {
+        unreachable!("a struct serializes to a table");
+    };
+    fresh.insert("timesteps".into(), schedule["timesteps"].clone());
+    *schedule = fresh;
+    Ok(())
+}
+
+/// `training.steps = v` as a nested table, for [`lay_over`].
+fn dotted(key: &str, value: toml::Value) -> toml::Table {
+    let mut table = toml::Table::new();
+    match key.split_once('.') {
+        Some((head, rest)) => table.insert(head.into(), toml::Value::Table(dotted(rest, value))),
+        None => table.insert(key.into(), value),
+    };
+    table
 }
 
 #[cfg(test)]
@@ -770,6 +706,50 @@ mod tests {
         assert_eq!(field_of(e), "schedule.kind");
         let e = parse("[schedule]\ns = 0.1").unwrap_err();
         assert_eq!(field_of(e), "schedule.s");
+    }
+
+    #[test]
+    fn mistyped_values_and_misplaced_tables_are_named() {
+        let cases = [
+            ("[training]\nsteps = \"many\"", "training.steps"),
+            ("training = 3", "training"),
+            ("[ema]\nwarmup = \"slow\"", "ema.warmup"),
+            ("[dataset]\ncache = \"sometimes\"", "dataset.cache"),
+            (
+                "[model]\nchannel_mults = [1, \"x\"]",
+                "model.channel_mults[1]",
+            ),
+            ("[training]\nwarmup = 5", "training.warmup"),
+        ];
+        for (text, field) in cases {
+            assert_eq!(field_of(parse(text).unwrap_err()), field, "{text}");
+        }
+        // A stored config (JSON in the registry) is read as strictly.
+        let mut stored = serde_json::to_value(RunConfig::preset(Preset::Fast)).unwrap();
+        stored["training"]["stepz"] = 1.into();
+        assert!(serde_json::from_value::<RunConfig>(stored).is_err());
+    }
+
+    #[test]
+    fn overrides_apply_after_the_file_and_are_checked_alike() {
+        let overrides = Overrides {
+            dataset: Some(PathBuf::from("/data/other")),
+            batch_size: Some(4),
+            ..Default::default()
+        };
+        let c = RunConfig::from_toml(
+            "[dataset]\npath = \"x\"\n[training]\nbatch_size = 8",
+            &overrides,
+        )
+        .unwrap();
+        assert_eq!(c.dataset.path, PathBuf::from("/data/other"));
+        assert_eq!(c.training.batch_size, 4);
+        let huge = Overrides {
+            seed: Some(u64::MAX),
+            ..Default::default()
+        };
+        let e = RunConfig::from_toml("", &huge).unwrap_err();
+        assert_eq!(field_of(e), "training.seed");
     }
 
     #[test]
