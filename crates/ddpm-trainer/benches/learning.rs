@@ -26,7 +26,8 @@
 //!   images' (residual noise raises it; 1 = as smooth as the data).
 //!
 //! Settings: `DDPM_BENCH_PARTS` (`parity,options`), `DDPM_BENCH_STEPS` (2000),
-//! `DDPM_BENCH_PARITY_MODEL` (`seed32`, or `tiny`), `DDPM_BENCH_VARIANTS` (a comma list
+//! `DDPM_BENCH_PARITY_MODEL` (`seed32`, or `tiny`), `DDPM_BENCH_INIT_SEED` (the parity
+//! part's initial-weight seed, 1), `DDPM_BENCH_VARIANTS` (a comma list
 //! of the variant names below; default all), `DDPM_BENCH_THREADS` (libtorch threads of the
 //! options part, 1), `DDPM_PYTHON` (default: the cached torch venv's python). CPU only: the figures are per step, not per second.
 
@@ -257,7 +258,12 @@ fn parity(dir: &Path, steps: usize, data: &Data) {
     config.model = model;
     config.training.batch_size = BATCH;
     config.training.steps = steps as i64;
-    config.training.seed = 1;
+    // The initial weights' seed (each side its own draw); the data and every step's
+    // draws do not depend on it.
+    config.training.seed = std::env::var("DDPM_BENCH_INIT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
 
     // The data and the setting for the PyTorch side, as raw little-endian arrays (the
     // torch venv has no safetensors package).

@@ -267,3 +267,70 @@ fn tiny_forward_matches_pytorch_numerically() {
     let diff = (&eps - &expected).abs().max().double_value(&[]);
     assert!(diff < 1e-4, "max |Δ| vs PyTorch = {diff}");
 }
+
+/// The default `clip_denoised` path: x̂₀ clamped to [−1, 1] where the step uses it, the
+/// network's ε kept elsewhere; diffusers' `clip_sample=True` (`clipped_vectors.json`).
+#[test]
+fn clipped_steps_match_diffusers() {
+    use ddpm_core::sampler::{step_from_epsilon, Clip};
+    let v = json("clipped_vectors.json");
+    let shape: Vec<i64> = v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_i64().unwrap())
+        .collect();
+    let tensor = |key: &str| Tensor::from_slice(&floats(&v[key])).view(shape.as_slice());
+    let (x, eps, z) = (tensor("x"), tensor("eps"), tensor("z"));
+    let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let b = shape[0] as usize;
+    let mut clamped_somewhere = 0;
+    for case in v["cases"].as_array().unwrap() {
+        let (t, prev) = (
+            case["t"].as_i64().unwrap(),
+            case["prev_t"].as_i64().unwrap(),
+        );
+        let name = format!("{} t={t}→{prev} η={}", case["sampler"], case["eta"]);
+        let coefficients = match case["sampler"].as_str().unwrap() {
+            "ddpm" => Ddpm.coefficients(&s, t, prev),
+            _ => Ddim {
+                eta: case["eta"].as_f64().unwrap(),
+            }
+            .coefficients(&s, t, prev),
+        };
+        let ab = s.alpha_cumprod(t);
+        let clip = Clip {
+            sqrt_alpha_cumprod: ab.sqrt(),
+            sqrt_one_minus_alpha_cumprod: (1.0 - ab).sqrt(),
+        };
+        let ours = step_from_epsilon(
+            &x,
+            &eps,
+            &vec![coefficients; b],
+            &vec![Some(clip); b],
+            Some(&z),
+        )
+        .unwrap();
+        let ours = Vec::<f64>::try_from(ours.flatten(0, -1)).unwrap();
+        let expected = floats(&case["prev_sample"]);
+        assert_close(&name, &ours, &expected, 1e-9, 1e-10);
+        // The clamp must matter in the case (else this would test the unclipped step).
+        let linear = step(
+            coefficients,
+            &floats(&v["x"]),
+            &floats(&v["eps"]),
+            &floats(&v["z"]),
+        );
+        if linear
+            .iter()
+            .zip(&expected)
+            .any(|(a, e)| (a - e).abs() > 1e-6)
+        {
+            clamped_somewhere += 1;
+        }
+    }
+    assert!(
+        clamped_somewhere >= 8,
+        "only {clamped_somewhere} cases clamp"
+    );
+}
