@@ -80,22 +80,13 @@ pub fn png_bytes(img: &RgbImage) -> std::result::Result<Vec<u8>, image::ImageErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ddpm_core::{ScheduleConfig, UNetConfig};
+    use ddpm_core::ScheduleConfig;
+    use ddpm_testkit_model::micro_config;
     use tch::Device;
 
     #[test]
     fn one_row_per_class() {
-        let cfg = UNetConfig {
-            image_size: 8,
-            base_channels: 8,
-            channel_mults: vec![1, 2],
-            bottleneck_mult: 2,
-            attention_resolutions: vec![4],
-            attention_heads: 2,
-            time_embedding_dim: 16,
-            ..UNetConfig::tiny(Some(3))
-        };
-        let model = Model::new(&cfg, Device::Cpu).unwrap();
+        let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
         let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
         let spec = GridSpec {
             per_class: 4,
