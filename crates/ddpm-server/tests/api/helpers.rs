@@ -1,10 +1,11 @@
 //! Shared plumbing: a tiny trained checkpoint (the micro model of `ddpm-testkit-model`,
 //! trained once per test binary), a fresh registry database per test (SQLite file, or a
-//! PostgreSQL database on the server named by `DDPM_TEST_POSTGRES_URL`), and
-//! [`spawn_app`], which runs the real server on port 0. `TEST_LOG=1` turns the server's
-//! logs on.
+//! PostgreSQL database on the server named by `DDPM_TEST_POSTGRES_URL`), [`spawn_app`],
+//! which runs the real server on port 0, and [`wait_until`], which tests wait with
+//! instead of sleeping. `TEST_LOG=1` turns the server's logs on.
 
 use std::{
+    future::Future,
     path::Path,
     sync::{Once, OnceLock},
     time::Duration,
@@ -206,6 +207,27 @@ impl TestApp {
         false
     }
 
+    /// Whether the server holds a PostgreSQL `LISTEN` on the test database: a session whose
+    /// last statement was a `LISTEN` and has completed. `false` on SQLite.
+    pub async fn postgres_listening(&self) -> bool {
+        use sqlx::Connection;
+        if !self.database.url.starts_with("postgres") {
+            return false;
+        }
+        let mut connection = sqlx::PgConnection::connect(&self.database.url)
+            .await
+            .expect("connect to the test database");
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND state = 'idle' AND query LIKE 'LISTEN %'",
+        )
+        .fetch_one(&mut connection)
+        .await
+        .expect("query pg_stat_activity");
+        let _ = connection.close().await;
+        listening > 0
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) -> Result<(), ddpm_server::ServerError> {
         if let Some(tx) = self.shutdown.take() {
@@ -231,6 +253,26 @@ impl TestApp {
 
     pub fn take_server(&mut self) -> Option<JoinHandle<Result<(), ddpm_server::ServerError>>> {
         self.server.take()
+    }
+}
+
+/// How long [`wait_until`] waits: long enough for a loaded machine, short enough that a
+/// test that waits for something that never happens fails rather than hangs.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(60);
+
+/// Polls `condition` every 20 ms until it holds; panics naming `what` after [`WAIT_LIMIT`].
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + WAIT_LIMIT;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "waited {WAIT_LIMIT:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
