@@ -19,6 +19,7 @@
 //! - [`checkpoint`]: EMA checkpoints with a manifest, resumable training states, atomic
 //!   writes and verified loads.
 //! - [`device`]: run-time device choice.
+//! - [`tile`]: images tiled on a canvas (sample grids).
 
 pub mod checkpoint;
 pub mod device;
@@ -30,6 +31,7 @@ pub mod noise;
 pub mod optim;
 pub mod sampler;
 pub mod schedule;
+pub mod tile;
 pub mod training;
 pub mod unet;
 

@@ -3,6 +3,7 @@
 
 use std::io::{Cursor, Write};
 
+use ddpm_core::tile::Tiling;
 use image::{codecs::png::PngEncoder, ExtendedColorType, ImageEncoder};
 use zip::{write::SimpleFileOptions, CompressionMethod, ZipWriter};
 
@@ -113,13 +114,21 @@ impl GridLayout {
         let columns = (1..=n).find(|c| c * c >= n).unwrap_or(n);
         let rows = n.div_ceil(columns);
         let scale = (MIN_CELL / image_width.max(1)).max(1);
-        let (cell_w, cell_h) = (image_width * scale, image_height * scale + LABEL_HEIGHT);
+        let tiling = Tiling {
+            columns,
+            rows,
+            image_width,
+            image_height,
+            scale,
+            pad: PAD,
+            caption_height: LABEL_HEIGHT,
+        };
         GridLayout {
             columns,
             rows,
             scale,
-            width: columns * cell_w + (columns + 1) * PAD,
-            height: rows * cell_h + (rows + 1) * PAD,
+            width: tiling.width(),
+            height: tiling.height(),
         }
     }
 }
@@ -131,36 +140,27 @@ pub fn grid(
 ) -> Result<(Vec<u8>, GridLayout), EncodeError> {
     let first = images.first().ok_or(EncodeError::Empty)?;
     let layout = GridLayout::new(images.len(), first.width, first.height);
-    let (w, h) = (layout.width as usize, layout.height as usize);
-    let mut canvas = vec![255u8; w * h * 3];
-    let cell_w = first.width * layout.scale;
-    let cell_h = first.height * layout.scale + LABEL_HEIGHT;
-    for (i, image) in images.iter().enumerate() {
-        let (col, row) = (i as u32 % layout.columns, i as u32 / layout.columns);
-        let x0 = PAD + col * (cell_w + PAD);
-        let y0 = PAD + row * (cell_h + PAD);
-        let c = image.channels as usize;
-        for y in 0..image.height * layout.scale {
-            for x in 0..image.width * layout.scale {
-                let (sx, sy) = ((x / layout.scale) as usize, (y / layout.scale) as usize);
-                let src = (sy * image.width as usize + sx) * c;
-                let dst = (((y0 + y) as usize) * w + (x0 + x) as usize) * 3;
-                for k in 0..3 {
-                    canvas[dst + k] = image
-                        .pixels
-                        .get(src + if c == 3 { k } else { 0 })
-                        .copied()
-                        .unwrap_or(0);
-                }
-            }
-        }
+    let tiling = Tiling {
+        columns: layout.columns,
+        rows: layout.rows,
+        image_width: first.width,
+        image_height: first.height,
+        scale: layout.scale,
+        pad: PAD,
+        caption_height: LABEL_HEIGHT,
+    };
+    let mut canvas = tiling.draw(images.iter().map(|i| (&i.pixels[..], i.channels)));
+    for i in 0..images.len() {
+        let (x0, y0) = tiling.origin(i);
         let label = labels.get(i).map(String::as_str).unwrap_or("");
+        let under = y0 + first.height * layout.scale + 2;
+        let width = layout.width as usize;
         draw_text(
             &mut canvas,
-            w,
+            width,
             x0 + 1,
-            y0 + image.height * layout.scale + 2,
-            cell_w,
+            under,
+            tiling.cell_width(),
             label,
         );
     }

@@ -3,9 +3,10 @@
 
 use ddpm_core::{
     sampler::{sample, to_uint8},
+    tile::Tiling,
     Model, NoiseSchedule, SampleSpec, SamplerConfig,
 };
-use image::{Rgb, RgbImage};
+use image::RgbImage;
 use tch::Kind;
 
 use crate::{dataset::mix, error::Result};
@@ -50,23 +51,28 @@ pub fn sample_grid(model: &Model, schedule: &NoiseSchedule, spec: &GridSpec) -> 
         })
         .collect();
     let images = tch::no_grad(|| sample(model, schedule, &specs, MAX_BATCH))?; // [N, 3, S, S]
-    let pixels = to_uint8(&images).to_kind(Kind::Uint8).contiguous(); // [N, 3, S, S] on the CPU
-    let s = model.config().image_size as u32;
+    let pixels = to_uint8(&images)
+        .permute([0, 2, 3, 1])
+        .to_kind(Kind::Uint8)
+        .contiguous(); // [N, S, S, C] on the CPU
+    let (s, channels) = (model.config().image_size as u32, pixels.size()[3]);
     let data = Vec::<u8>::try_from(pixels.view([-1]))?;
-    let (w, h) = (PAD + cols * (s + PAD), PAD + rows.len() as u32 * (s + PAD));
-    let mut grid = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
-    let plane = (s * s) as usize;
-    for n in 0..specs.len() {
-        let (r, c) = (n as u32 / cols, n as u32 % cols);
-        let tile = &data[n * 3 * plane..(n + 1) * 3 * plane];
-        for y in 0..s {
-            for x in 0..s {
-                let i = (y * s + x) as usize;
-                let px = Rgb([tile[i], tile[plane + i], tile[2 * plane + i]]);
-                grid.put_pixel(PAD + c * (s + PAD) + x, PAD + r * (s + PAD) + y, px);
-            }
-        }
-    }
+    let tiling = Tiling {
+        columns: cols,
+        rows: rows.len() as u32,
+        image_width: s,
+        image_height: s,
+        scale: 1,
+        pad: PAD,
+        caption_height: 0,
+    };
+    let per_image = (s * s) as usize * channels as usize;
+    let canvas = tiling.draw(
+        data.chunks_exact(per_image)
+            .map(|tile| (tile, channels as u8)),
+    );
+    let grid = RgbImage::from_raw(tiling.width(), tiling.height(), canvas)
+        .expect("the canvas holds width × height RGB pixels");
     Ok(grid)
 }
 
@@ -80,22 +86,13 @@ pub fn png_bytes(img: &RgbImage) -> std::result::Result<Vec<u8>, image::ImageErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ddpm_core::{ScheduleConfig, UNetConfig};
+    use ddpm_core::ScheduleConfig;
+    use ddpm_testkit_model::micro_config;
     use tch::Device;
 
     #[test]
     fn one_row_per_class() {
-        let cfg = UNetConfig {
-            image_size: 8,
-            base_channels: 8,
-            channel_mults: vec![1, 2],
-            bottleneck_mult: 2,
-            attention_resolutions: vec![4],
-            attention_heads: 2,
-            time_embedding_dim: 16,
-            ..UNetConfig::tiny(Some(3))
-        };
-        let model = Model::new(&cfg, Device::Cpu).unwrap();
+        let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
         let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
         let spec = GridSpec {
             per_class: 4,

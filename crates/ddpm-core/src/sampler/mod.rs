@@ -23,6 +23,19 @@
 //! Without clipping a slightly wrong ε at high t is amplified by 1/√ᾱ_t (≈ 160 at
 //! t = 999) into x̂₀, which ruins few-step samplers on imperfect models.
 //!
+//! For DDIM this is **not** diffusers' `clip_sample`. Both clamp x̂₀, but diffusers keeps
+//! the model's ε̃ in the direction term, while here it is replaced by
+//! ε' = (x_t − √ᾱ_t·clip(x̂₀))/√(1−ᾱ_t):
+//!
+//! - here: x_s = √ᾱ_s·clip(x̂₀) + √(1−ᾱ_s−σ²)·ε' + σ·z;
+//! - diffusers: x_s = √ᾱ_s·clip(x̂₀) + √(1−ᾱ_s−σ²)·ε̃ + σ·z.
+//!
+//! They agree wherever the clamp is inactive. Ours steps with a consistent pair,
+//! x_t = √ᾱ_t·clip(x̂₀) + √(1−ᾱ_t)·ε', which is what the one linear update per sample
+//! needs; for DDPM the two definitions give the same step (the posterior mean depends on
+//! x̂₀ and x_t only). Our definition is checked against a computation by hand in
+//! `tests/core/reference.rs` (`clipped_ddim_follows_our_definition_not_diffusers`).
+//!
 //! Layout: `ddpm` (ancestral DDPM), `ddim` (DDIM with η).
 
 mod ddim;
@@ -140,7 +153,8 @@ pub struct SamplerConfig {
     pub eta: f64,
     #[serde(default)]
     pub spacing: TimestepSpacing,
-    /// Clamp the predicted x̂₀ to [−1, 1] at every step.
+    /// Clamp the predicted x̂₀ to [−1, 1] at every step and step with the ε consistent
+    /// with it (for DDIM not diffusers' `clip_sample`: see the module's doc).
     #[serde(default = "default_clip")]
     pub clip_denoised: bool,
 }

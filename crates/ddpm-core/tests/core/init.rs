@@ -9,7 +9,7 @@ use ddpm_core::{Model, UNetConfig};
 use serde_json::Value;
 use tch::{Device, Kind};
 
-use crate::helpers::{exclusive_rng, one_thread, reference_json};
+use crate::helpers::{exclusive_rng, one_torch_thread, reference_json};
 
 /// Standard error of a sample standard deviation over `n` draws, as a multiple of σ:
 /// √((κ − 1) / 4n) with kurtosis κ = 1.8 for a uniform and 3 for a normal distribution.
@@ -80,13 +80,13 @@ fn check_preset(name: &str, config: UNetConfig) {
 
 #[test]
 fn seed_preset_initialises_like_pytorch() {
-    one_thread();
+    one_torch_thread();
     check_preset("seed", UNetConfig::seed(Some(10)));
 }
 
 #[test]
 fn tiny_preset_initialises_like_pytorch() {
-    one_thread();
+    one_torch_thread();
     check_preset("tiny", UNetConfig::tiny(Some(3)));
 }
 

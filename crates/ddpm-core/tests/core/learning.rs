@@ -3,12 +3,18 @@
 
 use ddpm_core::{sampler::sample, SampleSpec, SamplerConfig};
 
-use crate::helpers::{channel_means, colour_dataset, micro_config, train};
+use crate::helpers::{channel_means, colour_dataset, micro_config, train, TrainSpec};
 
 #[test]
 fn tiny_model_learns_colour_classes_and_guided_samples_show_them() {
     let (images, labels) = colour_dataset(3, 64, 8);
-    let trained = train(&micro_config(3), &images, &labels, 1500, 32, 2e-3, 0);
+    let spec = TrainSpec {
+        steps: 1500,
+        batch: 32,
+        lr: 2e-3,
+        seed: 0,
+    };
+    let trained = train(&micro_config(3), &images, &labels, &spec);
     let first: f64 = trained.losses[..50].iter().sum::<f64>() / 50.0;
     let last: f64 = trained.losses[trained.losses.len() - 50..]
         .iter()

@@ -28,7 +28,7 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::helpers::{exclusive_rng, one_thread, reference_path};
+use crate::helpers::{exclusive_rng, one_torch_thread, reference_path};
 
 /// Largest |ours − PyTorch's| allowed, relative to max(1, |PyTorch's|) for the losses and
 /// norms, absolute for weights and moments (whose updates are ≈ lr ≤ 2e-3 per step).
@@ -83,7 +83,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 fn run_case(case: &str) {
-    one_thread();
+    one_torch_thread();
     let _rng = exclusive_rng();
     let r = reference();
     let s = &r.meta["cases"][case];
@@ -247,7 +247,7 @@ fn fast_training_steps_match_pytorch() {
 
 #[test]
 fn one_seed_gives_the_same_draws_as_pytorch() {
-    one_thread();
+    one_torch_thread();
     let r = reference();
     let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
     let _rng = exclusive_rng();

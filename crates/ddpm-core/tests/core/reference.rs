@@ -3,16 +3,21 @@
 //! - `scheduler_vectors.json`: Hugging Face diffusers' `DDPMScheduler`/`DDIMScheduler`;
 //! - `seed_unet_state_dict.json`: the seed's PyTorch `UNet_conditional(num_classes=10)`;
 //! - `tiny_state_dict.json`, `tiny_forward.safetensors`: the generalised PyTorch UNet at
-//!   the tiny config, its (float16-exact) weights, inputs and float32 output.
+//!   the tiny config, its (float16-exact) weights, inputs and float32 output;
+//! - and the clipped DDIM path, against our own definition computed by hand (diffusers'
+//!   `clip_sample` is another one: see the `sampler` module's doc).
 
 use ddpm_core::{
-    sampler::{Ddim, Ddpm, Sampler, SamplerKind, TimestepSpacing},
-    Model, NoiseSchedule, SamplerConfig, ScheduleConfig, UNetConfig,
+    noise::SampleRng,
+    sampler::{sample, Ddim, Ddpm, Sampler, SamplerKind, TimestepSpacing},
+    Model, NoiseSchedule, SampleSpec, SamplerConfig, ScheduleConfig, UNetConfig,
 };
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::helpers::{reference_json as json, reference_path as reference};
+use crate::helpers::{
+    exclusive_rng, micro_config, reference_json as json, reference_path as reference,
+};
 
 fn floats(v: &Value) -> Vec<f64> {
     v.as_array()
@@ -170,6 +175,125 @@ fn ddim_steps_and_timesteps_match_diffusers() {
                 1e-10,
             );
         }
+    }
+}
+
+/// ε̃ of `model` for one sample `x: [C, H, W]` at `t`, guided by hand from a conditional
+/// and an unconditional pass: ε∅ + w·(ε_y − ε∅).
+fn guided_eps_by_hand(model: &Model, x: &[f64], t: i64, label: i64, w: f64) -> Vec<f64> {
+    let size = model.config().image_size;
+    let null = model.config().null_label().expect("a conditional model");
+    let input = Tensor::from_slice(x)
+        .to_kind(Kind::Float)
+        .view([1, 3, size, size]); // [1, C, H, W]
+    let eps = |y: i64| -> Vec<f64> {
+        let out = tch::no_grad(|| {
+            model.net.forward(
+                &input,
+                &Tensor::from_slice(&[t]),
+                Some(&Tensor::from_slice(&[y])),
+            )
+        });
+        Vec::<f64>::try_from(out.to_kind(Kind::Double).view([-1])).unwrap()
+    };
+    let (cond, uncond) = (eps(label), eps(null));
+    cond.iter()
+        .zip(&uncond)
+        .map(|(c, u)| u + w * (c - u))
+        .collect()
+}
+
+/// The default `clip_denoised = true` path of DDIM, computed by hand in f64 from ᾱ (see
+/// the `sampler` module's doc): x̂₀ = (x_t − √(1−ᾱ_t)·ε̃)/√ᾱ_t clamped to [−1, 1],
+/// ε' = (x_t − √ᾱ_t·clip(x̂₀))/√(1−ᾱ_t), x_s = √ᾱ_s·clip(x̂₀) + √(1−ᾱ_s−σ²)·ε' + σ·z,
+/// σ = η·√((1−ᾱ_s)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_s)). The sampler must follow it, and not diffusers'
+/// `clip_sample` (the same with ε̃ in place of ε'), which the same run tells apart.
+#[test]
+fn clipped_ddim_follows_our_definition_not_diffusers() {
+    let _rng = exclusive_rng();
+    tch::manual_seed(7);
+    let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
+    let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let (label, w, seed) = (1, 3.0, 11);
+    // Trailing spacing over T = 1000 in 5 steps: round(1000 − 200·k) − 1.
+    let timesteps = [999i64, 799, 599, 399, 199];
+    for eta in [0.0, 0.5] {
+        let spec = SampleSpec {
+            label: Some(label),
+            guidance_scale: w,
+            seed,
+            sampler: SamplerConfig {
+                eta,
+                ..SamplerConfig::ddim(timesteps.len())
+            },
+        };
+        assert!(spec.sampler.clip_denoised, "clipping is the default");
+        let sampled = sample(&model, &schedule, &[spec], 1).unwrap(); // [1, 3, 8, 8]
+        let sampled = Vec::<f64>::try_from(sampled.to_kind(Kind::Double).view([-1])).unwrap();
+
+        // The sample's own noise stream: x_T first, then z for every step that adds noise.
+        let mut rng = SampleRng::new(seed);
+        let n = sampled.len();
+        let x_t: Vec<f64> = rng.normal(n).into_iter().map(f64::from).collect();
+        let (mut ours, mut diffusers) = (x_t.clone(), x_t);
+        let mut clamped = 0;
+        for (i, &t) in timesteps.iter().enumerate() {
+            let s = timesteps.get(i + 1).copied().unwrap_or(-1);
+            let ab_t = schedule.alpha_cumprod(t);
+            let ab_s = if s < 0 {
+                1.0
+            } else {
+                schedule.alpha_cumprod(s)
+            };
+            let sigma = eta
+                * ((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s))
+                    .max(0.0)
+                    .sqrt();
+            let z: Vec<f64> = if sigma > 0.0 {
+                rng.normal(n).into_iter().map(f64::from).collect()
+            } else {
+                vec![0.0; n]
+            };
+            let direction = (1.0 - ab_s - sigma * sigma).max(0.0).sqrt();
+            let eps = guided_eps_by_hand(&model, &ours, t, label, w);
+            ours = (0..n)
+                .map(|k| {
+                    let x0 = (ours[k] - (1.0 - ab_t).sqrt() * eps[k]) / ab_t.sqrt();
+                    let x0_clipped = x0.clamp(-1.0, 1.0);
+                    clamped += usize::from(x0 != x0_clipped);
+                    let eps_consistent = (ours[k] - ab_t.sqrt() * x0_clipped) / (1.0 - ab_t).sqrt();
+                    ab_s.sqrt() * x0_clipped + direction * eps_consistent + sigma * z[k]
+                })
+                .collect();
+            let eps = guided_eps_by_hand(&model, &diffusers, t, label, w);
+            diffusers = (0..n)
+                .map(|k| {
+                    let x0 = (diffusers[k] - (1.0 - ab_t).sqrt() * eps[k]) / ab_t.sqrt();
+                    ab_s.sqrt() * x0.clamp(-1.0, 1.0) + direction * eps[k] + sigma * z[k]
+                })
+                .collect();
+        }
+        assert!(
+            clamped > n,
+            "η={eta}: the clamp was hardly active ({clamped})"
+        );
+        let by_hand: Vec<f64> = ours.iter().map(|x| x.clamp(-1.0, 1.0)).collect();
+        assert_close(
+            &format!("clipped DDIM η={eta}"),
+            &sampled,
+            &by_hand,
+            0.0,
+            1e-4,
+        );
+        let apart = sampled
+            .iter()
+            .zip(&diffusers)
+            .map(|(a, d)| (a - d.clamp(-1.0, 1.0)).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            apart > 1e-2,
+            "η={eta}: indistinguishable from diffusers' clip_sample (max |Δ| {apart})"
+        );
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::helpers::{spawn_app, Options};
+use crate::helpers::{spawn_app, wait_until, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_share_forward_passes() {
@@ -70,6 +70,7 @@ async fn a_short_request_arriving_mid_way_finishes_before_a_long_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn samples_of_a_client_that_went_away_are_dropped() {
     let app = spawn_app(Options::default()).await;
+    // 4 samples of 1000 DDPM steps: run to the end, they would cost 1000 forward passes.
     let gone = app
         .client
         .post(app.url("/v1/samples"))
@@ -81,19 +82,29 @@ async fn samples_of_a_client_that_went_away_are_dropped() {
         gone.is_err(),
         "the request should have timed out on the client"
     );
-    let until = Instant::now() + Duration::from_secs(20);
-    while app.metric("ddpm_requests_cancelled_total").await < 1.0 {
-        assert!(
-            Instant::now() < until,
-            "the abandoned request was not dropped"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Its samples left the slots: nothing is in flight any more.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The worker notices the closed reply channel and takes the samples out of the
+    // slots: nothing stays active or queued.
+    wait_until("the abandoned request's samples to be dropped", || async {
+        app.metric("ddpm_requests_cancelled_total").await >= 1.0
+            && app.metric("ddpm_active_samples").await == 0.0
+            && app.metric("ddpm_queue_depth").await == 0.0
+    })
+    .await;
+    let passes = app.metric("ddpm_forward_passes_total").await;
+    assert!(
+        passes < 1000.0,
+        "{passes} forward passes: the abandoned samples ran to the end"
+    );
+    assert_eq!(app.metric("ddpm_images_generated_total").await, 0.0);
+    // The next request runs alone: exactly its own 5 passes, and its one image.
     let body = app.sample_json(json!({"steps": 5})).await;
     assert_eq!(body["images"].as_array().unwrap().len(), 1);
-    assert!(app.metric("ddpm_images_generated_total").await < 4.0 + 1.0 + 0.5);
+    assert_eq!(
+        app.metric("ddpm_forward_passes_total").await - passes,
+        5.0,
+        "the next request shared its passes with abandoned samples"
+    );
+    assert_eq!(app.metric("ddpm_images_generated_total").await, 1.0);
     app.stop().await.unwrap();
 }
 
@@ -118,9 +129,10 @@ async fn a_full_queue_answers_429_with_retry_after() {
                 .status()
         }
     });
-    while app.metric("ddpm_active_samples").await < 4.0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("the long request to fill the queue", || async {
+        app.metric("ddpm_active_samples").await >= 4.0
+    })
+    .await;
     let refused = app.sample(json!({"steps": 5}), "application/json").await;
     assert_eq!(refused.status(), 429);
     assert_eq!(refused.headers()["retry-after"], "1");

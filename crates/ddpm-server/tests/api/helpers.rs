@@ -1,28 +1,28 @@
-//! Shared plumbing: a tiny trained checkpoint (trained once per test binary), a fresh
-//! registry database per test (SQLite file, or a PostgreSQL database on the server named
-//! by `DDPM_TEST_POSTGRES_URL`), and [`spawn_app`], which runs the real server on port 0.
-//! `TEST_LOG=1` turns the server's logs on.
+//! Shared plumbing: a tiny trained checkpoint (the micro model of `ddpm-testkit-model`,
+//! trained once per test binary), a fresh registry database per test (SQLite file, or a
+//! PostgreSQL database on the server named by `DDPM_TEST_POSTGRES_URL`), [`spawn_app`],
+//! which runs the real server on port 0, and [`wait_until`], which tests wait with
+//! instead of sleeping. `TEST_LOG=1` turns the server's logs on.
 
 use std::{
+    future::Future,
     path::Path,
     sync::{Once, OnceLock},
     time::Duration,
 };
 
-use ddpm_core::{
-    checkpoint::{checkpoint_bytes, load_checkpoint_bytes, CheckpointInfo},
-    ema::EmaConfig,
-    optim::AdamWConfig,
-    training::{diffusion_loss, Learner, Objective},
-    NoiseSchedule, ScheduleConfig, UNetConfig,
-};
+use ddpm_core::checkpoint::{checkpoint_bytes, load_checkpoint_bytes, CheckpointInfo};
 use ddpm_registry::{CheckpointKind, CheckpointRecord, CheckpointStore, NewRun, Registry};
 use ddpm_server::Config;
-use tch::{Device, Kind, Tensor};
+use ddpm_testkit_model::{
+    colour_dataset, exclusive_rng, micro_config, one_torch_thread, train, TrainSpec,
+    MICRO_IMAGE_SIZE,
+};
+use tch::Device;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 pub const CLASSES: [&str; 3] = ["red", "green", "blue"];
-pub const IMAGE_SIZE: u32 = 8;
+pub const IMAGE_SIZE: u32 = MICRO_IMAGE_SIZE as u32;
 
 pub use ddpm_testkit::{Db, FreshDatabase};
 
@@ -72,7 +72,7 @@ pub struct TestApp {
 /// Starts the real server on 127.0.0.1:0 with a fresh registry.
 pub async fn spawn_app(options: Options) -> TestApp {
     init_logging();
-    single_threaded_torch();
+    one_torch_thread();
     let dir = tempfile::tempdir().expect("temp dir");
     let database = FreshDatabase::create(options.db, dir.path()).await;
     let registry = Registry::connect(&database.url)
@@ -207,6 +207,27 @@ impl TestApp {
         false
     }
 
+    /// Whether the server holds a PostgreSQL `LISTEN` on the test database: a session whose
+    /// last statement was a `LISTEN` and has completed. `false` on SQLite.
+    pub async fn postgres_listening(&self) -> bool {
+        use sqlx::Connection;
+        if !self.database.url.starts_with("postgres") {
+            return false;
+        }
+        let mut connection = sqlx::PgConnection::connect(&self.database.url)
+            .await
+            .expect("connect to the test database");
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND state = 'idle' AND query LIKE 'LISTEN %'",
+        )
+        .fetch_one(&mut connection)
+        .await
+        .expect("query pg_stat_activity");
+        let _ = connection.close().await;
+        listening > 0
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(mut self) -> Result<(), ddpm_server::ServerError> {
         if let Some(tx) = self.shutdown.take() {
@@ -232,6 +253,26 @@ impl TestApp {
 
     pub fn take_server(&mut self) -> Option<JoinHandle<Result<(), ddpm_server::ServerError>>> {
         self.server.take()
+    }
+}
+
+/// How long [`wait_until`] waits: long enough for a loaded machine, short enough that a
+/// test that waits for something that never happens fails rather than hangs.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(60);
+
+/// Polls `condition` every 20 ms until it holds; panics naming `what` after [`WAIT_LIMIT`].
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + WAIT_LIMIT;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "waited {WAIT_LIMIT:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -292,38 +333,6 @@ pub fn checkpoint_for(run_id: i64, step: i64) -> Vec<u8> {
         .0
 }
 
-/// The micro model of ddpm-core's tests.
-pub fn micro_config() -> UNetConfig {
-    UNetConfig {
-        image_size: IMAGE_SIZE as i64,
-        in_channels: 3,
-        out_channels: 3,
-        base_channels: 16,
-        channel_mults: vec![1, 2],
-        bottleneck_mult: 2,
-        attention_resolutions: vec![4],
-        attention_heads: 2,
-        time_embedding_dim: 32,
-        num_classes: Some(CLASSES.len() as i64),
-    }
-}
-
-/// Class c is a flat colour: channel c bright, the others dark.
-pub fn colour_dataset(n: i64) -> (Tensor, Tensor) {
-    let size = IMAGE_SIZE as i64;
-    let mut images = Vec::new();
-    let mut labels = Vec::new();
-    for c in 0..CLASSES.len() as i64 {
-        let mut rgb = [-0.8f32; 3];
-        rgb[c as usize] = 0.8;
-        let rgb = Tensor::from_slice(&rgb).view([1, 3, 1, 1]);
-        let noise = Tensor::randn([n, 3, size, size], (Kind::Float, Device::Cpu)) * 0.05;
-        images.push((rgb + noise).clamp(-1.0, 1.0));
-        labels.push(Tensor::full([n], c, (Kind::Int64, Device::Cpu)));
-    }
-    (Tensor::cat(&images, 0), Tensor::cat(&labels, 0))
-}
-
 /// Steps of training for the shared checkpoint: enough that guided samples show their
 /// class's colour.
 const TRAIN_STEPS: i64 = 800;
@@ -332,54 +341,35 @@ const TRAIN_STEPS: i64 = 800;
 /// (trained once per test binary).
 pub fn trained_checkpoint() -> &'static [u8] {
     static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
-    BYTES.get_or_init(|| train(TRAIN_STEPS, 0))
+    BYTES.get_or_init(train_checkpoint)
 }
 
-/// Trains the micro model for `steps` and returns its EMA checkpoint (run None, step 0).
-pub fn train(steps: i64, seed: i64) -> Vec<u8> {
-    single_threaded_torch();
+fn train_checkpoint() -> Vec<u8> {
     let started = std::time::Instant::now();
-    tch::manual_seed(seed);
-    let config = micro_config();
-    let (images, labels) = colour_dataset(64);
-    let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).expect("schedule");
-    let ema_config = EmaConfig {
-        decay: 0.99,
-        warmup_steps: steps / 4,
-        ..Default::default()
+    let classes = CLASSES.len() as i64;
+    let (images, labels) = {
+        let _rng = exclusive_rng();
+        tch::manual_seed(0);
+        colour_dataset(classes, 64, IMAGE_SIZE as i64)
     };
-    let lr = 2e-3;
-    let adamw = AdamWConfig {
-        lr,
-        ..Default::default()
+    let spec = TrainSpec {
+        steps: TRAIN_STEPS,
+        batch: 32,
+        lr: 2e-3,
+        seed: 0,
     };
-    let mut learner = Learner::new(&config, Device::Cpu, adamw, ema_config).expect("learner");
-    let n = images.size()[0];
-    for _ in 0..steps {
-        let idx = Tensor::randint(n, [32], (Kind::Int64, Device::Cpu));
-        let loss = diffusion_loss(
-            &learner.model,
-            &schedule,
-            &images.index_select(0, &idx),
-            Some(&labels.index_select(0, &idx)),
-            &Objective::default(),
-        )
-        .expect("loss")
-        .loss;
-        loss.backward();
-        let _ = learner.update(lr, Some(1.0)).expect("update");
-    }
+    let trained = train(&micro_config(classes), &images, &labels, &spec);
     let info = CheckpointInfo {
-        schedule: *schedule.config(),
+        schedule: *trained.schedule.config(),
         class_names: CLASSES.iter().map(|c| c.to_string()).collect(),
         run_id: None,
         step: 0,
     };
-    let bytes = checkpoint_bytes(learner.ema.model(), &info)
+    let bytes = checkpoint_bytes(trained.ema.model(), &info)
         .expect("checkpoint bytes")
         .0;
     eprintln!(
-        "trained the micro model for {steps} steps in {:.1?}",
+        "trained the micro model for {TRAIN_STEPS} steps in {:.1?}",
         started.elapsed()
     );
     bytes
@@ -414,13 +404,6 @@ pub fn json_png(body: &serde_json::Value, i: usize) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(b64)
         .expect("base64")
-}
-
-/// Tests run side by side on few cores: libtorch's intra-op thread pool would only make
-/// its threads spin against each other (and against other processes).
-pub fn single_threaded_torch() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| tch::set_num_threads(1));
 }
 
 fn init_logging() {

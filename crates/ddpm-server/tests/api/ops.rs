@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{spawn_app, Options};
+use crate::helpers::{spawn_app, wait_until, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bearer_token_guards_every_route_but_health() {
@@ -141,9 +141,10 @@ async fn shutdown_finishes_the_requests_in_flight() {
                 .map(|r| r.status())
         }
     });
-    while app.metric("ddpm_active_samples").await < 2.0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("the request to be in flight", || async {
+        app.metric("ddpm_active_samples").await >= 2.0
+    })
+    .await;
     app.signal_shutdown();
     let server = app.take_server().unwrap();
     assert_eq!(

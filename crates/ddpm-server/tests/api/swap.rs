@@ -4,7 +4,7 @@
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -12,7 +12,7 @@ use std::{
 use serde_json::json;
 
 use crate::helpers::{
-    add_checkpoint, add_checkpoint_bytes, checkpoint_for, spawn_app, Db, Options,
+    add_checkpoint, add_checkpoint_bytes, checkpoint_for, spawn_app, wait_until, Db, Options,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -20,12 +20,14 @@ async fn a_newer_checkpoint_is_swapped_in_with_no_failed_request() {
     let app = spawn_app(Options::default()).await;
     assert_eq!(app.model_step().await, Some(100));
     let stop = Arc::new(AtomicBool::new(false));
+    // The `x-ddpm-step` of every answer, in the order they came.
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
     // Clients keep sampling through the swap.
     let clients: Vec<_> = (0..3)
         .map(|k| {
-            let (client, url, stop) = (app.client.clone(), app.url("/v1/samples"), stop.clone());
+            let (client, url) = (app.client.clone(), app.url("/v1/samples"));
+            let (stop, seen) = (stop.clone(), seen.clone());
             tokio::spawn(async move {
-                let mut steps_seen = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let response = client
                         .post(&url)
@@ -34,33 +36,30 @@ async fn a_newer_checkpoint_is_swapped_in_with_no_failed_request() {
                         .await
                         .unwrap();
                     assert_eq!(response.status(), 200, "a request failed during the swap");
-                    steps_seen.push(
-                        response.headers()["x-ddpm-step"]
-                            .to_str()
-                            .unwrap()
-                            .to_string(),
-                    );
+                    let step = response.headers()["x-ddpm-step"].to_str().unwrap();
+                    seen.lock().unwrap().push(step.to_string());
                 }
-                steps_seen
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answers_from = |step: &str| seen.lock().unwrap().iter().filter(|s| *s == step).count();
+    wait_until("answers from the first model", || async move {
+        answers_from("100") >= 3
+    })
+    .await;
     add_checkpoint(&app.registry, &app.store, app.run_id, 200).await;
     assert!(
         app.wait_for_step(200, Duration::from_secs(30)).await,
         "the newer checkpoint was not loaded"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until("answers from the swapped-in model", || async move {
+        answers_from("200") >= 3
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
-    let mut seen = Vec::new();
     for c in clients {
-        seen.extend(c.await.unwrap());
+        c.await.unwrap();
     }
-    assert!(
-        seen.iter().any(|s| s == "100") && seen.iter().any(|s| s == "200"),
-        "{seen:?}"
-    );
     assert_eq!(app.metric("ddpm_model_step").await, 200.0);
     assert_eq!(app.metric("ddpm_model_swaps_total").await, 2.0);
     app.stop().await.unwrap();
@@ -69,6 +68,22 @@ async fn a_newer_checkpoint_is_swapped_in_with_no_failed_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn corrupt_or_mismatched_newer_checkpoints_are_ignored() {
     let app = spawn_app(Options::default()).await;
+    // Each bad checkpoint, once registered, is the newest: the watcher must try it and
+    // refuse it before the next one comes.
+    let refused = |n: f64| {
+        let app = &app;
+        async move {
+            wait_until("the bad checkpoint to be tried", || async move {
+                app.metric("ddpm_model_load_failures_total").await >= n
+            })
+            .await;
+            assert_eq!(
+                app.model_step().await,
+                Some(100),
+                "a bad checkpoint replaced the good model"
+            );
+        }
+    };
     // Not a checkpoint at all (its registered SHA-256 is right: the file is what was written).
     add_checkpoint_bytes(
         &app.registry,
@@ -78,17 +93,20 @@ async fn corrupt_or_mismatched_newer_checkpoints_are_ignored() {
         b"not a safetensors file".to_vec(),
     )
     .await;
+    refused(1.0).await;
     // A good file truncated after registration (the checksum no longer matches).
     let truncated = add_checkpoint(&app.registry, &app.store, app.run_id, 300).await;
     let path = app.store.resolve(&truncated.path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    refused(2.0).await;
     // Bits flipped inside the tensors, registered with the flipped file's SHA-256: only the
     // checkpoint's own checksum catches it.
     let mut flipped = checkpoint_for(app.run_id, 400);
     let at = flipped.len() - 100;
     flipped[at] ^= 0xff;
     add_checkpoint_bytes(&app.registry, &app.store, app.run_id, 400, flipped).await;
+    refused(3.0).await;
     // A manifest that contradicts its registration (step 999 registered as step 500).
     add_checkpoint_bytes(
         &app.registry,
@@ -98,26 +116,13 @@ async fn corrupt_or_mismatched_newer_checkpoints_are_ignored() {
         checkpoint_for(app.run_id, 999),
     )
     .await;
-
-    let until = tokio::time::Instant::now() + Duration::from_secs(20);
-    while app.metric("ddpm_model_load_failures_total").await < 1.0 {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the bad checkpoints were never tried"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(
-        app.model_step().await,
-        Some(100),
-        "a bad checkpoint replaced the good model"
-    );
+    refused(4.0).await;
     app.sample_json(json!({"class": "red", "steps": 5})).await;
 
     // A good one after them is taken.
     add_checkpoint(&app.registry, &app.store, app.run_id, 600).await;
     assert!(app.wait_for_step(600, Duration::from_secs(30)).await);
+    assert_eq!(app.metric("ddpm_model_load_failures_total").await, 4.0);
     app.stop().await.unwrap();
 }
 
@@ -159,8 +164,8 @@ async fn postgres_notifications_swap_without_waiting_for_the_poll() {
     })
     .await;
     assert_eq!(app.model_step().await, Some(100));
-    // Give the LISTEN connection a moment to be established.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The watcher's LISTEN connection is up once PostgreSQL shows it.
+    wait_until("the server to LISTEN", || app.postgres_listening()).await;
     add_checkpoint(&app.registry, &app.store, app.run_id, 200).await;
     assert!(
         app.wait_for_step(200, Duration::from_secs(20)).await,
