@@ -90,8 +90,7 @@ fn ours(config: &UNetConfig, batch: i64, device: Device, iters: usize, warmup: u
         StepCoefficients {
             x: 1.01,
             eps: -0.1,
-            noise: 0.0,
-            x0: 0.0,
+            noise: 0.0
         };
         batch as usize
     ];

@@ -2,9 +2,7 @@
 //!
 //! x_s = √ᾱ_s·x̂₀ + √(1 − ᾱ_s − σ²)·ε + σ·z, x̂₀ = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t,
 //! σ = η·√((1−ᾱ_s)/(1−ᾱ_t))·√(1 − ᾱ_t/ᾱ_s); ᾱ_s = 1 after the last step. η = 0 is the
-//! deterministic sampler, η = 1 matches DDPM's posterior variance. With clipping, x̂₀ is
-//! clamped in its term √ᾱ_s·x̂₀ and ε keeps the network's value (diffusers'
-//! `clip_sample`).
+//! deterministic sampler, η = 1 matches DDPM's posterior variance.
 
 use super::{Sampler, StepCoefficients};
 use crate::schedule::NoiseSchedule;
@@ -26,7 +24,6 @@ impl Sampler for Ddim {
             x: ratio,
             eps: dir - ratio * (1.0 - ab_t).sqrt(),
             noise: sigma,
-            x0: ab_s.sqrt(),
         }
     }
 }

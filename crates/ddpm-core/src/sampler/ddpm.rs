@@ -5,9 +5,8 @@
 //! x_s = c₀·x̂₀ + c_t·x_t + σ·z with x̂₀ = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t,
 //! c₀ = √ᾱ_s·β'/(1−ᾱ_t), c_t = √α'·(1−ᾱ_s)/(1−ᾱ_t) and σ² = (1−ᾱ_s)/(1−ᾱ_t)·β'
 //! (the posterior variance β̃, "fixed_small"); no noise is added at t = 0. With s = t − 1
-//! this is the paper's μ̃ = (x_t − β_t/√(1−ᾱ_t)·ε)/√α_t. Unclipped the step is linear in x
-//! and ε (diffusers' `DDPMScheduler(clip_sample=False)`); clipping clamps x̂₀ in its term
-//! c₀·x̂₀ (`clip_sample=True`).
+//! this is the paper's μ̃ = (x_t − β_t/√(1−ᾱ_t)·ε)/√α_t. x̂₀ is not clipped, so the step is
+//! linear in x and ε, as diffusers' `DDPMScheduler(clip_sample=False)`.
 
 use super::{Sampler, StepCoefficients};
 use crate::schedule::NoiseSchedule;
@@ -28,7 +27,6 @@ impl Sampler for Ddpm {
             x: c0 / ab_t.sqrt() + ct,
             eps: -c0 * (1.0 - ab_t).sqrt() / ab_t.sqrt(),
             noise: if t > 0 { variance.sqrt() } else { 0.0 },
-            x0: c0,
         }
     }
 }

@@ -10,18 +10,11 @@
 //! sample grids and the tests) and the server's step-level batcher are both built on them.
 //!
 //! With `clip_denoised` (the default, as in diffusers' schedulers and the original DDPM
-//! code) the predicted x̂₀ = (x_t − √(1−ᾱ_t)·ε̃)/√ᾱ_t is clamped to [−1, 1] where the step
-//! uses x̂₀, and only there: each sampler states the weight of x̂₀ in its step
-//! ([`StepCoefficients::x0`]), and the clipped step is the linear one plus
-//! `x0·(clamp(x̂₀) − x̂₀)`. For DDPM that is the posterior mean from the clamped x̂₀ (the
-//! original code, diffusers' `DDPMScheduler(clip_sample=True)`); for DDIM it is
-//! √ᾱ_s·clamp(x̂₀) + √(1−ᾱ_s−σ²)·ε̃ + σ·z with the network's own ε̃ in the direction
-//! term, as diffusers' `DDIMScheduler(clip_sample=True)`. (Replacing ε̃ by the ε consistent
-//! with the clamped x̂₀ instead, as an earlier version did, is the same for DDPM but not
-//! for DDIM: at high t nearly every pixel of x̂₀ clamps, that ε is ≈ x_t, and the
-//! deterministic sampler carries the starting noise to the end, leaving speckled images.)
-//! Without clipping a slightly wrong ε at high t is amplified by 1/√ᾱ_t (≈ 160 at
-//! t = 999) into x̂₀, which ruins few-step samplers on imperfect models.
+//! code) the predicted x̂₀ = (x_t − √(1−ᾱ_t)·ε̃)/√ᾱ_t is clamped to [−1, 1] and ε̃ replaced by
+//! the ε consistent with it before the linear update. Without it a slightly wrong ε at
+//! high t is amplified by 1/√ᾱ_t (≈ 160 at t = 999) into x̂₀, which ruins deterministic
+//! few-step samplers on imperfect models; with it the step is still per-sample, only no
+//! longer linear in ε.
 //!
 //! For DDIM this is **not** diffusers' `clip_sample`. Both clamp x̂₀, but diffusers keeps
 //! the model's ε̃ in the direction term, while here it is replaced by
@@ -55,15 +48,12 @@ use crate::{
     unet::Model,
 };
 
-/// `x_s = x·x_t + eps·ε̃ + noise·z` for one sample and one step; `x0` is the weight of
-/// x̂₀ = (x_t − √(1−ᾱ_t)·ε̃)/√ᾱ_t when the same step is written in x̂₀ (already inside `x`
-/// and `eps`), which is what clipping x̂₀ changes.
+/// `x_s = x·x_t + eps·ε̃ + noise·z` for one sample and one step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepCoefficients {
     pub x: f64,
     pub eps: f64,
     pub noise: f64,
-    pub x0: f64,
 }
 
 /// Clamp x̂₀ to [−1, 1] before stepping from t: needs √ᾱ_t and √(1−ᾱ_t).
@@ -250,7 +240,7 @@ pub struct DenoiseBatch<'a> {
 }
 
 /// Runs one guided forward pass (a single batch holding the conditional and unconditional
-/// inputs) and returns every sample's `x_s = a·x_t + b·ε̃ + c·z` (see [`step_from_epsilon`]).
+/// inputs) and returns every sample's `x_s = a·x_t + b·ε̃ + c·z`.
 pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Tensor> {
     let b = batch.x.size().first().copied().unwrap_or(0);
     let n = b as usize;
@@ -261,69 +251,51 @@ pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Tensor> {
             batch.coefficients.len()
         )));
     }
+    let device = batch.x.device();
     let _guard = tch::no_grad_guard();
-    let t = timestep_tensor(batch.timesteps, batch.x.device());
-    let eps = guided_epsilon(model, batch.x, &t, batch.labels, batch.guidance_scales)?;
-    step_from_epsilon(batch.x, &eps, batch.coefficients, batch.clips, batch.noise)
-}
-
-/// Every sample's step from its ε̃: `a·x_t + b·ε̃ + c·z`, plus `x0·(clamp(x̂₀) − x̂₀)` for
-/// the samples that clip (the module doc). Works in the kind of `x` (f32 in sampling,
-/// f64 in the reference tests).
-pub fn step_from_epsilon(
-    x: &Tensor,
-    eps: &Tensor,
-    coefficients: &[StepCoefficients],
-    clips: &[Option<Clip>],
-    noise: Option<&Tensor>,
-) -> Result<Tensor> {
-    let b = x.size().first().copied().unwrap_or(0);
-    if coefficients.len() != b as usize || clips.len() != b as usize {
-        return Err(CoreError::Input(format!(
-            "batch of {b} with {} coefficients and {} clips",
-            coefficients.len(),
-            clips.len()
-        )));
-    }
-    let (device, kind) = (x.device(), x.kind());
-    let per_sample = |v: Vec<f64>| {
-        Tensor::from_slice(&v)
-            .to_device(device)
-            .to_kind(kind)
-            .view([b, 1, 1, 1])
+    let t = timestep_tensor(batch.timesteps, device);
+    let mut eps = guided_epsilon(model, batch.x, &t, batch.labels, batch.guidance_scales)?;
+    let per_sample = |v: Vec<f32>| Tensor::from_slice(&v).to_device(device).view([b, 1, 1, 1]);
+    let column = |f: fn(&StepCoefficients) -> f64| {
+        per_sample(batch.coefficients.iter().map(|c| f(c) as f32).collect())
     };
-    let column = |f: fn(&StepCoefficients) -> f64| per_sample(coefficients.iter().map(f).collect());
-    let mut out = x
-        .f_mul(&column(|c| c.x))?
-        .f_add(&eps.f_mul(&column(|c| c.eps))?)?;
-    if clips.iter().any(Option::is_some) {
-        // x̂₀ per sample; samples that do not clip get (√ᾱ, √(1−ᾱ)) = (1, 1) and a zero
-        // weight, so their correction is 0.
+    if batch.clips.iter().any(Option::is_some) {
+        // Samples that do not clip get (s, σ) = (1, 1) and an infinite clamp: ε̂ = ε.
         let s = per_sample(
-            clips
+            batch
+                .clips
                 .iter()
-                .map(|c| c.map_or(1.0, |c| c.sqrt_alpha_cumprod))
+                .map(|c| c.map_or(1.0, |c| c.sqrt_alpha_cumprod) as f32)
                 .collect(),
         );
         let sigma = per_sample(
-            clips
+            batch
+                .clips
                 .iter()
-                .map(|c| c.map_or(1.0, |c| c.sqrt_one_minus_alpha_cumprod))
+                .map(|c| c.map_or(1.0, |c| c.sqrt_one_minus_alpha_cumprod) as f32)
                 .collect(),
         );
-        let weight = per_sample(
-            clips
+        let x0 = (batch.x - &eps * &sigma) / &s; // x̂₀ [B, C, H, W]
+        let clipped = x0.clamp(-1.0, 1.0);
+        let eps_hat = (batch.x - clipped * &s) / &sigma;
+        let mask = per_sample(
+            batch
+                .clips
                 .iter()
-                .zip(coefficients)
-                .map(|(clip, c)| if clip.is_some() { c.x0 } else { 0.0 })
+                .map(|c| if c.is_some() { 1.0 } else { 0.0 })
                 .collect(),
-        );
-        let x0 = (x - eps * &sigma) / &s; // x̂₀ [B, C, H, W]
-        let correction = (x0.clamp(-1.0, 1.0) - &x0) * &weight;
-        out = out.f_add(&correction)?;
+        )
+        .gt(0.5);
+        eps = eps_hat.where_self(&mask, &eps);
     }
-    if coefficients.iter().any(|c| c.noise != 0.0) {
-        let z = noise.ok_or_else(|| CoreError::Input("a stochastic step needs noise".into()))?;
+    let mut out = batch
+        .x
+        .f_mul(&column(|c| c.x))?
+        .f_add(&eps.f_mul(&column(|c| c.eps))?)?;
+    if batch.coefficients.iter().any(|c| c.noise != 0.0) {
+        let z = batch
+            .noise
+            .ok_or_else(|| CoreError::Input("a stochastic step needs noise".into()))?;
         out = out.f_add(&z.f_mul(&column(|c| c.noise))?)?;
     }
     Ok(out)
