@@ -49,13 +49,14 @@ cat <<MSG
 
 The demo model is served at http://$bind. Try:
 
-  # one image of class $first as a PNG (guided, 50 DDIM steps)
+  # one image of class $first as a PNG (guided, 50 ancestral DDPM steps: on this small
+  # model the default deterministic DDIM leaves noise in about half the images)
   curl -s -X POST http://$bind/v1/samples -H 'content-type: application/json' \\
-       -H 'accept: image/png' -d '{"class": $first, "seed": 1}' -o sample.png
+       -H 'accept: image/png' -d '{"class": $first, "sampler": "ddpm", "steps": 50, "seed": 1}' -o sample.png
 
   # a labelled grid: one image of each class
   curl -s -X POST http://$bind/v1/samples -H 'content-type: application/json' \\
-       -H 'accept: image/png' -d '{"classes": [$classes], "seed": 7}' -o grid.png
+       -H 'accept: image/png' -d '{"classes": [$classes], "sampler": "ddpm", "steps": 50, "seed": 7}' -o grid.png
 
   # eight images of one class as JSON (base64 PNGs with class, seed, run and step)
   curl -s -X POST http://$bind/v1/samples -H 'content-type: application/json' \\
