@@ -402,6 +402,7 @@ impl RunConfig {
                 // per step (BENCHMARKS.md, "Learning speed").
                 let mut c = RunConfig::preset(Preset::Tiny);
                 c.preset = preset;
+                c.training.min_snr_gamma = 5.0;
                 c.training.lr_schedule = LrSchedule::Cosine;
                 c.ema = EmaConfig {
                     decay: 0.995,
@@ -644,7 +645,10 @@ mod tests {
         assert_eq!(tiny.model.image_size, 16);
         let fast = parse("preset = \"fast\"").unwrap();
         assert_eq!(fast.model, tiny.model);
-        assert_eq!(fast.objective().weighting, LossWeighting::Uniform);
+        assert_eq!(
+            fast.objective().weighting,
+            LossWeighting::MinSnr { gamma: 5.0 }
+        );
         assert_eq!(fast.training.lr_schedule, LrSchedule::Cosine);
         assert_eq!(fast.ema.warmup, EmaWarmup::Ramp);
         assert_eq!(c.objective(), Objective::default());
