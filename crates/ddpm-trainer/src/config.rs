@@ -586,13 +586,11 @@ fn switch_schedule_kind(merged: &mut toml::Table, file: &toml::Table) -> Result<
     let Some(toml::Value::Table(schedule)) = merged.get_mut("schedule") else {
         unreachable!("every preset has a schedule table");
     };
-    let fresh = toml::Value::try_from(ScheduleConfig {
-        timesteps: 0,
-        betas,
-    })
-    .map_err(|e| TrainerError::config("schedule", e.to_string()))?;
+    // The β schedule serializes as its own table (`kind` plus that kind's constants).
+    let fresh = toml::Value::try_from(betas)
+        .map_err(|e| TrainerError::config("schedule", e.to_string()))?;
     let toml::Value::Table(mut fresh) = fresh else {
-        unreachable!("a struct serializes to a table");
+        unreachable!("a tagged enum serializes to a table");
     };
     fresh.insert("timesteps".into(), schedule["timesteps"].clone());
     *schedule = fresh;
