@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""The environment variables of ddpm-trainer and ddpm-server, read from their own --help.
+"""The environment variables of ddpm-trainer and ddpm-server, as the binaries describe them.
 
 The CLI definitions (clap, `#[arg(long, env = "DDPM_…")]`) are the single source of
-truth; this reads what the built binaries print and
+truth; each binary prints its options as JSON (`--cli-spec`, walked from clap's
+`Command` by crates/ddpm-service/src/cli_spec.rs); this reads that and
 
   table   prints the Markdown table of every variable (scripts/gen-env-docs.sh puts it
           into the docs),
@@ -41,15 +42,6 @@ BINARIES = ("ddpm-server", "ddpm-trainer")
 # Which binary a compose service or Dockerfile target runs, by build target or image name.
 TARGET_BINARY = {"server": "ddpm-server", "trainer": "ddpm-trainer"}
 
-HEADER = re.compile(r"^([A-Z][A-Za-z ]*):\s*$")
-OPTION = re.compile(r"^ {2,6}(?:-[A-Za-z], )?(--[A-Za-z0-9][A-Za-z0-9-]*)(?:[ =](<[^>]+>|\[[^\]]+\]))?(.*)$")
-SUBCOMMAND = re.compile(r"^ {2}([a-z][a-z0-9-]*)(?: {2,}|$)")
-ENV_TAG = re.compile(r"\[env: ([A-Z][A-Z0-9_]*)(?:=[^\]]*)?\]")
-DEFAULT_TAG = re.compile(r"\[default: ([^\]]*)\]")
-POSSIBLE_TAG = re.compile(r"\[possible values: ([^\]]*)\]")
-POSSIBLE_ITEM = re.compile(r"^- ([^:\s]+):")
-
-
 @dataclass
 class Option:
     binary: str
@@ -75,100 +67,29 @@ class Variable:
     is_global: bool = False
 
 
-def run_help(binary: Path, command: tuple[str, ...]) -> str:
-    # A clean environment: no DDPM_* value leaks into the text, no terminal width.
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
-    out = subprocess.run(
-        [str(binary), *command, "--help"], env=env, capture_output=True, text=True
-    )
-    if out.returncode != 0:
-        sys.exit(f"deploy_env: `{binary.name} {' '.join(command)} --help` failed:\n{out.stderr}")
-    return out.stdout
-
-
-def parse_help(binary: str, command: tuple[str, ...], text: str) -> tuple[list[Option], list[str]]:
-    """Options and subcommands of one --help text (clap's short or long layout)."""
-    options: list[Option] = []
-    subcommands: list[str] = []
-    section = None
-    block: list[str] = []
-    flag = None
-
-    def close():
-        nonlocal block, flag
-        if flag is not None:
-            options.append(make_option(binary, command, flag, block))
-        block, flag = [], None
-
-    for line in text.splitlines():
-        header = HEADER.match(line)
-        if header:
-            close()
-            section = header.group(1)
-            continue
-        if section is None or section == "Usage":
-            continue
-        if section == "Commands":
-            m = SUBCOMMAND.match(line)
-            if m and m.group(1) != "help":
-                subcommands.append(m.group(1))
-            continue
-        if section == "Arguments":
-            continue
-        m = OPTION.match(line)
-        if m:
-            close()
-            flag = m.group(1)
-            block = [m.group(3)]
-        elif flag is not None:
-            block.append(line)
-    close()
-    return options, subcommands
-
-
-def make_option(binary: str, command: tuple[str, ...], flag: str, lines: list[str]) -> Option:
-    possible: list[str] = []
-    kept = []
-    for line in lines:
-        s = line.strip()
-        if s == "Possible values:":
-            continue
-        item = POSSIBLE_ITEM.match(s)
-        if item:
-            possible.append(item.group(1))
-            continue
-        kept.append(s)
-    text = " ".join(s for s in kept if s)
-    env = ENV_TAG.findall(text)
-    defaults = DEFAULT_TAG.findall(text)
-    for p in POSSIBLE_TAG.findall(text):
-        possible.extend(v.strip() for v in p.split(","))
-    about = POSSIBLE_TAG.sub("", DEFAULT_TAG.sub("", ENV_TAG.sub("", text)))
-    about = re.sub(r"\s+", " ", about).strip()
-    return Option(
-        binary=binary,
-        command=command,
-        flag=flag,
-        env=env[-1] if env else None,
-        default=defaults[-1].strip() if defaults else None,
-        possible=list(dict.fromkeys(possible)),
-        about=about,
-    )
-
-
 def collect(bin_dir: Path) -> list[Option]:
-    """Every option of every (sub)command of both binaries."""
+    """Every option of every (sub)command of both binaries, as each describes its own
+    clap definition (`<binary> --cli-spec`: crates/ddpm-service/src/cli_spec.rs)."""
     options: list[Option] = []
     for binary in BINARIES:
         path = bin_dir / binary
         if not os.access(path, os.X_OK):
             sys.exit(f"deploy_env: {path} is not an executable")
-        todo: list[tuple[str, ...]] = [()]
-        while todo:
-            command = todo.pop(0)
-            found, subcommands = parse_help(binary, command, run_help(path, command))
-            options.extend(found)
-            todo.extend(command + (s,) for s in subcommands)
+        # A clean environment: no DDPM_* value can change what the binary reports.
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+        out = subprocess.run([str(path), "--cli-spec"], env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"deploy_env: `{binary} --cli-spec` failed:\n{out.stderr}")
+        for o in json.loads(out.stdout):
+            options.append(Option(
+                binary=binary,
+                command=tuple(o["command"]),
+                flag=o["flag"],
+                env=o["env"],
+                default=o["default"],
+                possible=o["possible"],
+                about=o["about"],
+            ))
     return options
 
 

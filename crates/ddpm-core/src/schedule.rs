@@ -16,8 +16,13 @@ use crate::error::{CoreError, Result};
 pub enum BetaSchedule {
     /// β_t evenly spaced from `beta_start` to `beta_end` (the seed: 1e-4..0.02).
     Linear { beta_start: f64, beta_end: f64 },
-    /// ᾱ(t) = cos²(((t/T + s)/(1 + s))·π/2), β_t = min(1 − ᾱ(t+1)/ᾱ(t), `max_beta`).
-    Cosine { s: f64, max_beta: f64 },
+    /// ᾱ(t) = cos²(((t/T + offset)/(1 + offset))·π/2), β_t = min(1 − ᾱ(t+1)/ᾱ(t),
+    /// `max_beta`); the paper calls the offset s (0.008), which configs may still write.
+    Cosine {
+        #[serde(alias = "s")]
+        offset: f64,
+        max_beta: f64,
+    },
 }
 
 /// The schedule as stored in configs and checkpoint manifests.
@@ -48,7 +53,7 @@ impl ScheduleConfig {
         ScheduleConfig {
             timesteps,
             betas: BetaSchedule::Cosine {
-                s: 0.008,
+                offset: 0.008,
                 max_beta: 0.999,
             },
         }
@@ -74,9 +79,9 @@ impl ScheduleConfig {
                     ));
                 }
             }
-            BetaSchedule::Cosine { s, max_beta } => {
-                if !(s >= 0.0 && s.is_finite()) {
-                    return Err(CoreError::config("schedule.s", "must be >= 0"));
+            BetaSchedule::Cosine { offset, max_beta } => {
+                if !(offset >= 0.0 && offset.is_finite()) {
+                    return Err(CoreError::config("schedule.offset", "must be >= 0"));
                 }
                 if !(max_beta > 0.0 && max_beta < 1.0) {
                     return Err(CoreError::config(
@@ -120,10 +125,10 @@ impl NoiseSchedule {
             } => (0..t_max)
                 .map(|i| beta_start + (beta_end - beta_start) * i as f64 / (t_max - 1) as f64)
                 .collect(),
-            BetaSchedule::Cosine { s, max_beta } => {
+            BetaSchedule::Cosine { offset, max_beta } => {
                 // Float division on purpose: i / T in integers is 0 for every i < T.
                 let alpha_bar = |t: f64| {
-                    ((t + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2)
+                    ((t + offset) / (1.0 + offset) * std::f64::consts::FRAC_PI_2)
                         .cos()
                         .powi(2)
                 };
@@ -209,21 +214,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_cosine_offset_reads_under_its_paper_name_too() {
+        // Manifests and configs written before the rename say `s`.
+        let old: ScheduleConfig = serde_json::from_str(
+            r#"{"timesteps": 1000, "kind": "cosine", "s": 0.01, "max_beta": 0.999}"#,
+        )
+        .unwrap();
+        let new: ScheduleConfig = serde_json::from_str(
+            r#"{"timesteps": 1000, "kind": "cosine", "offset": 0.01, "max_beta": 0.999}"#,
+        )
+        .unwrap();
+        assert_eq!(old, new);
+        assert_eq!(
+            new.betas,
+            BetaSchedule::Cosine {
+                offset: 0.01,
+                max_beta: 0.999
+            }
+        );
+    }
+
+    #[test]
     fn linear_schedule_matches_its_definition() {
-        let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
-        assert_eq!(s.betas.len(), 1000);
-        assert!((s.betas[0] - 1e-4).abs() < 1e-15);
-        assert!((s.betas[999] - 0.02).abs() < 1e-15);
-        assert!(s.alphas_cumprod.windows(2).all(|w| w[1] < w[0]));
-        assert_eq!(s.posterior_variance[0], 0.0);
+        let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+        assert_eq!(schedule.betas.len(), 1000);
+        assert!((schedule.betas[0] - 1e-4).abs() < 1e-15);
+        assert!((schedule.betas[999] - 0.02).abs() < 1e-15);
+        assert!(schedule.alphas_cumprod.windows(2).all(|w| w[1] < w[0]));
+        assert_eq!(schedule.posterior_variance[0], 0.0);
     }
 
     #[test]
     fn cosine_schedule_is_not_degenerate() {
         // Integer i / T would make every β_t equal; check they really vary.
-        let s = NoiseSchedule::new(ScheduleConfig::cosine(1000), Device::Cpu).unwrap();
-        assert!(s.betas[0] < 1e-3 && s.betas[500] > s.betas[0]);
-        assert!((s.betas[999] - 0.999).abs() < 1e-12, "last beta is clipped");
+        let schedule = NoiseSchedule::new(ScheduleConfig::cosine(1000), Device::Cpu).unwrap();
+        assert!(schedule.betas[0] < 1e-3 && schedule.betas[500] > schedule.betas[0]);
+        assert!(
+            (schedule.betas[999] - 0.999).abs() < 1e-12,
+            "last beta is clipped"
+        );
     }
 
     #[test]
@@ -246,13 +275,13 @@ mod tests {
 
     #[test]
     fn q_sample_mixes_signal_and_noise_per_sample() {
-        let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+        let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
         let x0 = Tensor::ones([2, 1, 2, 2], (Kind::Float, Device::Cpu));
         let noise = Tensor::zeros([2, 1, 2, 2], (Kind::Float, Device::Cpu));
         let t = Tensor::from_slice(&[0i64, 999]);
-        let xt = s.q_sample(&x0, &t, &noise).unwrap();
+        let xt = schedule.q_sample(&x0, &t, &noise).unwrap();
         let v: Vec<f32> = Vec::try_from(xt.flatten(0, -1)).unwrap();
-        assert!((v[0] as f64 - s.alphas_cumprod[0].sqrt()).abs() < 1e-6);
-        assert!((v[4] as f64 - s.alphas_cumprod[999].sqrt()).abs() < 1e-6);
+        assert!((v[0] as f64 - schedule.alphas_cumprod[0].sqrt()).abs() < 1e-6);
+        assert!((v[4] as f64 - schedule.alphas_cumprod[999].sqrt()).abs() < 1e-6);
     }
 }

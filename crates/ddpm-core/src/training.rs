@@ -254,17 +254,17 @@ pub enum LrSchedule {
 }
 
 impl LrSchedule {
-    /// The learning rate of step `s` (1-based) of `total_steps`, with peak `lr` reached
+    /// The learning rate of `step` (1-based) of `total_steps`, with peak `lr` reached
     /// linearly over `warmup_steps`.
-    pub fn lr_at(self, lr: f64, warmup_steps: i64, total_steps: i64, s: i64) -> f64 {
-        if warmup_steps > 0 && s < warmup_steps {
-            return lr * s as f64 / warmup_steps as f64;
+    pub fn lr_at(self, lr: f64, warmup_steps: i64, total_steps: i64, step: i64) -> f64 {
+        if warmup_steps > 0 && step < warmup_steps {
+            return lr * step as f64 / warmup_steps as f64;
         }
         match self {
             LrSchedule::Constant => lr,
             LrSchedule::Cosine => {
                 let span = (total_steps - warmup_steps).max(1) as f64;
-                let progress = ((s - warmup_steps) as f64 / span).clamp(0.0, 1.0);
+                let progress = ((step - warmup_steps) as f64 / span).clamp(0.0, 1.0);
                 lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
             }
         }

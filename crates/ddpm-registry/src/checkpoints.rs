@@ -11,7 +11,7 @@ use sqlx::{Any, Executor};
 
 use crate::db::{from_millis, run_fk, Backend, Registry};
 use crate::error::{RegistryError, Result};
-use crate::store::validate_rel_path;
+use crate::relpath::validate_rel_path;
 
 /// The PostgreSQL `LISTEN` channel on which every registered checkpoint's id
 /// is announced (payload: the id in decimal).

@@ -73,6 +73,9 @@ impl Backend {
 pub struct Registry {
     pub(crate) pool: AnyPool,
     pub(crate) backend: Backend,
+    /// The connection URL, for the dedicated `LISTEN` connection of
+    /// [`Registry::announcements`].
+    pub(crate) url: std::sync::Arc<str>,
 }
 
 impl Registry {
@@ -116,7 +119,11 @@ impl Registry {
                 .execute(&pool)
                 .await?;
         }
-        let registry = Registry { pool, backend };
+        let registry = Registry {
+            pool,
+            backend,
+            url: url.into(),
+        };
         registry.migrate().await?;
         tracing::debug!(?backend, "registry connected");
         Ok(registry)

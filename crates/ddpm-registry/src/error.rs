@@ -103,6 +103,18 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
+    /// Whether the database could not be reached at all (no connection in time, or the
+    /// pool shut down), as opposed to a query that failed: a caller may answer "try
+    /// again later" rather than "internal error".
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
+        )
+    }
+}
+
+impl RegistryError {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> RegistryError {
         let path = path.into();
         move |source| RegistryError::Io { path, source }

@@ -47,8 +47,12 @@
 //!   resume, downsampled reads, [`MetricSummary`].
 //! - `checkpoints`: [`CheckpointRecord`] rows and the PostgreSQL
 //!   [`CHECKPOINT_CHANNEL`] notification.
+//! - `announce`: [`Announcements`], those notifications as a stream
+//!   (`LISTEN`, reconnects), so that no caller needs database code.
 //! - `store`: [`CheckpointStore`]: atomic writes, checksums, verification,
 //!   retention.
+//! - `relpath`: the one check of a store-relative path, which `checkpoints`
+//!   and `store` share (neither depends on the other's internals).
 //! - `error`: [`RegistryError`], the one error type.
 //!
 //! # Portability
@@ -64,13 +68,16 @@
 //! tested on both backends (`tests/registry`; the PostgreSQL half needs
 //! `DDPM_TEST_POSTGRES_URL`).
 
+mod announce;
 mod checkpoints;
 mod db;
 mod error;
 mod metrics;
+mod relpath;
 mod runs;
 mod store;
 
+pub use announce::Announcements;
 pub use checkpoints::{CheckpointKind, CheckpointRecord, NewCheckpoint, CHECKPOINT_CHANNEL};
 pub use db::{redact_password, Backend, Registry};
 pub use error::{BoxError, RegistryError, Result};

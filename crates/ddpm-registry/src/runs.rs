@@ -231,7 +231,7 @@ pub(crate) async fn claim_queued<'e>(
 
 /// Moves queued run `id` to running for `host`; `None` when it is not queued (any
 /// more): another worker claimed it first, or it does not exist.
-pub(crate) async fn claim_queued_by_id<'e>(
+pub(crate) async fn claim_run<'e>(
     ex: impl Executor<'e, Database = Any>,
     backend: Backend,
     id: i64,
@@ -282,7 +282,7 @@ pub(crate) async fn claim_resumable<'e>(
 }
 
 /// Records a heartbeat; `false` when `host` does not hold the run (any more).
-pub(crate) async fn touch_run<'e>(
+pub(crate) async fn heartbeat<'e>(
     ex: impl Executor<'e, Database = Any>,
     backend: Backend,
     id: i64,
@@ -304,7 +304,7 @@ pub(crate) async fn touch_run<'e>(
 }
 
 /// Ends a running run; `false` when it was not running.
-pub(crate) async fn end_run<'e>(
+pub(crate) async fn finish_run<'e>(
     ex: impl Executor<'e, Database = Any>,
     backend: Backend,
     id: i64,
@@ -396,7 +396,7 @@ impl Registry {
     /// is not queued: a daemon took it first, or there is no such run.
     #[tracing::instrument(skip(self))]
     pub async fn claim_run(&self, id: i64, host: &str) -> Result<Option<Run>> {
-        claim_queued_by_id(&self.pool, self.backend, id, host).await
+        claim_run(&self.pool, self.backend, id, host).await
     }
 
     /// Atomically claims the oldest run that can be resumed: one that is
@@ -422,7 +422,7 @@ impl Registry {
     /// stop training it.
     #[tracing::instrument(skip(self))]
     pub async fn heartbeat(&self, id: i64, host: &str, step: i64) -> Result<()> {
-        if touch_run(&self.pool, self.backend, id, host, step).await? {
+        if heartbeat(&self.pool, self.backend, id, host, step).await? {
             Ok(())
         } else {
             Err(RegistryError::ClaimLost {
@@ -440,7 +440,7 @@ impl Registry {
     /// [`RegistryError::RunNotFound`] when there is no such run.
     #[tracing::instrument(skip(self))]
     pub async fn finish_run(&self, id: i64, status: RunStatus, error: Option<&str>) -> Result<()> {
-        if status.is_final() && end_run(&self.pool, self.backend, id, status, error).await? {
+        if status.is_final() && finish_run(&self.pool, self.backend, id, status, error).await? {
             return Ok(());
         }
         match select_run(&self.pool, id).await? {

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::checkpoints::{CheckpointKind, CheckpointRecord, NewCheckpoint};
 use crate::db::Registry;
 use crate::error::{BoxError, RegistryError, Result};
+use crate::relpath::validate_rel_path;
 use crate::runs::RunStatus;
 
 /// A file the store wrote, durable and ready to register.
@@ -293,29 +294,6 @@ pub(crate) fn retention_victims(
     victims
 }
 
-/// `rel` as the registry keeps it (`/`-separated), if it is a plain relative
-/// path: not empty, not absolute, no `.`, `..` or drive prefix, UTF-8.
-pub(crate) fn validate_rel_path(rel: &Path) -> Result<String> {
-    let invalid = || RegistryError::InvalidPath(rel.to_string_lossy().into_owned());
-    let mut parts = Vec::new();
-    for component in rel.components() {
-        match component {
-            Component::Normal(part) => {
-                let part = part.to_str().ok_or_else(invalid)?;
-                if part.contains('\\') {
-                    return Err(invalid());
-                }
-                parts.push(part);
-            }
-            _ => return Err(invalid()),
-        }
-    }
-    if parts.is_empty() {
-        return Err(invalid());
-    }
-    Ok(parts.join("/"))
-}
-
 /// Temp files are `<prefix><random>.tmp`, readable like files `File::create`
 /// makes (0666 less the umask), so a server running as another user can read
 /// the renamed checkpoint.
@@ -434,28 +412,6 @@ mod tests {
         let mut records = history();
         records.push(record(7, 150, CheckpointKind::Ema));
         assert_eq!(ids(&retention_victims(records, 1, false)), [1, 2, 3, 4, 5]);
-    }
-
-    #[test]
-    fn relative_paths_are_normalised() {
-        assert_eq!(
-            validate_rel_path(Path::new("runs/1/ema-00000001.safetensors")).unwrap(),
-            "runs/1/ema-00000001.safetensors"
-        );
-        assert_eq!(validate_rel_path(Path::new("a//b")).unwrap(), "a/b");
-    }
-
-    #[test]
-    fn escaping_paths_are_refused() {
-        for bad in ["", "/abs", "../up", "a/../../up", "./a", "a\\b"] {
-            assert!(
-                matches!(
-                    validate_rel_path(Path::new(bad)),
-                    Err(RegistryError::InvalidPath(_))
-                ),
-                "{bad:?}"
-            );
-        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ struct Server {
 impl Server {
     async fn start(data_dir: &Path, max_batch: u32) -> anyhow::Result<Server> {
         let mut config = Config::with_data_dir(data_dir);
-        config.device = ddpm_core::DeviceChoice::Cpu;
+        config.common.device = ddpm_core::DeviceChoice::Cpu;
         config.max_batch = max_batch;
         config.queue_capacity = 1024;
         config.request_timeout = Duration::from_secs(600);

@@ -1,19 +1,10 @@
 //! The server's configuration: CLI flags with `DDPM_*` environment fallbacks.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use ddpm_core::{DeviceChoice, SamplerKind};
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
-pub enum LogFormat {
-    /// Human-readable, coloured when on a terminal.
-    #[default]
-    Pretty,
-    /// One JSON object per line, for log collectors.
-    Json,
-}
+use ddpm_core::SamplerKind;
+use ddpm_service::{parse_duration, CommonOptions};
 
 /// The default sampler of requests that name none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -41,32 +32,8 @@ pub struct Config {
     #[arg(long, env = "DDPM_BIND", default_value = "0.0.0.0:8080")]
     pub bind: SocketAddr,
 
-    /// Root of the local state: the default registry file and checkpoint store live here.
-    #[arg(long, env = "DDPM_DATA_DIR", default_value = "./data")]
-    pub data_dir: PathBuf,
-
-    /// Run registry URL (`postgres://…` or `sqlite:…`); default: the SQLite file
-    /// `<data-dir>/registry.db`, as the trainer uses.
-    #[arg(long, env = "DDPM_DATABASE_URL")]
-    pub database_url: Option<String>,
-
-    /// Checkpoint store root (registry paths are relative to it); default
-    /// `<data-dir>/checkpoints`.
-    #[arg(long, env = "DDPM_CHECKPOINT_DIR")]
-    pub checkpoint_dir: Option<PathBuf>,
-
-    /// Where the model runs: auto (the GPU when present, else the CPU), cpu, cuda, cuda:N.
-    #[arg(long, env = "DDPM_DEVICE", default_value = "auto", value_parser = parse_device)]
-    pub device: DeviceChoice,
-
-    /// Log format.
-    #[arg(long, env = "DDPM_LOG_FORMAT", value_enum, default_value = "pretty")]
-    pub log_format: LogFormat,
-
-    /// libtorch's CPU threads (0: libtorch's default, one per core). On a small CPU host,
-    /// 1 often serves more requests/s: intra-op threads of small passes spin on each other.
-    #[arg(long, env = "DDPM_TORCH_THREADS", default_value_t = 0)]
-    pub torch_threads: i32,
+    #[command(flatten)]
+    pub common: CommonOptions,
 
     /// Most samples in one forward pass (1 turns batching off).
     #[arg(long, env = "DDPM_MAX_BATCH", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -115,23 +82,9 @@ impl Config {
     /// (for tests and embedding).
     pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Config {
         Config {
-            data_dir: data_dir.into(),
+            common: CommonOptions::with_data_dir(data_dir),
             ..Config::default()
         }
-    }
-
-    /// The registry URL in effect.
-    pub fn database_url(&self) -> String {
-        self.database_url
-            .clone()
-            .unwrap_or_else(|| format!("sqlite:{}", self.data_dir.join("registry.db").display()))
-    }
-
-    /// The checkpoint store root in effect.
-    pub fn checkpoint_dir(&self) -> PathBuf {
-        self.checkpoint_dir
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("checkpoints"))
     }
 }
 
@@ -140,12 +93,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             bind: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            data_dir: PathBuf::from("./data"),
-            database_url: None,
-            checkpoint_dir: None,
-            torch_threads: 0,
-            device: DeviceChoice::Auto,
-            log_format: LogFormat::Pretty,
+            common: CommonOptions::with_data_dir("./data"),
             max_batch: 16,
             queue_capacity: 256,
             max_images_per_request: 64,
@@ -161,18 +109,11 @@ impl Default for Config {
 }
 
 /// Logs the config with the token and the database password hidden.
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("bind", &self.bind)
-            .field("data_dir", &self.data_dir)
-            .field(
-                "database_url",
-                &ddpm_registry::redact_password(&self.database_url()),
-            )
-            .field("checkpoint_dir", &self.checkpoint_dir())
-            .field("device", &self.device.to_string())
-            .field("log_format", &self.log_format)
+            .field("common", &self.common)
             .field("max_batch", &self.max_batch)
             .field("queue_capacity", &self.queue_capacity)
             .field("max_images_per_request", &self.max_images_per_request)
@@ -187,37 +128,6 @@ impl fmt::Debug for Config {
     }
 }
 
-fn parse_device(s: &str) -> Result<DeviceChoice, String> {
-    s.parse().map_err(|e: ddpm_core::CoreError| e.to_string())
-}
-
-/// `250ms`, `10s`, `5m`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (number, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration: use e.g. 250ms, 10s or 5m"))?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {s:?}: use ms, s, m or h"
-            ))
-        }
-    };
-    if !seconds.is_finite() || seconds <= 0.0 {
-        return Err(format!("{s:?} must be a positive duration"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,14 +136,14 @@ mod tests {
     #[test]
     fn defaults_follow_the_data_dir() {
         let config = Config::with_data_dir("/srv/ddpm");
-        assert_eq!(config.database_url(), "sqlite:/srv/ddpm/registry.db");
+        assert_eq!(config.common.database_url(), "sqlite:/srv/ddpm/registry.db");
         assert_eq!(
-            config.checkpoint_dir(),
+            config.common.checkpoint_dir(),
             PathBuf::from("/srv/ddpm/checkpoints")
         );
         assert_eq!(config.bind.to_string(), "0.0.0.0:8080");
         assert_eq!(config.max_batch, 16);
-        assert_eq!(config.device, DeviceChoice::Auto);
+        assert_eq!(config.common.device, ddpm_core::DeviceChoice::Auto);
     }
 
     #[test]
@@ -244,8 +154,6 @@ mod tests {
         let matches = command.try_get_matches_from(["ddpm-server"]).unwrap();
         let parsed = Config::from_arg_matches(&matches).unwrap();
         assert_eq!(format!("{parsed:?}"), format!("{:?}", Config::default()));
-        // The one field the `Debug` leaves out.
-        assert_eq!(parsed.torch_threads, Config::default().torch_threads);
     }
 
     #[test]
@@ -265,7 +173,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(config.poll_interval, Duration::from_millis(250));
-        assert_eq!(config.device, DeviceChoice::Cpu);
+        assert_eq!(config.common.device, ddpm_core::DeviceChoice::Cpu);
         let logged = format!("{config:?}");
         assert!(
             !logged.contains("s3cret") && !logged.contains("hunter2"),
@@ -276,14 +184,5 @@ mod tests {
             Config::try_parse_from(["ddpm-server", "--pin-run", "1", "--pin-checkpoint", "2"])
                 .is_err()
         );
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5y").is_err());
     }
 }

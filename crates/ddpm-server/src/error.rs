@@ -232,9 +232,9 @@ impl From<ddpm_registry::RegistryError> for ApiError {
             ddpm_registry::RegistryError::CheckpointNotFound(id) => {
                 ApiError::NotFound(format!("checkpoint {id} not found"))
             }
-            ddpm_registry::RegistryError::Database(
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed,
-            ) => ApiError::Unavailable("the run registry is unavailable".into()),
+            e if e.is_unavailable() => {
+                ApiError::Unavailable("the run registry is unavailable".into())
+            }
             other => ApiError::internal(other),
         }
     }

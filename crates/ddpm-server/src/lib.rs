@@ -4,13 +4,12 @@
 //! step-level (continuous) batching on one model thread, the newest checkpoint from the
 //! run registry hot-swapped in as training produces it, and the runs' history.
 //!
-//! The binary is thin: it parses [`Config`], starts [`telemetry`] and calls [`run`] with a
+//! The binary is thin: it parses [`Config`], starts `ddpm_service::telemetry` and calls [`run`] with a
 //! bound listener and a shutdown future, so tests bind port 0 and run the real server.
 //!
 //! ## Layout
 //!
 //! - [`config`]: CLI flags with `DDPM_*` environment fallbacks.
-//! - [`telemetry`]: tracing subscriber, pretty or JSON.
 //! - [`model`]: a verified, warmed-up checkpoint on the device ([`LoadedModel`]) and the
 //!   slot holding the current one.
 //! - [`watcher`]: finds the checkpoint to serve (newest, or pinned), loads it off the
@@ -33,7 +32,6 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod model;
-pub mod telemetry;
 pub mod validate;
 pub mod watcher;
 
@@ -69,13 +67,10 @@ pub async fn run(
             config.queue_capacity, config.max_images_per_request
         )));
     }
-    if config.torch_threads > 0 {
-        tch::set_num_threads(config.torch_threads);
-    }
-    let device = config.device.resolve()?;
-    let database_url = config.database_url();
-    let registry = Registry::connect(&database_url).await?;
-    let store = CheckpointStore::new(config.checkpoint_dir())?;
+    config.common.apply_torch_threads();
+    let device = config.common.device.resolve()?;
+    let registry = Registry::connect(&config.common.database_url()).await?;
+    let store = CheckpointStore::new(config.common.checkpoint_dir())?;
     let metrics = Arc::new(Metrics::default());
     let current = CurrentModel::default();
     let pin = match (config.pin_checkpoint, config.pin_run) {
@@ -97,7 +92,7 @@ pub async fn run(
         device,
         pin,
         current.clone(),
-        metrics.clone(),
+        metrics.model.clone(),
     );
     if let Err(e) = watcher.check().await {
         tracing::warn!(error = %e, "could not look for a checkpoint at start; retrying every poll");
@@ -106,15 +101,14 @@ pub async fn run(
         tracing::warn!("no usable checkpoint yet: sampling answers 503 until one is registered");
     }
     let stop_watching = CancellationToken::new();
-    let watching =
-        tokio::spawn(watcher.run(config.poll_interval, database_url, stop_watching.clone()));
+    let watching = tokio::spawn(watcher.run(config.poll_interval, stop_watching.clone()));
 
     let (batcher, worker) = Batcher::spawn(
         BatcherConfig {
             max_batch: config.max_batch as usize,
             queue_capacity: config.queue_capacity as usize,
         },
-        metrics.clone(),
+        metrics.batcher.clone(),
     )?;
     let state = AppState {
         registry: registry.clone(),

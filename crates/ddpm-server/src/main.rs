@@ -2,14 +2,16 @@
 //! SIGINT or SIGTERM.
 
 use anyhow::Context;
-use clap::Parser;
-use ddpm_server::{telemetry, Config};
+use clap::{CommandFactory, Parser};
+use ddpm_server::Config;
+use ddpm_service::{cli_spec, shutdown_signal, telemetry};
 use tokio::net::TcpListener;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    cli_spec::print_and_exit_if_asked(Config::command);
     let config = Config::parse();
-    telemetry::init(config.log_format);
+    telemetry::init(config.common.log_format);
     tracing::info!(?config, "configuration");
     let listener = TcpListener::bind(config.bind)
         .await
@@ -17,32 +19,4 @@ async fn main() -> anyhow::Result<()> {
     ddpm_server::run(config, listener, shutdown_signal())
         .await
         .context("ddpm-server failed")
-}
-
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = interrupt => tracing::info!("SIGINT: shutting down"),
-        _ = terminate => tracing::info!("SIGTERM: shutting down"),
-    }
 }

@@ -1,13 +1,16 @@
-//! Prometheus metrics, hand-written: a few counters, gauges and histograms rendered in the
-//! text exposition format (version 0.0.4) at `/metrics`.
+//! Prometheus metrics through `prometheus-client`: one registry per server (tests run
+//! several servers in one process, so nothing is global), rendered in the OpenMetrics
+//! text format at `/metrics`.
+//!
+//! Each part of the server holds only its own handles ([`HttpMetrics`],
+//! [`BatcherMetrics`], [`ModelMetrics`]: cheap clones sharing the registered values).
+//! Every label set is bounded: methods are a fixed enum, routes are the router's
+//! templates (or `unmatched`), statuses are the codes the server answers.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write,
-    sync::{
-        atomic::{AtomicI64, AtomicU64, Ordering},
-        Mutex, MutexGuard,
-    },
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
 };
 
 /// Request latency buckets, seconds.
@@ -17,248 +20,255 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// Samples per forward pass.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
-#[derive(Debug, Clone)]
-struct Histogram {
-    bounds: &'static [f64],
-    /// Non-cumulative counts per bucket; the last is +Inf.
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            counts: vec![0; bounds.len() + 1],
-            sum: 0.0,
-            count: 0,
-        }
-    }
-
-    fn observe(&mut self, v: f64) {
-        let i = self
-            .bounds
-            .iter()
-            .position(|&b| v <= b)
-            .unwrap_or(self.bounds.len());
-        self.counts[i] += 1;
-        self.sum += v;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (i, count) in self.counts.iter().enumerate() {
-            cumulative += count;
-            let le = self
-                .bounds
-                .get(i)
-                .map_or("+Inf".to_string(), |b| b.to_string());
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
-    }
-}
-
-/// Everything `/metrics` reports. Shared by the HTTP layer, the model thread and the
-/// watcher.
+/// Every metric of one server and the registry that renders them.
 #[derive(Debug)]
 pub struct Metrics {
-    /// (method, route, status) → requests.
-    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
-    /// route → latency histogram.
-    latency: Mutex<BTreeMap<String, Histogram>>,
-    batch_size: Mutex<Histogram>,
+    registry: Registry,
+    pub http: HttpMetrics,
+    pub batcher: BatcherMetrics,
+    pub model: ModelMetrics,
+}
+
+/// Requests by method, route and status, and their latency by route.
+#[derive(Clone, Debug)]
+pub struct HttpMetrics {
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram>,
+}
+
+/// The model thread's queue, slots and output.
+#[derive(Clone, Debug, Default)]
+pub struct BatcherMetrics {
     /// Samples waiting for a slot.
-    pub queue_depth: AtomicU64,
+    pub queue_depth: Gauge,
     /// Samples in the forward pass's slots.
-    pub active_samples: AtomicU64,
-    pub forward_passes: AtomicU64,
-    pub images_generated: AtomicU64,
+    pub active_samples: Gauge,
+    pub forward_passes: Counter,
+    pub batch_size: BatchSize,
+    pub images_generated: Counter,
     /// Requests dropped because their client went away.
-    pub requests_cancelled: AtomicU64,
+    pub requests_cancelled: Counter,
     /// Requests refused because the queue was full.
-    pub requests_rejected: AtomicU64,
-    pub requests_timed_out: AtomicU64,
-    pub model_step: AtomicI64,
-    pub model_run: AtomicI64,
-    pub model_checkpoint: AtomicI64,
-    pub model_swaps: AtomicU64,
-    pub model_load_failures: AtomicU64,
+    pub requests_rejected: Counter,
+    pub requests_timed_out: Counter,
+}
+
+/// Samples per forward pass (a histogram with the batch buckets).
+#[derive(Clone, Debug)]
+pub struct BatchSize(pub Histogram);
+
+impl Default for BatchSize {
+    fn default() -> Self {
+        BatchSize(Histogram::new(BATCH_BUCKETS.iter().copied()))
+    }
+}
+
+/// The checkpoint being served, and the swaps.
+#[derive(Clone, Debug)]
+pub struct ModelMetrics {
+    pub step: Gauge,
+    pub run: Gauge,
+    pub checkpoint: Gauge,
+    pub swaps: Counter,
+    pub load_failures: Counter,
+}
+
+impl Default for ModelMetrics {
+    fn default() -> Self {
+        let none = || {
+            let g = Gauge::default();
+            g.set(-1);
+            g
+        };
+        ModelMetrics {
+            step: none(),
+            run: none(),
+            checkpoint: none(),
+            swaps: Counter::default(),
+            load_failures: Counter::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: Method,
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+/// The HTTP methods the API has, and one value for every other.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum Method {
+    Get,
+    Post,
+    Head,
+    Options,
+    Other,
+}
+
+impl Method {
+    fn of(method: &axum::http::Method) -> Method {
+        match *method {
+            axum::http::Method::GET => Method::Get,
+            axum::http::Method::POST => Method::Post,
+            axum::http::Method::HEAD => Method::Head,
+            axum::http::Method::OPTIONS => Method::Options,
+            _ => Method::Other,
+        }
+    }
+}
+
+impl EncodeLabelValue for Method {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Head => "HEAD",
+            Method::Options => "OPTIONS",
+            Method::Other => "other",
+        })
+    }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        let mut registry = Registry::default();
+        let http = HttpMetrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(|| {
+                Histogram::new(LATENCY_BUCKETS.iter().copied())
+            }),
+        };
+        let batcher = BatcherMetrics::default();
+        let model = ModelMetrics::default();
+        // Counters are registered without `_total`: the encoder appends it.
+        registry.register(
+            "ddpm_http_requests",
+            "HTTP requests by method, route and status",
+            http.requests.clone(),
+        );
+        registry.register_with_unit(
+            "ddpm_http_request_duration",
+            "HTTP request latency by route",
+            Unit::Seconds,
+            http.latency.clone(),
+        );
+        let b = &batcher;
+        registry.register(
+            "ddpm_batch_size",
+            "Samples per forward pass",
+            b.batch_size.0.clone(),
+        );
+        registry.register(
+            "ddpm_queue_depth",
+            "Samples waiting for a slot",
+            b.queue_depth.clone(),
+        );
+        registry.register(
+            "ddpm_active_samples",
+            "Samples in the forward pass",
+            b.active_samples.clone(),
+        );
+        registry.register(
+            "ddpm_forward_passes",
+            "Forward passes of the model",
+            b.forward_passes.clone(),
+        );
+        registry.register(
+            "ddpm_images_generated",
+            "Images generated",
+            b.images_generated.clone(),
+        );
+        registry.register(
+            "ddpm_requests_cancelled",
+            "Sampling requests dropped because the client went away",
+            b.requests_cancelled.clone(),
+        );
+        registry.register(
+            "ddpm_requests_rejected",
+            "Sampling requests refused because the queue was full",
+            b.requests_rejected.clone(),
+        );
+        registry.register(
+            "ddpm_requests_timed_out",
+            "Sampling requests that passed their deadline",
+            b.requests_timed_out.clone(),
+        );
+        let m = &model;
+        registry.register(
+            "ddpm_model_step",
+            "Training step of the loaded checkpoint (-1: none)",
+            m.step.clone(),
+        );
+        registry.register(
+            "ddpm_model_run",
+            "Run id of the loaded checkpoint (-1: none)",
+            m.run.clone(),
+        );
+        registry.register(
+            "ddpm_model_checkpoint",
+            "Registry id of the loaded checkpoint (-1: none)",
+            m.checkpoint.clone(),
+        );
+        registry.register(
+            "ddpm_model_swaps",
+            "Checkpoints loaded and swapped in",
+            m.swaps.clone(),
+        );
+        registry.register(
+            "ddpm_model_load_failures",
+            "Checkpoints refused (corrupt, missing or incompatible)",
+            m.load_failures.clone(),
+        );
         Metrics {
-            requests: Mutex::default(),
-            latency: Mutex::default(),
-            batch_size: Mutex::new(Histogram::new(BATCH_BUCKETS)),
-            queue_depth: AtomicU64::new(0),
-            active_samples: AtomicU64::new(0),
-            forward_passes: AtomicU64::new(0),
-            images_generated: AtomicU64::new(0),
-            requests_cancelled: AtomicU64::new(0),
-            requests_rejected: AtomicU64::new(0),
-            requests_timed_out: AtomicU64::new(0),
-            model_step: AtomicI64::new(-1),
-            model_run: AtomicI64::new(-1),
-            model_checkpoint: AtomicI64::new(-1),
-            model_swaps: AtomicU64::new(0),
-            model_load_failures: AtomicU64::new(0),
+            registry,
+            http,
+            batcher,
+            model,
         }
     }
-}
-
-/// Escapes a label value.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 impl Metrics {
-    pub fn observe_request(&self, method: &str, route: &str, status: u16, seconds: f64) {
-        *lock(&self.requests)
-            .entry((method.to_string(), route.to_string(), status))
-            .or_default() += 1;
-        lock(&self.latency)
-            .entry(route.to_string())
-            .or_insert_with(|| Histogram::new(LATENCY_BUCKETS))
-            .observe(seconds);
-    }
-
-    /// One forward pass over `batch` samples.
-    pub fn observe_forward_pass(&self, batch: usize) {
-        self.forward_passes.fetch_add(1, Ordering::Relaxed);
-        lock(&self.batch_size).observe(batch as f64);
-    }
-
-    /// The text exposition.
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        out.push_str(
-            "# HELP ddpm_http_requests_total HTTP requests by method, route and status.\n",
-        );
-        out.push_str("# TYPE ddpm_http_requests_total counter\n");
-        for ((method, route, status), n) in lock(&self.requests).iter() {
-            let _ = writeln!(
-                out,
-                "ddpm_http_requests_total{{method=\"{}\",route=\"{}\",status=\"{status}\"}} {n}",
-                escape(method),
-                escape(route)
-            );
-        }
-        out.push_str("# HELP ddpm_http_request_duration_seconds HTTP request latency by route.\n");
-        out.push_str("# TYPE ddpm_http_request_duration_seconds histogram\n");
-        for (route, h) in lock(&self.latency).iter() {
-            h.render(
-                &mut out,
-                "ddpm_http_request_duration_seconds",
-                &format!("route=\"{}\"", escape(route)),
-            );
-        }
-        out.push_str(
-            "# HELP ddpm_batch_size Samples per forward pass.\n# TYPE ddpm_batch_size histogram\n",
-        );
-        lock(&self.batch_size).render(&mut out, "ddpm_batch_size", "");
-        let mut scalar = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        };
-        scalar(
-            "ddpm_queue_depth",
-            "gauge",
-            "Samples waiting for a slot.",
-            get(&self.queue_depth).to_string(),
-        );
-        scalar(
-            "ddpm_active_samples",
-            "gauge",
-            "Samples in the forward pass.",
-            get(&self.active_samples).to_string(),
-        );
-        scalar(
-            "ddpm_forward_passes_total",
-            "counter",
-            "Forward passes of the model.",
-            get(&self.forward_passes).to_string(),
-        );
-        scalar(
-            "ddpm_images_generated_total",
-            "counter",
-            "Images generated.",
-            get(&self.images_generated).to_string(),
-        );
-        scalar(
-            "ddpm_requests_cancelled_total",
-            "counter",
-            "Sampling requests dropped because the client went away.",
-            get(&self.requests_cancelled).to_string(),
-        );
-        scalar(
-            "ddpm_requests_rejected_total",
-            "counter",
-            "Sampling requests refused because the queue was full.",
-            get(&self.requests_rejected).to_string(),
-        );
-        scalar(
-            "ddpm_requests_timed_out_total",
-            "counter",
-            "Sampling requests that passed their deadline.",
-            get(&self.requests_timed_out).to_string(),
-        );
-        scalar(
-            "ddpm_model_step",
-            "gauge",
-            "Training step of the loaded checkpoint (-1: none).",
-            self.model_step.load(Ordering::Relaxed).to_string(),
-        );
-        scalar(
-            "ddpm_model_run",
-            "gauge",
-            "Run id of the loaded checkpoint (-1: none).",
-            self.model_run.load(Ordering::Relaxed).to_string(),
-        );
-        scalar(
-            "ddpm_model_checkpoint",
-            "gauge",
-            "Registry id of the loaded checkpoint (-1: none).",
-            self.model_checkpoint.load(Ordering::Relaxed).to_string(),
-        );
-        scalar(
-            "ddpm_model_swaps_total",
-            "counter",
-            "Checkpoints loaded and swapped in.",
-            get(&self.model_swaps).to_string(),
-        );
-        scalar(
-            "ddpm_model_load_failures_total",
-            "counter",
-            "Checkpoints refused (corrupt, missing or incompatible).",
-            get(&self.model_load_failures).to_string(),
-        );
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
+    }
+}
+
+impl HttpMetrics {
+    /// One answered request; `route` is the router's template (or `unmatched`).
+    pub fn observe(&self, method: &axum::http::Method, route: &str, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                method: Method::of(method),
+                route: route.to_string(),
+                status,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .observe(seconds);
+    }
+}
+
+impl BatcherMetrics {
+    /// One forward pass over `batch` samples.
+    pub fn observe_forward_pass(&self, batch: usize) {
+        self.forward_passes.inc();
+        self.batch_size.0.observe(batch as f64);
     }
 }
 
@@ -266,30 +276,62 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    /// The value of the line that starts with `series ` in `text`.
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     #[test]
-    fn renders_counters_and_cumulative_histograms() {
+    fn renders_counters_gauges_and_cumulative_histograms() {
         let m = Metrics::default();
-        m.observe_request("POST", "/v1/samples", 200, 0.02);
-        m.observe_request("POST", "/v1/samples", 200, 3.0);
-        m.observe_request("GET", "/healthz", 200, 0.001);
-        m.observe_forward_pass(3);
-        m.images_generated.fetch_add(3, Ordering::Relaxed);
+        let post = axum::http::Method::POST;
+        m.http.observe(&post, "/v1/samples", 200, 0.02);
+        m.http.observe(&post, "/v1/samples", 200, 3.0);
+        m.http
+            .observe(&axum::http::Method::GET, "/healthz", 200, 0.001);
+        m.batcher.observe_forward_pass(3);
+        m.batcher.images_generated.inc_by(3);
         let text = m.render();
-        assert!(
-            text.contains(
-                "ddpm_http_requests_total{method=\"POST\",route=\"/v1/samples\",status=\"200\"} 2"
+        let at =
+            |series: &str| value(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
+        assert_eq!(
+            at("ddpm_http_requests_total{method=\"POST\",route=\"/v1/samples\",status=\"200\"}"),
+            2.0
+        );
+        // Cumulative: 0.02 falls in le=0.025, 3.0 only from le=5 on.
+        assert_eq!(
+            at("ddpm_http_request_duration_seconds_bucket{le=\"0.025\",route=\"/v1/samples\"}"),
+            1.0
+        );
+        assert_eq!(
+            at("ddpm_http_request_duration_seconds_bucket{le=\"+Inf\",route=\"/v1/samples\"}"),
+            2.0
+        );
+        assert_eq!(at("ddpm_batch_size_bucket{le=\"2.0\"}"), 0.0);
+        assert_eq!(at("ddpm_batch_size_bucket{le=\"4.0\"}"), 1.0);
+        assert_eq!(at("ddpm_forward_passes_total"), 1.0);
+        assert_eq!(at("ddpm_images_generated_total"), 3.0);
+        assert_eq!(at("ddpm_model_step"), -1.0);
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn methods_are_a_bounded_label() {
+        let m = Metrics::default();
+        for custom in ["BREW", "PROPFIND", "X-ANYTHING"] {
+            let method = axum::http::Method::from_bytes(custom.as_bytes()).unwrap();
+            m.http.observe(&method, "unmatched", 405, 0.001);
+        }
+        let text = m.render();
+        assert_eq!(
+            value(
+                &text,
+                "ddpm_http_requests_total{method=\"other\",route=\"unmatched\",status=\"405\"}"
             ),
+            Some(3.0),
             "{text}"
         );
-        assert!(text.contains(
-            "ddpm_http_request_duration_seconds_bucket{route=\"/v1/samples\",le=\"0.025\"} 1"
-        ));
-        assert!(text.contains(
-            "ddpm_http_request_duration_seconds_bucket{route=\"/v1/samples\",le=\"+Inf\"} 2"
-        ));
-        assert!(text.contains("ddpm_batch_size_bucket{le=\"4\"} 1"));
-        assert!(text.contains("ddpm_forward_passes_total 1"));
-        assert!(text.contains("ddpm_images_generated_total 3"));
-        assert!(text.contains("ddpm_model_step -1"));
+        assert!(!text.contains("BREW"), "{text}");
     }
 }

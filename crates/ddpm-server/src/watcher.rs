@@ -1,24 +1,21 @@
 //! Model loading and hot swap: finds the checkpoint to serve in the registry, loads and
 //! verifies it on a blocking thread, and makes it the current model.
 //!
-//! The registry is polled every `poll_interval`; on PostgreSQL a `LISTEN` on
-//! [`CHECKPOINT_CHANNEL`] triggers a check as soon as a checkpoint is registered (the poll
-//! still runs, for notifications lost while the connection was down). A checkpoint that
+//! The registry is polled every `poll_interval`; on PostgreSQL its announcements
+//! ([`ddpm_registry::Announcements`]) trigger a check as soon as a checkpoint is
+//! registered (the poll still runs, for announcements lost while the connection was down). A checkpoint that
 //! fails to load (missing file, checksum mismatch, corrupt or incompatible weights) is
 //! logged, remembered and never retried; the model being served stays.
 
-use std::{collections::HashSet, sync::atomic::Ordering, sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use ddpm_registry::{
-    Backend, CheckpointKind, CheckpointRecord, CheckpointStore, Registry, CHECKPOINT_CHANNEL,
-};
+use ddpm_registry::{Announcements, CheckpointKind, CheckpointRecord, CheckpointStore, Registry};
 use tch::Device;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     error::ServerError,
-    metrics::Metrics,
+    metrics::ModelMetrics,
     model::{CurrentModel, LoadedModel},
 };
 
@@ -42,7 +39,7 @@ pub struct Watcher {
     pub device: Device,
     pub pin: Pin,
     pub current: CurrentModel,
-    pub metrics: Arc<Metrics>,
+    pub metrics: ModelMetrics,
     /// Checkpoints that failed to load: never tried again.
     failed: HashSet<i64>,
 }
@@ -54,7 +51,7 @@ impl Watcher {
         device: Device,
         pin: Pin,
         current: CurrentModel,
-        metrics: Arc<Metrics>,
+        metrics: ModelMetrics,
     ) -> Self {
         Watcher {
             registry,
@@ -155,12 +152,10 @@ impl Watcher {
         };
         let info = loaded.info();
         let previous = self.current.set(Arc::new(loaded));
-        self.metrics.model_step.store(info.step, Ordering::Relaxed);
-        self.metrics.model_run.store(info.run_id, Ordering::Relaxed);
-        self.metrics
-            .model_checkpoint
-            .store(info.checkpoint_id, Ordering::Relaxed);
-        self.metrics.model_swaps.fetch_add(1, Ordering::Relaxed);
+        self.metrics.step.set(info.step);
+        self.metrics.run.set(info.run_id);
+        self.metrics.checkpoint.set(info.checkpoint_id);
+        self.metrics.swaps.inc();
         tracing::info!(
             checkpoint = info.checkpoint_id,
             run = info.run_id,
@@ -176,23 +171,23 @@ impl Watcher {
     fn refuse(&mut self, id: i64, error: &str) -> bool {
         tracing::warn!(checkpoint = id, %error, "checkpoint refused: keeping the current model");
         self.failed.insert(id);
-        self.metrics
-            .model_load_failures
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.load_failures.inc();
         false
     }
 
-    /// Checks every `poll` and whenever PostgreSQL announces a checkpoint, until `shutdown`.
-    pub async fn run(mut self, poll: Duration, database_url: String, shutdown: CancellationToken) {
-        let wake = Arc::new(Notify::new());
-        if self.registry.backend() == Backend::Postgres && !matches!(self.pin, Pin::Checkpoint(_)) {
-            tokio::spawn(listen(database_url, wake.clone(), shutdown.clone()));
-        }
+    /// Checks every `poll` and whenever the registry announces a checkpoint (PostgreSQL),
+    /// until `shutdown`.
+    pub async fn run(mut self, poll: Duration, shutdown: CancellationToken) {
+        // A pinned checkpoint never changes: no LISTEN connection for it.
+        let mut announcements = match self.pin {
+            Pin::Checkpoint(_) => None,
+            _ => Some(self.registry.announcements().await),
+        };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(poll) => {}
-                _ = wake.notified() => tracing::debug!("checkpoint notification"),
+                _ = announced(&mut announcements) => tracing::debug!("checkpoint announced"),
             }
             if let Err(e) = self.check().await {
                 tracing::warn!(error = %e, "checking the registry for checkpoints failed");
@@ -201,44 +196,10 @@ impl Watcher {
     }
 }
 
-/// Wakes the watcher on every notification on [`CHECKPOINT_CHANNEL`]; reconnects after
-/// errors.
-async fn listen(url: String, wake: Arc<Notify>, shutdown: CancellationToken) {
-    loop {
-        let mut listener = match sqlx::postgres::PgListener::connect(&url).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "LISTEN connection failed; polling only, retrying in 5 s");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
-                }
-            }
-        };
-        if let Err(e) = listener.listen(CHECKPOINT_CHANNEL).await {
-            tracing::warn!(error = %e, "LISTEN failed; retrying in 5 s");
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
-            }
-        }
-        tracing::info!(
-            channel = CHECKPOINT_CHANNEL,
-            "listening for new checkpoints"
-        );
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                received = listener.recv() => match received {
-                    Ok(_) => wake.notify_one(),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
-                        // Something may have been registered meanwhile.
-                        wake.notify_one();
-                        break;
-                    }
-                },
-            }
-        }
+/// The next announcement, or never when there are none to listen for.
+async fn announced(announcements: &mut Option<Announcements>) {
+    match announcements {
+        Some(a) => a.next().await,
+        None => std::future::pending().await,
     }
 }

@@ -450,6 +450,13 @@ impl RunConfig {
         };
         let mut merged = RunConfig::preset(preset).to_table()?;
         merged.insert("preset".into(), preset.name().into());
+        if let Some(toml::Value::Table(schedule)) = file.get_mut("schedule") {
+            // The cosine offset under its paper name, as older files (and the serde alias)
+            // write it.
+            if let Some(offset) = schedule.remove("s") {
+                schedule.insert("offset".into(), offset);
+            }
+        }
         if let Some(toml::Value::Table(schedule)) = file.get("schedule") {
             switch_schedule_kind(&mut merged, schedule)?;
         }
@@ -493,12 +500,12 @@ impl RunConfig {
         }
     }
 
-    /// The learning rate of step `s` (1-based).
-    pub fn lr_at(&self, s: i64) -> f64 {
+    /// The learning rate of `step` (1-based).
+    pub fn lr_at(&self, step: i64) -> f64 {
         let training = &self.training;
         training
             .lr_schedule
-            .lr_at(training.lr, training.warmup_steps, training.steps, s)
+            .lr_at(training.lr, training.warmup_steps, training.steps, step)
     }
 
     /// Checks every field that can be checked without reading the dataset's images,
@@ -560,7 +567,7 @@ fn lay_over(base: &mut toml::Table, over: toml::Table, prefix: &str) -> Result<(
 fn unknown_field(path: &str) -> TrainerError {
     let message = match path {
         "model.num_classes" => "is not set in a run config: it is the dataset's class count",
-        "schedule.s" | "schedule.max_beta" => "only applies to kind = \"cosine\"",
+        "schedule.offset" | "schedule.max_beta" => "only applies to kind = \"cosine\"",
         "schedule.beta_start" | "schedule.beta_end" => "only applies to kind = \"linear\"",
         _ => "unknown field",
     };
@@ -706,8 +713,13 @@ mod tests {
         assert!(e.contains("num_classes"), "{e}");
         let e = parse("[schedule]\nkind = \"quadratic\"").unwrap_err();
         assert_eq!(field_of(e), "schedule.kind");
-        let e = parse("[schedule]\ns = 0.1").unwrap_err();
-        assert_eq!(field_of(e), "schedule.s");
+        let e = parse("[schedule]\noffset = 0.1").unwrap_err();
+        assert_eq!(field_of(e), "schedule.offset");
+        // The paper's name for it is read too.
+        let c = parse("[schedule]\nkind = \"cosine\"\ns = 0.02").unwrap();
+        assert!(
+            matches!(c.schedule.betas, ddpm_core::schedule::BetaSchedule::Cosine { offset, .. } if offset == 0.02)
+        );
     }
 
     #[test]

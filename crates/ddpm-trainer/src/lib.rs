@@ -26,7 +26,6 @@
 //! - [`recorder`]: metric batching, checkpoint registration, retention, heartbeats.
 //! - [`worker`]: queueing, executing and resuming runs; the daemon loop.
 //! - [`history`]: `runs list` / `runs show`.
-//! - [`telemetry`]: pretty or JSON logs.
 //! - `error`: [`TrainerError`], the one error type.
 
 pub mod cli;
@@ -39,13 +38,13 @@ pub mod history;
 pub mod loader;
 pub mod probe;
 pub mod recorder;
-pub mod telemetry;
 pub mod train;
 pub mod worker;
 
 use std::future::Future;
 
 use ddpm_registry::{redact_password, CheckpointStore, Registry};
+use ddpm_service::LogFormat;
 use tokio_util::sync::CancellationToken;
 
 pub use cli::{Cli, Command, GlobalOptions, RunsCommand};
@@ -110,10 +109,8 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
         tracing::info!("shutdown requested: saving state and stopping");
         on_signal.cancel();
     });
-    if global.torch_threads > 0 {
-        tch::set_num_threads(global.torch_threads);
-    }
-    let device = global.device.resolve()?;
+    global.common.apply_torch_threads();
+    let device = global.common.device.resolve()?;
     let host = global.host_name.clone().unwrap_or_else(|| {
         hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
@@ -121,16 +118,16 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
     });
     let worker = Worker {
         registry: connect(global).await?,
-        store: CheckpointStore::new(global.checkpoint_dir())?,
+        store: CheckpointStore::new(global.common.checkpoint_dir())?,
         device,
         name: format!("{host}:{}", std::process::id()),
         heartbeat_interval: global.heartbeat_interval,
-        progress: train::stderr_is_terminal() && global.log_format == cli::LogFormat::Pretty,
+        progress: train::stderr_is_terminal() && global.common.log_format == LogFormat::Pretty,
         shutdown: token,
     };
     tracing::info!(
-        database_url = %redact_password(&global.database_url()),
-        checkpoint_dir = %global.checkpoint_dir().display(),
+        database_url = %redact_password(&global.common.database_url()),
+        checkpoint_dir = %global.common.checkpoint_dir().display(),
         device = ?device,
         worker = %worker.name,
         heartbeat_interval = ?global.heartbeat_interval,
@@ -163,5 +160,5 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
 }
 
 async fn connect(global: &GlobalOptions) -> Result<Registry> {
-    Ok(Registry::connect(&global.database_url()).await?)
+    Ok(Registry::connect(&global.common.database_url()).await?)
 }

@@ -2,42 +2,16 @@
 //! or SIGINT / SIGTERM asks it to save and stop.
 
 use anyhow::Context;
-use clap::Parser;
-use ddpm_trainer::{telemetry, Cli};
+use clap::{CommandFactory, Parser};
+use ddpm_service::{cli_spec, shutdown_signal, telemetry};
+use ddpm_trainer::Cli;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    cli_spec::print_and_exit_if_asked(Cli::command);
     let cli = Cli::parse();
-    telemetry::init(cli.global.log_format);
+    telemetry::init(cli.global.common.log_format);
     ddpm_trainer::run(cli, shutdown_signal())
         .await
         .context("ddpm-trainer failed")
-}
-
-/// Resolves on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = terminate => {}
-    }
 }

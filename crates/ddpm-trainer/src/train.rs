@@ -62,9 +62,9 @@ pub enum Event {
     },
 }
 
-/// How the loop ended.
+/// How the training loop ended (the worker turns it into the run's [`RunEnd`](crate::RunEnd)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum LoopEnd {
     /// Trained to the last step; the final checkpoint is written.
     Completed { step: i64 },
     /// Stopped on request after `step` steps, with a state saved at that step.
@@ -211,19 +211,20 @@ impl DeviceSmoothedLoss {
     }
 }
 
-/// The models and optimizer of one run.
-struct State {
+/// One run's training session: the model, its EMA and optimizer (the learner), the noise
+/// schedule, and the smoothed loss restored with the training state.
+struct Session {
     learner: Learner,
     schedule: NoiseSchedule,
     /// What was restored with the training state.
     smoothed: SmoothedLoss,
 }
 
-fn build(config: &RunConfig, device: Device) -> Result<State> {
+fn build(config: &RunConfig, device: Device) -> Result<Session> {
     tch::manual_seed(step_seed(config.training.seed, 0));
     let schedule = NoiseSchedule::new(config.schedule, device)?;
     let learner = Learner::new(&config.model, device, config.optimizer(), config.ema)?;
-    Ok(State {
+    Ok(Session {
         learner,
         schedule,
         smoothed: SmoothedLoss::default(),
@@ -231,7 +232,7 @@ fn build(config: &RunConfig, device: Device) -> Result<State> {
 }
 
 /// Restores the newest usable state; returns its step (0 when there is none).
-fn resume(job: &TrainJob, state: &mut State) -> i64 {
+fn resume(job: &TrainJob, session: &mut Session) -> i64 {
     for record in &job.states {
         let loaded = job
             .store
@@ -240,16 +241,16 @@ fn resume(job: &TrainJob, state: &mut State) -> i64 {
             .and_then(|path| {
                 Ok(load_training_state(
                     &path,
-                    &state.learner.model,
-                    &state.learner.ema,
-                    &mut state.learner.optimizer,
+                    &session.learner.model,
+                    &session.learner.ema,
+                    &mut session.learner.optimizer,
                 )?)
             });
         match loaded {
             Ok(manifest) => {
                 tracing::info!(step = manifest.step, path = %record.path, "resuming from a training state");
                 // States written before the smoothed loss existed restart it.
-                state.smoothed = manifest
+                session.smoothed = manifest
                     .extra
                     .get(SmoothedLoss::KEY)
                     .and_then(|v| serde_json::from_value(v.clone()).ok())
@@ -296,94 +297,96 @@ fn make_source(job: &TrainJob) -> Arc<ImageSource> {
 }
 
 /// Trains the run to its last step or until stopped. Blocking: call on its own thread.
-pub fn train(job: TrainJob) -> Result<Outcome> {
+pub fn train(job: TrainJob) -> Result<LoopEnd> {
     let cfg = job.config.clone();
-    let t = &cfg.training;
-    let bf16 = t.bf16 && job.device.is_cuda();
+    let training = &cfg.training;
+    let bf16 = training.bf16 && job.device.is_cuda();
     if bf16 {
         use_bf16_autocast();
-    } else if t.bf16 {
+    } else if training.bf16 {
         tracing::warn!("training.bf16 applies to CUDA only: training in f32 on this device");
     }
-    let mut state = build(&cfg, job.device)?;
-    let start = resume(&job, &mut state);
+    let mut session = build(&cfg, job.device)?;
+    let start = resume(&job, &mut session);
     job.step.store(start, Ordering::Relaxed);
     let _ = job.events.send(Event::Started { step: start });
-    if start >= t.steps {
-        return Ok(Outcome::Completed { step: start });
+    if start >= training.steps {
+        return Ok(LoopEnd::Completed { step: start });
     }
     tracing::info!(
-        parameters = state.learner.model.parameter_count(),
+        parameters = session.learner.model.parameter_count(),
         device = ?job.device,
         start,
-        steps = t.steps,
+        steps = training.steps,
         "training"
     );
 
     let source = make_source(&job);
     let loader = DataLoader::start(
         source.clone(),
-        t.seed,
-        t.batch_size as usize,
+        training.seed,
+        training.batch_size as usize,
         start as u64,
         PREFETCH_BATCHES,
     );
     let size = cfg.model.image_size;
-    let clip = (t.max_grad_norm > 0.0).then_some(t.max_grad_norm);
+    let clip = (training.max_grad_norm > 0.0).then_some(training.max_grad_norm);
     let conditional = cfg.model.num_classes.is_some();
     let objective: Objective = cfg.objective();
-    let timesteps = state.schedule.timesteps() as i64;
-    let bar = job.progress.then(|| progress_bar(t.steps, start));
+    let timesteps = session.schedule.timesteps() as i64;
+    let bar = job.progress.then(|| progress_bar(training.steps, start));
 
     let mut window = Window::new(job.device);
-    let mut smoothed = DeviceSmoothedLoss::new(state.smoothed, job.device);
+    let mut smoothed = DeviceSmoothedLoss::new(session.smoothed, job.device);
     let mut step = start;
     let mut saved = start;
-    while step < t.steps {
+    while step < training.steps {
         if job.lost.load(Ordering::Relaxed) {
-            return Ok(Outcome::Lost { step });
+            return Ok(LoopEnd::Lost { step });
         }
         if job.stop.is_cancelled() {
             break;
         }
-        let s = step + 1;
-        tch::manual_seed(step_seed(t.seed, s));
+        // The step this iteration takes (1-based); `step` counts the steps done.
+        let this_step = step + 1;
+        tch::manual_seed(step_seed(training.seed, this_step));
         let waiting = Instant::now();
         let batch = loader.next_batch()?;
         window.waited += waiting.elapsed();
         let x0 = Tensor::f_from_slice(&batch.images)?
-            .f_view([t.batch_size, 3, size, size])? // [B, 3, S, S]
+            .f_view([training.batch_size, 3, size, size])? // [B, 3, S, S]
             .f_to_device(job.device)?;
         let labels = conditional.then(|| Tensor::from_slice(&batch.labels).to_device(job.device)); // [B]
-        let lr = cfg.lr_at(s);
+        let lr = cfg.lr_at(this_step);
         let loss = tch::autocast(bf16, || {
             diffusion_loss(
-                &state.learner.model,
-                &state.schedule,
+                &session.learner.model,
+                &session.schedule,
                 &x0,
                 labels.as_ref(),
                 &objective,
             )
         })?;
         loss.loss.f_backward()?;
-        let grad_norm = state.learner.update(lr, clip)?;
+        let grad_norm = session.learner.update(lr, clip)?;
         window.add(&loss.per_sample, &loss.t, timesteps, &grad_norm);
         smoothed.add(&loss.per_sample.mean(Kind::Float));
-        step = s;
-        job.step.store(s, Ordering::Relaxed);
+        step = this_step;
+        job.step.store(this_step, Ordering::Relaxed);
         if let Some(bar) = &bar {
-            bar.set_position(s as u64);
+            bar.set_position(this_step as u64);
         }
 
-        if s % t.log_every == 0 || s == t.steps {
-            let point = window_metrics(&window, smoothed.read(), s, lr, t.batch_size);
+        if this_step % training.log_every == 0 || this_step == training.steps {
+            let point =
+                window_metrics(&window, smoothed.read(), this_step, lr, training.batch_size);
             report(&point, &window, bar.as_ref());
             let _ = job.events.send(Event::Metrics(point));
             window = Window::new(job.device);
         }
-        if s % t.checkpoint_every == 0 || s == t.steps {
-            save(&job, &state, smoothed.read(), s)?;
-            saved = s;
+        if this_step % training.checkpoint_every == 0 || this_step == training.steps {
+            save(&job, &session, smoothed.read(), this_step)?;
+            saved = this_step;
         }
     }
     if let Some(bar) = &bar {
@@ -395,20 +398,20 @@ pub fn train(job: TrainJob) -> Result<Outcome> {
             "images skipped as corrupt while training"
         );
     }
-    if step >= t.steps {
-        return Ok(Outcome::Completed { step });
+    if step >= training.steps {
+        return Ok(LoopEnd::Completed { step });
     }
     if step > saved {
-        save(&job, &state, smoothed.read(), step)?;
+        save(&job, &session, smoothed.read(), step)?;
     }
     tracing::info!(step, "stopped on request; training state saved");
-    Ok(Outcome::Interrupted { step })
+    Ok(LoopEnd::Interrupted { step })
 }
 
 fn window_metrics(
     window: &Window,
     smoothed: SmoothedLoss,
-    s: i64,
+    step: i64,
     lr: f64,
     batch: i64,
 ) -> MetricPoint {
@@ -422,7 +425,7 @@ fn window_metrics(
         *slot = (*count > 0.0).then(|| sum / count);
     }
     MetricPoint {
-        step: s,
+        step,
         loss: window.loss.double_value(&[]) / n,
         loss_smoothed: smoothed.value(),
         loss_by_timestep,
@@ -465,19 +468,19 @@ pub fn stderr_is_terminal() -> bool {
     std::io::stderr().is_terminal()
 }
 
-/// Writes the EMA checkpoint, its grid and the training state at step `s`, then tells
+/// Writes the EMA checkpoint, its grid and the training state at `step`, then tells
 /// the recorder to register them.
-fn save(job: &TrainJob, state: &State, smoothed: SmoothedLoss, s: i64) -> Result<()> {
+fn save(job: &TrainJob, session: &Session, smoothed: SmoothedLoss, step: i64) -> Result<()> {
     let t0 = Instant::now();
     let cfg = &job.config;
     let info = CheckpointInfo {
         schedule: cfg.schedule,
         class_names: job.class_names.clone(),
         run_id: Some(job.run_id),
-        step: s,
+        step,
     };
-    let (bytes, _) = checkpoint_bytes(state.learner.ema.model(), &info)?;
-    let ema_rel = job.store.path_for(job.run_id, s, CheckpointKind::Ema);
+    let (bytes, _) = checkpoint_bytes(session.learner.ema.model(), &info)?;
+    let ema_rel = job.store.path_for(job.run_id, step, CheckpointKind::Ema);
     let ema = job.store.write_bytes(&ema_rel, &bytes)?;
     if cfg.training.sample_grid_per_class > 0 {
         let spec = GridSpec {
@@ -488,7 +491,7 @@ fn save(job: &TrainJob, state: &State, smoothed: SmoothedLoss, s: i64) -> Result
         };
         // A grid is a picture for people: failing to draw one never costs a checkpoint.
         let written =
-            sample_grid(state.learner.ema.model(), &state.schedule, &spec).and_then(|grid| {
+            sample_grid(session.learner.ema.model(), &session.schedule, &spec).and_then(|grid| {
                 let png = png_bytes(&grid).map_err(|source| TrainerError::Image {
                     path: ema_rel.clone(),
                     source,
@@ -498,28 +501,28 @@ fn save(job: &TrainJob, state: &State, smoothed: SmoothedLoss, s: i64) -> Result
                     .write_bytes(&CheckpointStore::grid_path_for(&ema_rel), &png)?)
             });
         if let Err(e) = written {
-            tracing::warn!(step = s, error = %e, "sample grid not written");
+            tracing::warn!(step = step, error = %e, "sample grid not written");
         }
     }
-    let state_rel = job.store.path_for(job.run_id, s, CheckpointKind::State);
+    let state_rel = job.store.path_for(job.run_id, step, CheckpointKind::State);
     let info = StateInfo {
-        step: s,
+        step,
         seed: cfg.training.seed,
         extra: serde_json::json!({ "run_id": job.run_id, SmoothedLoss::KEY: smoothed }),
     };
     let state_file = job.store.write_atomic(&state_rel, |tmp| {
         save_training_state(
             tmp,
-            &state.learner.model,
-            &state.learner.ema,
-            &state.learner.optimizer,
+            &session.learner.model,
+            &session.learner.ema,
+            &session.learner.optimizer,
             &info,
         )
         .map(|_| ())
     })?;
-    tracing::info!(step = s, seconds = t0.elapsed().as_secs_f64(), path = %ema.path, "checkpoint written");
+    tracing::info!(step = step, seconds = t0.elapsed().as_secs_f64(), path = %ema.path, "checkpoint written");
     let _ = job.events.send(Event::Checkpoint {
-        step: s,
+        step,
         ema,
         state: state_file,
     });

@@ -20,7 +20,7 @@ use crate::{
     dataset::{DatasetSummary, ImageFolder},
     error::{Result, TrainerError},
     recorder::{heartbeat, record, Sink},
-    train::{train, Outcome, TrainJob},
+    train::{train, LoopEnd, TrainJob},
 };
 
 /// How a run this worker executed ended.
@@ -175,7 +175,7 @@ impl Worker {
         );
 
         let end = match outcome {
-            Ok(Outcome::Completed { step }) => {
+            Ok(LoopEnd::Completed { step }) => {
                 if let Err(e) = self.registry.heartbeat(id, &self.name, step).await {
                     tracing::warn!(error = %e, "final heartbeat failed");
                 }
@@ -193,7 +193,7 @@ impl Worker {
                 tracing::info!(step, "run completed");
                 RunEnd::Completed
             }
-            Ok(Outcome::Interrupted { step }) => {
+            Ok(LoopEnd::Interrupted { step }) => {
                 let _ = self.registry.heartbeat(id, &self.name, step).await;
                 self.registry
                     .finish_run(id, RunStatus::Interrupted, None)
@@ -201,7 +201,7 @@ impl Worker {
                 tracing::info!(step, "run interrupted; it resumes from this step");
                 RunEnd::Interrupted
             }
-            Ok(Outcome::Lost { step }) => {
+            Ok(LoopEnd::Lost { step }) => {
                 tracing::warn!(step, "run taken over by another worker");
                 RunEnd::Lost
             }

@@ -260,8 +260,9 @@ pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Tensor> {
         per_sample(batch.coefficients.iter().map(|c| f(c) as f32).collect())
     };
     if batch.clips.iter().any(Option::is_some) {
-        // Samples that do not clip get (s, σ) = (1, 1) and an infinite clamp: ε̂ = ε.
-        let s = per_sample(
+        // x_t = √ᾱ·x₀ + σ·ε with σ = √(1−ᾱ). Samples that do not clip get (√ᾱ, σ) = (1, 1)
+        // and an infinite clamp: ε̂ = ε.
+        let sqrt_ab = per_sample(
             batch
                 .clips
                 .iter()
@@ -275,9 +276,9 @@ pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Tensor> {
                 .map(|c| c.map_or(1.0, |c| c.sqrt_one_minus_alpha_cumprod) as f32)
                 .collect(),
         );
-        let x0 = (batch.x - &eps * &sigma) / &s; // x̂₀ [B, C, H, W]
+        let x0 = (batch.x - &eps * &sigma) / &sqrt_ab; // x̂₀ [B, C, H, W]
         let clipped = x0.clamp(-1.0, 1.0);
-        let eps_hat = (batch.x - clipped * &s) / &sigma;
+        let eps_hat = (batch.x - clipped * &sqrt_ab) / &sigma;
         let mask = per_sample(
             batch
                 .clips

@@ -263,3 +263,66 @@ async fn postgres_announces_registered_checkpoints() {
     })
     .await;
 }
+
+/// `Registry::announcements` turns those notifications into "look now": once per
+/// registration, and once more after the LISTEN connection was cut (what was announced
+/// while it was down is lost, so the caller must look).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_announcements_wake_on_registration_and_reconnect() {
+    use sqlx::Connection;
+    use std::time::Duration;
+    crate::helpers::run(crate::helpers::Db::Postgres, |t: TestContext| async move {
+        let mut announcements = t.registry.announcements().await;
+        let run = running_run(&t.registry, "h").await;
+        t.registry
+            .register_checkpoint(&checkpoint(run.id, 100, CheckpointKind::Ema))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), announcements.next())
+            .await
+            .expect("an announcement within 10 s");
+
+        // Cut the LISTEN connection from the server side, as a database restart would.
+        let mut admin = sqlx::PgConnection::connect(&t.url).await.unwrap();
+        let cut: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+        )
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        assert_eq!(cut, [true], "one LISTEN connection to cut");
+        tokio::time::timeout(Duration::from_secs(10), announcements.next())
+            .await
+            .expect("the lost connection is reported as a wake-up");
+        // Listening again: the next registration is announced.
+        t.registry
+            .register_checkpoint(&checkpoint(run.id, 200, CheckpointKind::Ema))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), announcements.next())
+            .await
+            .expect("an announcement after the reconnect");
+    })
+    .await;
+}
+
+/// SQLite has no announcements: `next` never completes, callers rely on polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_has_no_announcements() {
+    crate::helpers::run(crate::helpers::Db::Sqlite, |t: TestContext| async move {
+        // The whole context, not just the registry: its temp dir holds the database file
+        // (an `async move` block captures only the fields it uses).
+        let t = t;
+        let mut announcements = t.registry.announcements().await;
+        let run = running_run(&t.registry, "h").await;
+        t.registry
+            .register_checkpoint(&checkpoint(run.id, 100, CheckpointKind::Ema))
+            .await
+            .unwrap();
+        let woke =
+            tokio::time::timeout(std::time::Duration::from_millis(300), announcements.next()).await;
+        assert!(woke.is_err(), "SQLite announced something");
+    })
+    .await;
+}

@@ -46,11 +46,14 @@ async fn backend_and_ping(t: TestContext) {
 }
 
 async fn a_closed_registry_reports_errors(t: TestContext) {
+    let missing = t.registry.get_run(424242).await.unwrap();
+    assert!(missing.is_none());
     t.registry.close().await;
-    assert!(matches!(
-        t.registry.ping().await,
-        Err(RegistryError::Database(_))
-    ));
+    let error = t.registry.ping().await.unwrap_err();
+    assert!(matches!(error, RegistryError::Database(_)), "{error:?}");
+    // What a caller answers "try again later" for, unlike a query's own failure.
+    assert!(error.is_unavailable(), "{error:?}");
+    assert!(!RegistryError::RunNotFound(1).is_unavailable());
 }
 
 both_backends!(

@@ -28,7 +28,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 pub use slots::SlotSet;
 
-use crate::{metrics::Metrics, model::LoadedModel};
+use crate::{metrics::BatcherMetrics, model::LoadedModel};
 
 /// One generated image: 8-bit pixels, rows of `[R, G, B]` (or grey) values.
 #[derive(Debug, Clone)]
@@ -99,7 +99,7 @@ pub struct Batcher {
     jobs: mpsc::Sender<Job>,
     permits: Arc<Semaphore>,
     capacity: usize,
-    metrics: Arc<Metrics>,
+    metrics: BatcherMetrics,
 }
 
 /// Joins the model thread; it ends once every [`Batcher`] is dropped and the work in flight
@@ -120,7 +120,7 @@ impl Batcher {
     /// Starts the model thread.
     pub fn spawn(
         config: BatcherConfig,
-        metrics: Arc<Metrics>,
+        metrics: BatcherMetrics,
     ) -> std::io::Result<(Batcher, WorkerHandle)> {
         let (jobs, receiver) = mpsc::channel();
         let worker_metrics = metrics.clone();
@@ -165,9 +165,7 @@ impl Batcher {
             .clone()
             .try_acquire_many_owned(n)
             .map_err(|_| {
-                self.metrics
-                    .requests_rejected
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.metrics.requests_rejected.inc();
                 BatchError::QueueFull {
                     in_flight: self.in_flight(),
                     capacity: self.capacity,

@@ -3,7 +3,7 @@
 use std::{
     collections::HashMap,
     panic::{catch_unwind, AssertUnwindSafe},
-    sync::{atomic::Ordering, mpsc, Arc},
+    sync::{mpsc, Arc},
     time::Instant,
 };
 
@@ -14,7 +14,7 @@ use super::{
     slots::{RequestId, SlotSet},
     BatchError, GeneratedImage, Job, Reply,
 };
-use crate::{metrics::Metrics, model::LoadedModel};
+use crate::{metrics::BatcherMetrics, model::LoadedModel};
 
 /// A request between acceptance and its answer.
 struct Pending {
@@ -42,11 +42,11 @@ struct Worker<'m> {
     slots: SlotSet<Trajectory>,
     pending: HashMap<RequestId, Pending>,
     next_id: RequestId,
-    metrics: &'m Metrics,
+    metrics: &'m BatcherMetrics,
 }
 
 /// Runs until every sender is gone and the work in flight is answered.
-pub(super) fn run(jobs: mpsc::Receiver<Job>, max_batch: usize, metrics: &Metrics) {
+pub(super) fn run(jobs: mpsc::Receiver<Job>, max_batch: usize, metrics: &BatcherMetrics) {
     let _no_grad = tch::no_grad_guard();
     let mut worker = Worker {
         slots: SlotSet::new(max_batch),
@@ -131,9 +131,7 @@ impl Worker<'_> {
             if p.reply.is_closed() {
                 self.slots.cancel(id);
                 self.pending.remove(&id);
-                self.metrics
-                    .requests_cancelled
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.requests_cancelled.inc();
                 tracing::debug!(request = id, "client gone: samples dropped");
             } else if now >= p.deadline {
                 self.slots.cancel(id);
@@ -141,9 +139,7 @@ impl Worker<'_> {
                     let timeout = p.timeout;
                     p.answer(Err(BatchError::Timeout(timeout)));
                 }
-                self.metrics
-                    .requests_timed_out
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.requests_timed_out.inc();
             }
         }
     }
@@ -151,10 +147,10 @@ impl Worker<'_> {
     fn publish_gauges(&self) {
         self.metrics
             .queue_depth
-            .store(self.slots.waiting_samples() as u64, Ordering::Relaxed);
+            .set(self.slots.waiting_samples() as i64);
         self.metrics
             .active_samples
-            .store(self.slots.active().len() as u64, Ordering::Relaxed);
+            .set(self.slots.active().len() as i64);
     }
 
     /// One forward pass per model over the active samples (one pass in all, except during
@@ -205,9 +201,7 @@ impl Worker<'_> {
             let images: Result<Vec<GeneratedImage>, BatchError> =
                 done.samples.iter().map(to_image).collect();
             if let Ok(images) = &images {
-                self.metrics
-                    .images_generated
-                    .fetch_add(images.len() as u64, Ordering::Relaxed);
+                self.metrics.images_generated.inc_by(images.len() as u64);
             }
             p.answer(images);
         }

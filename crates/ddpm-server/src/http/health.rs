@@ -96,15 +96,15 @@ pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     tag = "operations",
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "Text exposition format 0.0.4.", body = String,
-            content_type = "text/plain"),
+        (status = 200, description = "OpenMetrics text format 1.0.0.", body = String,
+            content_type = "application/openmetrics-text"),
     )
 )]
 pub(super) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         state.metrics.render(),
     )

@@ -102,8 +102,8 @@ async fn track(State(state): State<AppState>, request: Request, next: Next) -> R
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let response = next.run(request).await;
-    state.metrics.observe_request(
-        method.as_str(),
+    state.metrics.http.observe(
+        &method,
         &route,
         response.status().as_u16(),
         started.elapsed().as_secs_f64(),

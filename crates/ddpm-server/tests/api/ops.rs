@@ -89,7 +89,7 @@ async fn model_metrics_and_openapi_describe_the_server() {
         .unwrap();
     for needle in [
         "ddpm_http_requests_total{method=\"POST\",route=\"/v1/samples\",status=\"200\"} 1",
-        "ddpm_http_request_duration_seconds_bucket{route=\"/v1/samples\",le=\"+Inf\"} 1",
+        "ddpm_http_request_duration_seconds_bucket{le=\"+Inf\",route=\"/v1/samples\"} 1",
         "ddpm_queue_depth 0",
         "ddpm_batch_size_count",
         "ddpm_images_generated_total 2",

@@ -1,0 +1,3 @@
+fn main() {
+    ddpm_build::link_libtorch();
+}

@@ -1,0 +1,25 @@
+//! The plumbing both binaries share, so that the trainer and the server parse, log and
+//! stop the same way.
+//!
+//! - [`options`]: the options every process takes ([`CommonOptions`], flattened into
+//!   each binary's clap definition) and their derived defaults (registry URL, checkpoint
+//!   store);
+//! - [`duration`]: how a duration is written on the command line or in the environment;
+//! - [`telemetry`]: the `tracing` subscriber, pretty or JSON, always on stderr;
+//! - [`shutdown`]: the future that completes on SIGINT or SIGTERM;
+//! - [`cli_spec`]: every option of a clap `Command` as JSON, which
+//!   `scripts/deploy_env.py` reads instead of parsing `--help`.
+//!
+//! Nothing here knows about models, HTTP or training: it may depend on `ddpm-core` (the
+//! device choice) and `ddpm-registry` (the URL helpers), and nothing but the two binary
+//! crates depends on it.
+
+pub mod cli_spec;
+pub mod duration;
+pub mod options;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use duration::parse_duration;
+pub use options::{CommonOptions, LogFormat};
+pub use shutdown::shutdown_signal;
