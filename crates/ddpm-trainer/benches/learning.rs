@@ -26,8 +26,10 @@
 //!   images' (residual noise raises it; 1 = as smooth as the data).
 //!
 //! Settings: `DDPM_BENCH_PARTS` (`parity,options`), `DDPM_BENCH_STEPS` (2000),
-//! `DDPM_BENCH_PARITY_MODEL` (`seed32`, or `tiny`), `DDPM_BENCH_INIT_SEED` (the parity
-//! part's initial-weight seed, 1), `DDPM_BENCH_VARIANTS` (a comma list
+//! `DDPM_BENCH_PARITY_MODEL` (`seed32`, or `tiny`), `DDPM_BENCH_INIT_SEEDS` (the parity
+//! part's initial-weight seeds, a comma list, `1`: with several, the table shows the
+//! mean over seeds of each side and every seed's own ratio), `DDPM_BENCH_SHARED_INIT`
+//! (`1`: our side starts from PyTorch's initial weights, so only float rounding differs), `DDPM_BENCH_VARIANTS` (a comma list
 //! of the variant names below; default all), `DDPM_BENCH_THREADS` (libtorch threads of the
 //! options part, 1), `DDPM_PYTHON` (default: the cached torch venv's python). CPU only: the figures are per step, not per second.
 
@@ -176,12 +178,31 @@ struct Curve {
 
 /// Trains `config` with ddpm-core exactly as the trainer's loop does (seeded per step,
 /// `diffusion_loss` with the run's objective, `Learner::update` at the run's lr).
-fn train_ours(config: &RunConfig, data: &Data, probe: Option<(&ClassProbe, &[usize])>) -> Curve {
+fn train_ours(
+    config: &RunConfig,
+    data: &Data,
+    init: Option<&HashMap<String, Tensor>>,
+    probe: Option<(&ClassProbe, &[usize])>,
+) -> Curve {
     let device = Device::Cpu;
     tch::manual_seed(config.training.seed as i64);
     let schedule = NoiseSchedule::new(config.schedule, device).expect("schedule");
     let mut learner =
         Learner::new(&config.model, device, config.optimizer(), config.ema).expect("learner");
+    if let Some(init) = init {
+        // Given initial weights into the model and its EMA (which starts as a copy).
+        tch::no_grad(|| {
+            for model in [&learner.model, learner.ema.model()] {
+                for (name, var) in model.named_variables() {
+                    let value = init
+                        .get(&name)
+                        .unwrap_or_else(|| panic!("no initial weight for {name}"));
+                    var.shallow_clone().copy_(value);
+                }
+            }
+        });
+        assert_eq!(init.len(), learner.model.named_variables().len());
+    }
     let objective = config.objective();
     let clip = (config.training.max_grad_norm > 0.0).then_some(config.training.max_grad_norm);
     let steps = config.training.steps as usize;
@@ -243,6 +264,13 @@ fn python() -> PathBuf {
         })
 }
 
+/// One parity pair: ours and PyTorch's per-step losses from one initial-weight seed.
+struct Pair {
+    seed: u64,
+    ours: Vec<f64>,
+    theirs: Vec<f64>,
+}
+
 fn parity(dir: &Path, steps: usize, data: &Data) {
     let model = match std::env::var("DDPM_BENCH_PARITY_MODEL").as_deref() {
         Ok("tiny") => UNetConfig::tiny(Some(CLASSES as i64)),
@@ -258,15 +286,92 @@ fn parity(dir: &Path, steps: usize, data: &Data) {
     config.model = model;
     config.training.batch_size = BATCH;
     config.training.steps = steps as i64;
-    // The initial weights' seed (each side its own draw); the data and every step's
-    // draws do not depend on it.
-    config.training.seed = std::env::var("DDPM_BENCH_INIT_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    // The initial weights' seeds (each side its own draw per seed); the data and every
+    // step's draws do not depend on them.
+    let seeds: Vec<u64> = std::env::var("DDPM_BENCH_INIT_SEEDS")
+        .unwrap_or_else(|_| "1".into())
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse()
+                .expect("DDPM_BENCH_INIT_SEEDS: a comma list of integers")
+        })
+        .collect();
+    // With DDPM_BENCH_SHARED_INIT=1 our side starts from PyTorch's very initial weights,
+    // which leaves only float rounding between the two runs.
+    let shared_init = std::env::var("DDPM_BENCH_SHARED_INIT").is_ok_and(|v| v == "1");
+    write_torch_data(dir, data);
+    println!(
+        "parity: {} parameters, {steps} steps of batch {BATCH}, ours and PyTorch side by side; \
+         initial weights: {}, seeds {seeds:?}",
+        tch::no_grad(|| ddpm_core::Model::new(&config.model, Device::Cpu)
+            .expect("model")
+            .parameter_count()),
+        if shared_init {
+            "PyTorch's, shared"
+        } else {
+            "each side its own draw"
+        },
+    );
+    let t0 = Instant::now();
+    let mut pairs = Vec::new();
+    for &seed in &seeds {
+        config.training.seed = seed;
+        let (ours, theirs) = parity_pair(dir, &config, data, shared_init);
+        let (a, b) = (window_mean(&ours, steps), window_mean(&theirs, steps));
+        eprintln!(
+            "parity seed {seed}: at step {steps} ours {a:.4}, PyTorch {b:.4}, ratio {:.3}",
+            a / b
+        );
+        pairs.push(Pair { seed, ours, theirs });
+    }
 
-    // The data and the setting for the PyTorch side, as raw little-endian arrays (the
-    // torch venv has no safetensors package).
+    // Per logged step: the mean over seeds of each side's 100-step mean, their ratio,
+    // and each seed's own ratio (the spread that different initial draws alone give).
+    let mut header = String::from("| step | ddpm, 100-step mean loss | PyTorch | ratio |");
+    let mut rule = String::from("| ---: | ---: | ---: | ---: |");
+    if pairs.len() > 1 {
+        for p in &pairs {
+            header += &format!(" ratio, seed {} |", p.seed);
+            rule += " ---: |";
+        }
+    }
+    println!("\n{header}\n{rule}");
+    let mut worst: f64 = 0.0;
+    for step in (LOG_EVERY..=steps).step_by(LOG_EVERY) {
+        let mean = |side: fn(&Pair) -> &[f64]| {
+            pairs
+                .iter()
+                .map(|p| window_mean(side(p), step))
+                .sum::<f64>()
+                / pairs.len() as f64
+        };
+        let (a, b) = (mean(|p| &p.ours), mean(|p| &p.theirs));
+        if step >= 200 {
+            worst = worst.max(a / b);
+        }
+        let mut row = format!("| {step} | {a:.4} | {b:.4} | {:.3} |", a / b);
+        if pairs.len() > 1 {
+            for p in &pairs {
+                row += &format!(
+                    " {:.3} |",
+                    window_mean(&p.ours, step) / window_mean(&p.theirs, step)
+                );
+            }
+        }
+        println!("{row}");
+    }
+    println!(
+        "\nworst ratio of the means from step 200 on: {worst:.3} (target ≤ 1.05); wall time \
+         {:.0} s for {} pair(s), one thread per side",
+        t0.elapsed().as_secs_f64(),
+        pairs.len()
+    );
+}
+
+/// The data for the PyTorch side, as raw little-endian arrays (the torch venv has no
+/// safetensors package).
+fn write_torch_data(dir: &Path, data: &Data) {
     let data_dir = dir.join("run");
     std::fs::create_dir_all(&data_dir).expect("run dir");
     let seeds = Tensor::from_slice(&data.step_seeds);
@@ -291,61 +396,91 @@ fn parity(dir: &Path, steps: usize, data: &Data) {
         };
         std::fs::write(data_dir.join(name), bytes).expect("write run data");
     }
+}
+
+/// Trains `config` (its seed: the initial weights') on both sides at once; returns
+/// (ours, PyTorch's) per-step losses.
+fn parity_pair(
+    dir: &Path,
+    config: &RunConfig,
+    data: &Data,
+    shared_init: bool,
+) -> (Vec<f64>, Vec<f64>) {
     let setting_path = dir.join("setting.json");
     std::fs::write(
         &setting_path,
-        serde_json::to_vec(&TorchSetting::of(&config)).expect("json"),
+        serde_json::to_vec(&TorchSetting::of(config)).expect("json"),
     )
     .expect("write setting");
     let out_path = dir.join("torch.json");
+    let init_path = dir.join("init.f32");
+    for stale in [&out_path, &init_path, &init_path.with_extension("f32.json")] {
+        let _ = std::fs::remove_file(stale);
+    }
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/reference/torch_learning.py");
-    let mut torch = Command::new(python())
+    let mut command = Command::new(python());
+    command
         .arg(&script)
         .arg("--data")
-        .arg(&data_dir)
+        .arg(dir.join("run"))
         .arg("--setting")
         .arg(&setting_path)
         .arg("--out")
-        .arg(&out_path)
+        .arg(&out_path);
+    if shared_init {
+        command.arg("--init-out").arg(&init_path);
+    }
+    let mut torch = command
         .spawn()
         .expect("start the PyTorch side (set DDPM_PYTHON to a python with torch)");
-
-    println!(
-        "parity: {} parameters, {steps} steps of batch {BATCH}, ours and PyTorch side by side",
-        tch::no_grad(|| ddpm_core::Model::new(&config.model, Device::Cpu)
-            .expect("model")
-            .parameter_count())
-    );
-    let t0 = Instant::now();
-    let ours = train_ours(&config, data, None);
-    let ours_s = t0.elapsed().as_secs_f64();
+    let init = shared_init.then(|| read_init(&init_path, &mut torch));
+    let ours = train_ours(config, data, init.as_ref(), None);
     let status = torch.wait().expect("wait for PyTorch");
     assert!(status.success(), "the PyTorch side failed: {status}");
-    let torch_s = t0.elapsed().as_secs_f64();
     let theirs: HashMap<String, serde_json::Value> =
         serde_json::from_slice(&std::fs::read(&out_path).expect("PyTorch output")).expect("json");
-    let theirs: Vec<f64> = theirs["losses"]
+    let theirs = theirs["losses"]
         .as_array()
         .expect("losses")
         .iter()
         .map(|v| v.as_f64().unwrap_or(f64::NAN))
         .collect();
+    (ours.losses, theirs)
+}
 
-    println!("\n| step | ddpm, 100-step mean loss | PyTorch | ratio |");
-    println!("| ---: | ---: | ---: | ---: |");
-    let mut worst: f64 = 0.0;
-    for step in (LOG_EVERY..=steps).step_by(LOG_EVERY) {
-        let (a, b) = (window_mean(&ours.losses, step), window_mean(&theirs, step));
-        if step >= 200 {
-            worst = worst.max(a / b);
+/// Waits for the PyTorch side's initial weights (`torch_learning.py --init-out`) and reads
+/// them by parameter name.
+fn read_init(path: &Path, torch: &mut std::process::Child) -> HashMap<String, Tensor> {
+    let index_path = path.with_extension("f32.json");
+    while !index_path.exists() {
+        if let Some(status) = torch.try_wait().expect("poll PyTorch") {
+            panic!("the PyTorch side exited ({status}) before writing its initial weights");
         }
-        println!("| {step} | {a:.4} | {b:.4} | {:.3} |", a / b);
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    println!(
-        "\nworst ratio from step 200 on: {worst:.3} (target ≤ 1.05); wall time ours {ours_s:.0} s, \
-         PyTorch {torch_s:.0} s (side by side, one thread each)"
+    let index: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&index_path).expect("init index")).expect("json");
+    let bytes = std::fs::read(path).expect("initial weights");
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let mut offset = 0usize;
+    let mut out = HashMap::new();
+    for entry in index {
+        let shape: Vec<i64> = serde_json::from_value(entry["shape"].clone()).expect("shape");
+        let len = shape.iter().product::<i64>() as usize;
+        let tensor = Tensor::from_slice(&values[offset..offset + len]).view(shape.as_slice());
+        offset += len;
+        out.insert(entry["name"].as_str().expect("name").to_string(), tensor);
+    }
+    assert_eq!(
+        offset,
+        values.len(),
+        "initial weights and their index disagree"
     );
+    out
 }
 
 /// The option variants, each a run config on the tiny network.
@@ -447,7 +582,7 @@ fn options(steps: usize, data: &Data) {
             }
         }
         let t = Instant::now();
-        let curve = train_ours(&config, data, Some((&probe, &probe_at)));
+        let curve = train_ours(&config, data, None, Some((&probe, &probe_at)));
         let mut row = format!("| {name} |");
         for &s in &loss_at {
             row += &format!(" {:.4} |", window_mean(&curve.losses, s));

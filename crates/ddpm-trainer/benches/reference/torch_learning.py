@@ -9,10 +9,12 @@ model config, the shapes and the training settings), trains `GeneralUNet` with P
 global generator with step_seeds[s-1] before step s's draws exactly as the Rust
 side does, and writes the plain ε-MSE of every step to `--out` as JSON.
 
-Runs with one thread (`--threads`), beside the Rust side.
+Runs with one thread (`--threads`), beside the Rust side. `--init-out PATH` also writes
+the initial weights (so the Rust side can start from the very same ones).
 """
 
 import argparse
+import array
 import json
 import os
 import sys
@@ -26,12 +28,27 @@ from general_unet import GeneralUNet  # noqa: E402
 from train_reference import Trainer, cosine_betas, draw, linear_betas, lr_at  # noqa: E402
 
 
+def dump_init(model, path):
+    """The initial weights as one raw little-endian f32 file (named_parameters order) and
+    `path.json` naming each piece, written last (by rename) so its presence means done."""
+    index = []
+    with open(path, "wb") as f:
+        for name, p in model.named_parameters():
+            # (array, not numpy: the torch venv has no numpy; this machine is little-endian)
+            f.write(array.array("f", p.detach().reshape(-1).tolist()).tobytes())
+            index.append({"name": name, "shape": list(p.shape)})
+    with open(path + ".json.partial", "w") as f:
+        json.dump(index, f)
+    os.replace(path + ".json.partial", path + ".json")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--setting", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--init-out", help="also write the initial weights here (raw f32 + .json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     s = json.loads(open(args.setting).read())
@@ -49,6 +66,8 @@ def main():
 
     torch.manual_seed(s["init_seed"])
     model = GeneralUNet(s["model"])
+    if args.init_out:
+        dump_init(model, args.init_out)
     trainer = Trainer(model, betas=betas, lr=s["lr"], weight_decay=s["weight_decay"],
                       ema_decay=s["ema_decay"], ema_warmup=s["ema_warmup"],
                       ema_warmup_steps=s["ema_warmup_steps"], min_snr_gamma=s["min_snr_gamma"],
