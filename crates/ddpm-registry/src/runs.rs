@@ -122,11 +122,14 @@ pub struct Run {
     /// The worker's latest sign of life; a running run whose heartbeat is old
     /// has lost its worker.
     pub heartbeat_at: Option<DateTime<Utc>>,
+    /// A deferred run (see [`Registry::defer_run`]) is not claimed before this;
+    /// `None` once claimed again.
+    pub retry_at: Option<DateTime<Utc>>,
 }
 
 /// The columns of `runs`, in [`RunRow`]'s order.
 const RUN_COLUMNS: &str = "id, status, config, dataset, total_steps, current_step, host, \
-     attempts, error, created_at, started_at, finished_at, updated_at, heartbeat_at";
+     attempts, error, created_at, started_at, finished_at, updated_at, heartbeat_at, retry_at";
 
 /// A `runs` row as stored (portable types).
 #[derive(sqlx::FromRow)]
@@ -145,6 +148,7 @@ struct RunRow {
     finished_at: Option<i64>,
     updated_at: i64,
     heartbeat_at: Option<i64>,
+    retry_at: Option<i64>,
 }
 
 impl TryFrom<RunRow> for Run {
@@ -174,6 +178,7 @@ impl TryFrom<RunRow> for Run {
             finished_at: from_millis_opt("runs", id, row.finished_at)?,
             updated_at: from_millis("runs", id, row.updated_at)?,
             heartbeat_at: from_millis_opt("runs", id, row.heartbeat_at)?,
+            retry_at: from_millis_opt("runs", id, row.retry_at)?,
         })
     }
 }
@@ -261,14 +266,15 @@ pub(crate) async fn claim_resumable<'e>(
     stale_after_ms: i64,
 ) -> Result<Option<Run>> {
     let (now, lock) = (backend.now_ms(), backend.skip_locked());
+    // A deferred run waits for its retry_at; it does not hold up the others.
     let resumable = format!(
-        "(status = 'interrupted' OR (status = 'running' \
-           AND COALESCE(heartbeat_at, updated_at) < {now} - $2))"
+        "((status = 'interrupted' AND (retry_at IS NULL OR retry_at <= {now})) \
+           OR (status = 'running' AND COALESCE(heartbeat_at, updated_at) < {now} - $2))"
     );
     let sql = format!(
         "UPDATE runs SET status = 'running', host = $1, attempts = attempts + 1, \
              started_at = COALESCE(started_at, {now}), heartbeat_at = {now}, updated_at = {now}, \
-             finished_at = NULL, error = NULL \
+             finished_at = NULL, error = NULL, retry_at = NULL \
          WHERE {resumable} AND id = ( \
              SELECT id FROM runs WHERE {resumable} ORDER BY id LIMIT 1 {lock}) \
          RETURNING {RUN_COLUMNS}"
@@ -320,6 +326,32 @@ pub(crate) async fn finish_run<'e>(
         .bind(id)
         .bind(status.as_str())
         .bind(error)
+        .execute(ex)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Puts running run `id` of `host` back as interrupted, not to be claimed for
+/// `delay_ms`, with `reason` as its error; `false` when `host` does not hold it.
+pub(crate) async fn defer_run<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    backend: Backend,
+    id: i64,
+    host: &str,
+    reason: &str,
+    delay_ms: i64,
+) -> Result<bool> {
+    let now = backend.now_ms();
+    let sql = format!(
+        "UPDATE runs SET status = 'interrupted', error = $3, retry_at = {now} + $4, \
+             finished_at = {now}, updated_at = {now} \
+         WHERE id = $1 AND host = $2 AND status = 'running'"
+    );
+    let done = sqlx::query(&sql)
+        .bind(id)
+        .bind(host)
+        .bind(reason)
+        .bind(delay_ms)
         .execute(ex)
         .await?;
     Ok(done.rows_affected() == 1)
@@ -453,6 +485,30 @@ impl Registry {
         }
     }
 
+    /// Gives running run `id` back for a later attempt: it becomes interrupted (its
+    /// history untouched) with `reason` as its error, and no claim takes it before
+    /// `delay` has passed (a claim clears both). For failures that may pass, such as a
+    /// checkpoint store that is not mounted yet. Fails with [`RegistryError::ClaimLost`]
+    /// when `host` does not hold the run.
+    #[tracing::instrument(skip(self))]
+    pub async fn defer_run(
+        &self,
+        id: i64,
+        host: &str,
+        reason: &str,
+        delay: std::time::Duration,
+    ) -> Result<()> {
+        let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
+        if defer_run(&self.pool, self.backend, id, host, reason, delay_ms).await? {
+            Ok(())
+        } else {
+            Err(RegistryError::ClaimLost {
+                id,
+                host: host.to_string(),
+            })
+        }
+    }
+
     /// One run, if it exists.
     #[tracing::instrument(skip(self))]
     pub async fn get_run(&self, id: i64) -> Result<Option<Run>> {
@@ -528,6 +584,7 @@ mod tests {
             finished_at: None,
             updated_at: 1_700_000_001_000,
             heartbeat_at: Some(1_700_000_001_000),
+            retry_at: None,
         }
     }
 

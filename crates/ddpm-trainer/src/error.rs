@@ -53,6 +53,16 @@ pub enum TrainerError {
     /// The training thread panicked (a bug, or libtorch aborting an op).
     #[error("training thread: {0}")]
     Thread(String),
+
+    /// A registered training state could not be read (missing file, store not mounted,
+    /// I/O error): the run is deferred, not restarted, since the state may come back.
+    #[error("training state unavailable: {0}; the run is deferred and retried, its history kept")]
+    StateUnavailable(String),
+
+    /// Every registered training state is corrupt (checksum mismatch or unloadable): the
+    /// run fails with their names, its history kept.
+    #[error("no usable training state: {0}")]
+    StatesCorrupt(String),
 }
 
 impl TrainerError {

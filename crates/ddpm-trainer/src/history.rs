@@ -71,6 +71,9 @@ pub async fn show(registry: &Registry, id: i64) -> Result<String> {
     let _ = writeln!(out, "  started     {}", time(run.started_at));
     let _ = writeln!(out, "  finished    {}", time(run.finished_at));
     let _ = writeln!(out, "  heartbeat   {}", time(run.heartbeat_at));
+    if run.retry_at.is_some() {
+        let _ = writeln!(out, "  retry at    {}", time(run.retry_at));
+    }
     if let Some(e) = &run.error {
         let _ = writeln!(out, "  error       {e}");
     }

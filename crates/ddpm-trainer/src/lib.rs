@@ -122,6 +122,7 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
         device,
         name: format!("{host}:{}", std::process::id()),
         heartbeat_interval: global.heartbeat_interval,
+        retry_backoff: global.retry_backoff,
         progress: train::stderr_is_terminal() && global.common.log_format == LogFormat::Pretty,
         shutdown: token,
     };
@@ -140,6 +141,10 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
             tracing::info!(id = run.id, "run created");
             match worker.train_own(run.id).await? {
                 RunEnd::Completed | RunEnd::Interrupted => Ok(()),
+                RunEnd::Deferred(message) => Err(TrainerError::Run {
+                    id: run.id,
+                    message: format!("deferred, a daemon retries it: {message}"),
+                }),
                 RunEnd::Failed(message) => Err(TrainerError::Run {
                     id: run.id,
                     message,

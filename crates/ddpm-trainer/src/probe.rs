@@ -158,16 +158,17 @@ pub fn roughness(images: &Tensor) -> f64 {
     (dx.mean(Kind::Double).double_value(&[]) + dy.mean(Kind::Double).double_value(&[])) / 2.0
 }
 
-/// Samples `per_class` images of every class from `model` (guided DDIM), for scoring.
+/// Samples `per_class` images of every class from `model` with `sampler`, guided, for
+/// scoring.
 pub fn sample_classes(
     model: &ddpm_core::Model,
     schedule: &ddpm_core::NoiseSchedule,
     per_class: i64,
-    steps: usize,
+    sampler: ddpm_core::SamplerConfig,
     guidance_scale: f64,
     seed: u64,
 ) -> Result<(Tensor, Tensor)> {
-    use ddpm_core::{sampler::sample, SampleSpec, SamplerConfig};
+    use ddpm_core::{sampler::sample, SampleSpec};
     let classes = model.config().num_classes.unwrap_or(1);
     let specs: Vec<SampleSpec> = (0..classes)
         .flat_map(|c| {
@@ -175,7 +176,7 @@ pub fn sample_classes(
                 label: Some(c),
                 guidance_scale,
                 seed: crate::dataset::mix(seed, ((c as u64) << 32) | i as u64),
-                sampler: SamplerConfig::ddim(steps),
+                sampler,
             })
         })
         .collect();

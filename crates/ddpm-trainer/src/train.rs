@@ -231,21 +231,37 @@ fn build(config: &RunConfig, device: Device) -> Result<Session> {
     })
 }
 
-/// Restores the newest usable state; returns its step (0 when there is none).
-fn resume(job: &TrainJob, session: &mut Session) -> i64 {
+/// Restores the newest usable state and returns its step; 0 when the run has none.
+///
+/// Never silently starts over: a state that fails its checksum or does not load is
+/// skipped for the next older one, but one that cannot be read at all (the file is
+/// missing, the store not mounted, an I/O error) stops the resume with
+/// [`TrainerError::StateUnavailable`] (resuming from an older state would drop the steps
+/// after it, which may come back), and a run whose states are all corrupt fails with
+/// [`TrainerError::StatesCorrupt`] naming them.
+fn resume(job: &TrainJob, session: &mut Session) -> Result<i64> {
+    let mut corrupt = Vec::new();
     for record in &job.states {
-        let loaded = job
-            .store
-            .verify(record)
-            .map_err(TrainerError::from)
-            .and_then(|path| {
-                Ok(load_training_state(
-                    &path,
-                    &session.learner.model,
-                    &session.learner.ema,
-                    &mut session.learner.optimizer,
-                )?)
-            });
+        let path = match job.store.verify(record) {
+            Ok(path) => path,
+            Err(e @ ddpm_registry::RegistryError::ChecksumMismatch { .. }) => {
+                tracing::warn!(path = %record.path, error = %e, "training state corrupt; trying an older one");
+                corrupt.push(format!("{} (step {}): {e}", record.path, record.step));
+                continue;
+            }
+            Err(e) => {
+                return Err(TrainerError::StateUnavailable(format!(
+                    "{} (step {}): {e}",
+                    record.path, record.step
+                )))
+            }
+        };
+        let loaded = load_training_state(
+            &path,
+            &session.learner.model,
+            &session.learner.ema,
+            &mut session.learner.optimizer,
+        );
         match loaded {
             Ok(manifest) => {
                 tracing::info!(step = manifest.step, path = %record.path, "resuming from a training state");
@@ -255,17 +271,19 @@ fn resume(job: &TrainJob, session: &mut Session) -> i64 {
                     .get(SmoothedLoss::KEY)
                     .and_then(|v| serde_json::from_value(v.clone()).ok())
                     .unwrap_or_default();
-                return manifest.step;
+                return Ok(manifest.step);
             }
             Err(e) => {
-                tracing::warn!(path = %record.path, error = %e, "training state unusable; trying an older one")
+                tracing::warn!(path = %record.path, error = %e, "training state unusable; trying an older one");
+                corrupt.push(format!("{} (step {}): {e}", record.path, record.step));
             }
         }
     }
-    if !job.states.is_empty() {
-        tracing::warn!("no usable training state: starting over from step 0");
+    if corrupt.is_empty() {
+        Ok(0)
+    } else {
+        Err(TrainerError::StatesCorrupt(corrupt.join("; ")))
     }
-    0
 }
 
 fn make_source(job: &TrainJob) -> Arc<ImageSource> {
@@ -307,7 +325,7 @@ pub fn train(job: TrainJob) -> Result<LoopEnd> {
         tracing::warn!("training.bf16 applies to CUDA only: training in f32 on this device");
     }
     let mut session = build(&cfg, job.device)?;
-    let start = resume(&job, &mut session);
+    let start = resume(&job, &mut session)?;
     job.step.store(start, Ordering::Relaxed);
     let _ = job.events.send(Event::Started { step: start });
     if start >= training.steps {

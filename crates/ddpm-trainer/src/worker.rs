@@ -31,6 +31,8 @@ pub enum RunEnd {
     Failed(String),
     /// Another worker took it over (our heartbeat had gone stale).
     Lost,
+    /// Put back for a later attempt (its training state could not be read), history kept.
+    Deferred(String),
 }
 
 /// A trainer process as the registry knows it.
@@ -42,6 +44,8 @@ pub struct Worker {
     /// Unique per process (`host:pid`): heartbeats check it.
     pub name: String,
     pub heartbeat_interval: Duration,
+    /// The first delay of a deferred run (doubling per attempt, capped at 64×).
+    pub retry_backoff: Duration,
     pub progress: bool,
     pub shutdown: CancellationToken,
 }
@@ -205,11 +209,17 @@ impl Worker {
                 tracing::warn!(step, "run taken over by another worker");
                 RunEnd::Lost
             }
+            Err(_) if lost.load(std::sync::atomic::Ordering::Relaxed) => RunEnd::Lost,
+            Err(e @ TrainerError::StateUnavailable(_)) => {
+                let delay = retry_delay(self.retry_backoff, run.attempts);
+                tracing::warn!(error = %e, ?delay, "run deferred: its training state cannot be read");
+                self.registry
+                    .defer_run(id, &self.name, &e.to_string(), delay)
+                    .await?;
+                RunEnd::Deferred(e.to_string())
+            }
             Err(e) => {
                 tracing::error!(error = %e, "run failed");
-                if lost.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Ok(RunEnd::Lost);
-                }
                 self.registry
                     .finish_run(id, RunStatus::Failed, Some(&e.to_string()))
                     .await?;
@@ -322,4 +332,22 @@ fn run_keep_last(run: &Run) -> usize {
     serde_json::from_value::<RunConfig>(run.config.clone())
         .map(|c| c.training.keep_last)
         .unwrap_or(3)
+}
+
+/// `base` doubled for every attempt after the first, capped at 64 × `base`.
+fn retry_delay(base: Duration, attempts: i64) -> Duration {
+    let doublings = attempts.saturating_sub(1).clamp(0, 6) as u32;
+    base.saturating_mul(1 << doublings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_then_stop_growing() {
+        let base = Duration::from_secs(30);
+        let delays: Vec<u64> = (0..10).map(|a| retry_delay(base, a).as_secs()).collect();
+        assert_eq!(delays, [30, 30, 60, 120, 240, 480, 960, 1920, 1920, 1920]);
+    }
 }

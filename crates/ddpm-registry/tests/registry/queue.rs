@@ -214,7 +214,52 @@ async fn racing_resumers_never_share_a_run(t: TestContext) {
     assert_eq!(claimed.into_iter().collect::<HashSet<_>>(), ids);
 }
 
+async fn deferred_runs_wait_for_their_time_and_hold_up_nothing(t: TestContext) {
+    let deferred = running_run(&t.registry, "w").await;
+    // Only the holder may defer it.
+    assert!(matches!(
+        t.registry
+            .defer_run(deferred.id, "other", "x", Duration::ZERO)
+            .await,
+        Err(RegistryError::ClaimLost { .. })
+    ));
+    t.registry
+        .defer_run(
+            deferred.id,
+            "w",
+            "store not mounted",
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap();
+    let run = t.registry.get_run(deferred.id).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Interrupted);
+    assert_eq!(run.error.as_deref(), Some("store not mounted"));
+    let retry_at = run.retry_at.expect("retry_at set");
+    assert!(retry_at >= run.updated_at + chrono::Duration::milliseconds(300));
+    // Not yet: neither resumable nor blocking the queue behind it.
+    assert_eq!(t.registry.claim_resumable("w", LONG).await.unwrap(), None);
+    let queued = queue_runs(&t.registry, 1).await.remove(0);
+    let next = t.registry.claim_next_queued("w").await.unwrap().unwrap();
+    assert_eq!(next.id, queued.id);
+    // Once its time has come (the database clock's), a claim takes it and clears both.
+    let resumed = loop {
+        if let Some(run) = t.registry.claim_resumable("w2", LONG).await.unwrap() {
+            break run;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(resumed.id, deferred.id);
+    assert!(
+        resumed.updated_at >= retry_at,
+        "claimed before its retry_at"
+    );
+    assert_eq!((resumed.retry_at, resumed.error), (None, None));
+    assert_eq!(resumed.attempts, 2);
+}
+
 both_backends!(
+    deferred_runs_wait_for_their_time_and_hold_up_nothing,
     claims_take_the_oldest_queued_run,
     a_run_can_be_claimed_by_id_once,
     racing_claims_never_share_a_run,

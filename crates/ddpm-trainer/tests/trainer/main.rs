@@ -2,6 +2,7 @@
 //! and PostgreSQL (`DDPM_TEST_POSTGRES_URL`; see scripts/test.sh).
 
 mod configs;
+mod faults;
 mod helpers;
 mod linkage;
 mod queue;

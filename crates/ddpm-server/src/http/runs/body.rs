@@ -30,7 +30,7 @@ pub struct RunBody {
     pub host: Option<String>,
     /// How many times the run was claimed (1 for a run never resumed).
     pub attempts: i64,
-    /// Why a failed run failed.
+    /// Why a failed run failed, or why an interrupted one was deferred.
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -38,6 +38,8 @@ pub struct RunBody {
     pub updated_at: DateTime<Utc>,
     /// The worker's latest sign of life.
     pub heartbeat_at: Option<DateTime<Utc>>,
+    /// A deferred run is not resumed before this (null: no delay).
+    pub retry_at: Option<DateTime<Utc>>,
 }
 
 impl From<Run> for RunBody {
@@ -57,6 +59,7 @@ impl From<Run> for RunBody {
             finished_at,
             updated_at,
             heartbeat_at,
+            retry_at,
         } = run;
         RunBody {
             id,
@@ -73,6 +76,7 @@ impl From<Run> for RunBody {
             finished_at,
             updated_at,
             heartbeat_at,
+            retry_at,
         }
     }
 }

@@ -1,0 +1,4 @@
+-- When a deferred run may next be tried. Same column and meaning as
+-- migrations/postgres; see the comment there.
+
+ALTER TABLE runs ADD COLUMN retry_at INTEGER;
