@@ -23,7 +23,9 @@
 //!   sample quality: the class-probe accuracy (`ddpm_trainer::probe`, luminance only,
 //!   so the shape must be right) of 16 guided DDIM-50 samples per class from the EMA
 //!   model (guidance 3) at several steps, and their roughness relative to the real
-//!   images' (residual noise raises it; 1 = as smooth as the data).
+//!   images' (residual noise raises it; 1 = as smooth as the data); at the last step
+//!   the same for DDIM-50 with η = 1 and for ancestral DDPM-50, the server's other
+//!   samplers at equal cost.
 //!
 //! Settings: `DDPM_BENCH_PARTS` (`parity,options`), `DDPM_BENCH_STEPS` (2000),
 //! `DDPM_BENCH_PARITY_MODEL` (`seed32`, or `tiny`), `DDPM_BENCH_INIT_SEEDS` (the parity
@@ -44,7 +46,7 @@ use ddpm_core::{
     ema::EmaWarmup,
     schedule::{BetaSchedule, ScheduleConfig},
     training::{diffusion_loss, Learner, LrSchedule},
-    NoiseSchedule, UNetConfig,
+    NoiseSchedule, SamplerConfig, SamplerKind, UNetConfig,
 };
 use ddpm_trainer::{
     config::{Preset, RunConfig},
@@ -173,7 +175,28 @@ struct Curve {
     losses: Vec<f64>,
     /// Per step: (Σ ε-MSE, count) of the samples with t in the lowest quarter.
     low_noise: Vec<(f64, f64)>,
+    /// (step, accuracy, roughness) of DDIM-50 (η = 0) samples.
     accuracy: Vec<(usize, f64, f64)>,
+    /// At the last step, per other sampler of [`FINAL_SAMPLERS`]: (accuracy, roughness).
+    final_samplers: Vec<(f64, f64)>,
+}
+
+/// The samplers compared at the last step (50 network evaluations each), beside the
+/// DDIM-50 η = 0 of the earlier columns.
+const FINAL_SAMPLERS: [&str; 2] = ["DDIM-50 η=1", "DDPM-50"];
+
+fn final_sampler(name: &str) -> SamplerConfig {
+    match name {
+        "DDIM-50 η=1" => SamplerConfig {
+            eta: 1.0,
+            ..SamplerConfig::ddim(50)
+        },
+        "DDPM-50" => SamplerConfig {
+            kind: SamplerKind::Ddpm,
+            ..SamplerConfig::ddim(50)
+        },
+        other => unreachable!("no sampler {other}"),
+    }
 }
 
 /// Trains `config` with ddpm-core exactly as the trainer's loop does (seeded per step,
@@ -210,6 +233,7 @@ fn train_ours(
         losses: Vec::with_capacity(steps),
         low_noise: Vec::with_capacity(steps),
         accuracy: Vec::new(),
+        final_samplers: Vec::new(),
     };
     let quarter = config.schedule.timesteps as i64 / 4;
     for s in 1..=steps {
@@ -234,15 +258,30 @@ fn train_ours(
             low.sum(Kind::Double).double_value(&[]),
         ));
         if let Some((probe, at)) = probe {
-            if at.contains(&s) {
-                let (samples, labels) =
-                    sample_classes(learner.ema.model(), &schedule, PROBE_SAMPLES, 50, 3.0, SEED)
-                        .expect("samples");
-                curve.accuracy.push((
-                    s,
+            let score = |sampler: SamplerConfig| {
+                let (samples, labels) = sample_classes(
+                    learner.ema.model(),
+                    &schedule,
+                    PROBE_SAMPLES,
+                    sampler,
+                    3.0,
+                    SEED,
+                )
+                .expect("samples");
+                (
                     probe.accuracy(&samples, &labels),
                     roughness(&samples) / roughness(&data.images),
-                ));
+                )
+            };
+            if at.contains(&s) {
+                let (accuracy, rough) = score(SamplerConfig::ddim(50));
+                curve.accuracy.push((s, accuracy, rough));
+            }
+            if s == steps {
+                curve.final_samplers = FINAL_SAMPLERS
+                    .iter()
+                    .map(|name| score(final_sampler(name)))
+                    .collect();
             }
         }
     }
@@ -574,6 +613,10 @@ fn options(steps: usize, data: &Data) {
     }
     header += &format!(" roughness @{steps} |");
     rule += " ---: |";
+    for name in FINAL_SAMPLERS {
+        header += &format!(" {name}: probe acc, roughness @{steps} |");
+        rule += " ---: |";
+    }
     let mut rows = Vec::new();
     for (name, config) in variants(steps) {
         if let Some(w) = &wanted {
@@ -597,6 +640,9 @@ fn options(steps: usize, data: &Data) {
         }
         let rough = curve.accuracy.last().map(|a| a.2).unwrap_or(f64::NAN);
         row += &format!(" {rough:.2} |");
+        for (acc, rough) in &curve.final_samplers {
+            row += &format!(" {acc:.3}, {rough:.2} |");
+        }
         eprintln!("{row}  ({:.0} s)", t.elapsed().as_secs_f64());
         rows.push(row);
     }
