@@ -643,6 +643,15 @@ pub fn decode_base(
             item.size.0, item.size.1
         ));
     }
+    // What `ImageReader::decode` checks and `from_decoder` does not.
+    let bytes = decoder.total_bytes();
+    if bytes > limits.max_file_bytes() {
+        return Err(format!(
+            "decoding it takes {bytes} bytes, over the {} that dataset.max_pixels = {} allows",
+            limits.max_file_bytes(),
+            limits.max_pixels
+        ));
+    }
     let img = DynamicImage::from_decoder(decoder)
         .map_err(|e| limits.describe(e))?
         .into_rgb8();
