@@ -84,13 +84,13 @@ fn make_data(dir: &Path, steps: usize) -> Data {
         seed: 0,
     };
     write_demo_dataset(dir, &spec).expect("demo dataset");
-    let folder = ImageFolder::scan(dir).expect("scan");
+    let folder = ImageFolder::scan(dir, Default::default()).expect("scan");
     let transform = Transform {
         image_size: SIZE as u32,
         augment: false,
         flip: false,
     };
-    let source = ImageSource::new(folder.items.clone(), transform, false);
+    let source = ImageSource::new(folder.items.clone(), transform, false, Default::default());
     let len = transform.sample_len();
     let mut pixels = vec![0f32; source.len() * len];
     let mut labels = Vec::with_capacity(source.len());

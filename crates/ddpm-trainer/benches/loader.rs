@@ -100,7 +100,7 @@ fn main() {
         seed: 0,
     };
     write_demo_dataset(dir.path(), &spec).expect("write PNGs");
-    let folder = ImageFolder::scan(dir.path()).expect("scan");
+    let folder = ImageFolder::scan(dir.path(), Default::default()).expect("scan");
     let transform = Transform {
         image_size: SIZE,
         augment: true,
@@ -112,10 +112,20 @@ fn main() {
         folder.items.len()
     );
     let uncached = loader_rate(
-        Arc::new(ImageSource::new(folder.items.clone(), transform, false)),
+        Arc::new(ImageSource::new(
+            folder.items.clone(),
+            transform,
+            false,
+            Default::default(),
+        )),
         batches,
     );
-    let cached_source = Arc::new(ImageSource::new(folder.items.clone(), transform, true));
+    let cached_source = Arc::new(ImageSource::new(
+        folder.items.clone(),
+        transform,
+        true,
+        Default::default(),
+    ));
     cached_source.warm_up();
     let cached = loader_rate(cached_source, batches);
     let consumed = step_rate(device, steps);

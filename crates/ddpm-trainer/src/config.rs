@@ -27,7 +27,10 @@ use ddpm_core::{
 };
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::error::{Result, TrainerError};
+use crate::{
+    dataset::{ImageLimits, DEFAULT_MAX_PIXELS},
+    error::{Result, TrainerError},
+};
 
 /// Named starting points for a run config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -104,6 +107,16 @@ pub struct DatasetConfig {
     /// Random horizontal flips.
     pub flip: bool,
     pub cache: CacheMode,
+    /// Width × height above which an image is skipped (and counted, like a corrupt one),
+    /// read from its header before it is decoded; it also caps file sizes and decoder
+    /// allocations (see [`crate::dataset`]). Absent from configs stored before it
+    /// existed: those get the default, 64 Mi (8192 × 8192).
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: u64,
+}
+
+fn default_max_pixels() -> u64 {
+    DEFAULT_MAX_PIXELS
 }
 
 /// `[training]`, resolved.
@@ -153,8 +166,21 @@ pub struct TrainingConfig {
 }
 
 impl DatasetConfig {
-    /// The dataset path names an existing folder.
+    /// What reading one of the dataset's images may cost.
+    pub fn image_limits(&self) -> ImageLimits {
+        ImageLimits {
+            max_pixels: self.max_pixels,
+        }
+    }
+
+    /// The dataset path names an existing folder; the pixel limit is positive.
     pub fn validate(&self) -> Result<()> {
+        if self.max_pixels == 0 {
+            return Err(TrainerError::config(
+                "dataset.max_pixels",
+                "must be positive",
+            ));
+        }
         let path = &self.path;
         if path.as_os_str().is_empty() {
             return Err(TrainerError::config(
@@ -336,6 +362,7 @@ impl RunConfig {
                     augment: true,
                     flip: true,
                     cache: CacheMode::Auto,
+                    max_pixels: DEFAULT_MAX_PIXELS,
                 },
                 model: UNetConfig::tiny(None),
                 schedule: ScheduleConfig::default(),
@@ -371,6 +398,7 @@ impl RunConfig {
                     augment: true,
                     flip: true,
                     cache: CacheMode::Auto,
+                    max_pixels: DEFAULT_MAX_PIXELS,
                 },
                 model: UNetConfig::seed(None),
                 schedule: ScheduleConfig::default(),
@@ -793,5 +821,37 @@ mod tests {
         }
         let (_dir, ok) = with_dataset("preset = \"seed\"");
         parse(&ok).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn the_pixel_limit_has_a_default_and_is_checked() {
+        let c = parse("").unwrap();
+        assert_eq!(c.dataset.max_pixels, DEFAULT_MAX_PIXELS);
+        assert_eq!(c.dataset.image_limits(), ImageLimits::default());
+        let dir = tempfile::tempdir().unwrap();
+        let text = |v: &str| {
+            format!(
+                "[dataset]\npath = {:?}\nmax_pixels = {v}\n",
+                dir.path().display().to_string()
+            )
+        };
+        let c = parse(&text("1_000_000")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.dataset.image_limits().max_pixels, 1_000_000);
+        let e = parse(&text("0")).unwrap().validate().unwrap_err();
+        assert_eq!(field_of(e), "dataset.max_pixels");
+        assert_eq!(
+            field_of(parse(&text("-1")).unwrap_err()),
+            "dataset.max_pixels"
+        );
+        // A config stored before the setting existed gets the default.
+        let mut stored = serde_json::to_value(RunConfig::preset(Preset::Fast)).unwrap();
+        stored["dataset"]
+            .as_object_mut()
+            .unwrap()
+            .remove("max_pixels")
+            .unwrap();
+        let c: RunConfig = serde_json::from_value(stored).unwrap();
+        assert_eq!(c.dataset.max_pixels, DEFAULT_MAX_PIXELS);
     }
 }

@@ -143,7 +143,7 @@ mod tests {
             seed: 1,
         };
         write_demo_dataset(dir.path(), &spec).unwrap();
-        let folder = ImageFolder::scan(dir.path()).unwrap();
+        let folder = ImageFolder::scan(dir.path(), Default::default()).unwrap();
         assert_eq!(folder.class_names, ["circle", "square", "stripes"]);
         assert_eq!(folder.items.len(), 15);
         // Mean colours differ by class: red dominates circles, green squares, blue stripes.

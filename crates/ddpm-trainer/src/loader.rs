@@ -188,6 +188,7 @@ mod tests {
                 Item {
                     path,
                     label: i as i64 % 3,
+                    size: (12, 12),
                 }
             })
             .collect();
@@ -196,7 +197,10 @@ mod tests {
             augment: true,
             flip: true,
         };
-        (dir, Arc::new(ImageSource::new(items, t, false)))
+        (
+            dir,
+            Arc::new(ImageSource::new(items, t, false, Default::default())),
+        )
     }
 
     #[test]

@@ -300,7 +300,12 @@ fn make_source(job: &TrainJob) -> Arc<ImageSource> {
         CacheMode::Never => false,
         CacheMode::Auto => decoded_bytes <= AUTO_CACHE_BYTES,
     };
-    let source = Arc::new(ImageSource::new(job.items.clone(), transform, cache));
+    let source = Arc::new(ImageSource::new(
+        job.items.clone(),
+        transform,
+        cache,
+        cfg.dataset.image_limits(),
+    ));
     if cache {
         let t0 = Instant::now();
         source.warm_up();

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
-    config::{Overrides, RunConfig},
+    config::{DatasetConfig, Overrides, RunConfig},
     dataset::{DatasetSummary, ImageFolder},
     error::{Result, TrainerError},
     recorder::{heartbeat, record, Sink},
@@ -51,9 +51,9 @@ pub struct Worker {
 }
 
 /// Scans a dataset off the async threads.
-async fn scan(path: &Path) -> Result<ImageFolder> {
-    let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || ImageFolder::scan(&path))
+async fn scan(dataset: &DatasetConfig) -> Result<ImageFolder> {
+    let (path, limits) = (dataset.path.clone(), dataset.image_limits());
+    tokio::task::spawn_blocking(move || ImageFolder::scan(&path, limits))
         .await
         .map_err(|e| TrainerError::Thread(e.to_string()))?
 }
@@ -70,7 +70,7 @@ pub async fn resolve_new_run(
             .map_err(TrainerError::io(&config.dataset.path))?;
     }
     config.validate()?;
-    let folder = scan(&config.dataset.path).await?;
+    let folder = scan(&config.dataset).await?;
     config.model.num_classes = folder.num_classes();
     config.validate()?;
     let summary = folder.summary();
@@ -243,7 +243,7 @@ impl Worker {
             .map_err(|e| bad(format!("unreadable config: {e}")))?;
         config.validate()?;
         let queued: Option<DatasetSummary> = serde_json::from_value(run.dataset.clone()).ok();
-        let folder = scan(&config.dataset.path).await?;
+        let folder = scan(&config.dataset).await?;
         if folder.num_classes() != config.model.num_classes {
             return Err(bad(format!(
                 "the dataset now has {:?} classes, the run was queued with {:?}",

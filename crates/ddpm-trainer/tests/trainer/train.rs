@@ -1,5 +1,6 @@
 //! A foreground `train` records the run, its metric series and its checkpoints; the
-//! EMA checkpoint loads in ddpm-core; corrupt images are skipped and counted.
+//! EMA checkpoint loads in ddpm-core; corrupt images are skipped and counted, and so are
+//! oversized images and symbolic-link loops.
 
 use std::time::Duration;
 
@@ -158,7 +159,58 @@ async fn corrupt_images_are_skipped_counted_and_reported(env: TestEnv) {
     );
 }
 
+/// Issue 10's fault injection: a dataset with an oversized image and a symlink loop
+/// trains, and counts them; a thin image within the limit trains too.
+#[cfg(unix)]
+async fn oversized_images_and_symlink_loops_are_skipped_and_counted(env: TestEnv) {
+    // 1 000 000 pixels in a PNG of a few KB: over this run's limit of 500 000.
+    image::GrayImage::new(1_000_000, 1)
+        .save(env.dataset.join("circle/huge.png"))
+        .unwrap();
+    // 1 × 50 000: within the limit; trained on, its center cut to 1 × 2 before the resize.
+    image::GrayImage::from_pixel(1, 50_000, image::Luma([255]))
+        .save(env.dataset.join("square/thin.png"))
+        .unwrap();
+    // A class folder's subfolder that is the dataset root again.
+    std::os::unix::fs::symlink("..", env.dataset.join("stripes/loop")).unwrap();
+    let text = micro_config(&env.dataset, 20, 10, 20)
+        .replace("cache = true", "cache = true\nmax_pixels = 500_000");
+    let config = env.write_config("run.toml", &text);
+    let status = env
+        .run_to_end("train", &["train", config.to_str().unwrap()], LIMIT)
+        .await;
+    assert!(status.success(), "train failed:\n{}", env.log("train"));
+    let run = env.registry.list_runs(None, 1, 0).await.unwrap().remove(0);
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(run.current_step, 20);
+    assert_eq!(run.dataset["skipped_count"], 2, "{}", run.dataset);
+    assert_eq!(run.dataset["image_count"], 37, "{}", run.dataset);
+    assert_eq!(run.dataset["class_counts"], serde_json::json!([12, 13, 12]));
+    let skipped = run.dataset["skipped"].as_array().unwrap();
+    let listed = |end: &str, says: &str| {
+        skipped.iter().any(|s| {
+            s["path"].as_str().unwrap().ends_with(end)
+                && s["reason"].as_str().unwrap().contains(says)
+        })
+    };
+    assert!(listed("stripes/loop", "symbolic-link loop"), "{skipped:?}");
+    assert!(listed("circle/huge.png", "max_pixels"), "{skipped:?}");
+    let log = env.log("train");
+    assert!(log.contains("skipping a folder"), "{log}");
+    assert!(!log.contains("skipping corrupt image"), "{log}");
+}
+
 both_backends!(train_records_the_run_its_metrics_and_checkpoints);
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_images_and_symlink_loops_are_skipped() {
+    crate::helpers::with_env(
+        crate::helpers::Db::Sqlite,
+        oversized_images_and_symlink_loops_are_skipped_and_counted,
+    )
+    .await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_images_are_skipped() {
