@@ -36,122 +36,23 @@
 
 use std::{
     collections::HashMap,
-    fs::File,
-    io::{self, BufReader, Read, Seek, SeekFrom},
+    io,
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc, Condvar, Mutex, OnceLock, PoisonError,
-    },
 };
 
-use image::{
-    error::LimitErrorKind, imageops::FilterType, DynamicImage, ImageDecoder, ImageError,
-    ImageFormat, ImageReader, RgbImage,
-};
-use rand::{Rng, SeedableRng};
-use rand_pcg::Pcg64Mcg;
+use image::ImageFormat;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainerError};
 
+mod decode;
+mod limits;
+
+pub use self::{decode::*, limits::*};
+
 /// How many skipped files a summary lists by name (all are counted).
 const LISTED_SKIPS: usize = 20;
-
-/// The default [`ImageLimits::max_pixels`]: 64 Mi pixels (8192 × 8192, above the
-/// 61-megapixel output of the largest common cameras). Decoded at the widest pixel format
-/// the enabled decoders produce (16-bit RGBA, 8 bytes a pixel), that is 512 MiB: the
-/// `image` crate's own default allocation limit.
-pub const DEFAULT_MAX_PIXELS: u64 = 1 << 26;
-
-/// Bytes a pixel takes in the widest format the enabled decoders produce (16-bit RGBA).
-const MAX_BYTES_PER_PIXEL: u64 = 8;
-
-/// Bytes beyond the pixels that a file or a decoder may use: headers, ICC profiles,
-/// EXIF, text chunks.
-const METADATA_ALLOWANCE: u64 = 16 << 20;
-
-/// The longest side an image keeps before its resize, as a multiple of its shorter side:
-/// beyond 5:3 no crop of the augmentation (scale ≥ 0.8, ratio ≤ 4:3) fits, so the
-/// samples come from the central square either way.
-pub const MAX_ASPECT: u32 = 2;
-
-/// Folder levels below a class folder that the scan descends into.
-pub const MAX_DEPTH: usize = 32;
-
-/// What decoding may hold at once, over all threads (see [`DecodeBudget`]).
-pub const DECODE_BUDGET_BYTES: u64 = 1 << 30;
-
-/// What reading one image may cost; from `dataset.max_pixels`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ImageLimits {
-    /// Width × height above which an image is skipped.
-    pub max_pixels: u64,
-}
-
-impl Default for ImageLimits {
-    fn default() -> Self {
-        ImageLimits {
-            max_pixels: DEFAULT_MAX_PIXELS,
-        }
-    }
-}
-
-impl ImageLimits {
-    /// The largest file read (and the most a decoder may allocate): the largest allowed
-    /// image at 8 bytes a pixel, plus 16 MiB of metadata. A compressed image is smaller
-    /// than its own raw pixels, so only a hostile or broken file is over.
-    pub fn max_file_bytes(&self) -> u64 {
-        self.max_pixels
-            .saturating_mul(MAX_BYTES_PER_PIXEL)
-            .saturating_add(METADATA_ALLOWANCE)
-    }
-
-    /// The same limits for the `image` decoders.
-    fn decoder_limits(&self) -> image::Limits {
-        let side = u32::try_from(self.max_pixels).unwrap_or(u32::MAX);
-        let mut limits = image::Limits::default();
-        limits.max_image_width = Some(side);
-        limits.max_image_height = Some(side);
-        limits.max_alloc = Some(self.max_file_bytes());
-        limits
-    }
-
-    /// An image of `width` × `height` is usable.
-    fn check_size(&self, width: u32, height: u32) -> std::result::Result<(), String> {
-        if width == 0 || height == 0 {
-            return Err("the image is empty".into());
-        }
-        let pixels = width as u64 * height as u64;
-        if pixels > self.max_pixels {
-            return Err(format!(
-                "{width}×{height} is {pixels} pixels, over the limit of {} (dataset.max_pixels)",
-                self.max_pixels
-            ));
-        }
-        Ok(())
-    }
-
-    /// An `image` error, with the limit named when it is what failed.
-    fn describe(&self, e: ImageError) -> String {
-        match e {
-            ImageError::Limits(l) => match l.kind() {
-                LimitErrorKind::DimensionError => format!(
-                    "a side of the image is over {} pixels, the limit on width × height \
-                     (dataset.max_pixels)",
-                    self.max_pixels
-                ),
-                _ => format!(
-                    "{l} (dataset.max_pixels = {} allows {} bytes a file or decoder)",
-                    self.max_pixels,
-                    self.max_file_bytes()
-                ),
-            },
-            other => other.to_string(),
-        }
-    }
-}
 
 /// One training image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -304,24 +205,24 @@ impl ImageFolder {
     }
 }
 
-fn file_name(p: &Path) -> String {
+pub(crate) fn file_name(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
 
-fn is_hidden(p: &Path) -> bool {
+pub(crate) fn is_hidden(p: &Path) -> bool {
     file_name(p).starts_with('.')
 }
 
 /// Whether the name says image (an extension `image` knows); other files (READMEs, label
 /// lists) are not candidates at all.
-fn is_image_name(p: &Path) -> bool {
+pub(crate) fn is_image_name(p: &Path) -> bool {
     p.is_file() && ImageFormat::from_path(p).is_ok()
 }
 
 /// Non-hidden entries of `dir`, sorted by name.
-fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(TrainerError::io(dir))? {
         let path = entry.map_err(TrainerError::io(dir))?.path();
@@ -336,23 +237,23 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
 /// What makes two paths the same folder (symbolic links followed): its device and inode
 /// on Unix, its canonical path elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct DirId(#[cfg(unix)] (u64, u64), #[cfg(not(unix))] PathBuf);
+pub(crate) struct DirId(#[cfg(unix)] (u64, u64), #[cfg(not(unix))] PathBuf);
 
 #[cfg(unix)]
-fn dir_id(dir: &Path) -> io::Result<DirId> {
+pub(crate) fn dir_id(dir: &Path) -> io::Result<DirId> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(dir)?;
     Ok(DirId((meta.dev(), meta.ino())))
 }
 
 #[cfg(not(unix))]
-fn dir_id(dir: &Path) -> io::Result<DirId> {
+pub(crate) fn dir_id(dir: &Path) -> io::Result<DirId> {
     std::fs::canonicalize(dir).map(DirId)
 }
 
 /// The files under one class folder, each folder read once (so a walk ends, and takes
 /// as long as the folders are many, whatever the links).
-struct Walk {
+pub(crate) struct Walk {
     /// The folders from the dataset root down to the one being read.
     above: Vec<(DirId, PathBuf)>,
     /// Every folder read, by identity: where it was first read.
@@ -416,428 +317,13 @@ impl Walk {
     }
 }
 
-/// A process-wide allowance of bytes that decoding may hold: each decode (and each header
-/// read) reserves what it may need before it reads anything and waits while the rest is
-/// spent. A reservation over the total is cut to the total (it then runs alone). Nothing
-/// reserves while holding a reservation, so waiting cannot deadlock.
-pub struct DecodeBudget {
-    total: u64,
-    used: Mutex<u64>,
-    freed: Condvar,
-}
-
-/// Bytes reserved from a [`DecodeBudget`], given back when dropped.
-pub struct Reservation<'a> {
-    budget: &'a DecodeBudget,
-    bytes: u64,
-}
-
-impl DecodeBudget {
-    pub const fn new(total: u64) -> DecodeBudget {
-        DecodeBudget {
-            total,
-            used: Mutex::new(0),
-            freed: Condvar::new(),
-        }
-    }
-
-    /// Waits until `bytes` (at most the total) are free, and takes them.
-    pub fn reserve(&self, bytes: u64) -> Reservation<'_> {
-        let bytes = bytes.min(self.total);
-        let mut used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
-        while *used + bytes > self.total {
-            used = self
-                .freed
-                .wait(used)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        *used += bytes;
-        Reservation {
-            budget: self,
-            bytes,
-        }
-    }
-
-    /// Bytes reserved now.
-    pub fn used(&self) -> u64 {
-        *self.used.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        let mut used = self
-            .budget
-            .used
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *used -= self.bytes;
-        self.budget.freed.notify_all();
-    }
-}
-
-/// The budget every scan and decode of this process shares.
-static DECODE_BUDGET: DecodeBudget = DecodeBudget::new(DECODE_BUDGET_BYTES);
-
-/// A file read no further than `cap` bytes (its size when it was opened): a file that
-/// grows while it is read is an error, not more memory.
-struct Capped<R> {
-    inner: R,
-    pos: u64,
-    cap: u64,
-}
-
-impl<R: Read> Read for Capped<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.cap.saturating_sub(self.pos);
-        if left == 0 {
-            // At the cap: only the end of the file may follow.
-            let mut probe = [0u8; 1];
-            let n = self.inner.read(&mut probe)?;
-            self.pos += n as u64;
-            return if n == 0 {
-                Ok(0)
-            } else {
-                Err(io::Error::other(format!(
-                    "the file grew past its size when opened ({} bytes) while it was read",
-                    self.cap
-                )))
-            };
-        }
-        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        let n = self.inner.read(&mut buf[..n])?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-impl<R: Seek> Seek for Capped<R> {
-    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        self.pos = self.inner.seek(to)?;
-        Ok(self.pos)
-    }
-}
-
-type Reader = ImageReader<BufReader<Capped<File>>>;
-
-/// Opens an image file for the decoders, within `limits`: a regular file no larger than
-/// [`ImageLimits::max_file_bytes`], read no further than its size now, with the
-/// decoders' limits set and its format guessed from its content (else its extension).
-/// Returns the reader and the file's size.
-fn open_image(path: &Path, limits: &ImageLimits) -> std::result::Result<(Reader, u64), String> {
-    let file = File::open(path).map_err(|e| e.to_string())?;
-    let meta = file.metadata().map_err(|e| e.to_string())?;
-    if !meta.is_file() {
-        return Err("not a regular file".into());
-    }
-    let len = meta.len();
-    if len > limits.max_file_bytes() {
-        return Err(format!(
-            "the file is {len} bytes, over the {} that dataset.max_pixels = {} allows",
-            limits.max_file_bytes(),
-            limits.max_pixels
-        ));
-    }
-    let capped = BufReader::new(Capped {
-        inner: file,
-        pos: 0,
-        cap: len,
-    });
-    let mut reader = match ImageFormat::from_path(path) {
-        Ok(format) => ImageReader::with_format(capped, format),
-        Err(_) => ImageReader::new(capped),
-    }
-    .with_guessed_format()
-    .map_err(|e| e.to_string())?;
-    reader.limits(limits.decoder_limits());
-    Ok((reader, len))
-}
-
-/// An image's size as its header says, or why it is skipped.
-type Header = std::result::Result<(u32, u32), String>;
-
-/// Reads `path`'s header: its size, if it is an image within `limits`.
-fn check_header(path: &Path, limits: &ImageLimits) -> Header {
-    let (reader, len) = open_image(path, limits)?;
-    // The JPEG decoder reads the whole file to find the header.
-    let _held = DECODE_BUDGET.reserve(len);
-    let (w, h) = reader.into_dimensions().map_err(|e| limits.describe(e))?;
-    limits.check_size(w, h)?;
-    Ok((w, h))
-}
-
-/// How samples are made from images.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Transform {
-    /// Output side, in pixels.
-    pub image_size: u32,
-    pub augment: bool,
-    pub flip: bool,
-}
-
-impl Transform {
-    /// The shorter side images are resized to before cropping: 1.25× the output with
-    /// augmentation (the seed's `Resize(80)` for 64), the output itself without.
-    pub fn base_size(&self) -> u32 {
-        if self.augment {
-            ((self.image_size as f64) * 1.25).round() as u32
-        } else {
-            self.image_size
-        }
-    }
-
-    /// Floats per sample: `[3, S, S]`.
-    pub fn sample_len(&self) -> usize {
-        3 * (self.image_size as usize).pow(2)
-    }
-}
-
-/// The part of a `width` × `height` image that its base image is made from: all of it,
-/// or its center cut to [`MAX_ASPECT`]:1. (x, y, w, h).
-fn aspect_crop(width: u32, height: u32) -> (u32, u32, u32, u32) {
-    let longest = width.min(height).saturating_mul(MAX_ASPECT);
-    let (w, h) = (width.min(longest), height.min(longest));
-    ((width - w) / 2, (height - h) / 2, w, h)
-}
-
-/// The size of a `width` × `height` image resized to a shorter side of `base`.
-fn base_dims(width: u32, height: u32, base: u32) -> (u32, u32) {
-    let scale = base as f64 / width.min(height) as f64;
-    (
-        ((width as f64 * scale).round() as u32).max(base),
-        ((height as f64 * scale).round() as u32).max(base),
-    )
-}
-
-/// What a decode of a `width` × `height` image to a base image may hold at once: the
-/// file (the JPEG decoder keeps all of it), the decoded image in the widest format and
-/// its RGB copy, and the resize's buffers (it samples vertically into f32 RGBA first).
-fn decode_bytes(file_bytes: u64, (width, height): (u32, u32), base: u32) -> u64 {
-    let pixels = width as u64 * height as u64;
-    let (_, _, w, h) = aspect_crop(width, height);
-    let (nw, nh) = base_dims(w, h, base);
-    let resize = w as u64 * nh as u64 * 16 + nw as u64 * nh as u64 * 3;
-    file_bytes + pixels * (MAX_BYTES_PER_PIXEL + 3) + resize
-}
-
-/// Decodes a scanned image and resizes its shorter side to `base` (aspect kept up to
-/// [`MAX_ASPECT`]:1; a longer image's center is cut out first, so the result has at most
-/// 2 × `base`² pixels). The header is checked against `limits` and against the size the
-/// scan read before anything is decoded, and the decode's memory is reserved from the
-/// process's budget.
-pub fn decode_base(
-    item: &Item,
-    base: u32,
-    limits: &ImageLimits,
-) -> std::result::Result<RgbImage, String> {
-    let (reader, len) = open_image(&item.path, limits)?;
-    limits.check_size(item.size.0, item.size.1)?;
-    let _held = DECODE_BUDGET.reserve(decode_bytes(len, item.size, base));
-    let decoder = reader.into_decoder().map_err(|e| limits.describe(e))?;
-    // Again: the file may have changed since the scan.
-    let (w, h) = decoder.dimensions();
-    limits.check_size(w, h)?;
-    if (w, h) != item.size {
-        return Err(format!(
-            "the image is {w}×{h} now; the scan read {}×{}",
-            item.size.0, item.size.1
-        ));
-    }
-    // What `ImageReader::decode` checks and `from_decoder` does not.
-    let bytes = decoder.total_bytes();
-    if bytes > limits.max_file_bytes() {
-        return Err(format!(
-            "decoding it takes {bytes} bytes, over the {} that dataset.max_pixels = {} allows",
-            limits.max_file_bytes(),
-            limits.max_pixels
-        ));
-    }
-    let img = DynamicImage::from_decoder(decoder)
-        .map_err(|e| limits.describe(e))?
-        .into_rgb8();
-    let (x, y, cw, ch) = aspect_crop(w, h);
-    let (nw, nh) = base_dims(cw, ch, base);
-    if (cw, ch) == (w, h) {
-        if (nw, nh) == (w, h) {
-            return Ok(img);
-        }
-        return Ok(image::imageops::resize(&img, nw, nh, FilterType::Triangle));
-    }
-    let kept = image::imageops::crop_imm(&img, x, y, cw, ch);
-    if (nw, nh) == (cw, ch) {
-        return Ok(kept.to_image());
-    }
-    Ok(image::imageops::resize(
-        &*kept,
-        nw,
-        nh,
-        FilterType::Triangle,
-    ))
-}
-
-/// torchvision's `RandomResizedCrop.get_params` with scale (0.8, 1.0) and ratio
-/// (3/4, 4/3): (x, y, w, h) of the crop.
-fn random_crop(rng: &mut impl Rng, width: u32, height: u32) -> (u32, u32, u32, u32) {
-    let area = (width * height) as f64;
-    let (log_lo, log_hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
-    for _ in 0..10 {
-        let target = area * rng.random_range(0.8..=1.0);
-        let ratio = rng.random_range(log_lo..=log_hi).exp();
-        let w = (target * ratio).sqrt().round() as u32;
-        let h = (target / ratio).sqrt().round() as u32;
-        if w > 0 && h > 0 && w <= width && h <= height {
-            let x = rng.random_range(0..=width - w);
-            let y = rng.random_range(0..=height - h);
-            return (x, y, w, h);
-        }
-    }
-    // Fallback (as torchvision): the whole image's central square-ish part.
-    let side = width.min(height);
-    ((width - side) / 2, (height - side) / 2, side, side)
-}
-
-/// Makes one sample from a base image into `out` (`[3, S, S]`, values in [−1, 1]).
-pub fn make_sample(base: &RgbImage, t: &Transform, rng: &mut impl Rng, out: &mut [f32]) {
-    let s = t.image_size;
-    let (w, h) = base.dimensions();
-    let (x, y, cw, ch) = if t.augment {
-        random_crop(rng, w, h)
-    } else {
-        let side = w.min(h);
-        ((w - side) / 2, (h - side) / 2, side, side)
-    };
-    let cropped = image::imageops::crop_imm(base, x, y, cw, ch).to_image();
-    let img = if (cw, ch) == (s, s) {
-        cropped
-    } else {
-        image::imageops::resize(&cropped, s, s, FilterType::Triangle)
-    };
-    let flip = t.flip && rng.random_bool(0.5);
-    let plane = (s * s) as usize;
-    for (px, py, p) in img.enumerate_pixels() {
-        let sx = if flip { s - 1 - px } else { px };
-        let i = (py * s + sx) as usize;
-        for c in 0..3 {
-            out[c * plane + i] = p[c] as f32 / 127.5 - 1.0;
-        }
-    }
-}
-
-/// SplitMix64: turns (seed, counters) into well-spread RNG seeds.
-pub fn mix(seed: u64, a: u64) -> u64 {
-    let mut z = seed
-        ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .wrapping_add(0x632B_E59B_D9B5_E15A);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The images of a dataset as the loader reads them: decoded on demand (within
-/// `limits`), optionally kept (resized to the base size) in memory, with broken files
-/// skipped.
-#[derive(Debug)]
-pub struct ImageSource {
-    items: Vec<Item>,
-    transform: Transform,
-    limits: ImageLimits,
-    cache: Option<Vec<OnceLock<Arc<RgbImage>>>>,
-    /// Files that failed to decode: skipped from then on.
-    broken: Vec<AtomicBool>,
-    broken_count: AtomicUsize,
-}
-
-impl ImageSource {
-    pub fn new(
-        items: Vec<Item>,
-        transform: Transform,
-        cache: bool,
-        limits: ImageLimits,
-    ) -> ImageSource {
-        let n = items.len();
-        ImageSource {
-            limits,
-            cache: cache.then(|| (0..n).map(|_| OnceLock::new()).collect()),
-            broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            broken_count: AtomicUsize::new(0),
-            items,
-            transform,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-
-    pub fn transform(&self) -> &Transform {
-        &self.transform
-    }
-
-    /// Files found corrupt (or over the limits, or changed) while decoding, beyond those
-    /// the scan skipped.
-    pub fn broken_count(&self) -> usize {
-        self.broken_count.load(Ordering::Relaxed)
-    }
-
-    /// Decodes every image now (in parallel), so a cached dataset is ready before the
-    /// first step and its corrupt files are known.
-    pub fn warm_up(&self) {
-        (0..self.len()).into_par_iter().for_each(|i| {
-            let _ = self.base(i);
-        });
-    }
-
-    fn base(&self, i: usize) -> Option<Arc<RgbImage>> {
-        if self.broken[i].load(Ordering::Relaxed) {
-            return None;
-        }
-        if let Some(cache) = &self.cache {
-            if let Some(img) = cache[i].get() {
-                return Some(img.clone());
-            }
-        }
-        match decode_base(&self.items[i], self.transform.base_size(), &self.limits) {
-            Ok(img) => {
-                let img = Arc::new(img);
-                if let Some(cache) = &self.cache {
-                    let _ = cache[i].set(img.clone());
-                }
-                Some(img)
-            }
-            Err(reason) => {
-                if !self.broken[i].swap(true, Ordering::Relaxed) {
-                    self.broken_count.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(path = %self.items[i].path.display(), %reason, "skipping corrupt image");
-                }
-                None
-            }
-        }
-    }
-
-    /// Sample `index` of the stream: image `i` (or, if it is broken, the next good one)
-    /// transformed with randomness seeded by `rng_seed`. Writes `[3, S, S]` into `out`
-    /// and returns the label; `None` only when every image is broken.
-    pub fn sample(&self, i: usize, rng_seed: u64, out: &mut [f32]) -> Option<i64> {
-        let n = self.len();
-        for k in 0..n {
-            let j = (i + k) % n;
-            if let Some(img) = self.base(j) {
-                let mut rng = Pcg64Mcg::seed_from_u64(rng_seed);
-                make_sample(&img, &self.transform, &mut rng, out);
-                return Some(self.items[j].label);
-            }
-        }
-        None
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::{imageops::FilterType, RgbImage};
+    use rand::SeedableRng;
+    use rand_pcg::Pcg64Mcg;
+    use std::{io::Read, sync::Arc};
 
     fn write_png(path: &Path, w: u32, h: u32, rgb: [u8; 3]) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
