@@ -175,10 +175,12 @@ async fn sigterm_interrupts_and_the_run_resumes(env: TestEnv) {
                 a.step
             );
         }
+        // A window cut by the stop may hold only a step or two after the resume, too few
+        // samples to land in every quarter; a whole window holds enough.
         assert!(
             a.loss_by_timestep
                 .iter()
-                .all(|q| q.is_some_and(f64::is_finite)),
+                .all(|q| q.is_some_and(f64::is_finite) || (straddles && q.is_none())),
             "step {}: a quarter of the timesteps without samples: {:?}",
             a.step,
             a.loss_by_timestep
