@@ -49,8 +49,8 @@ cat <<MSG
 
 The demo model is served at http://$bind. Try:
 
-  # one image of class $first as a PNG (guided, 50 ancestral DDPM steps: on this small
-  # model the default deterministic DDIM leaves noise in about half the images)
+  # one image of class $first as a PNG (guided, 50 ancestral DDPM steps, the default;
+  # "sampler": "ddim" is deterministic but noisier on a model this small)
   curl -s -X POST http://$bind/v1/samples -H 'content-type: application/json' \\
        -H 'accept: image/png' -d '{"class": $first, "sampler": "ddpm", "steps": 50, "seed": 1}' -o sample.png
 
