@@ -25,7 +25,8 @@ pub struct Cli {
 pub struct GlobalOptions {
     #[command(flatten)]
     pub common: CommonOptions,
-    /// This machine's name in the registry (the process id is appended) [default: the hostname].
+    /// This machine's name in the registry (the process id and a random instance id are
+    /// appended) [default: the hostname].
     #[arg(long, env = "DDPM_HOST_NAME", global = true)]
     pub host_name: Option<String>,
     /// How often a training worker tells the registry it is alive.

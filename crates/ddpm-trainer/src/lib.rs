@@ -120,7 +120,7 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
         registry: connect(global).await?,
         store: CheckpointStore::new(global.common.checkpoint_dir())?,
         device,
-        name: format!("{host}:{}", std::process::id()),
+        name: worker_name(&host, std::process::id()),
         heartbeat_interval: global.heartbeat_interval,
         retry_backoff: global.retry_backoff,
         progress: train::stderr_is_terminal() && global.common.log_format == LogFormat::Pretty,
@@ -166,4 +166,26 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
 
 async fn connect(global: &GlobalOptions) -> Result<Registry> {
     Ok(Registry::connect(&global.common.database_url()).await?)
+}
+
+/// A worker's identity in the registry: `host:pid:instance`. The pid alone does not tell
+/// two containers apart (each is pid 1 in its own), so a random instance id is appended.
+fn worker_name(host: &str, pid: u32) -> String {
+    format!("{host}:{pid}:{:08x}", rand::random::<u32>())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn workers_with_the_same_host_and_pid_have_different_names() {
+        let (a, b) = (
+            super::worker_name("trainer", 1),
+            super::worker_name("trainer", 1),
+        );
+        assert!(
+            a.starts_with("trainer:1:") && b.starts_with("trainer:1:"),
+            "{a} {b}"
+        );
+        assert_ne!(a, b);
+    }
 }

@@ -41,7 +41,7 @@ pub struct Worker {
     pub registry: Registry,
     pub store: CheckpointStore,
     pub device: Device,
-    /// Unique per process (`host:pid`): heartbeats check it.
+    /// Unique per process (`host:pid:instance`, the instance id random): heartbeats check it.
     pub name: String,
     pub heartbeat_interval: Duration,
     /// The first delay of a deferred run (doubling per attempt, capped at 64×).
@@ -107,10 +107,31 @@ impl Worker {
             total = run.total_steps,
             "run claimed"
         );
+        // Heartbeats from the claim on: a dataset scan longer than `stale_after` must not
+        // let another worker take the run while this one still prepares it.
+        let step = Arc::new(AtomicI64::new(run.current_step));
+        let lost = Arc::new(AtomicBool::new(false));
+        let beats = tokio::spawn(
+            heartbeat(
+                self.registry.clone(),
+                id,
+                self.name.clone(),
+                step.clone(),
+                lost.clone(),
+                self.heartbeat_interval,
+            )
+            .in_current_span(),
+        );
         let prepared = self.prepare(&run).await;
+        if lost.load(std::sync::atomic::Ordering::Relaxed) {
+            beats.abort();
+            tracing::warn!("run taken over by another worker while it was being prepared");
+            return Ok(RunEnd::Lost);
+        }
         let (config, folder, states) = match prepared {
             Ok(p) => p,
             Err(e) => {
+                beats.abort();
                 tracing::error!(error = %e, "run cannot start");
                 self.registry
                     .finish_run(id, RunStatus::Failed, Some(&e.to_string()))
@@ -127,19 +148,6 @@ impl Worker {
             keep_last: config.training.keep_last,
         };
         let recorder = tokio::spawn(record(sink, events_rx).in_current_span());
-        let step = Arc::new(AtomicI64::new(run.current_step));
-        let lost = Arc::new(AtomicBool::new(false));
-        let beats = tokio::spawn(
-            heartbeat(
-                self.registry.clone(),
-                id,
-                self.name.clone(),
-                step.clone(),
-                lost.clone(),
-                self.heartbeat_interval,
-            )
-            .in_current_span(),
-        );
         let job = TrainJob {
             run_id: id,
             class_names: folder.class_names.clone(),
