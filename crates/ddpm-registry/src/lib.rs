@@ -29,7 +29,7 @@
 //!         })
 //!         .await?;
 //!     store.apply_retention(&registry, run.id, 3).await?;
-//!     registry.finish_run(run.id, RunStatus::Completed, None).await?;
+//!     registry.finish_run(run.id, "trainer-a:4242", RunStatus::Completed, None).await?;
 //! }
 //! # Ok(())
 //! # }

@@ -314,18 +314,20 @@ pub(crate) async fn finish_run<'e>(
     ex: impl Executor<'e, Database = Any>,
     backend: Backend,
     id: i64,
+    host: &str,
     status: RunStatus,
     error: Option<&str>,
 ) -> Result<bool> {
     let now = backend.now_ms();
     let sql = format!(
         "UPDATE runs SET status = $2, error = $3, finished_at = {now}, updated_at = {now} \
-         WHERE id = $1 AND status = 'running'"
+         WHERE id = $1 AND status = 'running' AND host = $4"
     );
     let done = sqlx::query(&sql)
         .bind(id)
         .bind(status.as_str())
         .bind(error)
+        .bind(host)
         .execute(ex)
         .await?;
     Ok(done.rows_affected() == 1)
@@ -464,19 +466,36 @@ impl Registry {
         }
     }
 
-    /// Ends a running run as completed, failed (with `error`) or interrupted,
-    /// and sets `finished_at`.
+    /// Ends running run `id` of `host` as completed, failed (with `error`) or
+    /// interrupted, and sets `finished_at`. Only the worker that holds the run may
+    /// end it: one that lost it (its heartbeat went stale and another claimed the
+    /// run) gets [`RegistryError::ClaimLost`] and changes nothing.
     ///
     /// Fails with [`RegistryError::InvalidTransition`] when `status` is not a
     /// final status or the run is not running, and with
     /// [`RegistryError::RunNotFound`] when there is no such run.
     #[tracing::instrument(skip(self))]
-    pub async fn finish_run(&self, id: i64, status: RunStatus, error: Option<&str>) -> Result<()> {
-        if status.is_final() && finish_run(&self.pool, self.backend, id, status, error).await? {
+    pub async fn finish_run(
+        &self,
+        id: i64,
+        host: &str,
+        status: RunStatus,
+        error: Option<&str>,
+    ) -> Result<()> {
+        if status.is_final()
+            && finish_run(&self.pool, self.backend, id, host, status, error).await?
+        {
             return Ok(());
         }
         match select_run(&self.pool, id).await? {
             None => Err(RegistryError::RunNotFound(id)),
+            // Another worker holds it now: this one must not end it.
+            Some(run) if status.is_final() && run.status == RunStatus::Running => {
+                Err(RegistryError::ClaimLost {
+                    id,
+                    host: host.to_string(),
+                })
+            }
             Some(run) => Err(RegistryError::InvalidTransition {
                 id,
                 from: run.status,

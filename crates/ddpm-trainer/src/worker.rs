@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use ddpm_registry::{CheckpointKind, CheckpointStore, NewRun, Registry, Run, RunStatus};
+use ddpm_registry::{
+    CheckpointKind, CheckpointStore, NewRun, Registry, RegistryError, Run, RunStatus,
+};
 use tch::Device;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -133,9 +135,12 @@ impl Worker {
             Err(e) => {
                 beats.abort();
                 tracing::error!(error = %e, "run cannot start");
-                self.registry
-                    .finish_run(id, RunStatus::Failed, Some(&e.to_string()))
-                    .await?;
+                if !self
+                    .finish(id, RunStatus::Failed, Some(&e.to_string()))
+                    .await?
+                {
+                    return Ok(RunEnd::Lost);
+                }
                 return Ok(RunEnd::Failed(e.to_string()));
             }
         };
@@ -191,9 +196,9 @@ impl Worker {
                 if let Err(e) = self.registry.heartbeat(id, &self.name, step).await {
                     tracing::warn!(error = %e, "final heartbeat failed");
                 }
-                self.registry
-                    .finish_run(id, RunStatus::Completed, None)
-                    .await?;
+                if !self.finish(id, RunStatus::Completed, None).await? {
+                    return Ok(RunEnd::Lost);
+                }
                 // A completed run keeps its newest checkpoint whatever keep_last says.
                 if let Err(e) = self
                     .store
@@ -207,9 +212,9 @@ impl Worker {
             }
             Ok(LoopEnd::Interrupted { step }) => {
                 let _ = self.registry.heartbeat(id, &self.name, step).await;
-                self.registry
-                    .finish_run(id, RunStatus::Interrupted, None)
-                    .await?;
+                if !self.finish(id, RunStatus::Interrupted, None).await? {
+                    return Ok(RunEnd::Lost);
+                }
                 tracing::info!(step, "run interrupted; it resumes from this step");
                 RunEnd::Interrupted
             }
@@ -221,20 +226,45 @@ impl Worker {
             Err(e @ TrainerError::StateUnavailable(_)) => {
                 let delay = retry_delay(self.retry_backoff, run.attempts);
                 tracing::warn!(error = %e, ?delay, "run deferred: its training state cannot be read");
-                self.registry
+                match self
+                    .registry
                     .defer_run(id, &self.name, &e.to_string(), delay)
-                    .await?;
-                RunEnd::Deferred(e.to_string())
+                    .await
+                {
+                    Ok(()) => RunEnd::Deferred(e.to_string()),
+                    Err(RegistryError::ClaimLost { .. }) => RunEnd::Lost,
+                    Err(other) => return Err(other.into()),
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "run failed");
-                self.registry
-                    .finish_run(id, RunStatus::Failed, Some(&e.to_string()))
-                    .await?;
+                if !self
+                    .finish(id, RunStatus::Failed, Some(&e.to_string()))
+                    .await?
+                {
+                    return Ok(RunEnd::Lost);
+                }
                 RunEnd::Failed(e.to_string())
             }
         };
         Ok(end)
+    }
+
+    /// Ends the run in the registry; `false` (and nothing written) when another worker
+    /// holds it now.
+    async fn finish(&self, id: i64, status: RunStatus, error: Option<&str>) -> Result<bool> {
+        match self
+            .registry
+            .finish_run(id, &self.name, status, error)
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(RegistryError::ClaimLost { .. }) => {
+                tracing::warn!(%status, "run taken over by another worker: not ending it");
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The run's config, its dataset (checked against what was queued) and its training

@@ -112,7 +112,7 @@ async fn interrupted_runs_are_resumed(t: TestContext) {
     let run = running_run(&t.registry, "old").await;
     t.registry.heartbeat(run.id, "old", 400).await.unwrap();
     t.registry
-        .finish_run(run.id, RunStatus::Interrupted, Some("SIGTERM"))
+        .finish_run(run.id, "old", RunStatus::Interrupted, Some("SIGTERM"))
         .await
         .unwrap();
 
@@ -167,12 +167,12 @@ async fn stale_running_runs_are_taken_over(t: TestContext) {
 async fn finished_and_queued_runs_are_not_resumable(t: TestContext) {
     let completed = running_run(&t.registry, "h").await;
     t.registry
-        .finish_run(completed.id, RunStatus::Completed, None)
+        .finish_run(completed.id, "h", RunStatus::Completed, None)
         .await
         .unwrap();
     let failed = running_run(&t.registry, "h").await;
     t.registry
-        .finish_run(failed.id, RunStatus::Failed, Some("boom"))
+        .finish_run(failed.id, "h", RunStatus::Failed, Some("boom"))
         .await
         .unwrap();
     queue_runs(&t.registry, 1).await;
@@ -191,7 +191,7 @@ async fn racing_resumers_never_share_a_run(t: TestContext) {
     for _ in 0..3 {
         let run = running_run(&t.registry, "h").await;
         t.registry
-            .finish_run(run.id, RunStatus::Interrupted, None)
+            .finish_run(run.id, "h", RunStatus::Interrupted, None)
             .await
             .unwrap();
         ids.insert(run.id);

@@ -51,7 +51,7 @@ async fn listing_is_newest_first_filtered_and_paged(t: TestContext) {
     let first = t.registry.claim_next_queued("h").await.unwrap().unwrap();
     let second = t.registry.claim_next_queued("h").await.unwrap().unwrap();
     t.registry
-        .finish_run(first.id, RunStatus::Completed, None)
+        .finish_run(first.id, "h", RunStatus::Completed, None)
         .await
         .unwrap();
 
@@ -177,7 +177,7 @@ async fn heartbeats_record_progress(t: TestContext) {
 async fn finishing_sets_status_error_and_finished_at(t: TestContext) {
     let completed = running_run(&t.registry, "h").await;
     t.registry
-        .finish_run(completed.id, RunStatus::Completed, None)
+        .finish_run(completed.id, "h", RunStatus::Completed, None)
         .await
         .unwrap();
     let run = t.registry.get_run(completed.id).await.unwrap().unwrap();
@@ -187,7 +187,12 @@ async fn finishing_sets_status_error_and_finished_at(t: TestContext) {
 
     let failed = running_run(&t.registry, "h").await;
     t.registry
-        .finish_run(failed.id, RunStatus::Failed, Some("CUDA out of memory"))
+        .finish_run(
+            failed.id,
+            "h",
+            RunStatus::Failed,
+            Some("CUDA out of memory"),
+        )
         .await
         .unwrap();
     let run = t.registry.get_run(failed.id).await.unwrap().unwrap();
@@ -197,7 +202,7 @@ async fn finishing_sets_status_error_and_finished_at(t: TestContext) {
 
     let interrupted = running_run(&t.registry, "h").await;
     t.registry
-        .finish_run(interrupted.id, RunStatus::Interrupted, None)
+        .finish_run(interrupted.id, "h", RunStatus::Interrupted, None)
         .await
         .unwrap();
     let run = t.registry.get_run(interrupted.id).await.unwrap().unwrap();
@@ -214,7 +219,7 @@ async fn invalid_transitions_are_refused(t: TestContext) {
     // Only a running run can finish.
     assert!(matches!(
         t.registry
-            .finish_run(queued.id, RunStatus::Completed, None)
+            .finish_run(queued.id, "h", RunStatus::Completed, None)
             .await,
         Err(RegistryError::InvalidTransition {
             from: RunStatus::Queued,
@@ -223,10 +228,19 @@ async fn invalid_transitions_are_refused(t: TestContext) {
         })
     ));
     let run = t.registry.claim_next_queued("h").await.unwrap().unwrap();
+    // Only the holder may end it: a worker that lost the run changes nothing.
+    assert!(matches!(
+        t.registry
+            .finish_run(run.id, "lost-worker", RunStatus::Failed, Some("stale"))
+            .await,
+        Err(RegistryError::ClaimLost { id, host }) if id == run.id && host == "lost-worker"
+    ));
+    let still = t.registry.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!((still.status, still.error), (RunStatus::Running, None));
     // Running and queued are no final statuses.
     for to in [RunStatus::Running, RunStatus::Queued] {
         assert!(matches!(
-            t.registry.finish_run(run.id, to, None).await,
+            t.registry.finish_run(run.id, "h", to, None).await,
             Err(RegistryError::InvalidTransition {
                 from: RunStatus::Running,
                 ..
@@ -234,13 +248,13 @@ async fn invalid_transitions_are_refused(t: TestContext) {
         ));
     }
     t.registry
-        .finish_run(run.id, RunStatus::Completed, None)
+        .finish_run(run.id, "h", RunStatus::Completed, None)
         .await
         .unwrap();
     // A finished run stays finished.
     assert!(matches!(
         t.registry
-            .finish_run(run.id, RunStatus::Failed, Some("late"))
+            .finish_run(run.id, "h", RunStatus::Failed, Some("late"))
             .await,
         Err(RegistryError::InvalidTransition {
             from: RunStatus::Completed,
@@ -252,7 +266,7 @@ async fn invalid_transitions_are_refused(t: TestContext) {
     assert_eq!((run.status, run.error), (RunStatus::Completed, None));
     assert!(matches!(
         t.registry
-            .finish_run(run.id + 1000, RunStatus::Completed, None)
+            .finish_run(run.id + 1000, "h", RunStatus::Completed, None)
             .await,
         Err(RegistryError::RunNotFound(_))
     ));

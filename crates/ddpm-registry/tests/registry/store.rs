@@ -265,13 +265,13 @@ async fn retention_keeps_the_newest_of_a_completed_run(t: TestContext) {
     let done = running_run(&t.registry, "h").await;
     save_history(&t, &store, done.id, 3).await;
     t.registry
-        .finish_run(done.id, RunStatus::Completed, None)
+        .finish_run(done.id, "h", RunStatus::Completed, None)
         .await
         .unwrap();
     let failed = running_run(&t.registry, "h").await;
     save_history(&t, &store, failed.id, 2).await;
     t.registry
-        .finish_run(failed.id, RunStatus::Failed, Some("diverged"))
+        .finish_run(failed.id, "h", RunStatus::Failed, Some("diverged"))
         .await
         .unwrap();
 
