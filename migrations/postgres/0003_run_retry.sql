@@ -7,3 +7,10 @@
 -- default only changes the catalog.
 
 ALTER TABLE runs ADD COLUMN retry_at BIGINT;
+
+-- How many times the run was taken over from a worker that stopped
+-- heartbeating (a crash, an OOM kill): a daemon fails a run that keeps killing
+-- its workers instead of taking it up forever. Clean interrupts and deferrals
+-- do not count.
+
+ALTER TABLE runs ADD COLUMN crashes BIGINT NOT NULL DEFAULT 0;

@@ -2,3 +2,4 @@
 -- migrations/postgres; see the comment there.
 
 ALTER TABLE runs ADD COLUMN retry_at INTEGER;
+ALTER TABLE runs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;

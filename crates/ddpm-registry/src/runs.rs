@@ -125,11 +125,14 @@ pub struct Run {
     /// A deferred run (see [`Registry::defer_run`]) is not claimed before this;
     /// `None` once claimed again.
     pub retry_at: Option<DateTime<Utc>>,
+    /// How many times the run was taken over from a worker whose heartbeat went
+    /// stale (a crash); clean interrupts and deferrals do not count.
+    pub crashes: i64,
 }
 
 /// The columns of `runs`, in [`RunRow`]'s order.
 const RUN_COLUMNS: &str = "id, status, config, dataset, total_steps, current_step, host, \
-     attempts, error, created_at, started_at, finished_at, updated_at, heartbeat_at, retry_at";
+     attempts, error, created_at, started_at, finished_at, updated_at, heartbeat_at, retry_at, crashes";
 
 /// A `runs` row as stored (portable types).
 #[derive(sqlx::FromRow)]
@@ -149,6 +152,7 @@ struct RunRow {
     updated_at: i64,
     heartbeat_at: Option<i64>,
     retry_at: Option<i64>,
+    crashes: i64,
 }
 
 impl TryFrom<RunRow> for Run {
@@ -179,6 +183,7 @@ impl TryFrom<RunRow> for Run {
             updated_at: from_millis("runs", id, row.updated_at)?,
             heartbeat_at: from_millis_opt("runs", id, row.heartbeat_at)?,
             retry_at: from_millis_opt("runs", id, row.retry_at)?,
+            crashes: row.crashes,
         })
     }
 }
@@ -274,7 +279,8 @@ pub(crate) async fn claim_resumable<'e>(
     let sql = format!(
         "UPDATE runs SET status = 'running', host = $1, attempts = attempts + 1, \
              started_at = COALESCE(started_at, {now}), heartbeat_at = {now}, updated_at = {now}, \
-             finished_at = NULL, error = NULL, retry_at = NULL \
+             finished_at = NULL, error = NULL, retry_at = NULL, \
+             crashes = crashes + CASE WHEN status = 'running' THEN 1 ELSE 0 END \
          WHERE {resumable} AND id = ( \
              SELECT id FROM runs WHERE {resumable} ORDER BY id LIMIT 1 {lock}) \
          RETURNING {RUN_COLUMNS}"
@@ -604,6 +610,7 @@ mod tests {
             updated_at: 1_700_000_001_000,
             heartbeat_at: Some(1_700_000_001_000),
             retry_at: None,
+            crashes: 0,
         }
     }
 

@@ -36,6 +36,10 @@ pub struct GlobalOptions {
     /// mounted, file missing) is tried again; it doubles with each attempt, up to 64×.
     #[arg(long, env = "DDPM_RETRY_BACKOFF", default_value = "30s", value_parser = parse_duration, global = true)]
     pub retry_backoff: Duration,
+    /// A run whose workers stopped heartbeating (a crash, an out-of-memory kill) more than
+    /// this many times fails when next taken over, instead of being trained again.
+    #[arg(long, env = "DDPM_MAX_CRASHES", default_value_t = 3, value_parser = clap::value_parser!(i64).range(1..), global = true)]
+    pub max_crashes: i64,
 }
 
 #[derive(Debug, Clone, Subcommand)]

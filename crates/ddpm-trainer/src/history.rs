@@ -62,7 +62,11 @@ pub async fn show(registry: &Registry, id: i64) -> Result<String> {
         "  step        {}/{}",
         run.current_step, run.total_steps
     );
-    let _ = writeln!(out, "  attempts    {}", run.attempts);
+    let _ = writeln!(
+        out,
+        "  attempts    {} ({} after a crash)",
+        run.attempts, run.crashes
+    );
     let _ = writeln!(out, "  host        {}", run.host.as_deref().unwrap_or("-"));
     let _ = writeln!(out, "  created     {}", run.created_at);
     let time = |t: Option<chrono::DateTime<chrono::Utc>>| {

@@ -123,6 +123,7 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
         name: worker_name(&host, std::process::id()),
         heartbeat_interval: global.heartbeat_interval,
         retry_backoff: global.retry_backoff,
+        max_crashes: global.max_crashes,
         progress: train::stderr_is_terminal() && global.common.log_format == LogFormat::Pretty,
         shutdown: token,
     };

@@ -48,6 +48,8 @@ pub struct Worker {
     pub heartbeat_interval: Duration,
     /// The first delay of a deferred run (doubling per attempt, capped at 64×).
     pub retry_backoff: Duration,
+    /// A run with more crashes than this is failed when claimed, not executed.
+    pub max_crashes: i64,
     pub progress: bool,
     pub shutdown: CancellationToken,
 }
@@ -109,6 +111,19 @@ impl Worker {
             total = run.total_steps,
             "run claimed"
         );
+        if run.crashes > self.max_crashes {
+            let message = format!(
+                "its workers stopped {} times without ending it (last at step {}): a run \
+                 that keeps killing its trainer (out of memory?) is not taken up again; \
+                 the limit is --max-crashes {}",
+                run.crashes, run.current_step, self.max_crashes
+            );
+            tracing::error!(crashes = run.crashes, "run failed: {message}");
+            if !self.finish(id, RunStatus::Failed, Some(&message)).await? {
+                return Ok(RunEnd::Lost);
+            }
+            return Ok(RunEnd::Failed(message));
+        }
         // Heartbeats from the claim on: a dataset scan longer than `stale_after` must not
         // let another worker take the run while this one still prepares it.
         let step = Arc::new(AtomicI64::new(run.current_step));

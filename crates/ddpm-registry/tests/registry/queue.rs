@@ -126,6 +126,7 @@ async fn interrupted_runs_are_resumed(t: TestContext) {
     assert_eq!(resumed.status, RunStatus::Running);
     assert_eq!(resumed.host.as_deref(), Some("new"));
     assert_eq!(resumed.attempts, 2);
+    assert_eq!(resumed.crashes, 0, "a clean interrupt is no crash");
     assert_eq!(resumed.current_step, 400);
     assert_eq!((resumed.finished_at, resumed.error), (None, None));
     assert_eq!(resumed.started_at, run.started_at);
@@ -147,6 +148,10 @@ async fn stale_running_runs_are_taken_over(t: TestContext) {
     assert_eq!(taken.id, run.id);
     assert_eq!(taken.host.as_deref(), Some("new"));
     assert_eq!(taken.attempts, 2);
+    assert_eq!(
+        taken.crashes, 1,
+        "a takeover from a silent worker is a crash"
+    );
     assert!(taken.heartbeat_at.unwrap() > run.heartbeat_at.unwrap());
     // The old worker, should it wake up, learns it lost the run.
     assert!(matches!(

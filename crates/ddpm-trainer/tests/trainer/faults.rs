@@ -152,7 +152,52 @@ async fn corrupt_states_fail_the_run_and_keep_its_history(env: TestEnv) {
     assert_eq!(env.metric_steps(run.id).await, rows_before);
 }
 
+async fn a_run_that_keeps_crashing_its_workers_fails(env: TestEnv) {
+    let config = env.write_config(
+        "run.toml",
+        &micro_config(&env.dataset, TOTAL, LOG_EVERY, 1000),
+    );
+    let id = env.submit(&config).await;
+    // Two workers took it and vanished without a word (as an OOM kill leaves it).
+    let first = env.registry.claim_next_queued("gone-1").await.unwrap();
+    assert_eq!(first.map(|r| r.id), Some(id));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let second = env
+        .registry
+        .claim_resumable("gone-2", Duration::from_millis(1))
+        .await
+        .unwrap()
+        .expect("the silent worker's run is taken over");
+    assert_eq!(second.crashes, 1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    // The next takeover is its second crash, over --max-crashes 1: failed, not trained.
+    let daemon = [
+        "daemon",
+        "--once",
+        "--poll-interval",
+        "100ms",
+        "--stale-after",
+        "10ms",
+        "--max-crashes",
+        "1",
+    ];
+    let status = env.run_to_end("daemon", &daemon, LIMIT).await;
+    assert!(status.success(), "{}", env.log("daemon"));
+    let run = env.run(id).await;
+    assert_eq!(
+        (run.status, run.crashes),
+        (RunStatus::Failed, 2),
+        "{}",
+        env.log("daemon")
+    );
+    let error = run.error.unwrap_or_default();
+    assert!(error.contains("stopped 2 times"), "{error}");
+    assert!(env.metric_steps(id).await.is_empty(), "it trained anyway");
+}
+
 both_backends!(
     an_unmounted_store_defers_the_run_and_never_restarts_it,
     corrupt_states_fail_the_run_and_keep_its_history,
+    a_run_that_keeps_crashing_its_workers_fails,
 );

@@ -40,6 +40,8 @@ pub struct RunBody {
     pub heartbeat_at: Option<DateTime<Utc>>,
     /// A deferred run is not resumed before this (null: no delay).
     pub retry_at: Option<DateTime<Utc>>,
+    /// Times the run was taken over from a worker that stopped heartbeating.
+    pub crashes: i64,
 }
 
 impl From<Run> for RunBody {
@@ -60,6 +62,7 @@ impl From<Run> for RunBody {
             updated_at,
             heartbeat_at,
             retry_at,
+            crashes,
         } = run;
         RunBody {
             id,
@@ -77,6 +80,7 @@ impl From<Run> for RunBody {
             updated_at,
             heartbeat_at,
             retry_at,
+            crashes,
         }
     }
 }
