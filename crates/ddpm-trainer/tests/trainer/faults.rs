@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ddpm_registry::{CheckpointKind, Run, RunStatus};
 
-use crate::helpers::{both_backends, expected_steps, micro_config, signal, TestEnv};
+use crate::helpers::{both_backends, expected_steps, micro_config, TestEnv};
 
 const LIMIT: Duration = Duration::from_secs(300);
 const TOTAL: i64 = 300;
@@ -21,23 +21,8 @@ async fn interrupted_run(env: &TestEnv) -> Run {
         "run.toml",
         &micro_config(&env.dataset, TOTAL, LOG_EVERY, 1000),
     );
-    let child = env.spawn("train", &["train", config.to_str().unwrap()]);
-    env.wait_until("train", LIMIT, "rows past step 30", || async {
-        let runs = env.registry.list_runs(None, 1, 0).await.unwrap_or_default();
-        match runs.first() {
-            Some(run) => env
-                .metric_steps(run.id)
-                .await
-                .last()
-                .is_some_and(|&s| s >= 30),
-            None => false,
-        }
-    })
-    .await;
-    signal(&child, "TERM");
-    let status = env.wait(child, "train", Duration::from_secs(60)).await;
-    assert!(status.success(), "{}", env.log("train"));
-    let run = env.registry.list_runs(None, 1, 0).await.unwrap().remove(0);
+    let id = env.train_then_sigterm(&config, 30, LIMIT).await;
+    let run = env.run(id).await;
     assert_eq!(run.status, RunStatus::Interrupted, "{}", env.log("train"));
     assert_eq!(
         env.newest_step(run.id, CheckpointKind::State).await,

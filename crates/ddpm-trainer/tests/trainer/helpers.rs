@@ -242,6 +242,42 @@ impl TestEnv {
             .map(|c| c.step)
     }
 
+    /// Runs `ddpm-trainer train config` (log `train`) in the foreground until the newest
+    /// run has metric rows at step `past` or later, then stops it with SIGTERM and asserts
+    /// a clean exit; returns the run's id.
+    pub async fn train_then_sigterm(&self, config: &Path, past: i64, limit: Duration) -> i64 {
+        let child = self.spawn("train", &["train", config.to_str().unwrap()]);
+        self.wait_until(
+            "train",
+            limit,
+            &format!("rows past step {past}"),
+            || async {
+                let runs = self
+                    .registry
+                    .list_runs(None, 1, 0)
+                    .await
+                    .unwrap_or_default();
+                match runs.first() {
+                    Some(run) => self
+                        .metric_steps(run.id)
+                        .await
+                        .last()
+                        .is_some_and(|&s| s >= past),
+                    None => false,
+                }
+            },
+        )
+        .await;
+        signal(&child, "TERM");
+        let status = self.wait(child, "train", Duration::from_secs(60)).await;
+        assert!(
+            status.success(),
+            "SIGTERM is a clean exit:\n{}",
+            self.log("train")
+        );
+        self.registry.list_runs(None, 1, 0).await.unwrap()[0].id
+    }
+
     /// Polls `check` every 50 ms until it holds; panics with `log` after `limit`.
     pub async fn wait_until<F, Fut>(&self, log: &str, limit: Duration, what: &str, mut check: F)
     where

@@ -97,27 +97,7 @@ async fn sigterm_interrupts_and_the_run_resumes(env: TestEnv) {
         &micro_config(&env.dataset, TOTAL, LOG_EVERY, 1000)
             .replace("preset = \"tiny\"", "preset = \"fast\""),
     );
-    let child = env.spawn("train", &["train", config.to_str().unwrap()]);
-    env.wait_until("train", LIMIT, "rows past step 30", || async {
-        let runs = env.registry.list_runs(None, 1, 0).await.unwrap_or_default();
-        match runs.first() {
-            Some(run) => env
-                .metric_steps(run.id)
-                .await
-                .last()
-                .is_some_and(|&s| s >= 30),
-            None => false,
-        }
-    })
-    .await;
-    signal(&child, "TERM");
-    let status = env.wait(child, "train", Duration::from_secs(60)).await;
-    assert!(
-        status.success(),
-        "SIGTERM is a clean exit:\n{}",
-        env.log("train")
-    );
-    let id = env.registry.list_runs(None, 1, 0).await.unwrap()[0].id;
+    let id = env.train_then_sigterm(&config, 30, LIMIT).await;
     let run = env.run(id).await;
     assert_eq!(run.status, RunStatus::Interrupted, "{}", env.log("train"));
     let stopped_at = run.current_step;
