@@ -130,7 +130,7 @@ fn to_records(rows: Vec<CheckpointRow>) -> Result<Vec<CheckpointRecord>> {
 }
 
 /// Checks what the database's constraints would refuse, with a clear message.
-fn validate(new: &NewCheckpoint) -> Result<()> {
+pub(crate) fn validate(new: &NewCheckpoint) -> Result<()> {
     validate_rel_path(std::path::Path::new(&new.path))?;
     if new.size_bytes < 0 {
         return Err(RegistryError::InvalidArgument(format!(
@@ -149,6 +149,20 @@ fn validate(new: &NewCheckpoint) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Replaces any row of `new.path` by a new row, announced on PostgreSQL, inside `tx`.
+pub(crate) async fn register_in(
+    tx: &mut sqlx::Transaction<'static, Any>,
+    backend: Backend,
+    new: &NewCheckpoint,
+) -> Result<CheckpointRecord> {
+    delete_by_path(&mut **tx, &new.path).await?;
+    let record = insert_checkpoint(&mut **tx, backend, new).await?;
+    if backend == Backend::Postgres {
+        notify_checkpoint(&mut **tx, record.id).await?;
+    }
+    Ok(record)
 }
 
 /// Removes the row of `path` (a file written again at the same path replaces
@@ -231,7 +245,10 @@ async fn select_run_checkpoints<'e>(
     to_records(rows)
 }
 
-async fn delete_by_id<'e>(ex: impl Executor<'e, Database = Any>, id: i64) -> Result<u64> {
+pub(crate) async fn delete_by_id<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    id: i64,
+) -> Result<u64> {
     let done = sqlx::query("DELETE FROM checkpoints WHERE id = $1")
         .bind(id)
         .execute(ex)
@@ -251,11 +268,7 @@ impl Registry {
     pub async fn register_checkpoint(&self, new: &NewCheckpoint) -> Result<CheckpointRecord> {
         validate(new)?;
         let mut tx = self.pool.begin().await?;
-        delete_by_path(&mut *tx, &new.path).await?;
-        let record = insert_checkpoint(&mut *tx, self.backend, new).await?;
-        if self.backend == Backend::Postgres {
-            notify_checkpoint(&mut *tx, record.id).await?;
-        }
+        let record = register_in(&mut tx, self.backend, new).await?;
         tx.commit().await?;
         Ok(record)
     }

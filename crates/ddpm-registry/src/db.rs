@@ -135,7 +135,7 @@ impl Registry {
             Backend::Sqlite => {
                 let mut attempt = 1;
                 loop {
-                    match SQLITE_MIGRATIONS.run(&self.pool).await {
+                    match self.migrate_sqlite().await {
                         Ok(()) => break,
                         Err(e) if attempt < SQLITE_MIGRATION_ATTEMPTS => {
                             tracing::debug!(error = %e, attempt, "SQLite migration raced, retrying");
@@ -148,6 +148,39 @@ impl Registry {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Applies the SQLite migrations on one connection with foreign keys off, as
+    /// SQLite's procedure for rebuilding a table asks (0004 rebuilds `runs`; with
+    /// them on, dropping the old table would cascade into `metrics`), then checks
+    /// every foreign key and turns them back on, whatever the outcome.
+    async fn migrate_sqlite(&self) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("PRAGMA foreign_keys = OFF")
+            .execute(&mut *conn)
+            .await?;
+        let migrated = SQLITE_MIGRATIONS.run_direct(&mut *conn).await;
+        let checked = sqlx::query("PRAGMA foreign_key_check")
+            .fetch_optional(&mut *conn)
+            .await;
+        let restored = sqlx::query("PRAGMA foreign_keys = ON")
+            .execute(&mut *conn)
+            .await;
+        if restored.is_err() {
+            // Never hand a connection without foreign keys back to the pool.
+            conn.detach();
+        }
+        migrated?;
+        if checked?.is_some() {
+            return Err(sqlx::Error::Protocol(
+                "a migration left rows whose foreign key points at nothing \
+                 (PRAGMA foreign_key_check)"
+                    .into(),
+            )
+            .into());
+        }
+        restored?;
         Ok(())
     }
 

@@ -42,6 +42,11 @@ pub enum RegistryError {
         to: RunStatus,
     },
 
+    /// An operator action the run's state does not allow (deleting a running run,
+    /// restarting a completed one without `--from-scratch`, …), with the reason.
+    #[error("run {id}: {reason}")]
+    Refused { id: i64, reason: String },
+
     /// A heartbeat for a run this worker no longer holds: another worker
     /// claimed it (the heartbeat had gone stale) or it was finished.
     #[error("run {id} is no longer running on {host}")]
@@ -61,7 +66,7 @@ pub enum RegistryError {
 
     /// A string is not one of the run statuses.
     #[error(
-        "unknown run status {0:?} (expected queued, running, completed, failed or interrupted)"
+        "unknown run status {0:?} (expected queued, running, completed, failed, interrupted or cancelled)"
     )]
     UnknownStatus(String),
 

@@ -9,7 +9,8 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), ddpm_registry::RegistryError> {
-//! use ddpm_registry::{CheckpointKind, CheckpointStore, NewRun, Registry, RunStatus};
+//! use ddpm_registry::{CheckpointKind, CheckpointStore, Lease, NewRun, Registry, RunStatus};
+//! use std::time::Duration;
 //!
 //! let registry = Registry::connect("sqlite:data/registry.db").await?;
 //! let store = CheckpointStore::new("data/checkpoints")?;
@@ -20,16 +21,19 @@
 //!         total_steps: 100_000,
 //!     })
 //!     .await?;
-//! if let Some(run) = registry.claim_next_queued("trainer-a:4242").await? {
-//!     registry.heartbeat(run.id, "trainer-a:4242", 1000).await?;
+//! let worker = "trainer-a:4242:9f3c";
+//! if let Some(run) = registry.claim_next(worker, Duration::from_secs(60)).await? {
+//!     // Every write from here on holds the lease, and fails once another worker has it.
+//!     let leased = registry.leased(Lease::of(&run)?);
+//!     leased.heartbeat(1000).await?;
 //!     let bytes = b"safetensors bytes".to_vec();
 //!     store
-//!         .save_and_register(&registry, run.id, 1000, CheckpointKind::Ema, move |tmp| {
+//!         .save_and_register(&leased, run.id, 1000, CheckpointKind::Ema, move |tmp| {
 //!             std::fs::write(tmp, &bytes)
 //!         })
 //!         .await?;
-//!     store.apply_retention(&registry, run.id, 3).await?;
-//!     registry.finish_run(run.id, "trainer-a:4242", RunStatus::Completed, None).await?;
+//!     store.apply_retention(&leased, run.id, 3).await?;
+//!     leased.finish(RunStatus::Completed, None).await?;
 //! }
 //! # Ok(())
 //! # }
@@ -41,8 +45,14 @@
 //!   URL, migrations (`migrations/postgres` and `migrations/sqlite` at the
 //!   workspace root, embedded at compile time), the SQL that differs per
 //!   dialect, timestamp conversion.
-//! - `runs`: [`Run`], [`RunStatus`], the queue ([`Registry::claim_next_queued`],
-//!   [`Registry::claim_resumable`]), heartbeats, finishing, listing.
+//! - `runs`: [`Run`], [`RunStatus`], the queue ([`Registry::claim_next`], ordered by
+//!   when a run may next be tried; [`Registry::claim_run`] for a foreground run),
+//!   listing.
+//! - `lease`: [`Lease`] and [`LeasedRun`]: a worker's writes (heartbeat, metrics,
+//!   checkpoints, retention, finishing, deferring), each conditional on still
+//!   holding the run, in the same statement or transaction.
+//! - `control`: the operator's [`Registry::cancel_run`], [`Registry::restart_run`]
+//!   and [`Registry::delete_run`].
 //! - `metrics`: [`MetricPoint`] rows, idempotent recording, truncation on
 //!   resume, downsampled reads, [`MetricSummary`].
 //! - `checkpoints`: [`CheckpointRecord`] rows and the PostgreSQL
@@ -50,7 +60,8 @@
 //! - `announce`: [`Announcements`], those notifications as a stream
 //!   (`LISTEN`, reconnects), so that no caller needs database code.
 //! - `store`: [`CheckpointStore`]: atomic writes, checksums, verification,
-//!   retention.
+//!   retention, tidying after crashes; [`CheckpointLedger`], where it records files
+//!   (the registry, or a lease).
 //! - `relpath`: the one check of a store-relative path, which `checkpoints`
 //!   and `store` share (neither depends on the other's internals).
 //! - `error`: [`RegistryError`], the one error type.
@@ -70,8 +81,10 @@
 
 mod announce;
 mod checkpoints;
+mod control;
 mod db;
 mod error;
+mod lease;
 mod metrics;
 mod relpath;
 mod runs;
@@ -81,6 +94,7 @@ pub use announce::Announcements;
 pub use checkpoints::{CheckpointKind, CheckpointRecord, NewCheckpoint, CHECKPOINT_CHANNEL};
 pub use db::{redact_password, Backend, Registry};
 pub use error::{BoxError, RegistryError, Result};
+pub use lease::{Beat, Lease, LeasedRun};
 pub use metrics::{MetricPoint, MetricSummary};
 pub use runs::{NewRun, Run, RunStatus};
-pub use store::{CheckpointStore, StoredFile};
+pub use store::{CheckpointLedger, CheckpointStore, StoredFile};

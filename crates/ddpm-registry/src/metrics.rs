@@ -197,6 +197,18 @@ pub(crate) async fn upsert_metrics<'e>(
     Ok(())
 }
 
+/// Upserts `rows` (the last of a step wins) inside `tx`.
+pub(crate) async fn record_in(
+    tx: &mut sqlx::Transaction<'static, Any>,
+    run_id: i64,
+    rows: &[MetricPoint],
+) -> Result<()> {
+    for chunk in dedup_by_step(rows).chunks(ROWS_PER_INSERT) {
+        upsert_metrics(&mut **tx, run_id, chunk).await?;
+    }
+    Ok(())
+}
+
 /// Deletes the rows after `step`.
 pub(crate) async fn delete_metrics_after<'e>(
     ex: impl Executor<'e, Database = Any>,
@@ -298,14 +310,8 @@ impl Registry {
     /// unknown run.
     #[tracing::instrument(skip(self, rows), fields(rows = rows.len()))]
     pub async fn record_metrics(&self, run_id: i64, rows: &[MetricPoint]) -> Result<()> {
-        let rows = dedup_by_step(rows);
-        if rows.is_empty() {
-            return Ok(());
-        }
         let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(ROWS_PER_INSERT) {
-            upsert_metrics(&mut *tx, run_id, chunk).await?;
-        }
+        record_in(&mut tx, run_id, rows).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -3,11 +3,16 @@
 //! A run's life:
 //!
 //! ```text
-//! queued ──claim_next_queued──► running ──finish_run──► completed | failed | interrupted
-//!                                 ▲   │                                          │
-//!                                 │   └─ heartbeat stale (crashed worker) ─┐     │
-//!                                 └──────────── claim_resumable ◄──────────┴─────┘
+//! queued ──claim──► running ──finish──► completed | failed | interrupted | cancelled
+//!   ▲                ▲   │                                  │
+//!   │                │   └─ heartbeat stale (crashed worker) ─┤ (deferred: after retry_at)
+//!   │                └────────────── claim ◄─────────────────┘
+//!   └── restart --from-scratch (operator; `restart` alone makes it interrupted)
 //! ```
+//!
+//! Claims hand out a [`Lease`](crate::Lease); everything the worker writes afterwards
+//! goes through [`LeasedRun`](crate::LeasedRun) and is refused once the lease is gone.
+//! The operator's commands (cancel, restart, delete) are in `control.rs`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -32,18 +37,21 @@ pub enum RunStatus {
     Completed,
     /// Stopped by an error (see [`Run::error`]); not resumed automatically.
     Failed,
-    /// Stopped on purpose (shutdown); resumable from its newest state.
+    /// Stopped on purpose (shutdown) or deferred; resumable from its newest state.
     Interrupted,
+    /// Stopped for good by an operator; only a restart brings it back.
+    Cancelled,
 }
 
 impl RunStatus {
     /// Every status, in life order.
-    pub const ALL: [RunStatus; 5] = [
+    pub const ALL: [RunStatus; 6] = [
         RunStatus::Queued,
         RunStatus::Running,
         RunStatus::Completed,
         RunStatus::Failed,
         RunStatus::Interrupted,
+        RunStatus::Cancelled,
     ];
 
     /// The name stored in the database and used in the API.
@@ -54,15 +62,14 @@ impl RunStatus {
             RunStatus::Completed => "completed",
             RunStatus::Failed => "failed",
             RunStatus::Interrupted => "interrupted",
+            RunStatus::Cancelled => "cancelled",
         }
     }
 
-    /// Whether [`Registry::finish_run`] may end a run with this status.
+    /// Whether [`LeasedRun::finish`](crate::LeasedRun::finish) may end a run with this
+    /// status.
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            RunStatus::Completed | RunStatus::Failed | RunStatus::Interrupted
-        )
+        !matches!(self, RunStatus::Queued | RunStatus::Running)
     }
 }
 
@@ -122,21 +129,25 @@ pub struct Run {
     /// The worker's latest sign of life; a running run whose heartbeat is old
     /// has lost its worker.
     pub heartbeat_at: Option<DateTime<Utc>>,
-    /// A deferred run (see [`Registry::defer_run`]) is not claimed before this;
+    /// A deferred run (see [`LeasedRun::defer`](crate::LeasedRun::defer)) is not claimed before this;
     /// `None` once claimed again.
     pub retry_at: Option<DateTime<Utc>>,
     /// How many times the run was taken over from a worker whose heartbeat went
     /// stale (a crash); clean interrupts and deferrals do not count.
     pub crashes: i64,
+    /// When an operator asked this running run to stop (`runs cancel`); its worker
+    /// then saves a state and ends it as cancelled. Cleared by a restart.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
 }
 
 /// The columns of `runs`, in [`RunRow`]'s order.
-const RUN_COLUMNS: &str = "id, status, config, dataset, total_steps, current_step, host, \
-     attempts, error, created_at, started_at, finished_at, updated_at, heartbeat_at, retry_at, crashes";
+pub(crate) const RUN_COLUMNS: &str = "id, status, config, dataset, total_steps, current_step, host, \
+     attempts, error, created_at, started_at, finished_at, updated_at, heartbeat_at, retry_at, crashes, \
+     cancel_requested_at";
 
 /// A `runs` row as stored (portable types).
 #[derive(sqlx::FromRow)]
-struct RunRow {
+pub(crate) struct RunRow {
     id: i64,
     status: String,
     config: String,
@@ -153,6 +164,7 @@ struct RunRow {
     heartbeat_at: Option<i64>,
     retry_at: Option<i64>,
     crashes: i64,
+    cancel_requested_at: Option<i64>,
 }
 
 impl TryFrom<RunRow> for Run {
@@ -184,11 +196,19 @@ impl TryFrom<RunRow> for Run {
             heartbeat_at: from_millis_opt("runs", id, row.heartbeat_at)?,
             retry_at: from_millis_opt("runs", id, row.retry_at)?,
             crashes: row.crashes,
+            cancel_requested_at: from_millis_opt("runs", id, row.cancel_requested_at)?,
         })
     }
 }
 
-fn to_runs(rows: Vec<RunRow>) -> Result<Vec<Run>> {
+/// `stale_after` in milliseconds, for SQL.
+fn millis(stale_after: Duration) -> Result<i64> {
+    i64::try_from(stale_after.as_millis()).map_err(|_| {
+        RegistryError::InvalidArgument(format!("stale_after {stale_after:?} is too long"))
+    })
+}
+
+pub(crate) fn to_runs(rows: Vec<RunRow>) -> Result<Vec<Run>> {
     rows.into_iter().map(Run::try_from).collect()
 }
 
@@ -262,6 +282,46 @@ pub(crate) async fn claim_run<'e>(
     row.map(Run::try_from).transpose()
 }
 
+/// When a claimable run may next be tried, as SQL over a `runs` row (`$2` is the
+/// staleness limit in ms): a queued run, or one interrupted cleanly, at its place in
+/// the queue (`created_at`); a deferred run at its `retry_at`; a crashed worker's run
+/// when its heartbeat went stale. Claims take the smallest, so a run that keeps
+/// failing goes behind the runs queued meanwhile instead of starving them.
+const NEXT_TRY: &str = "CASE status \
+     WHEN 'queued' THEN created_at \
+     WHEN 'interrupted' THEN COALESCE(retry_at, created_at) \
+     ELSE COALESCE(heartbeat_at, updated_at) + $2 END";
+
+/// Moves the claimable run with the earliest [`NEXT_TRY`] to running for `host`.
+pub(crate) async fn claim_next<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    backend: Backend,
+    host: &str,
+    stale_after_ms: i64,
+) -> Result<Option<Run>> {
+    let (now, lock) = (backend.now_ms(), backend.skip_locked());
+    let claimable = format!(
+        "(status = 'queued' \
+           OR (status = 'interrupted' AND (retry_at IS NULL OR retry_at <= {now})) \
+           OR (status = 'running' AND COALESCE(heartbeat_at, updated_at) < {now} - $2))"
+    );
+    let sql = format!(
+        "UPDATE runs SET status = 'running', host = $1, attempts = attempts + 1, \
+             started_at = COALESCE(started_at, {now}), heartbeat_at = {now}, updated_at = {now}, \
+             finished_at = NULL, error = NULL, retry_at = NULL, \
+             crashes = crashes + CASE WHEN status = 'running' THEN 1 ELSE 0 END \
+         WHERE {claimable} AND id = ( \
+             SELECT id FROM runs WHERE {claimable} ORDER BY {NEXT_TRY}, id LIMIT 1 {lock}) \
+         RETURNING {RUN_COLUMNS}"
+    );
+    let row: Option<RunRow> = sqlx::query_as(&sql)
+        .bind(host)
+        .bind(stale_after_ms)
+        .fetch_optional(ex)
+        .await?;
+    row.map(Run::try_from).transpose()
+}
+
 /// Moves the oldest interrupted run, or running run with a heartbeat older
 /// than `stale_after_ms`, to running for `host`.
 pub(crate) async fn claim_resumable<'e>(
@@ -291,78 +351,6 @@ pub(crate) async fn claim_resumable<'e>(
         .fetch_optional(ex)
         .await?;
     row.map(Run::try_from).transpose()
-}
-
-/// Records a heartbeat; `false` when `host` does not hold the run (any more).
-pub(crate) async fn heartbeat<'e>(
-    ex: impl Executor<'e, Database = Any>,
-    backend: Backend,
-    id: i64,
-    host: &str,
-    step: i64,
-) -> Result<bool> {
-    let now = backend.now_ms();
-    let sql = format!(
-        "UPDATE runs SET current_step = $3, heartbeat_at = {now}, updated_at = {now} \
-         WHERE id = $1 AND host = $2 AND status = 'running'"
-    );
-    let done = sqlx::query(&sql)
-        .bind(id)
-        .bind(host)
-        .bind(step)
-        .execute(ex)
-        .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// Ends a running run; `false` when it was not running.
-pub(crate) async fn finish_run<'e>(
-    ex: impl Executor<'e, Database = Any>,
-    backend: Backend,
-    id: i64,
-    host: &str,
-    status: RunStatus,
-    error: Option<&str>,
-) -> Result<bool> {
-    let now = backend.now_ms();
-    let sql = format!(
-        "UPDATE runs SET status = $2, error = $3, finished_at = {now}, updated_at = {now} \
-         WHERE id = $1 AND status = 'running' AND host = $4"
-    );
-    let done = sqlx::query(&sql)
-        .bind(id)
-        .bind(status.as_str())
-        .bind(error)
-        .bind(host)
-        .execute(ex)
-        .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// Puts running run `id` of `host` back as interrupted, not to be claimed for
-/// `delay_ms`, with `reason` as its error; `false` when `host` does not hold it.
-pub(crate) async fn defer_run<'e>(
-    ex: impl Executor<'e, Database = Any>,
-    backend: Backend,
-    id: i64,
-    host: &str,
-    reason: &str,
-    delay_ms: i64,
-) -> Result<bool> {
-    let now = backend.now_ms();
-    let sql = format!(
-        "UPDATE runs SET status = 'interrupted', error = $3, retry_at = {now} + $4, \
-             finished_at = {now}, updated_at = {now} \
-         WHERE id = $1 AND host = $2 AND status = 'running'"
-    );
-    let done = sqlx::query(&sql)
-        .bind(id)
-        .bind(host)
-        .bind(reason)
-        .bind(delay_ms)
-        .execute(ex)
-        .await?;
-    Ok(done.rows_affected() == 1)
 }
 
 /// One run by id.
@@ -425,10 +413,24 @@ impl Registry {
     /// hosts) never get the same run.
     ///
     /// `host` names the worker: it must be unique per trainer process (e.g.
-    /// `hostname:pid`) because [`heartbeat`](Self::heartbeat) checks it.
+    /// `hostname:pid`) because every leased write checks it.
     #[tracing::instrument(skip(self))]
     pub async fn claim_next_queued(&self, host: &str) -> Result<Option<Run>> {
         claim_queued(&self.pool, self.backend, host).await
+    }
+
+    /// Atomically claims the run that has waited longest to be tried (see `NEXT_TRY` in
+    /// the source): queued, interrupted (a deferred one once its `retry_at` has passed) or
+    /// running with a heartbeat older than `stale_after` (its worker died). It becomes
+    /// running for `host` with a fresh heartbeat; `finished_at`, `error` and `retry_at`
+    /// are cleared, `attempts` goes up by one (the new [`Lease`](crate::Lease)'s
+    /// attempt), and `crashes` too when it was taken from a silent worker.
+    ///
+    /// `stale_after` must comfortably exceed the heartbeat interval, or a live
+    /// trainer's run is taken from it (it then loses its lease and stops).
+    #[tracing::instrument(skip(self))]
+    pub async fn claim_next(&self, host: &str, stale_after: Duration) -> Result<Option<Run>> {
+        claim_next(&self.pool, self.backend, host, millis(stale_after)?).await
     }
 
     /// Atomically claims queued run `id` for `host` (a foreground `train` claiming
@@ -449,89 +451,7 @@ impl Registry {
     /// [`RegistryError::ClaimLost`]).
     #[tracing::instrument(skip(self))]
     pub async fn claim_resumable(&self, host: &str, stale_after: Duration) -> Result<Option<Run>> {
-        let stale_after_ms = i64::try_from(stale_after.as_millis()).map_err(|_| {
-            RegistryError::InvalidArgument(format!("stale_after {stale_after:?} is too long"))
-        })?;
-        claim_resumable(&self.pool, self.backend, host, stale_after_ms).await
-    }
-
-    /// Records that `host` is alive and training run `id` at `step`.
-    ///
-    /// Fails with [`RegistryError::ClaimLost`] when `host` no longer holds the
-    /// run (another worker resumed it, or it was finished): the caller must
-    /// stop training it.
-    #[tracing::instrument(skip(self))]
-    pub async fn heartbeat(&self, id: i64, host: &str, step: i64) -> Result<()> {
-        if heartbeat(&self.pool, self.backend, id, host, step).await? {
-            Ok(())
-        } else {
-            Err(RegistryError::ClaimLost {
-                id,
-                host: host.to_owned(),
-            })
-        }
-    }
-
-    /// Ends running run `id` of `host` as completed, failed (with `error`) or
-    /// interrupted, and sets `finished_at`. Only the worker that holds the run may
-    /// end it: one that lost it (its heartbeat went stale and another claimed the
-    /// run) gets [`RegistryError::ClaimLost`] and changes nothing.
-    ///
-    /// Fails with [`RegistryError::InvalidTransition`] when `status` is not a
-    /// final status or the run is not running, and with
-    /// [`RegistryError::RunNotFound`] when there is no such run.
-    #[tracing::instrument(skip(self))]
-    pub async fn finish_run(
-        &self,
-        id: i64,
-        host: &str,
-        status: RunStatus,
-        error: Option<&str>,
-    ) -> Result<()> {
-        if status.is_final()
-            && finish_run(&self.pool, self.backend, id, host, status, error).await?
-        {
-            return Ok(());
-        }
-        match select_run(&self.pool, id).await? {
-            None => Err(RegistryError::RunNotFound(id)),
-            // Another worker holds it now: this one must not end it.
-            Some(run) if status.is_final() && run.status == RunStatus::Running => {
-                Err(RegistryError::ClaimLost {
-                    id,
-                    host: host.to_string(),
-                })
-            }
-            Some(run) => Err(RegistryError::InvalidTransition {
-                id,
-                from: run.status,
-                to: status,
-            }),
-        }
-    }
-
-    /// Gives running run `id` back for a later attempt: it becomes interrupted (its
-    /// history untouched) with `reason` as its error, and no claim takes it before
-    /// `delay` has passed (a claim clears both). For failures that may pass, such as a
-    /// checkpoint store that is not mounted yet. Fails with [`RegistryError::ClaimLost`]
-    /// when `host` does not hold the run.
-    #[tracing::instrument(skip(self))]
-    pub async fn defer_run(
-        &self,
-        id: i64,
-        host: &str,
-        reason: &str,
-        delay: std::time::Duration,
-    ) -> Result<()> {
-        let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
-        if defer_run(&self.pool, self.backend, id, host, reason, delay_ms).await? {
-            Ok(())
-        } else {
-            Err(RegistryError::ClaimLost {
-                id,
-                host: host.to_string(),
-            })
-        }
+        claim_resumable(&self.pool, self.backend, host, millis(stale_after)?).await
     }
 
     /// One run, if it exists.
@@ -578,7 +498,7 @@ mod tests {
     }
 
     #[test]
-    fn only_completed_failed_interrupted_are_final() {
+    fn only_queued_and_running_are_not_final() {
         let finals: Vec<_> = RunStatus::ALL
             .into_iter()
             .filter(|s| s.is_final())
@@ -588,7 +508,8 @@ mod tests {
             [
                 RunStatus::Completed,
                 RunStatus::Failed,
-                RunStatus::Interrupted
+                RunStatus::Interrupted,
+                RunStatus::Cancelled
             ]
         );
     }
@@ -611,6 +532,7 @@ mod tests {
             heartbeat_at: Some(1_700_000_001_000),
             retry_at: None,
             crashes: 0,
+            cancel_requested_at: None,
         }
     }
 

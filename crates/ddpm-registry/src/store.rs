@@ -16,8 +16,61 @@ use sha2::{Digest, Sha256};
 use crate::checkpoints::{CheckpointKind, CheckpointRecord, NewCheckpoint};
 use crate::db::Registry;
 use crate::error::{BoxError, RegistryError, Result};
+use crate::lease::LeasedRun;
 use crate::relpath::validate_rel_path;
 use crate::runs::RunStatus;
+
+/// Where the store records its files: the [`Registry`] itself (an operator's, a
+/// tool's or a test's writes, unconditional) or a [`LeasedRun`] (a worker's, refused
+/// with [`RegistryError::ClaimLost`] once its lease is gone).
+pub trait CheckpointLedger: Sync {
+    fn register_checkpoint(
+        &self,
+        new: &NewCheckpoint,
+    ) -> impl std::future::Future<Output = Result<CheckpointRecord>> + Send;
+    fn delete_checkpoint(&self, id: i64) -> impl std::future::Future<Output = Result<()>> + Send;
+    fn list_checkpoints(
+        &self,
+        run_id: i64,
+    ) -> impl std::future::Future<Output = Result<Vec<CheckpointRecord>>> + Send;
+    /// Whether retention must keep the run's newest checkpoint of each kind whatever
+    /// `keep_last` says: the run completed (a leased run is running: never).
+    fn keeps_newest(&self, run_id: i64) -> impl std::future::Future<Output = Result<bool>> + Send;
+}
+
+impl CheckpointLedger for Registry {
+    async fn register_checkpoint(&self, new: &NewCheckpoint) -> Result<CheckpointRecord> {
+        Registry::register_checkpoint(self, new).await
+    }
+    async fn delete_checkpoint(&self, id: i64) -> Result<()> {
+        Registry::delete_checkpoint(self, id).await
+    }
+    async fn list_checkpoints(&self, run_id: i64) -> Result<Vec<CheckpointRecord>> {
+        Registry::list_checkpoints(self, run_id).await
+    }
+    async fn keeps_newest(&self, run_id: i64) -> Result<bool> {
+        let run = self
+            .get_run(run_id)
+            .await?
+            .ok_or(RegistryError::RunNotFound(run_id))?;
+        Ok(run.status == RunStatus::Completed)
+    }
+}
+
+impl CheckpointLedger for LeasedRun {
+    async fn register_checkpoint(&self, new: &NewCheckpoint) -> Result<CheckpointRecord> {
+        LeasedRun::register_checkpoint(self, new).await
+    }
+    async fn delete_checkpoint(&self, id: i64) -> Result<()> {
+        LeasedRun::delete_checkpoint(self, id).await
+    }
+    async fn list_checkpoints(&self, run_id: i64) -> Result<Vec<CheckpointRecord>> {
+        self.registry().list_checkpoints(run_id).await
+    }
+    async fn keeps_newest(&self, _run_id: i64) -> Result<bool> {
+        Ok(false)
+    }
+}
 
 /// A file the store wrote, durable and ready to register.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,7 +202,7 @@ impl CheckpointStore {
     /// Registers a file this store wrote as a checkpoint of run `run_id`.
     pub async fn register(
         &self,
-        registry: &Registry,
+        registry: &impl CheckpointLedger,
         run_id: i64,
         step: i64,
         kind: CheckpointKind,
@@ -180,7 +233,7 @@ impl CheckpointStore {
     #[tracing::instrument(skip(self, registry, write))]
     pub async fn save_and_register<F, E>(
         &self,
-        registry: &Registry,
+        registry: &impl CheckpointLedger,
         run_id: i64,
         step: i64,
         kind: CheckpointKind,
@@ -212,7 +265,11 @@ impl CheckpointStore {
     /// [`RegistryError::CheckpointNotFound`], touching no file, when the row
     /// is gone already (the path may have been registered again since).
     #[tracing::instrument(skip_all, fields(id = record.id))]
-    pub async fn delete(&self, registry: &Registry, record: &CheckpointRecord) -> Result<()> {
+    pub async fn delete(
+        &self,
+        registry: &impl CheckpointLedger,
+        record: &CheckpointRecord,
+    ) -> Result<()> {
         let path = self.resolve(&record.path)?;
         registry.delete_checkpoint(record.id).await?;
         remove_if_exists(&path).await?;
@@ -229,16 +286,13 @@ impl CheckpointStore {
     #[tracing::instrument(skip(self, registry))]
     pub async fn apply_retention(
         &self,
-        registry: &Registry,
+        registry: &impl CheckpointLedger,
         run_id: i64,
         keep_last: usize,
     ) -> Result<Vec<CheckpointRecord>> {
-        let run = registry
-            .get_run(run_id)
-            .await?
-            .ok_or(RegistryError::RunNotFound(run_id))?;
+        let keep_newest = registry.keeps_newest(run_id).await?;
         let records = registry.list_checkpoints(run_id).await?;
-        let victims = retention_victims(records, keep_last, run.status == RunStatus::Completed);
+        let victims = retention_victims(records, keep_last, keep_newest);
         let mut deleted = Vec::with_capacity(victims.len());
         for record in victims {
             match self.delete(registry, &record).await {
@@ -249,6 +303,76 @@ impl CheckpointStore {
             }
         }
         Ok(deleted)
+    }
+
+    /// Removes what ended attempts of run `run_id` left in its folder: temp files of
+    /// writes a crash cut short, and checkpoint files (with their grids) that no record
+    /// in `registered` names: written, but never registered (the worker died or lost
+    /// its lease first). Such a file is not registered late: the metric rows up to its
+    /// step may be missing too, and resuming from it would leave a gap in the series.
+    ///
+    /// Call it holding the run's lease, before the attempt writes anything: no other
+    /// writer is legitimate then. Files it does not recognise are left alone. Returns
+    /// the removed paths, relative to the root.
+    #[tracing::instrument(skip(self, registered))]
+    pub async fn tidy_run(
+        &self,
+        run_id: i64,
+        registered: &[CheckpointRecord],
+    ) -> Result<Vec<String>> {
+        let dir_rel = format!("runs/{run_id}");
+        let dir = self.root.join(&dir_rel);
+        let keep: std::collections::HashSet<String> = registered
+            .iter()
+            .flat_map(|r| {
+                let grid = Self::grid_path_for(Path::new(&r.path));
+                [r.path.clone(), grid.to_string_lossy().into_owned()]
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(RegistryError::io(&dir)(e)),
+            };
+            let mut removed = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(RegistryError::io(&dir))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let rel = format!("{dir_rel}/{name}");
+                let leftover = match leftover_kind(&name) {
+                    Some(Leftover::Temp) => true,
+                    Some(Leftover::Checkpoint) => !keep.contains(&rel),
+                    None => false,
+                };
+                if leftover && entry.file_type().is_ok_and(|t| t.is_file()) {
+                    let path = entry.path();
+                    std::fs::remove_file(&path).map_err(RegistryError::io(&path))?;
+                    removed.push(rel);
+                }
+            }
+            if !removed.is_empty() {
+                sync_dir(&dir)?;
+            }
+            removed.sort();
+            Ok(removed)
+        })
+        .await
+        .map_err(|e| RegistryError::Write {
+            path: self.root.join(format!("runs/{run_id}")),
+            source: Box::new(e),
+        })?
+    }
+
+    /// Removes run `run_id`'s folder with everything in it (deleting the run).
+    #[tracing::instrument(skip(self))]
+    pub async fn remove_run(&self, run_id: i64) -> Result<()> {
+        let dir = self.root.join(format!("runs/{run_id}"));
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(RegistryError::io(&dir)(e)),
+        }
     }
 
     /// Creates `dir` and fsyncs the parent of every directory it created.
@@ -292,6 +416,27 @@ pub(crate) fn retention_victims(
     }
     victims.sort_by_key(|r| r.id);
     victims
+}
+
+/// What a file in a run's folder is, by its name.
+#[derive(Debug, PartialEq, Eq)]
+enum Leftover {
+    /// `.<target>.<random>.tmp`: a write in progress, or cut short.
+    Temp,
+    /// `ema-<step>.safetensors`, `ema-<step>.png`, `state-<step>.safetensors`.
+    Checkpoint,
+}
+
+fn leftover_kind(name: &str) -> Option<Leftover> {
+    if name.starts_with('.') && name.ends_with(".tmp") {
+        return Some(Leftover::Temp);
+    }
+    let (kind, rest) = name.split_once('-')?;
+    let (step, ext) = rest.split_once('.')?;
+    let known_kind = CheckpointKind::ALL.iter().any(|k| k.as_str() == kind);
+    let known_ext = ext == "safetensors" || (kind == "ema" && ext == "png");
+    (known_kind && known_ext && !step.is_empty() && step.bytes().all(|b| b.is_ascii_digit()))
+        .then_some(Leftover::Checkpoint)
 }
 
 /// Temp files are `<prefix><random>.tmp`, readable like files `File::create`
@@ -432,6 +577,30 @@ mod tests {
             Path::new("runs/3/ema-00001000.png")
         );
         assert!(store.resolve("../x").is_err());
+    }
+
+    #[test]
+    fn leftovers_are_recognised_by_name() {
+        assert_eq!(
+            leftover_kind(".ema-00000100.safetensors.a1B2c3.tmp"),
+            Some(Leftover::Temp)
+        );
+        for name in [
+            "ema-00000100.safetensors",
+            "ema-00000100.png",
+            "state-00000100.safetensors",
+        ] {
+            assert_eq!(leftover_kind(name), Some(Leftover::Checkpoint), "{name}");
+        }
+        for name in [
+            "state-00000100.png",
+            "notes.txt",
+            "ema-.safetensors",
+            "ema-12x.safetensors",
+            "grid.png",
+        ] {
+            assert_eq!(leftover_kind(name), None, "{name}");
+        }
     }
 
     #[test]

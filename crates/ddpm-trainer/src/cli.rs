@@ -75,7 +75,8 @@ pub enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
-    /// Take queued runs one at a time; resume interrupted and crashed ones first.
+    /// Take runs one at a time, the one that has waited longest first: queued ones, and
+    /// interrupted, deferred and crashed ones to resume.
     Daemon {
         /// Exit when nothing is left to claim (for tests and CI).
         #[arg(long, env = "DDPM_DAEMON_ONCE")]
@@ -98,7 +99,8 @@ pub enum Command {
 pub enum RunsCommand {
     /// Runs, newest first.
     List {
-        /// Only runs with this status (queued, running, completed, failed, interrupted).
+        /// Only runs with this status (queued, running, completed, failed, interrupted,
+        /// cancelled).
         #[arg(long, env = "DDPM_RUNS_STATUS")]
         status: Option<RunStatus>,
         /// How many runs to list.
@@ -107,6 +109,20 @@ pub enum RunsCommand {
     },
     /// One run: config, dataset, loss curve summary, checkpoints.
     Show { id: i64 },
+    /// Stop a run for good: a queued or interrupted one at once; a running one at its
+    /// next heartbeat, after saving a training state.
+    Cancel { id: i64 },
+    /// Train a failed, cancelled or interrupted run again from its newest training state
+    /// (its history kept), or with --from-scratch any run that is not queued or running
+    /// from step 0 (its metrics and checkpoints deleted).
+    Restart {
+        id: i64,
+        /// Delete the run's metrics and checkpoints and queue it again at step 0.
+        #[arg(long)]
+        from_scratch: bool,
+    },
+    /// Delete a run that is not running: its registry rows and its checkpoint files.
+    Delete { id: i64 },
 }
 
 #[cfg(test)]

@@ -18,6 +18,11 @@ pub enum TrainerError {
     #[error("dataset {path}: {message}")]
     Dataset { path: PathBuf, message: String },
 
+    /// A dataset folder that is not there (yet): a volume not mounted, a path on a
+    /// network share that went away. Transient: the run is deferred, not failed.
+    #[error("dataset {path}: {message}")]
+    DatasetUnavailable { path: PathBuf, message: String },
+
     /// The data loader stopped (its thread panicked or the dataset went away).
     #[error("data loader: {0}")]
     Loader(String),
@@ -66,6 +71,27 @@ pub enum TrainerError {
 }
 
 impl TrainerError {
+    /// Whether the failure may pass by itself, so that the run goes back to the queue
+    /// with a backoff instead of failing: I/O (a full disk, an unmounted volume), a
+    /// database that cannot be reached, a dataset folder that is missing, a training
+    /// state that cannot be read. Everything else (an invalid config, an empty or
+    /// changed dataset, a corrupt state, a libtorch error) needs someone to act: failed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            TrainerError::StateUnavailable(_)
+            | TrainerError::DatasetUnavailable { .. }
+            | TrainerError::Io { .. }
+            | TrainerError::Loader(_) => true,
+            TrainerError::Registry(e) => matches!(
+                e,
+                ddpm_registry::RegistryError::Database(_)
+                    | ddpm_registry::RegistryError::Io { .. }
+                    | ddpm_registry::RegistryError::Write { .. }
+            ),
+            _ => false,
+        }
+    }
+
     pub(crate) fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
         TrainerError::Config {
             field: field.into(),

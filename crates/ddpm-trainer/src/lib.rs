@@ -43,7 +43,7 @@ pub mod worker;
 
 use std::future::Future;
 
-use ddpm_registry::{redact_password, CheckpointStore, Registry};
+use ddpm_registry::{redact_password, CheckpointStore, Registry, RunStatus};
 use ddpm_service::LogFormat;
 use tokio_util::sync::CancellationToken;
 
@@ -87,6 +87,32 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
                     history::list(&registry, *status, *limit).await?
                 }
                 RunsCommand::Show { id } => history::show(&registry, *id).await?,
+                RunsCommand::Cancel { id } => {
+                    let run = registry.cancel_run(*id).await?;
+                    match run.status {
+                        RunStatus::Running => format!(
+                            "run {id} is running: its worker saves a state and stops it \
+                             at its next heartbeat\n"
+                        ),
+                        status => format!("run {id} is {status}\n"),
+                    }
+                }
+                RunsCommand::Restart { id, from_scratch } => {
+                    let store = CheckpointStore::new(global.common.checkpoint_dir())?;
+                    let run = registry.restart_run(*id, *from_scratch, &store).await?;
+                    match from_scratch {
+                        true => format!("run {id} is queued again from step 0\n"),
+                        false => format!(
+                            "run {id} is {}: a daemon resumes it from step {}\n",
+                            run.status, run.current_step
+                        ),
+                    }
+                }
+                RunsCommand::Delete { id } => {
+                    let store = CheckpointStore::new(global.common.checkpoint_dir())?;
+                    let run = registry.delete_run(*id, &store).await?;
+                    format!("run {id} ({}) deleted with its checkpoints\n", run.status)
+                }
             };
             print!("{text}");
             return Ok(());
@@ -141,7 +167,7 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
             let run = worker.registry.create_run(&new).await?;
             tracing::info!(id = run.id, "run created");
             match worker.train_own(run.id).await? {
-                RunEnd::Completed | RunEnd::Interrupted => Ok(()),
+                RunEnd::Completed | RunEnd::Interrupted | RunEnd::Cancelled => Ok(()),
                 RunEnd::Deferred(message) => Err(TrainerError::Run {
                     id: run.id,
                     message: format!("deferred, a daemon retries it: {message}"),

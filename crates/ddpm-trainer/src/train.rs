@@ -91,6 +91,11 @@ pub struct TrainJob {
     pub lost: Arc<AtomicBool>,
     /// The last finished step, read by the heartbeat task.
     pub step: Arc<AtomicI64>,
+    /// Asks the registry, right before a checkpoint is written, whether this worker
+    /// still holds the run (it also records the step). A worker paused past
+    /// `stale_after` and then resumed has lost it, and must not write files over the
+    /// new owner's; waiting for the next heartbeat would leave it a window to.
+    pub holds_lease: Arc<dyn Fn(i64) -> bool + Send + Sync>,
     /// Draw a progress bar (stderr is a terminal) instead of logging each window.
     pub progress: bool,
 }
@@ -408,6 +413,9 @@ pub fn train(job: TrainJob) -> Result<LoopEnd> {
             window = Window::new(job.device);
         }
         if this_step % training.checkpoint_every == 0 || this_step == training.steps {
+            if !(job.holds_lease)(this_step) {
+                return Ok(LoopEnd::Lost { step });
+            }
             save(&job, &session, smoothed.read(), this_step)?;
             saved = this_step;
         }
@@ -425,6 +433,9 @@ pub fn train(job: TrainJob) -> Result<LoopEnd> {
         return Ok(LoopEnd::Completed { step });
     }
     if step > saved {
+        if !(job.holds_lease)(step) {
+            return Ok(LoopEnd::Lost { step });
+        }
         save(&job, &session, smoothed.read(), step)?;
     }
     tracing::info!(step, "stopped on request; training state saved");

@@ -4,14 +4,15 @@
 use std::{
     path::Path,
     sync::{
-        atomic::{AtomicBool, AtomicI64},
+        atomic::{AtomicBool, AtomicI64, Ordering},
         Arc,
     },
     time::Duration,
 };
 
 use ddpm_registry::{
-    CheckpointKind, CheckpointStore, NewRun, Registry, RegistryError, Run, RunStatus,
+    CheckpointKind, CheckpointStore, Lease, LeasedRun, NewRun, Registry, RegistryError, Run,
+    RunStatus,
 };
 use tch::Device;
 use tokio_util::sync::CancellationToken;
@@ -33,8 +34,10 @@ pub enum RunEnd {
     Failed(String),
     /// Another worker took it over (our heartbeat had gone stale).
     Lost,
-    /// Put back for a later attempt (its training state could not be read), history kept.
+    /// Put back for a later attempt after a failure that may pass, history kept.
     Deferred(String),
+    /// Stopped by an operator (`runs cancel`), its state saved.
+    Cancelled,
 }
 
 /// A trainer process as the registry knows it.
@@ -99,18 +102,22 @@ impl Worker {
     /// Executes a run this worker has claimed, to its end; records the end in the
     /// registry. `Err` only for registry failures while finishing.
     pub async fn execute(&self, run: Run) -> Result<RunEnd> {
-        let span = tracing::info_span!("run", id = run.id);
+        let span = tracing::info_span!("run", id = run.id, attempt = run.attempts);
         self.execute_inner(run).instrument(span).await
     }
 
     async fn execute_inner(&self, run: Run) -> Result<RunEnd> {
-        let id = run.id;
         tracing::info!(
-            attempt = run.attempts,
             from_step = run.current_step,
             total = run.total_steps,
             "run claimed"
         );
+        // Every write from here on holds the lease the claim returned.
+        let leased = self.registry.leased(Lease::of(&run)?);
+        if run.cancel_requested_at.is_some() {
+            // Cancelled while its worker was away: nothing to save.
+            return self.end(&leased, RunStatus::Cancelled, None).await;
+        }
         if run.crashes > self.max_crashes {
             let message = format!(
                 "its workers stopped {} times without ending it (last at step {}): a run \
@@ -119,57 +126,58 @@ impl Worker {
                 run.crashes, run.current_step, self.max_crashes
             );
             tracing::error!(crashes = run.crashes, "run failed: {message}");
-            if !self.finish(id, RunStatus::Failed, Some(&message)).await? {
-                return Ok(RunEnd::Lost);
-            }
-            return Ok(RunEnd::Failed(message));
+            return self.end(&leased, RunStatus::Failed, Some(&message)).await;
         }
         // Heartbeats from the claim on: a dataset scan longer than `stale_after` must not
         // let another worker take the run while this one still prepares it.
         let step = Arc::new(AtomicI64::new(run.current_step));
         let lost = Arc::new(AtomicBool::new(false));
-        let beats = tokio::spawn(
+        // An operator's cancel (seen by a heartbeat) stops the loop like a shutdown does.
+        let cancel = CancellationToken::new();
+        let stop = self.shutdown.child_token();
+        let _stop_on_cancel: AbortOnDrop = tokio::spawn({
+            let (cancel, stop) = (cancel.clone(), stop.clone());
+            async move {
+                cancel.cancelled().await;
+                stop.cancel();
+            }
+        })
+        .into();
+        let beats: AbortOnDrop = tokio::spawn(
             heartbeat(
-                self.registry.clone(),
-                id,
-                self.name.clone(),
+                leased.clone(),
                 step.clone(),
                 lost.clone(),
+                cancel.clone(),
                 self.heartbeat_interval,
             )
             .in_current_span(),
-        );
+        )
+        .into();
         let prepared = self.prepare(&run).await;
-        if lost.load(std::sync::atomic::Ordering::Relaxed) {
-            beats.abort();
+        if lost.load(Ordering::Relaxed) {
             tracing::warn!("run taken over by another worker while it was being prepared");
             return Ok(RunEnd::Lost);
         }
         let (config, folder, states) = match prepared {
             Ok(p) => p,
             Err(e) => {
-                beats.abort();
                 tracing::error!(error = %e, "run cannot start");
-                if !self
-                    .finish(id, RunStatus::Failed, Some(&e.to_string()))
-                    .await?
-                {
-                    return Ok(RunEnd::Lost);
-                }
-                return Ok(RunEnd::Failed(e.to_string()));
+                return self.fail_or_defer(&leased, &run, e).await;
             }
         };
 
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let sink = Sink {
-            registry: self.registry.clone(),
+            leased: leased.clone(),
             store: self.store.clone(),
-            run_id: id,
             keep_last: config.training.keep_last,
+            lost: lost.clone(),
         };
         let recorder = tokio::spawn(record(sink, events_rx).in_current_span());
+        let keep_last = config.training.keep_last;
         let job = TrainJob {
-            run_id: id,
+            run_id: run.id,
             class_names: folder.class_names.clone(),
             items: folder.items,
             config,
@@ -177,15 +185,16 @@ impl Worker {
             store: self.store.clone(),
             states,
             events: events_tx,
-            stop: self.shutdown.child_token(),
+            stop: stop.clone(),
             lost: lost.clone(),
             step: step.clone(),
+            holds_lease: lease_check(&leased, &lost, &cancel),
             progress: self.progress,
         };
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let span = tracing::Span::current();
         let spawned = std::thread::Builder::new()
-            .name(format!("ddpm-train-{id}"))
+            .name(format!("ddpm-train-{}", run.id))
             .spawn(move || {
                 let _span = span.entered();
                 let _ = done_tx.send(train(job));
@@ -198,87 +207,97 @@ impl Worker {
                 "cannot start the training thread: {e}"
             ))),
         };
-        beats.abort();
+        drop(beats);
         let report = recorder.await.unwrap_or_default();
         tracing::info!(
             rows = report.rows,
             checkpoints = report.checkpoints,
+            unregistered = report.unregistered,
             "recorder finished"
         );
+        if lost.load(Ordering::Relaxed) {
+            tracing::warn!("run taken over by another worker: this one wrote nothing more");
+            return Ok(RunEnd::Lost);
+        }
 
-        let end = match outcome {
+        match outcome {
             Ok(LoopEnd::Completed { step }) => {
-                if let Err(e) = self.registry.heartbeat(id, &self.name, step).await {
+                if let Err(e) = leased.heartbeat(step).await {
                     tracing::warn!(error = %e, "final heartbeat failed");
                 }
-                if !self.finish(id, RunStatus::Completed, None).await? {
-                    return Ok(RunEnd::Lost);
-                }
-                // A completed run keeps its newest checkpoint whatever keep_last says.
+                // Retention while the lease holds; a completed run keeps its newest
+                // checkpoint whatever keep_last says.
                 if let Err(e) = self
                     .store
-                    .apply_retention(&self.registry, id, run_keep_last(&run))
+                    .apply_retention(&leased, run.id, keep_last.max(1))
                     .await
                 {
                     tracing::warn!(error = %e, "retention failed");
                 }
                 tracing::info!(step, "run completed");
-                RunEnd::Completed
+                self.end(&leased, RunStatus::Completed, None).await
             }
             Ok(LoopEnd::Interrupted { step }) => {
-                let _ = self.registry.heartbeat(id, &self.name, step).await;
-                if !self.finish(id, RunStatus::Interrupted, None).await? {
-                    return Ok(RunEnd::Lost);
+                let _ = leased.heartbeat(step).await;
+                if cancel.is_cancelled() {
+                    tracing::info!(step, "run cancelled; its state at this step is kept");
+                    return self.end(&leased, RunStatus::Cancelled, None).await;
                 }
                 tracing::info!(step, "run interrupted; it resumes from this step");
-                RunEnd::Interrupted
+                self.end(&leased, RunStatus::Interrupted, None).await
             }
             Ok(LoopEnd::Lost { step }) => {
                 tracing::warn!(step, "run taken over by another worker");
-                RunEnd::Lost
-            }
-            Err(_) if lost.load(std::sync::atomic::Ordering::Relaxed) => RunEnd::Lost,
-            Err(e @ TrainerError::StateUnavailable(_)) => {
-                let delay = retry_delay(self.retry_backoff, run.attempts);
-                tracing::warn!(error = %e, ?delay, "run deferred: its training state cannot be read");
-                match self
-                    .registry
-                    .defer_run(id, &self.name, &e.to_string(), delay)
-                    .await
-                {
-                    Ok(()) => RunEnd::Deferred(e.to_string()),
-                    Err(RegistryError::ClaimLost { .. }) => RunEnd::Lost,
-                    Err(other) => return Err(other.into()),
-                }
+                Ok(RunEnd::Lost)
             }
             Err(e) => {
-                tracing::error!(error = %e, "run failed");
-                if !self
-                    .finish(id, RunStatus::Failed, Some(&e.to_string()))
-                    .await?
-                {
-                    return Ok(RunEnd::Lost);
-                }
-                RunEnd::Failed(e.to_string())
+                tracing::error!(error = %e, "run stopped by an error");
+                self.fail_or_defer(&leased, &run, e).await
             }
-        };
-        Ok(end)
+        }
     }
 
-    /// Ends the run in the registry; `false` (and nothing written) when another worker
-    /// holds it now.
-    async fn finish(&self, id: i64, status: RunStatus, error: Option<&str>) -> Result<bool> {
-        match self
-            .registry
-            .finish_run(id, &self.name, status, error)
-            .await
-        {
-            Ok(()) => Ok(true),
+    /// Ends the run in the registry as `status`; [`RunEnd::Lost`] (and nothing written)
+    /// when another worker holds it now.
+    async fn end(
+        &self,
+        leased: &LeasedRun,
+        status: RunStatus,
+        error: Option<&str>,
+    ) -> Result<RunEnd> {
+        match leased.finish(status, error).await {
+            Ok(()) => Ok(match status {
+                RunStatus::Completed => RunEnd::Completed,
+                RunStatus::Cancelled => RunEnd::Cancelled,
+                RunStatus::Failed => RunEnd::Failed(error.unwrap_or_default().to_owned()),
+                _ => RunEnd::Interrupted,
+            }),
             Err(RegistryError::ClaimLost { .. }) => {
                 tracing::warn!(%status, "run taken over by another worker: not ending it");
-                Ok(false)
+                Ok(RunEnd::Lost)
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Puts the run back with a backoff for an error that may pass (see
+    /// [`TrainerError::is_transient`]), fails it otherwise. The history stays either way.
+    async fn fail_or_defer(
+        &self,
+        leased: &LeasedRun,
+        run: &Run,
+        e: TrainerError,
+    ) -> Result<RunEnd> {
+        let message = e.to_string();
+        if !e.is_transient() {
+            return self.end(leased, RunStatus::Failed, Some(&message)).await;
+        }
+        let delay = retry_delay(self.retry_backoff, run.attempts);
+        tracing::warn!(error = %message, ?delay, "run deferred: the failure may pass; it is retried");
+        match leased.defer(&message, delay).await {
+            Ok(()) => Ok(RunEnd::Deferred(message)),
+            Err(RegistryError::ClaimLost { .. }) => Ok(RunEnd::Lost),
+            Err(other) => Err(other.into()),
         }
     }
 
@@ -312,10 +331,14 @@ impl Worker {
                 )));
             }
         }
-        let mut states: Vec<_> = self
-            .registry
-            .list_checkpoints(run.id)
-            .await?
+        let registered = self.registry.list_checkpoints(run.id).await?;
+        // Files of attempts that are over and never registered, and temp files of
+        // writes a crash cut short: this worker holds the lease, nobody else may write.
+        let removed = self.store.tidy_run(run.id, &registered).await?;
+        if !removed.is_empty() {
+            tracing::info!(files = ?removed, "removed what ended attempts left in the store");
+        }
+        let mut states: Vec<_> = registered
             .into_iter()
             .filter(|c| c.kind == CheckpointKind::State)
             .collect();
@@ -323,8 +346,9 @@ impl Worker {
         Ok((config, folder, states))
     }
 
-    /// Claims and executes runs until the queue is empty (`once`) or shutdown: first
-    /// runs to resume (interrupted, or running with a stale heartbeat), then queued ones.
+    /// Claims and executes runs until the queue is empty (`once`) or shutdown, each time
+    /// the one that has waited longest to be tried: queued, interrupted, deferred (after
+    /// its retry time) or running with a stale heartbeat (its worker died).
     pub async fn daemon(
         &self,
         poll_interval: Duration,
@@ -333,14 +357,7 @@ impl Worker {
     ) -> Result<()> {
         tracing::info!(worker = %self.name, ?poll_interval, ?stale_after, once, "daemon started");
         while !self.shutdown.is_cancelled() {
-            let claimed = match self.registry.claim_resumable(&self.name, stale_after).await {
-                Ok(Some(run)) => {
-                    tracing::info!(id = run.id, step = run.current_step, "resuming run");
-                    Ok(Some(run))
-                }
-                Ok(None) => self.registry.claim_next_queued(&self.name).await,
-                Err(e) => Err(e),
-            };
+            let claimed = self.registry.claim_next(&self.name, stale_after).await;
             match claimed {
                 Ok(Some(run)) => match self.execute(run).await {
                     // The next run is claimed at once; only an empty queue waits.
@@ -380,11 +397,50 @@ impl Worker {
     }
 }
 
-/// `keep_last` from a run's stored config (the default 3 if unreadable).
-fn run_keep_last(run: &Run) -> usize {
-    serde_json::from_value::<RunConfig>(run.config.clone())
-        .map(|c| c.training.keep_last)
-        .unwrap_or(3)
+/// Aborts a background task when dropped: the run's helpers (heartbeat, cancel
+/// forwarding) end with the attempt on every path out of it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl From<tokio::task::JoinHandle<()>> for AbortOnDrop {
+    fn from(handle: tokio::task::JoinHandle<()>) -> Self {
+        AbortOnDrop(handle)
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The training thread's check before it writes a checkpoint (see
+/// [`TrainJob::holds_lease`]): a heartbeat, on the runtime, from the blocking thread.
+fn lease_check(
+    leased: &LeasedRun,
+    lost: &Arc<AtomicBool>,
+    cancel: &CancellationToken,
+) -> Arc<dyn Fn(i64) -> bool + Send + Sync> {
+    let (leased, lost, cancel) = (leased.clone(), lost.clone(), cancel.clone());
+    let runtime = tokio::runtime::Handle::current();
+    Arc::new(move |step| match runtime.block_on(leased.heartbeat(step)) {
+        Ok(beat) => {
+            if beat.cancel_requested {
+                cancel.cancel();
+            }
+            true
+        }
+        Err(RegistryError::ClaimLost { .. }) => {
+            lost.store(true, Ordering::Relaxed);
+            false
+        }
+        // Unknown: the database may be briefly away. The files are written; if the
+        // lease turns out lost their registration is refused, and the next attempt
+        // removes them.
+        Err(e) => {
+            tracing::warn!(error = %e, "lease check before a checkpoint failed");
+            true
+        }
+    })
 }
 
 /// `base` doubled for every attempt after the first, capped at 64 × `base`.

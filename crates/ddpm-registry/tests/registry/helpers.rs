@@ -7,7 +7,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use ddpm_registry::{NewRun, Registry, Run, RunStatus};
+use ddpm_registry::{Lease, LeasedRun, NewRun, Registry, Run, RunStatus};
 pub use ddpm_testkit::{Db, FreshDatabase};
 
 /// What a test gets.
@@ -177,6 +177,19 @@ pub async fn queue_runs(registry: &Registry, count: i64) -> Vec<Run> {
 }
 
 /// Queues a run and claims it for `host`.
+/// The lease `run` was claimed under.
+pub fn lease(registry: &Registry, run: &Run) -> LeasedRun {
+    registry.leased(Lease::of(run).expect("a claimed run"))
+}
+
+/// `run`'s lease, but as if `worker` held it (a worker that lost it, or never had it).
+pub fn lease_as(registry: &Registry, run: &Run, worker: &str) -> LeasedRun {
+    registry.leased(Lease {
+        worker: worker.into(),
+        ..Lease::of(run).expect("a claimed run")
+    })
+}
+
 pub async fn running_run(registry: &Registry, host: &str) -> Run {
     let queued = registry.create_run(&new_run(0)).await.expect("create run");
     let run = registry

@@ -6,6 +6,7 @@ mod helpers;
 
 mod checkpoints;
 mod connect;
+mod control;
 mod metrics;
 mod queue;
 mod runs;

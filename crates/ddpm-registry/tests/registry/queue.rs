@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ddpm_registry::{RegistryError, RunStatus};
 
-use crate::helpers::{queue_runs, running_run, TestContext};
+use crate::helpers::{lease, lease_as, queue_runs, running_run, TestContext};
 
 const LONG: Duration = Duration::from_secs(3600);
 
@@ -110,9 +110,9 @@ async fn racing_daemons_drain_the_queue_exactly_once(t: TestContext) {
 
 async fn interrupted_runs_are_resumed(t: TestContext) {
     let run = running_run(&t.registry, "old").await;
-    t.registry.heartbeat(run.id, "old", 400).await.unwrap();
-    t.registry
-        .finish_run(run.id, "old", RunStatus::Interrupted, Some("SIGTERM"))
+    lease(&t.registry, &run).heartbeat(400).await.unwrap();
+    lease(&t.registry, &run)
+        .finish(RunStatus::Interrupted, Some("SIGTERM"))
         .await
         .unwrap();
 
@@ -155,10 +155,10 @@ async fn stale_running_runs_are_taken_over(t: TestContext) {
     assert!(taken.heartbeat_at.unwrap() > run.heartbeat_at.unwrap());
     // The old worker, should it wake up, learns it lost the run.
     assert!(matches!(
-        t.registry.heartbeat(run.id, "crashed", 10).await,
+        lease(&t.registry, &run).heartbeat(10).await,
         Err(RegistryError::ClaimLost { .. })
     ));
-    t.registry.heartbeat(run.id, "new", 10).await.unwrap();
+    lease(&t.registry, &taken).heartbeat(10).await.unwrap();
     // Its heartbeat is fresh again.
     assert_eq!(
         t.registry
@@ -171,13 +171,13 @@ async fn stale_running_runs_are_taken_over(t: TestContext) {
 
 async fn finished_and_queued_runs_are_not_resumable(t: TestContext) {
     let completed = running_run(&t.registry, "h").await;
-    t.registry
-        .finish_run(completed.id, "h", RunStatus::Completed, None)
+    lease(&t.registry, &completed)
+        .finish(RunStatus::Completed, None)
         .await
         .unwrap();
     let failed = running_run(&t.registry, "h").await;
-    t.registry
-        .finish_run(failed.id, "h", RunStatus::Failed, Some("boom"))
+    lease(&t.registry, &failed)
+        .finish(RunStatus::Failed, Some("boom"))
         .await
         .unwrap();
     queue_runs(&t.registry, 1).await;
@@ -195,8 +195,8 @@ async fn racing_resumers_never_share_a_run(t: TestContext) {
     let mut ids = HashSet::new();
     for _ in 0..3 {
         let run = running_run(&t.registry, "h").await;
-        t.registry
-            .finish_run(run.id, "h", RunStatus::Interrupted, None)
+        lease(&t.registry, &run)
+            .finish(RunStatus::Interrupted, None)
             .await
             .unwrap();
         ids.insert(run.id);
@@ -223,18 +223,13 @@ async fn deferred_runs_wait_for_their_time_and_hold_up_nothing(t: TestContext) {
     let deferred = running_run(&t.registry, "w").await;
     // Only the holder may defer it.
     assert!(matches!(
-        t.registry
-            .defer_run(deferred.id, "other", "x", Duration::ZERO)
+        lease_as(&t.registry, &deferred, "other")
+            .defer("x", Duration::ZERO)
             .await,
         Err(RegistryError::ClaimLost { .. })
     ));
-    t.registry
-        .defer_run(
-            deferred.id,
-            "w",
-            "store not mounted",
-            Duration::from_millis(300),
-        )
+    lease(&t.registry, &deferred)
+        .defer("store not mounted", Duration::from_millis(300))
         .await
         .unwrap();
     let run = t.registry.get_run(deferred.id).await.unwrap().unwrap();

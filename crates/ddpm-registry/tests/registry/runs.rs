@@ -1,8 +1,8 @@
 //! Creating, reading, listing and finishing runs.
 
-use ddpm_registry::{RegistryError, RunStatus};
+use ddpm_registry::{Lease, RegistryError, RunStatus};
 
-use crate::helpers::{new_run, queue_runs, running_run, TestContext};
+use crate::helpers::{lease, lease_as, new_run, queue_runs, running_run, TestContext};
 
 async fn created_runs_read_back(t: TestContext) {
     let new = new_run(7);
@@ -50,8 +50,8 @@ async fn listing_is_newest_first_filtered_and_paged(t: TestContext) {
     // Runs 0 and 1 become running, run 0 then completed.
     let first = t.registry.claim_next_queued("h").await.unwrap().unwrap();
     let second = t.registry.claim_next_queued("h").await.unwrap().unwrap();
-    t.registry
-        .finish_run(first.id, "h", RunStatus::Completed, None)
+    lease(&t.registry, &first)
+        .finish(RunStatus::Completed, None)
         .await
         .unwrap();
 
@@ -144,8 +144,8 @@ async fn heartbeats_record_progress(t: TestContext) {
     let first_beat = run.heartbeat_at.expect("heartbeat set by the claim");
 
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    t.registry
-        .heartbeat(run.id, "trainer-a", 250)
+    lease_as(&t.registry, &run, "trainer-a")
+        .heartbeat(250)
         .await
         .unwrap();
     let now = t.registry.get_run(run.id).await.unwrap().unwrap();
@@ -156,11 +156,17 @@ async fn heartbeats_record_progress(t: TestContext) {
 
     // Only the holder may beat; other runs and unknown ids are refused.
     assert!(matches!(
-        t.registry.heartbeat(run.id, "trainer-b", 300).await,
+        lease_as(&t.registry, &run, "trainer-b").heartbeat(300).await,
         Err(RegistryError::ClaimLost { id, host }) if id == run.id && host == "trainer-b"
     ));
     assert!(matches!(
-        t.registry.heartbeat(run.id + 1000, "trainer-a", 300).await,
+        t.registry
+            .leased(Lease {
+                run_id: run.id + 1000,
+                ..Lease::of(&run).unwrap()
+            })
+            .heartbeat(300)
+            .await,
         Err(RegistryError::ClaimLost { .. })
     ));
     assert_eq!(
@@ -176,8 +182,8 @@ async fn heartbeats_record_progress(t: TestContext) {
 
 async fn finishing_sets_status_error_and_finished_at(t: TestContext) {
     let completed = running_run(&t.registry, "h").await;
-    t.registry
-        .finish_run(completed.id, "h", RunStatus::Completed, None)
+    lease(&t.registry, &completed)
+        .finish(RunStatus::Completed, None)
         .await
         .unwrap();
     let run = t.registry.get_run(completed.id).await.unwrap().unwrap();
@@ -186,13 +192,8 @@ async fn finishing_sets_status_error_and_finished_at(t: TestContext) {
     assert_eq!(run.error, None);
 
     let failed = running_run(&t.registry, "h").await;
-    t.registry
-        .finish_run(
-            failed.id,
-            "h",
-            RunStatus::Failed,
-            Some("CUDA out of memory"),
-        )
+    lease(&t.registry, &failed)
+        .finish(RunStatus::Failed, Some("CUDA out of memory"))
         .await
         .unwrap();
     let run = t.registry.get_run(failed.id).await.unwrap().unwrap();
@@ -201,37 +202,31 @@ async fn finishing_sets_status_error_and_finished_at(t: TestContext) {
     assert!(run.finished_at.unwrap() >= run.started_at.unwrap());
 
     let interrupted = running_run(&t.registry, "h").await;
-    t.registry
-        .finish_run(interrupted.id, "h", RunStatus::Interrupted, None)
+    lease(&t.registry, &interrupted)
+        .finish(RunStatus::Interrupted, None)
         .await
         .unwrap();
     let run = t.registry.get_run(interrupted.id).await.unwrap().unwrap();
     assert_eq!(run.status, RunStatus::Interrupted);
     // A finished run's worker has no claim any more.
     assert!(matches!(
-        t.registry.heartbeat(run.id, "h", 1).await,
+        lease(&t.registry, &interrupted).heartbeat(1).await,
         Err(RegistryError::ClaimLost { .. })
     ));
 }
 
 async fn invalid_transitions_are_refused(t: TestContext) {
     let queued = t.registry.create_run(&new_run(1)).await.unwrap();
-    // Only a running run can finish.
+    // Only a running run has a lease to finish it with.
     assert!(matches!(
-        t.registry
-            .finish_run(queued.id, "h", RunStatus::Completed, None)
-            .await,
-        Err(RegistryError::InvalidTransition {
-            from: RunStatus::Queued,
-            to: RunStatus::Completed,
-            ..
-        })
+        Lease::of(&queued),
+        Err(RegistryError::InvalidArgument(_))
     ));
     let run = t.registry.claim_next_queued("h").await.unwrap().unwrap();
     // Only the holder may end it: a worker that lost the run changes nothing.
     assert!(matches!(
-        t.registry
-            .finish_run(run.id, "lost-worker", RunStatus::Failed, Some("stale"))
+        lease_as(&t.registry, &run, "lost-worker")
+            .finish(RunStatus::Failed, Some("stale"))
             .await,
         Err(RegistryError::ClaimLost { id, host }) if id == run.id && host == "lost-worker"
     ));
@@ -240,33 +235,34 @@ async fn invalid_transitions_are_refused(t: TestContext) {
     // Running and queued are no final statuses.
     for to in [RunStatus::Running, RunStatus::Queued] {
         assert!(matches!(
-            t.registry.finish_run(run.id, "h", to, None).await,
+            lease(&t.registry, &run).finish(to, None).await,
             Err(RegistryError::InvalidTransition {
                 from: RunStatus::Running,
                 ..
             })
         ));
     }
-    t.registry
-        .finish_run(run.id, "h", RunStatus::Completed, None)
+    lease(&t.registry, &run)
+        .finish(RunStatus::Completed, None)
         .await
         .unwrap();
-    // A finished run stays finished.
+    // A finished run stays finished: its lease ended with it.
     assert!(matches!(
-        t.registry
-            .finish_run(run.id, "h", RunStatus::Failed, Some("late"))
+        lease(&t.registry, &run)
+            .finish(RunStatus::Failed, Some("late"))
             .await,
-        Err(RegistryError::InvalidTransition {
-            from: RunStatus::Completed,
-            to: RunStatus::Failed,
-            ..
-        })
+        Err(RegistryError::ClaimLost { .. })
     ));
     let run = t.registry.get_run(run.id).await.unwrap().unwrap();
     assert_eq!((run.status, run.error), (RunStatus::Completed, None));
     assert!(matches!(
         t.registry
-            .finish_run(run.id + 1000, "h", RunStatus::Completed, None)
+            .leased(Lease {
+                run_id: run.id + 1000,
+                worker: "h".into(),
+                attempt: 1
+            })
+            .finish(RunStatus::Completed, None)
             .await,
         Err(RegistryError::RunNotFound(_))
     ));

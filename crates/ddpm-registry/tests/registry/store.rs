@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use ddpm_registry::{CheckpointKind, CheckpointStore, RegistryError, RunStatus};
 use sha2::{Digest, Sha256};
 
-use crate::helpers::{running_run, TestContext};
+use crate::helpers::{lease, running_run, TestContext};
 
 fn store(t: &TestContext) -> CheckpointStore {
     CheckpointStore::new(t.dir.path().join("checkpoints")).unwrap()
@@ -264,14 +264,14 @@ async fn retention_keeps_the_newest_of_a_completed_run(t: TestContext) {
     let store = store(&t);
     let done = running_run(&t.registry, "h").await;
     save_history(&t, &store, done.id, 3).await;
-    t.registry
-        .finish_run(done.id, "h", RunStatus::Completed, None)
+    lease(&t.registry, &done)
+        .finish(RunStatus::Completed, None)
         .await
         .unwrap();
     let failed = running_run(&t.registry, "h").await;
     save_history(&t, &store, failed.id, 2).await;
-    t.registry
-        .finish_run(failed.id, "h", RunStatus::Failed, Some("diverged"))
+    lease(&t.registry, &failed)
+        .finish(RunStatus::Failed, Some("diverged"))
         .await
         .unwrap();
 

@@ -102,6 +102,13 @@ impl ImageFolder {
     /// parallel).
     pub fn scan(root: &Path, limits: ImageLimits) -> Result<ImageFolder> {
         let bad = |m: String| TrainerError::dataset(root, m);
+        if !root.exists() {
+            // Often a volume that is not mounted (yet): worth retrying, unlike a file.
+            return Err(TrainerError::DatasetUnavailable {
+                path: root.to_path_buf(),
+                message: "does not exist (a volume not mounted?)".into(),
+            });
+        }
         if !root.is_dir() {
             return Err(bad("is not a directory".into()));
         }

@@ -42,6 +42,9 @@ pub struct RunBody {
     pub retry_at: Option<DateTime<Utc>>,
     /// Times the run was taken over from a worker that stopped heartbeating.
     pub crashes: i64,
+    /// When an operator asked this running run to stop; its worker saves a state and
+    /// ends it as cancelled.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
 }
 
 impl From<Run> for RunBody {
@@ -63,6 +66,7 @@ impl From<Run> for RunBody {
             heartbeat_at,
             retry_at,
             crashes,
+            cancel_requested_at,
         } = run;
         RunBody {
             id,
@@ -81,6 +85,7 @@ impl From<Run> for RunBody {
             heartbeat_at,
             retry_at,
             crashes,
+            cancel_requested_at,
         }
     }
 }
