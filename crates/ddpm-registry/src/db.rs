@@ -143,7 +143,7 @@ impl Registry {
                                 .await;
                             attempt += 1;
                         }
-                        Err(e) => return Err(e.into()),
+                        Err(e) => return Err(e),
                     }
                 }
             }

@@ -84,6 +84,7 @@ mod checkpoints;
 mod control;
 mod db;
 mod error;
+pub mod failpoint;
 mod lease;
 mod metrics;
 mod relpath;

@@ -159,9 +159,11 @@ impl CheckpointStore {
             source: e.into(),
         })?;
         let (size_bytes, sha256) = sync_and_digest(&temp)?;
+        crate::failpoint::hit("store.temp_written");
         temp.persist(&target)
             .map_err(|e| RegistryError::io(&target)(e.error))?;
         sync_dir(dir)?;
+        crate::failpoint::hit("store.renamed");
         tracing::debug!(path = %target.display(), size_bytes, "checkpoint file written");
         Ok(StoredFile {
             path,
@@ -272,6 +274,7 @@ impl CheckpointStore {
     ) -> Result<()> {
         let path = self.resolve(&record.path)?;
         registry.delete_checkpoint(record.id).await?;
+        crate::failpoint::hit("store.row_deleted");
         remove_if_exists(&path).await?;
         if record.kind == CheckpointKind::Ema {
             remove_if_exists(&Self::grid_path_for(&path)).await?;

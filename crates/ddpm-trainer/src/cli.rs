@@ -32,8 +32,9 @@ pub struct GlobalOptions {
     /// How often a training worker tells the registry it is alive.
     #[arg(long, env = "DDPM_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration, global = true)]
     pub heartbeat_interval: Duration,
-    /// The first delay before a run whose training state could not be read (store not
-    /// mounted, file missing) is tried again; it doubles with each attempt, up to 64×.
+    /// The first delay before a run that failed for a reason that may pass (a full disk,
+    /// a store or dataset not mounted, the database away) is tried again; it doubles
+    /// with each attempt, up to 64×.
     #[arg(long, env = "DDPM_RETRY_BACKOFF", default_value = "30s", value_parser = parse_duration, global = true)]
     pub retry_backoff: Duration,
     /// A run whose workers stopped heartbeating (a crash, an out-of-memory kill) more than

@@ -12,7 +12,7 @@ use std::{
 };
 
 use ddpm_registry::{
-    CheckpointKind, CheckpointStore, LeasedRun, MetricPoint, RegistryError, StoredFile,
+    failpoint, CheckpointKind, CheckpointStore, LeasedRun, MetricPoint, RegistryError, StoredFile,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
@@ -188,6 +188,7 @@ async fn flush(
     for attempt in 1..=attempts {
         match sink.leased.record_metrics(pending).await {
             Ok(()) => {
+                failpoint::hit("recorder.metrics_written");
                 report.rows += pending.len();
                 pending.clear();
                 return;
@@ -233,6 +234,7 @@ async fn register(sink: &Sink, w: &Written) -> Result<(), RegistryError> {
     store
         .register(leased, id, w.step, CheckpointKind::Ema, &w.ema)
         .await?;
+    failpoint::hit("recorder.ema_registered");
     store
         .register(leased, id, w.step, CheckpointKind::State, &w.state)
         .await?;

@@ -401,6 +401,7 @@ pub fn train(job: TrainJob) -> Result<LoopEnd> {
         smoothed.add(&loss.per_sample.mean(Kind::Float));
         step = this_step;
         job.step.store(this_step, Ordering::Relaxed);
+        ddpm_registry::failpoint::hit("train.step");
         if let Some(bar) = &bar {
             bar.set_position(this_step as u64);
         }
