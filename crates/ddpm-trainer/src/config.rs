@@ -188,15 +188,17 @@ impl DatasetConfig {
                 "is required (an image folder)",
             ));
         }
+        if !path.exists() {
+            // Perhaps a volume not mounted yet: a daemon retries rather than fails.
+            return Err(TrainerError::DatasetUnavailable {
+                path: path.clone(),
+                message: "dataset.path does not exist (a volume not mounted?)".into(),
+            });
+        }
         if !path.is_dir() {
-            let what = if path.exists() {
-                "is not a directory"
-            } else {
-                "does not exist"
-            };
             return Err(TrainerError::config(
                 "dataset.path",
-                format!("{} {what}", path.display()),
+                format!("{} is not a directory", path.display()),
             ));
         }
         Ok(())
@@ -798,11 +800,16 @@ mod tests {
     fn validation_names_the_field() {
         let e = parse("").unwrap().validate().unwrap_err();
         assert_eq!(field_of(e), "dataset.path");
+        // A path that is not there may be a volume not mounted yet: a failure that may
+        // pass, not a config error.
         let e = parse("[dataset]\npath = \"/nonexistent/ddpm\"")
             .unwrap()
             .validate()
             .unwrap_err();
-        assert_eq!(field_of(e), "dataset.path");
+        assert!(
+            matches!(e, TrainerError::DatasetUnavailable { .. }) && e.is_transient(),
+            "{e}"
+        );
         let cases = [
             ("[model]\nimage_size = 18", "model.image_size"),
             ("[training]\nlr = -1.0", "training.lr"),

@@ -2,6 +2,7 @@
 //! and PostgreSQL (`DDPM_TEST_POSTGRES_URL`; see scripts/test.sh).
 
 mod configs;
+mod control;
 mod faults;
 mod helpers;
 mod linkage;
