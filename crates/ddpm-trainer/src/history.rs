@@ -78,6 +78,13 @@ pub async fn show(registry: &Registry, id: i64) -> Result<String> {
     if run.retry_at.is_some() {
         let _ = writeln!(out, "  retry at    {}", time(run.retry_at));
     }
+    if run.cancel_requested_at.is_some() {
+        let _ = writeln!(
+            out,
+            "  cancelling  asked {}; its worker stops it at its next heartbeat",
+            time(run.cancel_requested_at)
+        );
+    }
     if let Some(e) = &run.error {
         let _ = writeln!(out, "  error       {e}");
     }
