@@ -322,37 +322,6 @@ pub(crate) async fn claim_next<'e>(
     row.map(Run::try_from).transpose()
 }
 
-/// Moves the oldest interrupted run, or running run with a heartbeat older
-/// than `stale_after_ms`, to running for `host`.
-pub(crate) async fn claim_resumable<'e>(
-    ex: impl Executor<'e, Database = Any>,
-    backend: Backend,
-    host: &str,
-    stale_after_ms: i64,
-) -> Result<Option<Run>> {
-    let (now, lock) = (backend.now_ms(), backend.skip_locked());
-    // A deferred run waits for its retry_at; it does not hold up the others.
-    let resumable = format!(
-        "((status = 'interrupted' AND (retry_at IS NULL OR retry_at <= {now})) \
-           OR (status = 'running' AND COALESCE(heartbeat_at, updated_at) < {now} - $2))"
-    );
-    let sql = format!(
-        "UPDATE runs SET status = 'running', host = $1, attempts = attempts + 1, \
-             started_at = COALESCE(started_at, {now}), heartbeat_at = {now}, updated_at = {now}, \
-             finished_at = NULL, error = NULL, retry_at = NULL, \
-             crashes = crashes + CASE WHEN status = 'running' THEN 1 ELSE 0 END \
-         WHERE {resumable} AND id = ( \
-             SELECT id FROM runs WHERE {resumable} ORDER BY id LIMIT 1 {lock}) \
-         RETURNING {RUN_COLUMNS}"
-    );
-    let row: Option<RunRow> = sqlx::query_as(&sql)
-        .bind(host)
-        .bind(stale_after_ms)
-        .fetch_optional(ex)
-        .await?;
-    row.map(Run::try_from).transpose()
-}
-
 /// One run by id.
 pub(crate) async fn select_run<'e>(
     ex: impl Executor<'e, Database = Any>,
@@ -439,19 +408,6 @@ impl Registry {
     #[tracing::instrument(skip(self))]
     pub async fn claim_run(&self, id: i64, host: &str) -> Result<Option<Run>> {
         claim_run(&self.pool, self.backend, id, host).await
-    }
-
-    /// Atomically claims the oldest run that can be resumed: one that is
-    /// interrupted, or running with a heartbeat older than `stale_after` (its
-    /// trainer died). It becomes running for `host` with a fresh heartbeat;
-    /// `finished_at` and `error` are cleared, `attempts` goes up by one.
-    ///
-    /// `stale_after` must comfortably exceed the heartbeat interval, or a live
-    /// trainer's run is taken from it (its next heartbeat then fails with
-    /// [`RegistryError::ClaimLost`]).
-    #[tracing::instrument(skip(self))]
-    pub async fn claim_resumable(&self, host: &str, stale_after: Duration) -> Result<Option<Run>> {
-        claim_resumable(&self.pool, self.backend, host, millis(stale_after)?).await
     }
 
     /// One run, if it exists.

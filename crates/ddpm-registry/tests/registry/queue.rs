@@ -118,7 +118,7 @@ async fn interrupted_runs_are_resumed(t: TestContext) {
 
     let resumed = t
         .registry
-        .claim_resumable("new", LONG)
+        .claim_next("new", LONG)
         .await
         .unwrap()
         .expect("the interrupted run");
@@ -130,18 +130,18 @@ async fn interrupted_runs_are_resumed(t: TestContext) {
     assert_eq!(resumed.current_step, 400);
     assert_eq!((resumed.finished_at, resumed.error), (None, None));
     assert_eq!(resumed.started_at, run.started_at);
-    assert_eq!(t.registry.claim_resumable("new", LONG).await.unwrap(), None);
+    assert_eq!(t.registry.claim_next("new", LONG).await.unwrap(), None);
 }
 
 async fn stale_running_runs_are_taken_over(t: TestContext) {
     let run = running_run(&t.registry, "crashed").await;
     // A fresh heartbeat keeps the run with its worker.
-    assert_eq!(t.registry.claim_resumable("new", LONG).await.unwrap(), None);
+    assert_eq!(t.registry.claim_next("new", LONG).await.unwrap(), None);
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(t.registry.claim_resumable("new", LONG).await.unwrap(), None);
+    assert_eq!(t.registry.claim_next("new", LONG).await.unwrap(), None);
     let taken = t
         .registry
-        .claim_resumable("new", Duration::from_millis(50))
+        .claim_next("new", Duration::from_millis(50))
         .await
         .unwrap()
         .expect("the run whose heartbeat went stale");
@@ -162,14 +162,14 @@ async fn stale_running_runs_are_taken_over(t: TestContext) {
     // Its heartbeat is fresh again.
     assert_eq!(
         t.registry
-            .claim_resumable("third", Duration::from_millis(50))
+            .claim_next("third", Duration::from_millis(50))
             .await
             .unwrap(),
         None
     );
 }
 
-async fn finished_and_queued_runs_are_not_resumable(t: TestContext) {
+async fn finished_runs_are_never_claimed(t: TestContext) {
     let completed = running_run(&t.registry, "h").await;
     lease(&t.registry, &completed)
         .finish(RunStatus::Completed, None)
@@ -180,13 +180,15 @@ async fn finished_and_queued_runs_are_not_resumable(t: TestContext) {
         .finish(RunStatus::Failed, Some("boom"))
         .await
         .unwrap();
-    queue_runs(&t.registry, 1).await;
+    let cancelled = t
+        .registry
+        .create_run(&crate::helpers::new_run(7))
+        .await
+        .unwrap();
+    t.registry.cancel_run(cancelled.id).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(
-        t.registry
-            .claim_resumable("h", Duration::ZERO)
-            .await
-            .unwrap(),
+        t.registry.claim_next("h", Duration::ZERO).await.unwrap(),
         None
     );
 }
@@ -204,9 +206,7 @@ async fn racing_resumers_never_share_a_run(t: TestContext) {
     let racers: Vec<_> = (0..8)
         .map(|i| {
             let registry = t.registry.clone();
-            tokio::spawn(
-                async move { registry.claim_resumable(&format!("daemon-{i}"), LONG).await },
-            )
+            tokio::spawn(async move { registry.claim_next(&format!("daemon-{i}"), LONG).await })
         })
         .collect();
     let mut claimed = Vec::new();
@@ -238,13 +238,13 @@ async fn deferred_runs_wait_for_their_time_and_hold_up_nothing(t: TestContext) {
     let retry_at = run.retry_at.expect("retry_at set");
     assert!(retry_at >= run.updated_at + chrono::Duration::milliseconds(300));
     // Not yet: neither resumable nor blocking the queue behind it.
-    assert_eq!(t.registry.claim_resumable("w", LONG).await.unwrap(), None);
+    assert_eq!(t.registry.claim_next("w", LONG).await.unwrap(), None);
     let queued = queue_runs(&t.registry, 1).await.remove(0);
     let next = t.registry.claim_next_queued("w").await.unwrap().unwrap();
     assert_eq!(next.id, queued.id);
     // Once its time has come (the database clock's), a claim takes it and clears both.
     let resumed = loop {
-        if let Some(run) = t.registry.claim_resumable("w2", LONG).await.unwrap() {
+        if let Some(run) = t.registry.claim_next("w2", LONG).await.unwrap() {
             break run;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -266,6 +266,6 @@ both_backends!(
     racing_daemons_drain_the_queue_exactly_once,
     interrupted_runs_are_resumed,
     stale_running_runs_are_taken_over,
-    finished_and_queued_runs_are_not_resumable,
+    finished_runs_are_never_claimed,
     racing_resumers_never_share_a_run,
 );

@@ -149,7 +149,7 @@ async fn a_run_that_keeps_crashing_its_workers_fails(env: TestEnv) {
     tokio::time::sleep(Duration::from_millis(20)).await;
     let second = env
         .registry
-        .claim_resumable("gone-2", Duration::from_millis(1))
+        .claim_next("gone-2", Duration::from_millis(1))
         .await
         .unwrap()
         .expect("the silent worker's run is taken over");
