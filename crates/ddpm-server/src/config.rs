@@ -74,7 +74,8 @@ pub struct Config {
     #[arg(long, env = "DDPM_PIN_CHECKPOINT", conflicts_with = "pin_run")]
     pub pin_checkpoint: Option<i64>,
 
-    /// Bearer token required on every route except /healthz and /readyz.
+    /// Bearer token required on every route except /healthz and /readyz; without one,
+    /// run control (cancel, restart, delete) is disabled (403).
     #[arg(long, env = "DDPM_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
 }

@@ -56,6 +56,8 @@ pub enum ErrorCode {
     NotFound,
     MethodNotAllowed,
     Unauthorized,
+    ControlDisabled,
+    Conflict,
     Overloaded,
     ModelNotLoaded,
     Unavailable,
@@ -99,6 +101,12 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("missing or wrong bearer token: send `Authorization: Bearer <token>`")]
     Unauthorized,
+    /// A command that changes a run, on a server without a token (403).
+    #[error("run control is disabled: the server has no API token; set DDPM_API_TOKEN (--api-token) to enable cancel, restart and delete")]
+    ControlDisabled,
+    /// The run's state does not allow the command (409).
+    #[error("{0}")]
+    Conflict(String),
     /// The queue is full (429 with Retry-After).
     #[error("{0}")]
     Overloaded(String),
@@ -129,6 +137,8 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::ControlDisabled => StatusCode::FORBIDDEN,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NoModel | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -159,6 +169,8 @@ impl ApiError {
             ApiError::NotFound(_) => ErrorCode::NotFound,
             ApiError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
             ApiError::Unauthorized => ErrorCode::Unauthorized,
+            ApiError::ControlDisabled => ErrorCode::ControlDisabled,
+            ApiError::Conflict(_) => ErrorCode::Conflict,
             ApiError::Overloaded(_) => ErrorCode::Overloaded,
             ApiError::NoModel => ErrorCode::ModelNotLoaded,
             ApiError::Unavailable(_) => ErrorCode::Unavailable,
@@ -232,6 +244,7 @@ impl From<ddpm_registry::RegistryError> for ApiError {
             ddpm_registry::RegistryError::CheckpointNotFound(id) => {
                 ApiError::NotFound(format!("checkpoint {id} not found"))
             }
+            e @ ddpm_registry::RegistryError::Refused { .. } => ApiError::Conflict(e.to_string()),
             e if e.is_unavailable() => {
                 ApiError::Unavailable("the run registry is unavailable".into())
             }
@@ -288,5 +301,26 @@ mod tests {
             status(BatchError::ForwardPass("nan".into())),
             StatusCode::INTERNAL_SERVER_ERROR
         );
+    }
+
+    #[tokio::test]
+    async fn registry_errors_map_to_their_statuses() {
+        use ddpm_registry::RegistryError;
+        let refused = ApiError::from(RegistryError::Refused {
+            id: 7,
+            reason: "is running: cancel it first".into(),
+        });
+        assert_eq!(refused.status(), StatusCode::CONFLICT);
+        let body = read_body(refused.into_response()).await;
+        assert_eq!(body.error.code, ErrorCode::Conflict);
+        assert_eq!(body.error.message, "run 7: is running: cancel it first");
+        let missing = ApiError::from(RegistryError::RunNotFound(7));
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+        assert_eq!(missing.code(), ErrorCode::NotFound);
+        let disabled = ApiError::ControlDisabled;
+        assert_eq!(disabled.status(), StatusCode::FORBIDDEN);
+        let body = read_body(disabled.into_response()).await;
+        assert_eq!(body.error.code, ErrorCode::ControlDisabled);
+        assert!(body.error.message.contains("DDPM_API_TOKEN"));
     }
 }

@@ -88,7 +88,7 @@ pub async fn run(
 
     let mut watcher = Watcher::new(
         registry.clone(),
-        store,
+        store.clone(),
         device,
         pin,
         current.clone(),
@@ -112,6 +112,7 @@ pub async fn run(
     )?;
     let state = AppState {
         registry: registry.clone(),
+        store,
         current,
         batcher,
         metrics,

@@ -107,6 +107,7 @@ struct RouteLabels {
 enum Method {
     Get,
     Post,
+    Delete,
     Head,
     Options,
     Other,
@@ -117,6 +118,7 @@ impl Method {
         match *method {
             axum::http::Method::GET => Method::Get,
             axum::http::Method::POST => Method::Post,
+            axum::http::Method::DELETE => Method::Delete,
             axum::http::Method::HEAD => Method::Head,
             axum::http::Method::OPTIONS => Method::Options,
             _ => Method::Other,
@@ -130,6 +132,7 @@ impl EncodeLabelValue for Method {
         encoder.write_str(match self {
             Method::Get => "GET",
             Method::Post => "POST",
+            Method::Delete => "DELETE",
             Method::Head => "HEAD",
             Method::Options => "OPTIONS",
             Method::Other => "other",
@@ -333,5 +336,17 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("BREW"), "{text}");
+        // DELETE is one of the API's methods (`DELETE /v1/runs/{id}`).
+        m.http
+            .observe(&axum::http::Method::DELETE, "/v1/runs/{id}", 200, 0.001);
+        let text = m.render();
+        assert_eq!(
+            value(
+                &text,
+                "ddpm_http_requests_total{method=\"DELETE\",route=\"/v1/runs/{id}\",status=\"200\"}"
+            ),
+            Some(1.0),
+            "{text}"
+        );
     }
 }

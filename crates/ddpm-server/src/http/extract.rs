@@ -19,47 +19,96 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let content_type = request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let essence = content_type
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if essence != "application/json" {
-            let given = if content_type.is_empty() {
-                "none".to_string()
-            } else {
-                format!("{content_type:?}")
-            };
-            return Err(ApiError::UnsupportedMediaType(format!(
-                "send the request as JSON with `Content-Type: application/json` (got {given})"
-            )));
-        }
-        let bytes = Bytes::from_request(request, state).await.map_err(|e| {
-            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge { limit: BODY_LIMIT }
-            } else {
-                ApiError::BadRequest(format!("could not read the request body: {e}"))
-            }
-        })?;
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
-            use serde_json::error::Category;
-            match e.classify() {
-                Category::Data => {
-                    ValidationError::Request(format!("the request does not match the schema: {e}"))
-                        .into()
-                }
-                Category::Syntax | Category::Eof | Category::Io => {
-                    ApiError::MalformedJson(format!("the body is not valid JSON: {e}"))
-                }
-            }
-        })
+        json_content_type(&request)?;
+        let bytes = read_body(request, state).await?;
+        parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// A JSON object body that may be left out: an empty body, with any `Content-Type` or
+/// none, is `T::default()`, and so is JSON `null` (the document's schema of an optional
+/// body allows it); any other is read as [`JsonBody`] reads it (415, 413, 400, 422), and
+/// must be an object (serde would read a struct from an array too).
+#[derive(Debug)]
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let content_type = json_content_type(&request);
+        let bytes = read_body(request, state).await?;
+        if bytes.is_empty() {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        content_type?;
+        let body = match parse_json::<serde_json::Value>(&bytes)? {
+            serde_json::Value::Null => T::default(),
+            object @ serde_json::Value::Object(_) => T::deserialize(object).map_err(|e| {
+                ValidationError::Request(format!("the request does not match the schema: {e}"))
+            })?,
+            other => {
+                return Err(ValidationError::Request(format!(
+                    "the body must be a JSON object, null or empty, not {other}"
+                ))
+                .into())
+            }
+        };
+        Ok(OptionalJsonBody(body))
+    }
+}
+
+/// 415 unless the request says `Content-Type: application/json`.
+fn json_content_type(request: &Request) -> Result<(), ApiError> {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json" {
+        return Ok(());
+    }
+    let given = if content_type.is_empty() {
+        "none".to_string()
+    } else {
+        format!("{content_type:?}")
+    };
+    Err(ApiError::UnsupportedMediaType(format!(
+        "send the request as JSON with `Content-Type: application/json` (got {given})"
+    )))
+}
+
+/// The whole body: 413 above the body limit.
+async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
+    Bytes::from_request(request, state).await.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge { limit: BODY_LIMIT }
+        } else {
+            ApiError::BadRequest(format!("could not read the request body: {e}"))
+        }
+    })
+}
+
+/// 400 when `bytes` are not JSON, 422 when they are JSON of the wrong shape.
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data => {
+                ValidationError::Request(format!("the request does not match the schema: {e}"))
+                    .into()
+            }
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::MalformedJson(format!("the body is not valid JSON: {e}"))
+            }
+        }
+    })
 }
 
 /// Query parameters: 422 `invalid_query` when they do not parse.

@@ -13,13 +13,13 @@ mod samples;
 use std::{sync::Arc, time::Duration, time::Instant};
 
 use axum::{
-    extract::{DefaultBodyLimit, MatchedPath, Request, State},
-    http::{header, Method},
+    extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Request, State},
+    http::{header, request::Parts, Method},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     Router,
 };
-use ddpm_registry::Registry;
+use ddpm_registry::{CheckpointStore, Registry};
 use tower_http::trace::TraceLayer;
 
 use crate::{
@@ -37,6 +37,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/model"),
     ("get", "/v1/runs"),
     ("get", "/v1/runs/{id}"),
+    ("delete", "/v1/runs/{id}"),
+    ("post", "/v1/runs/{id}/cancel"),
+    ("post", "/v1/runs/{id}/restart"),
     ("get", "/v1/runs/{id}/metrics"),
     ("get", "/v1/runs/{id}/checkpoints"),
     ("get", "/healthz"),
@@ -52,6 +55,7 @@ pub struct Settings {
     pub samples: SampleDefaults,
     pub request_timeout: Duration,
     /// Required as `Authorization: Bearer <token>` on every route but the health checks.
+    /// Without one the read-only routes are open and run control is refused (403).
     pub api_token: Option<String>,
 }
 
@@ -59,6 +63,8 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub registry: Registry,
+    /// Where the runs' files are: restarting from scratch and deleting remove them.
+    pub store: CheckpointStore,
     pub current: CurrentModel,
     pub batcher: Batcher,
     pub metrics: Arc<Metrics>,
@@ -133,6 +139,24 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
             next.run(request).await
         }
         _ => ApiError::Unauthorized.into_response(),
+    }
+}
+
+/// The guard of the routes that change runs (cancel, restart, delete), taken before
+/// anything else the handler reads: [`require_token`] has let the request through, so
+/// with a token configured it carried that token; without one the server is open for
+/// reading only, and run control is refused (403 `control_disabled`).
+#[derive(Debug)]
+pub struct ControlAllowed;
+
+impl FromRequestParts<AppState> for ControlAllowed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(_: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match state.settings.api_token {
+            Some(_) => Ok(ControlAllowed),
+            None => Err(ApiError::ControlDisabled),
+        }
     }
 }
 

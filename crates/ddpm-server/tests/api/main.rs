@@ -2,6 +2,7 @@
 //! trained in the test (see helpers.rs).
 
 mod batching;
+mod control;
 mod helpers;
 mod ops;
 mod runs;

@@ -31,7 +31,9 @@ const BEARER: &str = "bearer";
 const DESCRIPTION: &str = "Class-conditional diffusion sampling (DDPM/DDIM with \
 classifier-free guidance) with step-level batching, and the training runs' history. When the \
 server has a token, every route except /healthz and /readyz requires \
-`Authorization: Bearer <token>` (this document then lists a 401 on each). Errors are JSON \
+`Authorization: Bearer <token>` (this document then lists a 401 on each). Cancelling, \
+restarting and deleting runs change state: a server without a token refuses them (403 \
+`control_disabled`, listed only then). Errors are JSON \
 `{\"error\": {\"code\", \"message\"}}` with a stable code (`ErrorCode`). The bounds of a \
 sampling request that depend on the server's configuration and on the model being served \
 (n, classes, steps) are filled in when this document is served.";
@@ -48,6 +50,9 @@ sampling request that depend on the server's configuration and on the model bein
         super::runs::get_run,
         super::runs::run_metrics,
         super::runs::run_checkpoints,
+        super::runs::control::cancel_run,
+        super::runs::control::restart_run,
+        super::runs::control::delete_run,
         super::health::healthz,
         super::health::readyz,
         super::health::metrics,
@@ -58,7 +63,8 @@ sampling request that depend on the server's configuration and on the model bein
     tags(
         (name = "samples", description = "Image generation."),
         (name = "model", description = "The checkpoint being served."),
-        (name = "runs", description = "The training runs' history."),
+        (name = "runs", description = "The training runs' history, and an operator's \
+            commands on them (cancel, restart, delete; these need the server's token)."),
         (name = "operations", description = "Health, metrics, this document."),
     )
 )]
@@ -92,8 +98,9 @@ pub fn document(settings: &Settings, model: Option<&LoadedModel>) -> Document {
     doc
 }
 
-/// With a token, every operation that names the bearer scheme can answer 401; without
-/// one, nothing requires it and the scheme is dropped.
+/// With a token, every operation that names the bearer scheme can answer 401, and none
+/// answers 403 (the run control routes' `control_disabled`, documented by their
+/// handlers); without one, nothing requires it and the scheme is dropped.
 fn apply_token(doc: &mut Document, token: bool) {
     for item in doc.paths.paths.values_mut() {
         let operations = [
@@ -112,10 +119,9 @@ fn apply_token(doc: &mut Document, token: bool) {
                 continue;
             }
             if token {
-                operation
-                    .responses
-                    .responses
-                    .insert("401".into(), unauthorized().into());
+                let responses = &mut operation.responses.responses;
+                responses.insert("401".into(), unauthorized().into());
+                responses.remove("403");
             } else {
                 operation.security = None;
             }
@@ -224,6 +230,38 @@ mod tests {
             assert!(op["responses"].get("401").is_none(), "{path}");
             assert!(op.get("security").is_none(), "{path}");
         }
+    }
+
+    #[test]
+    fn run_control_documents_403_only_without_a_token() {
+        let with = json(&document(&settings(Some("t")), None));
+        let without = json(&document(&settings(None), None));
+        let control = [
+            ("post", "/v1/runs/{id}/cancel"),
+            ("post", "/v1/runs/{id}/restart"),
+            ("delete", "/v1/runs/{id}"),
+        ];
+        for (method, path) in super::super::ROUTES {
+            let is_control = control.contains(&(*method, *path));
+            let op = &without["paths"][path][method];
+            assert_eq!(op["responses"]["403"].is_object(), is_control, "{path}");
+            let op = &with["paths"][path][method];
+            assert!(op["responses"].get("403").is_none(), "{method} {path}");
+            if is_control {
+                for status in ["200", "401", "404", "409", "422", "503"] {
+                    assert!(
+                        op["responses"][status].is_object(),
+                        "{method} {path} {status}"
+                    );
+                }
+            }
+        }
+        // The restart body is optional and closed.
+        let restart = &with["paths"]["/v1/runs/{id}/restart"]["post"];
+        assert_ne!(restart["requestBody"]["required"], true);
+        let schema = &with["components"]["schemas"]["RestartRequest"];
+        assert_eq!(schema["additionalProperties"], false);
+        assert_eq!(schema["properties"]["from_scratch"]["type"], "boolean");
     }
 
     #[test]

@@ -1,9 +1,14 @@
 //! The training runs' history from the registry: runs, their metric series, their
-//! checkpoints.
+//! checkpoints; and, in [`control`], an operator's commands on them.
 
 mod body;
+pub(super) mod control;
 
-use axum::{extract::State, routing::get, Json, Router};
+use axum::{
+    extract::State,
+    routing::{get, post},
+    Json, Router,
+};
 use serde::Serialize;
 use utoipa::{
     openapi::{ObjectBuilder, Type},
@@ -24,9 +29,11 @@ use crate::{
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/runs", get(list_runs))
-        .route("/v1/runs/{id}", get(get_run))
+        .route("/v1/runs/{id}", get(get_run).delete(control::delete_run))
         .route("/v1/runs/{id}/metrics", get(run_metrics))
         .route("/v1/runs/{id}/checkpoints", get(run_checkpoints))
+        .route("/v1/runs/{id}/cancel", post(control::cancel_run))
+        .route("/v1/runs/{id}/restart", post(control::restart_run))
 }
 
 /// The `{id}` of the run routes, as [`PathId`] parses it (the document's view of it).
