@@ -119,7 +119,7 @@ pub enum RunsCommand {
     Restart {
         id: i64,
         /// Delete the run's metrics and checkpoints and queue it again at step 0.
-        #[arg(long)]
+        #[arg(long, env = "DDPM_RUNS_FROM_SCRATCH")]
         from_scratch: bool,
     },
     /// Delete a run that is not running: its registry rows and its checkpoint files.
