@@ -90,7 +90,8 @@ fn ours(config: &UNetConfig, batch: i64, device: Device, iters: usize, warmup: u
         StepCoefficients {
             x: 1.01,
             eps: -0.1,
-            noise: 0.0
+            noise: 0.0,
+            prev_x0: 0.0
         };
         batch as usize
     ];
@@ -105,7 +106,9 @@ fn ours(config: &UNetConfig, batch: i64, device: Device, iters: usize, warmup: u
                 guidance_scales: &scales,
                 coefficients: &coefficients,
                 clips: &clips,
+                keep_x0: &clips,
                 noise: None,
+                prev_x0: None,
             },
         )
         .unwrap();

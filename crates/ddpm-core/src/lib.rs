@@ -12,8 +12,9 @@
 //!   configurable), with fused scaled-dot-product attention.
 //! - [`training`]: the ε-prediction loss with per-sample label dropout.
 //! - [`guidance`]: guided ε̃ from one forward pass over conditional + unconditional inputs.
-//! - [`sampler`]: DDPM and DDIM as per-sample step coefficients; one denoising step over a
-//!   batch of samples at different timesteps; whole trajectories built on it.
+//! - [`sampler`]: DDPM, DDIM and DPM-Solver++(2M) as per-sample step coefficients; one
+//!   denoising step over a batch of samples at different timesteps; whole trajectories
+//!   built on it.
 //! - [`noise`]: per-sample seeded noise streams.
 //! - [`flat`], [`optim`], [`ema`]: parameters in one flat buffer, AdamW and the EMA over it.
 //! - [`checkpoint`]: EMA checkpoints with a manifest, resumable training states, atomic

@@ -24,6 +24,7 @@ impl Sampler for Ddim {
             x: ratio,
             eps: dir - ratio * (1.0 - ab_t).sqrt(),
             noise: sigma,
+            prev_x0: 0.0,
         }
     }
 }

@@ -27,6 +27,7 @@ impl Sampler for Ddpm {
             x: c0 / ab_t.sqrt() + ct,
             eps: -c0 * (1.0 - ab_t).sqrt() / ab_t.sqrt(),
             noise: if t > 0 { variance.sqrt() } else { 0.0 },
+            prev_x0: 0.0,
         }
     }
 }

@@ -2,12 +2,15 @@
 //! at different timesteps with different samplers.
 //!
 //! Every sampler here moves a sample from timestep t to s < t by
-//! `x_s = a·x_t + b·ε̃ + c·z`, with scalars (a, b, c) that depend only on the sampler and
-//! (t, s). A sample's whole trajectory is therefore a *plan*: its list of timesteps with
-//! their coefficients. [`denoise_step`] runs one guided forward pass for a batch and
+//! `x_s = a·x_t + b·ε̃ + c·z + d·x̂₀'`, with scalars (a, b, c, d) that depend only on the
+//! sampler and the plan's timesteps; x̂₀' is the x̂₀ of the sample's previous step, which
+//! only the multistep DPM-Solver++(2M) uses (d = 0 for DDPM and DDIM, which step from x_t
+//! and ε̃ alone). A sample's whole trajectory is therefore a *plan*: its list of timesteps
+//! with their coefficients. [`denoise_step`] runs one guided forward pass for a batch and
 //! applies each sample's own coefficients, and [`Trajectory`] walks one sample through its
-//! plan with its own seeded noise. [`sample`] (whole trajectories, used by the trainer's
-//! sample grids and the tests) and the server's step-level batcher are both built on them.
+//! plan with its own seeded noise and, for a multistep plan, its own previous x̂₀.
+//! [`sample`] (whole trajectories, used by the trainer's sample grids and the tests) and
+//! the server's step-level batcher are both built on them.
 //!
 //! With `clip_denoised` (the default, as in diffusers' schedulers and the original DDPM
 //! code) the predicted x̂₀ = (x_t − √(1−ᾱ_t)·ε̃)/√ᾱ_t is clamped to [−1, 1] and ε̃ replaced by
@@ -29,13 +32,18 @@
 //! x̂₀ and x_t only). Our definition is checked against a computation by hand in
 //! `tests/core/reference.rs` (`clipped_ddim_follows_our_definition_not_diffusers`).
 //!
-//! Layout: `ddpm` (ancestral DDPM), `ddim` (DDIM with η).
+//! DPM-Solver++(2M) clamps its x̂₀ the same way; as its update depends on x_t and x̂₀ only,
+//! there the clamp is diffusers' thresholding hook with a plain clamp (see `dpmpp`).
+//!
+//! Layout: `ddpm` (ancestral DDPM), `ddim` (DDIM with η), `dpmpp` (DPM-Solver++(2M)).
 
 mod ddim;
 mod ddpm;
+mod dpmpp;
 
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;
+pub use dpmpp::DpmSolverPp2m;
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -48,15 +56,20 @@ use crate::{
     unet::Model,
 };
 
-/// `x_s = x·x_t + eps·ε̃ + noise·z` for one sample and one step.
+/// `x_s = x·x_t + eps·ε̃ + noise·z + prev_x0·x̂₀'` for one sample and one step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepCoefficients {
     pub x: f64,
     pub eps: f64,
     pub noise: f64,
+    /// On x̂₀', the x̂₀ of the sample's previous step (a multistep sampler's history); 0
+    /// for samplers that step from x_t and ε̃ alone.
+    pub prev_x0: f64,
 }
 
-/// Clamp x̂₀ to [−1, 1] before stepping from t: needs √ᾱ_t and √(1−ᾱ_t).
+/// √ᾱ_t and √(1−ᾱ_t) of a step's t: what x̂₀ = (x_t − √(1−ᾱ_t)·ε̃)/√ᾱ_t needs, to clamp
+/// it to [−1, 1] before stepping ([`PlannedStep::clip`]) or to keep it for the next step
+/// ([`PlannedStep::keep_x0`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Clip {
     pub sqrt_alpha_cumprod: f64,
@@ -72,11 +85,29 @@ pub struct PlannedStep {
     pub coefficients: StepCoefficients,
     /// `Some` when x̂₀ is clamped before the update.
     pub clip: Option<Clip>,
+    /// `Some` when the next step uses this step's x̂₀ (its `prev_x0` is not 0): the
+    /// trajectory keeps it (clamped if `clip` is).
+    pub keep_x0: Option<Clip>,
 }
 
 /// A reverse-process sampler: the coefficients of one step t → s.
 pub trait Sampler {
+    /// The step t → t_prev from x_t and ε̃ alone.
     fn coefficients(&self, schedule: &NoiseSchedule, t: i64, t_prev: i64) -> StepCoefficients;
+
+    /// The step t → t_prev of a plan whose previous step was evaluated at `t_before`
+    /// (`None` on the first step). A multistep sampler may use that step's x̂₀
+    /// ([`StepCoefficients::prev_x0`]); the others step as [`Sampler::coefficients`].
+    fn multistep_coefficients(
+        &self,
+        schedule: &NoiseSchedule,
+        t_before: Option<i64>,
+        t: i64,
+        t_prev: i64,
+    ) -> StepCoefficients {
+        let _ = t_before;
+        self.coefficients(schedule, t, t_prev)
+    }
 }
 
 /// Which timesteps a trajectory of n < T steps visits (diffusers' `timestep_spacing`).
@@ -89,6 +120,11 @@ pub enum TimestepSpacing {
     /// (Lin et al. 2024 show this is the better choice for few steps).
     #[default]
     Trailing,
+    /// `round(k·(T−1)/n)` for k = n…1, ties to even (numpy's `linspace(0, T−1, n+1)`
+    /// rounded, without its 0): starts at T−1 and ends near (T−1)/n. Diffusers' default
+    /// for DPM-Solver++. For n ≥ T, where that repeats a timestep (and diffusers' second
+    /// order step divides by a zero step in λ), every timestep T−1…0.
+    Linspace,
 }
 
 impl TimestepSpacing {
@@ -106,6 +142,15 @@ impl TimestepSpacing {
                     .map(|k| (t_max as f64 - k as f64 * ratio).round() as i64 - 1)
                     .collect()
             }
+            TimestepSpacing::Linspace if steps >= t_max => (0..t_max_i).rev().collect(),
+            TimestepSpacing::Linspace => {
+                // numpy: arange(n + 1)·step + 0, with step = (T − 1)/n.
+                let step = (t_max - 1) as f64 / steps as f64;
+                (1..=n)
+                    .rev()
+                    .map(|k| (k as f64 * step).round_ties_even() as i64)
+                    .collect()
+            }
         }
     }
 }
@@ -115,6 +160,21 @@ impl TimestepSpacing {
 pub enum SamplerKind {
     Ddpm,
     Ddim,
+    /// DPM-Solver++(2M), deterministic.
+    #[serde(rename = "dpmpp_2m")]
+    DpmPp2m,
+}
+
+impl SamplerKind {
+    /// The spacing this sampler gets where nothing chooses one (the server's requests,
+    /// the constructors below): trailing for DDPM and DDIM, linspace for DPM-Solver++ as
+    /// diffusers' scheduler. A stored [`SamplerConfig`] without `spacing` stays trailing.
+    pub fn default_spacing(self) -> TimestepSpacing {
+        match self {
+            SamplerKind::Ddpm | SamplerKind::Ddim => TimestepSpacing::Trailing,
+            SamplerKind::DpmPp2m => TimestepSpacing::Linspace,
+        }
+    }
 }
 
 impl std::str::FromStr for SamplerKind {
@@ -124,9 +184,10 @@ impl std::str::FromStr for SamplerKind {
         match s {
             "ddpm" => Ok(SamplerKind::Ddpm),
             "ddim" => Ok(SamplerKind::Ddim),
+            "dpmpp_2m" => Ok(SamplerKind::DpmPp2m),
             other => Err(CoreError::config(
                 "sampler",
-                format!("unknown sampler {other:?}: use ddpm or ddim"),
+                format!("unknown sampler {other:?}: use ddpm, ddim or dpmpp_2m"),
             )),
         }
     }
@@ -138,7 +199,7 @@ pub struct SamplerConfig {
     pub kind: SamplerKind,
     /// Number of network evaluations; T for full ancestral DDPM.
     pub steps: usize,
-    /// DDIM's η (0 = deterministic); ignored by DDPM.
+    /// DDIM's η (0 = deterministic); ignored by DDPM and DPM-Solver++.
     #[serde(default)]
     pub eta: f64,
     #[serde(default)]
@@ -176,6 +237,17 @@ impl SamplerConfig {
         }
     }
 
+    /// DPM-Solver++(2M) with `steps` steps, diffusers' defaults (linspace spacing).
+    pub fn dpmpp_2m(steps: usize) -> Self {
+        SamplerConfig {
+            kind: SamplerKind::DpmPp2m,
+            steps,
+            eta: 0.0,
+            spacing: SamplerKind::DpmPp2m.default_spacing(),
+            clip_denoised: true,
+        }
+    }
+
     pub fn validate(&self, schedule: &NoiseSchedule) -> Result<()> {
         let t_max = schedule.timesteps();
         if self.steps == 0 || self.steps > t_max {
@@ -199,27 +271,42 @@ impl SamplerConfig {
         let sampler: Box<dyn Sampler> = match self.kind {
             SamplerKind::Ddpm => Box::new(Ddpm),
             SamplerKind::Ddim => Box::new(Ddim { eta: self.eta }),
+            SamplerKind::DpmPp2m => Box::new(DpmSolverPp2m),
         };
         let ts = self.spacing.timesteps(schedule.timesteps(), self.steps);
-        Ok(ts
+        let mut plan: Vec<PlannedStep> = ts
             .iter()
             .enumerate()
             .map(|(i, &t)| {
                 // The next timestep of the plan (diffusers uses t − ⌊T/n⌋, the same
                 // whenever n divides T).
                 let prev = ts.get(i + 1).copied().unwrap_or(-1);
-                let ab = schedule.alpha_cumprod(t);
+                let before = i.checked_sub(1).map(|j| ts[j]);
                 PlannedStep {
                     timestep: t,
                     prev_timestep: prev,
-                    coefficients: sampler.coefficients(schedule, t, prev),
-                    clip: self.clip_denoised.then(|| Clip {
-                        sqrt_alpha_cumprod: ab.sqrt(),
-                        sqrt_one_minus_alpha_cumprod: (1.0 - ab).sqrt(),
-                    }),
+                    coefficients: sampler.multistep_coefficients(schedule, before, t, prev),
+                    clip: self.clip_denoised.then(|| Clip::at(schedule, t)),
+                    keep_x0: None,
                 }
             })
-            .collect())
+            .collect();
+        for i in 1..plan.len() {
+            if plan[i].coefficients.prev_x0 != 0.0 {
+                plan[i - 1].keep_x0 = Some(Clip::at(schedule, plan[i - 1].timestep));
+            }
+        }
+        Ok(plan)
+    }
+}
+
+impl Clip {
+    fn at(schedule: &NoiseSchedule, t: i64) -> Self {
+        let ab = schedule.alpha_cumprod(t);
+        Clip {
+            sqrt_alpha_cumprod: ab.sqrt(),
+            sqrt_one_minus_alpha_cumprod: (1.0 - ab).sqrt(),
+        }
     }
 }
 
@@ -235,20 +322,41 @@ pub struct DenoiseBatch<'a> {
     pub coefficients: &'a [StepCoefficients],
     /// Per sample: clamp x̂₀ first, or not.
     pub clips: &'a [Option<Clip>],
+    /// Per sample: return its x̂₀ too (for a multistep sampler's next step), or not.
+    pub keep_x0: &'a [Option<Clip>],
     /// `[B, C, H, W]` standard-normal z; may be `None` when every `coefficients.noise` is 0.
     pub noise: Option<&'a Tensor>,
+    /// `[B, C, H, W]` x̂₀ of each sample's previous step (any finite value where
+    /// `coefficients.prev_x0` is 0); may be `None` when every `coefficients.prev_x0` is 0.
+    pub prev_x0: Option<&'a Tensor>,
+}
+
+/// What [`denoise_step`] returns.
+#[derive(Debug)]
+pub struct Denoised {
+    /// x_s, `[B, C, H, W]`.
+    pub x: Tensor,
+    /// x̂₀ (clamped where clipped), `[B, C, H, W]`, when some sample's `keep_x0` asked for
+    /// it; the rows of the samples that did not are unspecified.
+    pub x0: Option<Tensor>,
 }
 
 /// Runs one guided forward pass (a single batch holding the conditional and unconditional
-/// inputs) and returns every sample's `x_s = a·x_t + b·ε̃ + c·z`.
-pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Tensor> {
+/// inputs) and returns every sample's `x_s = a·x_t + b·ε̃ + c·z + d·x̂₀'`.
+pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Denoised> {
     let b = batch.x.size().first().copied().unwrap_or(0);
     let n = b as usize;
-    if batch.timesteps.len() != n || batch.coefficients.len() != n || batch.clips.len() != n {
+    if batch.timesteps.len() != n
+        || batch.coefficients.len() != n
+        || batch.clips.len() != n
+        || batch.keep_x0.len() != n
+    {
         return Err(CoreError::Input(format!(
-            "batch of {b} with {} timesteps and {} coefficients",
+            "batch of {b} with {} timesteps, {} coefficients, {} clips and {} keep_x0",
             batch.timesteps.len(),
-            batch.coefficients.len()
+            batch.coefficients.len(),
+            batch.clips.len(),
+            batch.keep_x0.len()
         )));
     }
     let device = batch.x.device();
@@ -259,35 +367,41 @@ pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Tensor> {
     let column = |f: fn(&StepCoefficients) -> f64| {
         per_sample(batch.coefficients.iter().map(|c| f(c) as f32).collect())
     };
-    if batch.clips.iter().any(Option::is_some) {
-        // x_t = √ᾱ·x₀ + σ·ε with σ = √(1−ᾱ). Samples that do not clip get (√ᾱ, σ) = (1, 1)
-        // and an infinite clamp: ε̂ = ε.
-        let sqrt_ab = per_sample(
-            batch
-                .clips
-                .iter()
-                .map(|c| c.map_or(1.0, |c| c.sqrt_alpha_cumprod) as f32)
-                .collect(),
-        );
-        let sigma = per_sample(
-            batch
-                .clips
-                .iter()
-                .map(|c| c.map_or(1.0, |c| c.sqrt_one_minus_alpha_cumprod) as f32)
-                .collect(),
-        );
-        let x0 = (batch.x - &eps * &sigma) / &sqrt_ab; // x̂₀ [B, C, H, W]
-        let clipped = x0.clamp(-1.0, 1.0);
-        let eps_hat = (batch.x - clipped * &sqrt_ab) / &sigma;
-        let mask = per_sample(
-            batch
-                .clips
-                .iter()
-                .map(|c| if c.is_some() { 1.0 } else { 0.0 })
-                .collect(),
-        )
-        .gt(0.5);
-        eps = eps_hat.where_self(&mask, &eps);
+    let clips = batch.clips.iter().any(Option::is_some);
+    let keeps = batch.keep_x0.iter().any(Option::is_some);
+    let mut x0 = None;
+    if clips || keeps {
+        // x_t = √ᾱ·x₀ + σ·ε with σ = √(1−ᾱ) (a sample that clips and keeps has the same
+        // (√ᾱ, σ) in both). Samples that do neither get (√ᾱ, σ) = (1, 1); those that do
+        // not clip keep ε̂ = ε.
+        let level = |f: fn(&Clip) -> f64| {
+            per_sample(
+                batch
+                    .clips
+                    .iter()
+                    .zip(batch.keep_x0)
+                    .map(|(c, k)| c.or(*k).map_or(1.0, |c| f(&c)) as f32)
+                    .collect(),
+            )
+        };
+        let sqrt_ab = level(|c| c.sqrt_alpha_cumprod);
+        let sigma = level(|c| c.sqrt_one_minus_alpha_cumprod);
+        let mut predicted = (batch.x - &eps * &sigma) / &sqrt_ab; // x̂₀ [B, C, H, W]
+        if clips {
+            let clipped = predicted.clamp(-1.0, 1.0);
+            let eps_hat = (batch.x - &clipped * &sqrt_ab) / &sigma;
+            let mask = per_sample(
+                batch
+                    .clips
+                    .iter()
+                    .map(|c| if c.is_some() { 1.0 } else { 0.0 })
+                    .collect(),
+            )
+            .gt(0.5);
+            eps = eps_hat.where_self(&mask, &eps);
+            predicted = clipped.where_self(&mask, &predicted);
+        }
+        x0 = keeps.then_some(predicted);
     }
     let mut out = batch
         .x
@@ -299,7 +413,13 @@ pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Tensor> {
             .ok_or_else(|| CoreError::Input("a stochastic step needs noise".into()))?;
         out = out.f_add(&z.f_mul(&column(|c| c.noise))?)?;
     }
-    Ok(out)
+    if batch.coefficients.iter().any(|c| c.prev_x0 != 0.0) {
+        let prev = batch.prev_x0.ok_or_else(|| {
+            CoreError::Input("a multistep step needs the previous step's x̂₀".into())
+        })?;
+        out = out.f_add(&prev.f_mul(&column(|c| c.prev_x0))?)?;
+    }
+    Ok(Denoised { x: out, x0 })
 }
 
 /// What one image needs besides the model: class, guidance, seed, sampler.
@@ -313,8 +433,8 @@ pub struct SampleSpec {
     pub sampler: SamplerConfig,
 }
 
-/// One sample's progress through its plan: its current x_t (on the host, `[C, H, W]`
-/// values) and its own noise stream.
+/// One sample's progress through its plan: its current x_t, its own noise stream and, for
+/// a multistep plan, the x̂₀ of its previous step.
 #[derive(Debug)]
 pub struct Trajectory {
     spec: SampleSpec,
@@ -325,6 +445,10 @@ pub struct Trajectory {
     rng: SampleRng,
     /// x_t, `[C, H, W]` on the model's device.
     x: Tensor,
+    /// x̂₀ of the previous step when its plan step keeps it (`keep_x0`), `[C, H, W]` on
+    /// the model's device: the history of a multistep sampler. Its timestep (λ) is
+    /// already in the plan's coefficients.
+    prev_x0: Option<Tensor>,
 }
 
 impl Trajectory {
@@ -361,6 +485,7 @@ impl Trajectory {
             next: 0,
             rng,
             x,
+            prev_x0: None,
         })
     }
 
@@ -394,8 +519,20 @@ impl Trajectory {
         (step.coefficients.noise != 0.0).then(|| self.rng.normal(self.x.numel()))
     }
 
-    fn advance(&mut self, x: Tensor) {
+    /// x̂₀' for the coming step: the kept x̂₀ where the step uses it, else zeros.
+    fn prev_x0_for_step(&self) -> Result<Tensor> {
+        match (&self.prev_x0, self.current().coefficients.prev_x0 != 0.0) {
+            (Some(x0), true) => Ok(x0.shallow_clone()),
+            (None, true) => Err(CoreError::Input(
+                "a multistep step without the previous step's x̂₀".into(),
+            )),
+            (_, false) => Ok(self.x.zeros_like()),
+        }
+    }
+
+    fn advance(&mut self, x: Tensor, x0: Option<Tensor>) {
         self.x = x;
+        self.prev_x0 = x0;
         self.next += 1;
     }
 }
@@ -417,6 +554,16 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
     let coefficients: Vec<StepCoefficients> =
         batch.iter().map(|t| t.current().coefficients).collect();
     let clips: Vec<Option<Clip>> = batch.iter().map(|t| t.current().clip).collect();
+    let keep_x0: Vec<Option<Clip>> = batch.iter().map(|t| t.current().keep_x0).collect();
+    let prev_x0 = if coefficients.iter().any(|c| c.prev_x0 != 0.0) {
+        let rows = batch
+            .iter()
+            .map(|t| t.prev_x0_for_step())
+            .collect::<Result<Vec<_>>>()?;
+        Some(Tensor::f_stack(&rows, 0)?) // [B, C, H, W]
+    } else {
+        None
+    };
     let per_sample = x.size()[1..].iter().product::<i64>() as usize;
     let draws: Vec<Option<Vec<f32>>> = batch.iter_mut().map(|t| t.draw_noise()).collect();
     let noise = if draws.iter().any(Option::is_some) {
@@ -444,11 +591,18 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
             guidance_scales: &guidance,
             coefficients: &coefficients,
             clips: &clips,
+            keep_x0: &keep_x0,
             noise: noise.as_ref(),
+            prev_x0: prev_x0.as_ref(),
         },
     )?;
     for (i, t) in batch.iter_mut().enumerate() {
-        t.advance(out.get(i as i64));
+        let i = i as i64;
+        let x0 = match (t.current().keep_x0, &out.x0) {
+            (Some(_), Some(x0)) => Some(x0.get(i)),
+            _ => None,
+        };
+        t.advance(out.x.get(i), x0);
     }
     Ok(())
 }
@@ -527,6 +681,49 @@ mod tests {
             TimestepSpacing::Trailing.timesteps(1000, 4),
             vec![999, 749, 499, 249]
         );
+        // 999·k/4 = 999, 749.25, 499.5, 249.75: 499.5 rounds to even.
+        assert_eq!(
+            TimestepSpacing::Linspace.timesteps(1000, 4),
+            vec![999, 749, 500, 250]
+        );
+        let full: Vec<i64> = (0..1000).rev().collect();
+        assert_eq!(TimestepSpacing::Linspace.timesteps(1000, 1000), full);
+        let near_full = TimestepSpacing::Linspace.timesteps(1000, 999);
+        assert!(near_full.windows(2).all(|w| w[0] > w[1]), "no repeats");
+    }
+
+    /// First order (no history) on the first and the last step, second order between; a
+    /// step keeps its x̂₀ exactly when the next one uses it.
+    #[test]
+    fn dpmpp_2m_plan_is_multistep_between_first_order_ends() {
+        let plan = SamplerConfig::dpmpp_2m(10).plan(&schedule()).unwrap();
+        let ts: Vec<i64> = plan.iter().map(|s| s.timestep).collect();
+        assert_eq!(ts, vec![999, 899, 799, 699, 599, 500, 400, 300, 200, 100]);
+        let orders: Vec<bool> = plan.iter().map(|s| s.coefficients.prev_x0 != 0.0).collect();
+        assert_eq!(orders, [[false].as_slice(), &[true; 8], &[false]].concat());
+        for (i, step) in plan.iter().enumerate() {
+            let next_uses = plan
+                .get(i + 1)
+                .is_some_and(|n| n.coefficients.prev_x0 != 0.0);
+            assert_eq!(step.keep_x0.is_some(), next_uses, "step {i}");
+            if step.keep_x0.is_some() {
+                assert_eq!(step.keep_x0, step.clip, "step {i}: the same (√ᾱ, σ)");
+            }
+            assert_eq!(step.coefficients.noise, 0.0);
+        }
+        assert!(SamplerConfig::ddim(10)
+            .plan(&schedule())
+            .unwrap()
+            .iter()
+            .all(|s| s.keep_x0.is_none() && s.coefficients.prev_x0 == 0.0));
+        assert_eq!(
+            "dpmpp_2m".parse::<SamplerKind>().unwrap(),
+            SamplerKind::DpmPp2m
+        );
+        assert_eq!(
+            serde_json::to_value(SamplerKind::DpmPp2m).unwrap(),
+            serde_json::json!("dpmpp_2m")
+        );
     }
 
     #[test]
@@ -537,7 +734,7 @@ mod tests {
     }
 
     /// With the exact ε of a point-mass data distribution at x₀, every sampler must land on
-    /// x₀ whatever noise it adds on the way.
+    /// x₀ whatever noise it adds on the way (x̂₀' = x₀ then too).
     #[test]
     fn exact_epsilon_recovers_the_data_point() {
         let s = schedule();
@@ -556,6 +753,13 @@ mod tests {
                 spacing: TimestepSpacing::Leading,
                 clip_denoised: false,
             },
+            SamplerConfig::dpmpp_2m(1),
+            SamplerConfig::dpmpp_2m(2),
+            SamplerConfig::dpmpp_2m(20),
+            SamplerConfig {
+                spacing: TimestepSpacing::Trailing,
+                ..SamplerConfig::dpmpp_2m(7)
+            },
         ] {
             let mut x = 1.3; // x_T
             for (i, step) in cfg.plan(&s).unwrap().iter().enumerate() {
@@ -563,7 +767,7 @@ mod tests {
                 let eps = (x - ab.sqrt() * x0) / (1.0 - ab).sqrt();
                 let z = if i % 2 == 0 { 0.8 } else { -1.1 };
                 let c = step.coefficients;
-                x = c.x * x + c.eps * eps + c.noise * z;
+                x = c.x * x + c.eps * eps + c.noise * z + c.prev_x0 * x0;
             }
             assert!((x - x0).abs() < 1e-9, "{cfg:?} ends at {x}");
         }

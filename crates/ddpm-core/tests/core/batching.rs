@@ -108,6 +108,42 @@ fn an_image_depends_only_on_its_own_seed_and_settings() {
     assert!(max_abs_diff(&alone, &other_seed) > 1e-2);
 }
 
+/// A DPM-Solver++(2M) sample keeps its own x̂₀ history whatever it is batched with: DDPM
+/// and DDIM samples (no history) and other DPM-Solver++ plans at other steps.
+#[test]
+fn a_multistep_sample_depends_only_on_its_own_history() {
+    tch::manual_seed(3);
+    let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
+    let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let target = SampleSpec {
+        label: Some(2),
+        guidance_scale: 2.0,
+        seed: 9,
+        sampler: SamplerConfig::dpmpp_2m(8),
+    };
+    let alone = sample(&model, &schedule, &[target], 1).unwrap();
+    let other = |seed: u64, sampler| SampleSpec {
+        label: Some(seed as i64 % 3),
+        guidance_scale: 1.0 + seed as f64,
+        seed,
+        sampler,
+    };
+    let specs = [
+        other(1, SamplerConfig::dpmpp_2m(5)),
+        other(2, SamplerConfig::ddim(6)),
+        target,
+        other(3, SamplerConfig::ddpm(12)),
+        other(4, SamplerConfig::dpmpp_2m(11)),
+    ];
+    let batched = sample(&model, &schedule, &specs, 8).unwrap();
+    let d = max_abs_diff(&alone.get(0), &batched.get(2));
+    assert!(d <= TOLERANCE, "batched image differs by {d}");
+    // In batches of 2 the target meets other samples at other steps of their plans.
+    let pairs = sample(&model, &schedule, &specs, 2).unwrap();
+    let d = max_abs_diff(&alone.get(0), &pairs.get(2));
+    assert!(d <= TOLERANCE, "image batched in pairs differs by {d}");
+}
+
 #[test]
 fn bad_sample_requests_are_errors() {
     let model = Model::new(&micro_config(3), Device::Cpu).unwrap();

@@ -1,15 +1,21 @@
 //! Numbers checked against independent implementations. The vectors and the scripts that
 //! produced them sit in `tests/reference/` (see the scripts' headers to regenerate):
 //! - `scheduler_vectors.json`: Hugging Face diffusers' `DDPMScheduler`/`DDIMScheduler`;
+//! - `dpmpp_vectors.json`: diffusers' `DPMSolverMultistepScheduler` (DPM-Solver++(2M)):
+//!   timesteps, single steps and whole trajectories under a fake ε, unclipped and clipped;
 //! - `seed_unet_state_dict.json`: the seed's PyTorch `UNet_conditional(num_classes=10)`;
 //! - `tiny_state_dict.json`, `tiny_forward.safetensors`: the generalised PyTorch UNet at
 //!   the tiny config, its (float16-exact) weights, inputs and float32 output;
-//! - and the clipped DDIM path, against our own definition computed by hand (diffusers'
-//!   `clip_sample` is another one: see the `sampler` module's doc).
+//! - and the clipped DDIM path and DPM-Solver++(2M) sampling with a model, against our
+//!   own definitions computed by hand (for DDIM, diffusers' `clip_sample` is another one:
+//!   see the `sampler` module's doc).
 
 use ddpm_core::{
     noise::SampleRng,
-    sampler::{sample, Ddim, Ddpm, Sampler, SamplerKind, TimestepSpacing},
+    sampler::{
+        sample, step_trajectories, Ddim, Ddpm, PlannedStep, Sampler, SamplerKind, TimestepSpacing,
+        Trajectory,
+    },
     Model, NoiseSchedule, SampleSpec, SamplerConfig, ScheduleConfig, UNetConfig,
 };
 use serde_json::Value;
@@ -293,6 +299,288 @@ fn clipped_ddim_follows_our_definition_not_diffusers() {
         assert!(
             apart > 1e-2,
             "η={eta}: indistinguishable from diffusers' clip_sample (max |Δ| {apart})"
+        );
+    }
+}
+
+fn ints(v: &Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_i64().unwrap())
+        .collect()
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+}
+
+/// x' = a·x + b·ε + d·x̂₀' in f64, elementwise (a step that adds no noise).
+fn multistep(
+    c: ddpm_core::sampler::StepCoefficients,
+    x: &[f64],
+    eps: &[f64],
+    prev_x0: &[f64],
+) -> Vec<f64> {
+    assert_eq!(c.noise, 0.0);
+    x.iter()
+        .zip(eps)
+        .zip(prev_x0)
+        .map(|((x, e), p)| c.x * x + c.eps * e + c.prev_x0 * p)
+        .collect()
+}
+
+/// x̂₀ = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t of a plan step and the ε the update uses: with the step's
+/// clip, x̂₀ clamped to [−1, 1] and ε the one consistent with it (the `sampler` module's
+/// doc).
+fn predicted_x0(
+    schedule: &NoiseSchedule,
+    step: &PlannedStep,
+    x: &[f64],
+    eps: &[f64],
+) -> (Vec<f64>, Vec<f64>) {
+    let ab = schedule.alpha_cumprod(step.timestep);
+    let (alpha, sigma) = (ab.sqrt(), (1.0 - ab).sqrt());
+    x.iter()
+        .zip(eps)
+        .map(|(x, e)| {
+            let x0 = (x - sigma * e) / alpha;
+            match step.clip {
+                Some(_) => {
+                    let x0 = x0.clamp(-1.0, 1.0);
+                    (x0, (x - alpha * x0) / sigma)
+                }
+                None => (x0, *e),
+            }
+        })
+        .unzip()
+}
+
+/// The linspace timesteps of `DPMSolverMultistepScheduler.set_timesteps(n)`.
+#[test]
+fn dpmpp_2m_timesteps_match_diffusers() {
+    let v = json("dpmpp_vectors.json");
+    let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let runs = v["timesteps"].as_object().unwrap();
+    assert!(runs.len() >= 10);
+    for (n, expected) in runs {
+        let n: usize = n.parse().unwrap();
+        let expected = ints(expected);
+        assert_eq!(
+            TimestepSpacing::Linspace.timesteps(1000, n),
+            expected,
+            "n = {n}"
+        );
+        let plan: Vec<i64> = SamplerConfig::dpmpp_2m(n)
+            .plan(&s)
+            .unwrap()
+            .iter()
+            .map(|p| p.timestep)
+            .collect();
+        assert_eq!(plan, expected, "n = {n}: the plan's timesteps");
+    }
+}
+
+/// Steps k of n-step plans (first order at k = 0 and k = n − 1, second order between),
+/// from fixed x_t, ε̃ and previous x̂₀, unclipped as diffusers' default.
+#[test]
+fn dpmpp_2m_steps_match_diffusers() {
+    let v = json("dpmpp_vectors.json");
+    let inputs = &v["inputs"];
+    let (x, eps, prev_x0) = (
+        floats(&inputs["x"]),
+        floats(&inputs["eps"]),
+        floats(&inputs["prev_x0"]),
+    );
+    let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let cases = v["steps"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    let mut worst: f64 = 0.0;
+    for case in cases {
+        let n = case["num_inference_steps"].as_u64().unwrap() as usize;
+        let k = case["index"].as_u64().unwrap() as usize;
+        let plan = SamplerConfig {
+            clip_denoised: false,
+            ..SamplerConfig::dpmpp_2m(n)
+        }
+        .plan(&s)
+        .unwrap();
+        let step = plan[k];
+        let name = format!("dpmpp_2m n={n} step {k}");
+        assert_eq!(
+            (step.timestep, step.prev_timestep),
+            (
+                case["t"].as_i64().unwrap(),
+                case["prev_t"].as_i64().unwrap()
+            ),
+            "{name}"
+        );
+        let second_order = case["order"].as_u64().unwrap() == 2;
+        assert_eq!(step.coefficients.prev_x0 != 0.0, second_order, "{name}");
+        let ours = multistep(step.coefficients, &x, &eps, &prev_x0);
+        let expected = floats(&case["prev_sample"]);
+        assert_close(&name, &ours, &expected, 1e-9, 1e-10);
+        worst = worst.max(max_abs_diff(&ours, &expected));
+    }
+    eprintln!("dpmpp_2m single steps: max |Δ| vs diffusers (float64) = {worst:e}");
+}
+
+/// The fake noise prediction of `make_dpmpp_vectors.py`: 0.8·tanh(x) + 0.3·cos(t/100)·e.
+fn fake_eps(x: &[f64], t: i64, e: &[f64]) -> Vec<f64> {
+    let w = 0.3 * (t as f64 / 100.0).cos();
+    x.iter()
+        .zip(e)
+        .map(|(x, e)| 0.8 * x.tanh() + w * e)
+        .collect()
+}
+
+/// Whole trajectories from x_T under the fake ε, every intermediate sample compared: the
+/// plan's coefficients and the x̂₀ each step keeps for the next. The clipped run is our
+/// `clip_denoised` against diffusers with a clamp as its thresholding.
+#[test]
+fn dpmpp_2m_trajectories_match_diffusers() {
+    let v = json("dpmpp_vectors.json");
+    let (x_t, e) = (floats(&v["inputs"]["x"]), floats(&v["inputs"]["eps"]));
+    let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let runs = v["trajectories"].as_object().unwrap();
+    assert!(runs.len() >= 5);
+    let mut worst: f64 = 0.0;
+    for (name, run) in runs {
+        let n = run["num_inference_steps"].as_u64().unwrap() as usize;
+        let plan = SamplerConfig {
+            clip_denoised: run["clip"].as_bool().unwrap(),
+            ..SamplerConfig::dpmpp_2m(n)
+        }
+        .plan(&s)
+        .unwrap();
+        let timesteps: Vec<i64> = plan.iter().map(|p| p.timestep).collect();
+        assert_eq!(timesteps, ints(&run["timesteps"]), "{name}");
+        let samples = run["samples"].as_array().unwrap();
+        assert_eq!(samples.len(), n);
+        let (mut x, mut prev_x0) = (x_t.clone(), vec![0.0; x_t.len()]);
+        let mut clamped = 0;
+        for (i, (step, expected)) in plan.iter().zip(samples).enumerate() {
+            let (x0, eps) = predicted_x0(&s, step, &x, &fake_eps(&x, step.timestep, &e));
+            clamped += x0.iter().filter(|v| v.abs() == 1.0).count();
+            x = multistep(step.coefficients, &x, &eps, &prev_x0);
+            if step.keep_x0.is_some() {
+                prev_x0 = x0;
+            }
+            let expected = floats(expected);
+            assert_close(&format!("{name} step {i}"), &x, &expected, 1e-9, 1e-10);
+            worst = worst.max(max_abs_diff(&x, &expected));
+        }
+        if plan[0].clip.is_some() {
+            assert!(clamped > x.len(), "{name}: the clamp was hardly active");
+        }
+    }
+    eprintln!("dpmpp_2m trajectories: max |Δ| vs diffusers (float64) = {worst:e}");
+}
+
+/// DPM-Solver++(2M) sampling with a model, in a batch with DDPM and DDIM samples and
+/// another DPM-Solver++ plan, against the solver computed by hand in f64 in the paper's
+/// form (x̂₀(t), x̂₀(u), λ = ln(α/σ)), clipped and not. Each step starts from the
+/// trajectory's own x_t, so the comparison holds to one step's float32 round-off and
+/// checks `denoise_step` and the x̂₀ each `Trajectory` keeps (the final clamp to [−1, 1]
+/// would hide most of a whole trajectory on this untrained model).
+#[test]
+fn dpmpp_2m_sampling_follows_the_solver_by_hand() {
+    let _rng = exclusive_rng();
+    tch::manual_seed(5);
+    let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
+    let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let (label, w) = (2, 3.0);
+    let marginal = |t: i64| {
+        let ab = schedule.alpha_cumprod(t);
+        let (alpha, sigma) = (ab.sqrt(), (1.0 - ab).sqrt());
+        (alpha, sigma, alpha.ln() - sigma.ln())
+    };
+    let as_f64 = |t: &Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double).view([-1])).unwrap();
+    for clip_denoised in [true, false] {
+        let spec = SampleSpec {
+            label: Some(label),
+            guidance_scale: w,
+            seed: 17,
+            sampler: SamplerConfig {
+                clip_denoised,
+                ..SamplerConfig::dpmpp_2m(6)
+            },
+        };
+        let neighbour = |sampler, seed| SampleSpec {
+            label: Some(0),
+            guidance_scale: 1.5,
+            seed,
+            sampler,
+        };
+        let mut trajectories = [
+            neighbour(SamplerConfig::ddpm(8), 1),
+            spec,
+            neighbour(SamplerConfig::ddim(3), 2),
+            neighbour(SamplerConfig::dpmpp_2m(4), 3),
+        ]
+        .map(|s| Trajectory::new(&model, &schedule, s).unwrap());
+        let mut previous: Option<(f64, Vec<f64>)> = None; // (λ_u, x̂₀(u))
+        let (mut clamped, mut worst) = (0, 0.0f64);
+        while !trajectories[1].is_done() {
+            let (t, s) = {
+                let step = trajectories[1].current();
+                (step.timestep, step.prev_timestep)
+            };
+            let x = as_f64(trajectories[1].x());
+            let (alpha_t, sigma_t, lambda_t) = marginal(t);
+            let eps = guided_eps_by_hand(&model, &x, t, label, w);
+            let x0: Vec<f64> = x
+                .iter()
+                .zip(&eps)
+                .map(|(x, e)| {
+                    let x0 = (x - sigma_t * e) / alpha_t;
+                    let kept = if clip_denoised {
+                        x0.clamp(-1.0, 1.0)
+                    } else {
+                        x0
+                    };
+                    clamped += usize::from(kept != x0);
+                    kept
+                })
+                .collect();
+            let expected: Vec<f64> = if s < 0 {
+                x0.clone() // σ_s = 0, α_s = 1: the first-order step returns x̂₀
+            } else {
+                let (alpha_s, sigma_s, lambda_s) = marginal(s);
+                let h = lambda_s - lambda_t;
+                let a = -alpha_s * ((-h).exp() - 1.0);
+                (0..x.len())
+                    .map(|k| {
+                        let d = match &previous {
+                            None => x0[k],
+                            Some((lambda_u, x0_u)) => {
+                                let r = (lambda_t - lambda_u) / h;
+                                x0[k] + 0.5 / r * (x0[k] - x0_u[k])
+                            }
+                        };
+                        sigma_s / sigma_t * x[k] + a * d
+                    })
+                    .collect()
+            };
+            previous = Some((lambda_t, x0));
+            let mut active: Vec<&mut Trajectory> =
+                trajectories.iter_mut().filter(|t| !t.is_done()).collect();
+            step_trajectories(&model, &mut active).unwrap();
+            let name = format!("dpmpp_2m clip_denoised={clip_denoised} t={t}→{s}");
+            let ours = as_f64(trajectories[1].x());
+            assert_close(&name, &ours, &expected, 1e-5, 1e-4);
+            worst = worst.max(max_abs_diff(&ours, &expected));
+        }
+        eprintln!(
+            "dpmpp_2m with a model, clip_denoised={clip_denoised}: max |Δ| per step {worst:e}"
+        );
+        assert_eq!(
+            clamped > 0,
+            clip_denoised,
+            "clamp active only when clipping"
         );
     }
 }

@@ -5,7 +5,7 @@
 //! below; those that do (n, the classes, steps) are filled into the served document by
 //! `http::openapi` from the same [`SampleDefaults`] and model.
 
-use ddpm_core::{sampler::TimestepSpacing, SampleSpec, SamplerConfig, SamplerKind};
+use ddpm_core::{SampleSpec, SamplerConfig, SamplerKind};
 use serde::Deserialize;
 use utoipa::{
     openapi::{schema::SchemaType, ObjectBuilder, OneOfBuilder, RefOr, Schema, Type},
@@ -20,7 +20,7 @@ pub const MAX_GUIDANCE_SCALE: f64 = 50.0;
 /// w of a request that gives none.
 pub const DEFAULT_GUIDANCE_SCALE: f64 = 3.0;
 /// Every sampler a request can name, as it names them.
-pub const SAMPLERS: [SamplerKind; 2] = [SamplerKind::Ddpm, SamplerKind::Ddim];
+pub const SAMPLERS: [SamplerKind; 3] = [SamplerKind::Ddpm, SamplerKind::Ddim, SamplerKind::DpmPp2m];
 
 /// A class by index or by name.
 #[derive(Debug, Clone, PartialEq)]
@@ -227,7 +227,9 @@ pub fn plan(
     let kind = match request.sampler.as_deref() {
         None => defaults.default_sampler,
         Some(s) => s.to_ascii_lowercase().parse::<SamplerKind>().map_err(|_| {
-            ValidationError::Sampler(format!("unknown sampler {s:?}: use \"ddpm\" or \"ddim\""))
+            ValidationError::Sampler(format!(
+                "unknown sampler {s:?}: use \"ddpm\", \"ddim\" or \"dpmpp_2m\""
+            ))
         })?,
     };
     let t_max = model.timesteps as i64;
@@ -253,7 +255,7 @@ pub fn plan(
         kind,
         steps: steps as usize,
         eta,
-        spacing: TimestepSpacing::Trailing,
+        spacing: kind.default_spacing(),
         clip_denoised: true,
     };
     let seed = request.seed.unwrap_or_else(rand::random);
@@ -533,6 +535,6 @@ mod tests {
             ok(json!({ "sampler": sampler }));
         }
         let schema = serde_json::to_value(sampler_schema().build()).unwrap();
-        assert_eq!(schema["enum"], json!(["ddpm", "ddim", null]));
+        assert_eq!(schema["enum"], json!(["ddpm", "ddim", "dpmpp_2m", null]));
     }
 }

@@ -104,7 +104,7 @@ fn n_with_classes(max_n: usize) -> Value {
 fn eta_with_ddpm(default: SamplerKind) -> Value {
     let ddpm = match default {
         SamplerKind::Ddpm => json!({ "properties": { "sampler": { "enum": ["ddpm", null] } } }),
-        SamplerKind::Ddim => json!({
+        SamplerKind::Ddim | SamplerKind::DpmPp2m => json!({
             "properties": { "sampler": { "const": "ddpm" } },
             "required": ["sampler"],
         }),
