@@ -25,7 +25,8 @@
 //!   model (guidance 3) at several steps, and their roughness relative to the real
 //!   images' (residual noise raises it; 1 = as smooth as the data); at the last step
 //!   the same for DDIM-50 with η = 1 and for ancestral DDPM-50, the server's other
-//!   samplers at equal cost.
+//!   samplers at equal cost (with `DDPM_BENCH_SAMPLER_SWEEP=1` also DDIM and
+//!   DPM-Solver++(2M) at 10, 15, 20 and 50 steps).
 //!
 //! Settings: `DDPM_BENCH_PARTS` (`parity,options`), `DDPM_BENCH_STEPS` (2000),
 //! `DDPM_BENCH_PARITY_MODEL` (`seed32`, or `tiny`), `DDPM_BENCH_INIT_SEEDS` (the parity
@@ -177,24 +178,44 @@ struct Curve {
     low_noise: Vec<(f64, f64)>,
     /// (step, accuracy, roughness) of DDIM-50 (η = 0) samples.
     accuracy: Vec<(usize, f64, f64)>,
-    /// At the last step, per other sampler of [`FINAL_SAMPLERS`]: (accuracy, roughness).
+    /// At the last step, per other sampler of [`final_samplers`]: (accuracy, roughness).
     final_samplers: Vec<(f64, f64)>,
 }
 
-/// The samplers compared at the last step (50 network evaluations each), beside the
-/// DDIM-50 η = 0 of the earlier columns.
-const FINAL_SAMPLERS: [&str; 2] = ["DDIM-50 η=1", "DDPM-50"];
+/// The samplers compared at the last step, beside the DDIM-50 η = 0 of the earlier
+/// columns: the server's other samplers at equal cost (50 network evaluations), and with
+/// `DDPM_BENCH_SAMPLER_SWEEP=1` also DDIM and DPM-Solver++(2M) at 10, 15, 20 and 50 steps.
+fn final_samplers() -> Vec<String> {
+    let mut names = vec!["DDIM-50 η=1".to_string(), "DDPM-50".to_string()];
+    if std::env::var("DDPM_BENCH_SAMPLER_SWEEP").is_ok_and(|v| v == "1") {
+        for steps in [10, 15, 20] {
+            names.push(format!("DDIM-{steps}"));
+        }
+        for steps in [10, 15, 20, 50] {
+            names.push(format!("DPM++2M-{steps}"));
+        }
+    }
+    names
+}
 
+/// A sampler by its column name: `DDIM-<n>`, `DDIM-<n> η=1`, `DDPM-<n>`, `DPM++2M-<n>`.
 fn final_sampler(name: &str) -> SamplerConfig {
-    match name {
-        "DDIM-50 η=1" => SamplerConfig {
-            eta: 1.0,
-            ..SamplerConfig::ddim(50)
+    let (kind, rest) = name.split_once('-').expect("<kind>-<steps>");
+    let (steps, eta) = match rest.split_once(' ') {
+        Some((steps, "η=1")) => (steps, 1.0),
+        _ => (rest, 0.0),
+    };
+    let steps: usize = steps.parse().expect("a step count");
+    match kind {
+        "DDIM" => SamplerConfig {
+            eta,
+            ..SamplerConfig::ddim(steps)
         },
-        "DDPM-50" => SamplerConfig {
+        "DDPM" => SamplerConfig {
             kind: SamplerKind::Ddpm,
-            ..SamplerConfig::ddim(50)
+            ..SamplerConfig::ddim(steps)
         },
+        "DPM++2M" => SamplerConfig::dpmpp_2m(steps),
         other => unreachable!("no sampler {other}"),
     }
 }
@@ -278,7 +299,7 @@ fn train_ours(
                 curve.accuracy.push((s, accuracy, rough));
             }
             if s == steps {
-                curve.final_samplers = FINAL_SAMPLERS
+                curve.final_samplers = final_samplers()
                     .iter()
                     .map(|name| score(final_sampler(name)))
                     .collect();
@@ -613,7 +634,7 @@ fn options(steps: usize, data: &Data) {
     }
     header += &format!(" roughness @{steps} |");
     rule += " ---: |";
-    for name in FINAL_SAMPLERS {
+    for name in final_samplers() {
         header += &format!(" {name}: probe acc, roughness @{steps} |");
         rule += " ---: |";
     }
