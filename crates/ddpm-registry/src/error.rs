@@ -108,14 +108,30 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
-    /// Whether the database could not be reached at all (no connection in time, or the
-    /// pool shut down), as opposed to a query that failed: a caller may answer "try
-    /// again later" rather than "internal error".
+    /// Whether the database could not be reached at all, as opposed to a query that
+    /// failed: a caller may answer "try again later" rather than "internal error". That is
+    /// no connection in time, the pool shut down, a broken or refused connection, or
+    /// PostgreSQL refusing sessions: SQLSTATE class 08 (connection exception), 57P0x
+    /// (shutting down, starting up), 53300 (too many connections) and 55000 (a database
+    /// not accepting connections; no query of ours raises it otherwise).
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            RegistryError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
-        )
+        let RegistryError::Database(e) = self else {
+            return false;
+        };
+        match e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code == "53300"
+                    || code == "55000"
+            }),
+            _ => false,
+        }
     }
 }
 

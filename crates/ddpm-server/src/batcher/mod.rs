@@ -18,7 +18,10 @@ pub mod slots;
 mod worker;
 
 use std::{
-    sync::{mpsc, Arc},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -100,6 +103,22 @@ pub struct Batcher {
     permits: Arc<Semaphore>,
     capacity: usize,
     metrics: BatcherMetrics,
+    /// Cleared when the model thread ends, by returning or by a panic the step guard did
+    /// not catch: liveness and readiness read it.
+    alive: Arc<AtomicBool>,
+}
+
+/// Clears its flag when dropped: on the model thread, that is when the thread ends,
+/// however it ends (a panic unwinds through it).
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+        if thread::panicking() {
+            tracing::error!("the model thread died of a panic: every request now fails");
+        }
+    }
 }
 
 /// Joins the model thread; it ends once every [`Batcher`] is dropped and the work in flight
@@ -126,9 +145,12 @@ impl Batcher {
         let worker_metrics = metrics.clone();
         let max_batch = config.max_batch.max(1);
         let span = tracing::Span::current();
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = AliveGuard(alive.clone());
         let thread = thread::Builder::new()
             .name("ddpm-model".into())
             .spawn(move || {
+                let _alive = guard;
                 let _entered = span.enter();
                 worker::run(receiver, max_batch, &worker_metrics);
             })?;
@@ -138,6 +160,7 @@ impl Batcher {
                 permits: Arc::new(Semaphore::new(config.queue_capacity.max(1))),
                 capacity: config.queue_capacity.max(1),
                 metrics,
+                alive,
             },
             WorkerHandle(thread),
         ))
@@ -189,9 +212,34 @@ impl Batcher {
         }
     }
 
+    /// Whether the model thread is still running. Once it is not, every request fails
+    /// until the process is restarted: `/healthz` says so.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
     /// Images accepted and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.capacity
             .saturating_sub(self.permits.available_permits())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_alive_flag_falls_when_its_thread_ends_even_by_a_panic() {
+        for panics in [false, true] {
+            let alive = Arc::new(AtomicBool::new(true));
+            let guard = AliveGuard(alive.clone());
+            let thread = thread::spawn(move || {
+                let _alive = guard;
+                assert!(!panics, "a panic outside the step guard");
+            });
+            assert_eq!(thread.join().is_err(), panics);
+            assert!(!alive.load(Ordering::SeqCst), "panics: {panics}");
+        }
     }
 }

@@ -25,9 +25,12 @@ pub fn metrics_router() -> Router<AppState> {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// Always `ok`.
-    #[schema(example = "ok")]
+    /// `ok`, or `failing` (answered 503: restart the process).
+    #[schema(schema_with = health_status_schema)]
     pub status: &'static str,
+    /// Whether the thread that runs the model is alive; every sampling request fails
+    /// without it.
+    pub model_thread_alive: bool,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -36,6 +39,9 @@ pub struct Readiness {
     #[schema(schema_with = readiness_status_schema)]
     pub status: &'static str,
     pub model_loaded: bool,
+    pub model_thread_alive: bool,
+    /// Reported, not required: sampling does not use the registry, only the run-history
+    /// routes do (they answer 503 while it is away).
     pub registry_reachable: bool,
     /// The model being served; null until one is loaded.
     pub model: Option<ModelRef>,
@@ -44,24 +50,44 @@ pub struct Readiness {
 const READY: &str = "ready";
 const NOT_READY: &str = "not_ready";
 
+fn health_status_schema() -> utoipa::openapi::ObjectBuilder {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .enum_values(Some(["ok", "failing"]))
+}
+
 fn readiness_status_schema() -> utoipa::openapi::ObjectBuilder {
     utoipa::openapi::ObjectBuilder::new()
         .schema_type(utoipa::openapi::Type::String)
         .enum_values(Some([READY, NOT_READY]))
 }
 
-/// Liveness: the process is up and answering.
+/// Liveness: the process is up and its model thread alive. A 503 means it cannot recover
+/// by itself (the model thread died): an orchestrator should restart it.
 #[utoipa::path(
     get,
     path = "/healthz",
     tag = "operations",
-    responses((status = 200, description = "Up.", body = Health))
+    responses(
+        (status = 200, description = "Up.", body = Health),
+        (status = 503, description = "Failing: restart the process.", body = Health),
+    )
 )]
-pub(super) async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok" })
+pub(super) async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    let alive = state.batcher.is_alive();
+    let status = match alive {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let body = Health {
+        status: if alive { "ok" } else { "failing" },
+        model_thread_alive: alive,
+    };
+    (status, Json(body))
 }
 
-/// Readiness: a model is loaded and the registry answers.
+/// Readiness: a model is loaded and the model thread is alive. The registry's state is
+/// reported but not required: a database outage leaves sampling up.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -74,7 +100,8 @@ pub(super) async fn healthz() -> Json<Health> {
 pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let model = state.current.get().map(|m| ModelRef::from(&m.info()));
     let registry = state.registry.ping().await;
-    let ready = model.is_some() && registry.is_ok();
+    let alive = state.batcher.is_alive();
+    let ready = model.is_some() && alive;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -83,6 +110,7 @@ pub(super) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let body = Readiness {
         status: if ready { READY } else { NOT_READY },
         model_loaded: model.is_some(),
+        model_thread_alive: alive,
         registry_reachable: registry.is_ok(),
         model,
     };

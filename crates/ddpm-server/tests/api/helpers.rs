@@ -134,6 +134,11 @@ impl TestApp {
         panic!("the server did not come up");
     }
 
+    /// The server's registry database (a PostgreSQL or SQLite URL).
+    pub fn database_url(&self) -> &str {
+        &self.database.url
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }

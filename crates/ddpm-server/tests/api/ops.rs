@@ -208,3 +208,59 @@ fn the_binary_documents_its_environment() {
         assert!(help.contains(var), "{var} missing from --help");
     }
 }
+
+/// `ALLOW_CONNECTIONS` of the app's PostgreSQL database, and its sessions ended when
+/// turned off: the database is away for the server as in an outage.
+async fn set_database_reachable(app: &crate::helpers::TestApp, reachable: bool) {
+    let name = app.database_url().rsplit('/').next().unwrap().to_string();
+    let admin = sqlx::AnyPool::connect(&ddpm_testkit::postgres_server_url())
+        .await
+        .expect("connect as admin");
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {reachable}"
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
+    if !reachable {
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+            .bind(&name)
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_leaves_sampling_ready() {
+    let app = spawn_app(Options {
+        db: ddpm_testkit::Db::Postgres,
+        ..Options::default()
+    })
+    .await;
+    let (status, ready) = app.get_json("/readyz").await;
+    assert_eq!(
+        (status, ready["registry_reachable"].as_bool()),
+        (200, Some(true))
+    );
+
+    set_database_reachable(&app, false).await;
+    let (status, ready) = app.get_json("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["registry_reachable"], false);
+    assert_eq!(ready["model_thread_alive"], true);
+    let (status, health) = app.get_json("/healthz").await;
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    // Sampling does not need the registry; the run history does.
+    app.sample_json(json!({"n": 1, "steps": 3})).await;
+    let (status, body) = app.get_json("/v1/runs").await;
+    assert_eq!(status, 503, "{body}");
+
+    set_database_reachable(&app, true).await;
+    wait_until("the run history back with the database", || async {
+        app.get_json("/v1/runs").await.0 == 200
+    })
+    .await;
+    app.stop().await.unwrap();
+}
