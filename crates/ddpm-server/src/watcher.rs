@@ -3,11 +3,18 @@
 //!
 //! The registry is polled every `poll_interval`; on PostgreSQL its announcements
 //! ([`ddpm_registry::Announcements`]) trigger a check as soon as a checkpoint is
-//! registered (the poll still runs, for announcements lost while the connection was down). A checkpoint that
-//! fails to load (missing file, checksum mismatch, corrupt or incompatible weights) is
-//! logged, remembered and never retried; the model being served stays.
+//! registered (the poll still runs, for announcements lost while the connection was
+//! down). A checkpoint that fails to load is logged and the model being served stays. A
+//! corrupt or incompatible one (checksum mismatch, unparsable, contradicting its record)
+//! is never tried again; one that failed for a reason that may pass (its file missing or
+//! unreadable, the store not mounted, an out-of-memory on the device) is tried again after
+//! a backoff: [`RETRY_FIRST`] doubling per failure, up to [`RETRY_MAX`].
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use ddpm_registry::{Announcements, CheckpointKind, CheckpointRecord, CheckpointStore, Registry};
 use tch::Device;
@@ -33,6 +40,36 @@ pub enum Pin {
 /// Most runs looked at when searching for an older usable checkpoint.
 const FALLBACK_RUNS: i64 = 1000;
 
+/// The first wait before a checkpoint that failed for a reason that may pass is tried
+/// again; it doubles with each failure, up to [`RETRY_MAX`].
+pub const RETRY_FIRST: Duration = Duration::from_secs(2);
+pub const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// Why a checkpoint is not tried now.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    /// Corrupt or incompatible: never again.
+    ForGood,
+    /// Failed `failures` times for reasons that may pass; not before `retry_at`.
+    Until { retry_at: Instant, failures: u32 },
+}
+
+/// Whether a load failure may pass by itself (retry later) or not (never retry).
+fn may_pass(error: &ServerError) -> bool {
+    use ddpm_core::CoreError;
+    use ddpm_registry::RegistryError;
+    match error {
+        // A file that is not there or not readable (yet): a store not mounted, a copy
+        // in progress. A checksum mismatch is corruption: for good.
+        ServerError::Registry(RegistryError::Io { .. }) | ServerError::Io(_) => true,
+        ServerError::Registry(e) => e.is_unavailable(),
+        // libtorch failing to place the weights (out of memory on the device) may pass;
+        // a file that does not parse as a checkpoint does not.
+        ServerError::Core(CoreError::Io { .. } | CoreError::Torch(_)) => true,
+        _ => false,
+    }
+}
+
 pub struct Watcher {
     pub registry: Registry,
     pub store: CheckpointStore,
@@ -40,8 +77,8 @@ pub struct Watcher {
     pub pin: Pin,
     pub current: CurrentModel,
     pub metrics: ModelMetrics,
-    /// Checkpoints that failed to load: never tried again.
-    failed: HashSet<i64>,
+    /// Checkpoints that failed to load, and when (if ever) to try each again.
+    failed: HashMap<i64, Refused>,
 }
 
 impl Watcher {
@@ -60,7 +97,7 @@ impl Watcher {
             pin,
             current,
             metrics,
-            failed: HashSet::new(),
+            failed: HashMap::new(),
         }
     }
 
@@ -97,7 +134,7 @@ impl Watcher {
         if Some(newest.id) == current {
             return Ok(None);
         }
-        if !self.failed.contains(&newest.id) && self.try_load(newest).await {
+        if self.may_try(newest.id) && self.try_load(newest).await {
             return Ok(self.current.get().map(|m| m.checkpoint.id));
         }
         if current.is_some() || matches!(self.pin, Pin::Checkpoint(_)) {
@@ -105,7 +142,7 @@ impl Watcher {
         }
         // Nothing served yet and the newest is unusable: fall back to older ones.
         for candidate in self.older_candidates().await? {
-            if !self.failed.contains(&candidate.id) && self.try_load(candidate).await {
+            if self.may_try(candidate.id) && self.try_load(candidate).await {
                 return Ok(self.current.get().map(|m| m.checkpoint.id));
             }
         }
@@ -147,9 +184,11 @@ impl Watcher {
             tokio::task::spawn_blocking(move || LoadedModel::load(&store, &record, device)).await;
         let loaded = match outcome {
             Ok(Ok(model)) => model,
-            Ok(Err(e)) => return self.refuse(id, &e.to_string()),
-            Err(e) => return self.refuse(id, &format!("the loading thread failed: {e}")),
+            Ok(Err(e)) => return self.refuse(id, &e.to_string(), may_pass(&e)),
+            // A panic while loading (libtorch aborting an op): may pass, like an OOM.
+            Err(e) => return self.refuse(id, &format!("the loading thread failed: {e}"), true),
         };
+        self.failed.remove(&id);
         let info = loaded.info();
         let previous = self.current.set(Arc::new(loaded));
         self.metrics.step.set(info.step);
@@ -168,10 +207,36 @@ impl Watcher {
         true
     }
 
-    fn refuse(&mut self, id: i64, error: &str) -> bool {
-        tracing::warn!(checkpoint = id, %error, "checkpoint refused: keeping the current model");
-        self.failed.insert(id);
+    /// Whether checkpoint `id` may be tried now.
+    fn may_try(&self, id: i64) -> bool {
+        match self.failed.get(&id) {
+            None => true,
+            Some(Refused::ForGood) => false,
+            Some(Refused::Until { retry_at, .. }) => Instant::now() >= *retry_at,
+        }
+    }
+
+    /// Records a failed load; `false`, for `try_load` to return.
+    fn refuse(&mut self, id: i64, error: &str, may_pass: bool) -> bool {
         self.metrics.load_failures.inc();
+        if !may_pass {
+            tracing::warn!(checkpoint = id, %error, "checkpoint refused for good: keeping the current model");
+            self.failed.insert(id, Refused::ForGood);
+            return false;
+        }
+        let failures = match self.failed.get(&id) {
+            Some(Refused::Until { failures, .. }) => failures + 1,
+            _ => 1,
+        };
+        let wait = retry_wait(failures);
+        tracing::warn!(checkpoint = id, %error, ?wait, "checkpoint failed to load, for a reason that may pass: keeping the current model, trying again later");
+        self.failed.insert(
+            id,
+            Refused::Until {
+                retry_at: Instant::now() + wait,
+                failures,
+            },
+        );
         false
     }
 
@@ -196,10 +261,48 @@ impl Watcher {
     }
 }
 
+/// How long to wait after the `failures`-th failure that may pass.
+fn retry_wait(failures: u32) -> Duration {
+    RETRY_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(RETRY_MAX)
+}
+
 /// The next announcement, or never when there are none to listen for.
 async fn announced(announcements: &mut Option<Announcements>) {
     match announcements {
         Some(a) => a.next().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_waits_double_up_to_the_cap() {
+        let waits: Vec<u64> = (1..=10).map(|f| retry_wait(f).as_secs()).collect();
+        assert_eq!(waits, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+    }
+
+    #[test]
+    fn corruption_is_for_good_and_missing_files_may_pass() {
+        let missing = ServerError::Registry(ddpm_registry::RegistryError::Io {
+            path: "x".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        assert!(may_pass(&missing));
+        let corrupt = ServerError::Registry(ddpm_registry::RegistryError::ChecksumMismatch {
+            path: "x".into(),
+            expected: "a".into(),
+            actual: "b".into(),
+        });
+        assert!(!may_pass(&corrupt));
+        let incompatible = ServerError::IncompatibleCheckpoint {
+            id: 1,
+            message: "step".into(),
+        };
+        assert!(!may_pass(&incompatible));
     }
 }

@@ -1,5 +1,6 @@
 //! Model loading and hot swap: a newer checkpoint replaces the model with no failed
-//! request, a corrupt one never does, and without a model sampling answers 503.
+//! request, a corrupt one never does, one whose file is missing is tried again once it
+//! appears, and without a model sampling answers 503.
 
 use std::{
     sync::{
@@ -123,6 +124,47 @@ async fn corrupt_or_mismatched_newer_checkpoints_are_ignored() {
     add_checkpoint(&app.registry, &app.store, app.run_id, 600).await;
     assert!(app.wait_for_step(600, Duration::from_secs(30)).await);
     assert_eq!(app.metric("ddpm_model_load_failures_total").await, 4.0);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpoint_whose_file_is_missing_is_tried_again_once_it_appears() {
+    let app = spawn_app(Options::default()).await;
+    // The file is registered before it is in place (a volume not yet synced): the first
+    // loads fail with "not found", a reason that may pass.
+    let staged = {
+        let bytes = checkpoint_for(app.run_id, 200);
+        app.store
+            .write_bytes(std::path::Path::new("staging/ema.safetensors"), &bytes)
+            .unwrap()
+    };
+    let rel = app
+        .store
+        .path_for(app.run_id, 200, ddpm_registry::CheckpointKind::Ema);
+    app.registry
+        .register_checkpoint(&ddpm_registry::NewCheckpoint {
+            run_id: app.run_id,
+            step: 200,
+            kind: ddpm_registry::CheckpointKind::Ema,
+            path: rel.to_string_lossy().into_owned(),
+            size_bytes: staged.size_bytes as i64,
+            sha256: staged.sha256.clone(),
+        })
+        .await
+        .unwrap();
+    wait_until("a failed load", || async {
+        app.metric("ddpm_model_load_failures_total").await >= 1.0
+    })
+    .await;
+    assert_eq!(app.model_step().await, Some(100), "the old model stays");
+    std::fs::rename(
+        app.store.resolve(&staged.path).unwrap(),
+        app.store.resolve(&rel).unwrap(),
+    )
+    .unwrap();
+    // Retried after its backoff (2 s, then 4 s, …), not refused for good.
+    assert!(app.wait_for_step(200, Duration::from_secs(30)).await);
+    app.sample_json(json!({"class": "red", "steps": 3})).await;
     app.stop().await.unwrap();
 }
 
