@@ -78,6 +78,75 @@ pub struct Config {
     /// run control (cancel, restart, delete) is disabled (403).
     #[arg(long, env = "DDPM_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+
+    /// Start even where that is unsafe: on a non-loopback address without a token (or
+    /// with an empty one), or with a token or database password left at a placeholder of
+    /// deploy/.env.example. For a trusted network only.
+    #[arg(long, env = "DDPM_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+}
+
+/// The secrets deploy/.env.example ships with: never accepted as real ones.
+pub const PLACEHOLDER_SECRETS: [&str; 2] = ["change-me", "change-me-too"];
+
+impl Config {
+    /// Refuses a start that would expose the server: without a token (or with an empty
+    /// one) on an address other than loopback, or with the token or the database
+    /// password still at a shipped placeholder; `--insecure-no-auth` allows it.
+    /// `bind` is the address actually listened on.
+    pub fn check_security(&self, bind: SocketAddr) -> Result<(), String> {
+        if self.insecure_no_auth {
+            return Ok(());
+        }
+        let token = self.api_token.as_deref().map(str::trim);
+        if token.is_some_and(|t| PLACEHOLDER_SECRETS.contains(&t)) {
+            return Err(
+                "DDPM_API_TOKEN is still the placeholder of deploy/.env.example: \
+                 set a secret of your own (e.g. `openssl rand -hex 32`)"
+                    .into(),
+            );
+        }
+        let password = database_password(&self.common.database_url());
+        if password.is_some_and(|p| PLACEHOLDER_SECRETS.contains(&p.as_str())) {
+            return Err("the database password is still the placeholder of \
+                 deploy/.env.example (POSTGRES_PASSWORD): set a secret of your own"
+                .into());
+        }
+        if token.is_none_or(str::is_empty) && !bind.ip().is_loopback() {
+            return Err(format!(
+                "no API token (DDPM_API_TOKEN is unset or empty) on {bind}, which other \
+                 machines can reach: set DDPM_API_TOKEN, bind to 127.0.0.1, or pass \
+                 --insecure-no-auth on a trusted network"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The password of a `postgres://user:password@host/…` URL, percent-decoded.
+fn database_password(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let userinfo = rest.split('/').next()?.rsplit_once('@')?.0;
+    let password = userinfo.split_once(':')?.1;
+    let mut out = Vec::with_capacity(password.len());
+    let bytes = password.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 impl Config {
@@ -107,6 +176,7 @@ impl Default for Config {
             pin_run: None,
             pin_checkpoint: None,
             api_token: None,
+            insecure_no_auth: false,
         }
     }
 }
@@ -127,6 +197,7 @@ impl std::fmt::Debug for Config {
             .field("pin_run", &self.pin_run)
             .field("pin_checkpoint", &self.pin_checkpoint)
             .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field("insecure_no_auth", &self.insecure_no_auth)
             .finish()
     }
 }
@@ -135,6 +206,45 @@ impl std::fmt::Debug for Config {
 mod tests {
     use super::*;
     use clap::{CommandFactory, FromArgMatches};
+
+    #[test]
+    fn unsafe_starts_are_refused_unless_asked_for() {
+        let open: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let with = |token: Option<&str>, url: &str| {
+            let mut config = Config::with_data_dir("/srv");
+            config.api_token = token.map(str::to_owned);
+            config.common.database_url = Some(url.to_owned());
+            config
+        };
+        let sqlite = "sqlite:/srv/registry.db";
+        // Loopback without a token: the demo. Any address with a real token: deployment.
+        assert!(with(None, sqlite).check_security(local).is_ok());
+        assert!(with(Some("s3cret"), sqlite).check_security(open).is_ok());
+        // Reachable without a token, or with an empty one.
+        for token in [None, Some(""), Some("  ")] {
+            let refused = with(token, sqlite).check_security(open).unwrap_err();
+            assert!(refused.contains("no API token"), "{refused}");
+        }
+        // Placeholders, even on loopback; percent-encoding does not hide them.
+        assert!(with(Some("change-me-too"), sqlite)
+            .check_security(local)
+            .is_err());
+        let pg = |password: &str| format!("postgres://ddpm:{password}@db:5432/ddpm");
+        for password in ["change-me", "change%2Dme"] {
+            let refused = with(Some("s3cret"), &pg(password))
+                .check_security(open)
+                .unwrap_err();
+            assert!(refused.contains("database password"), "{refused}");
+        }
+        assert!(with(Some("s3cret"), &pg("good"))
+            .check_security(open)
+            .is_ok());
+        // --insecure-no-auth allows all of it.
+        let mut insecure = with(Some("change-me-too"), &pg("change-me"));
+        insecure.insecure_no_auth = true;
+        assert!(insecure.check_security(open).is_ok());
+    }
 
     #[test]
     fn defaults_follow_the_data_dir() {

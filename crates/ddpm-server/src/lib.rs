@@ -61,6 +61,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    config
+        .check_security(listener.local_addr()?)
+        .map_err(ServerError::Config)?;
     if config.queue_capacity < config.max_images_per_request {
         return Err(ServerError::Config(format!(
             "--queue-capacity ({}) must be at least --max-images-per-request ({})",

@@ -209,6 +209,34 @@ fn the_binary_documents_its_environment() {
     }
 }
 
+#[test]
+fn the_binary_refuses_to_start_exposed() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = |args: &[&str], token: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ddpm-server"));
+        cmd.args(["--device", "cpu", "--data-dir"])
+            .arg(dir.path())
+            .args(args)
+            .env_remove("DDPM_API_TOKEN")
+            .env_remove("DDPM_INSECURE_NO_AUTH");
+        if let Some(token) = token {
+            cmd.env("DDPM_API_TOKEN", token);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Every address without a token, and a placeholder token anywhere: it exits at once.
+    let (ok, err) = start(&["--bind", "0.0.0.0:0"], None);
+    assert!(!ok && err.contains("no API token"), "{err}");
+    let (ok, err) = start(&["--bind", "0.0.0.0:0"], Some(""));
+    assert!(!ok && err.contains("no API token"), "{err}");
+    let (ok, err) = start(&["--bind", "127.0.0.1:0"], Some("change-me-too"));
+    assert!(!ok && err.contains("placeholder"), "{err}");
+}
+
 /// `ALLOW_CONNECTIONS` of the app's PostgreSQL database, and its sessions ended when
 /// turned off: the database is away for the server as in an outage.
 async fn set_database_reachable(app: &crate::helpers::TestApp, reachable: bool) {
