@@ -29,6 +29,9 @@ pub struct Metrics {
     pub model: ModelMetrics,
 }
 
+/// The route label of every request answered 401.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+
 /// Requests by method, route and status, and their latency by route.
 #[derive(Clone, Debug)]
 pub struct HttpMetrics {
@@ -252,9 +255,15 @@ impl Metrics {
 impl HttpMetrics {
     /// One answered request; `route` is the router's template (or `unmatched`).
     pub fn observe(&self, method: &axum::http::Method, route: &str, status: u16, seconds: f64) {
+        // A request refused for its token counts as one kind whatever its method and
+        // route: a client without the token adds no series of its choosing.
+        let (method, route) = match status {
+            401 => (Method::Other, UNAUTHENTICATED),
+            _ => (Method::of(method), route),
+        };
         self.requests
             .get_or_create(&RequestLabels {
-                method: Method::of(method),
+                method,
                 route: route.to_string(),
                 status,
             })
@@ -283,6 +292,23 @@ mod tests {
     fn value(text: &str, series: &str) -> Option<f64> {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn unauthenticated_requests_share_one_series() {
+        let m = Metrics::default();
+        for (method, route) in [
+            (axum::http::Method::GET, "/v1/runs"),
+            (axum::http::Method::POST, "/v1/samples"),
+            (axum::http::Method::DELETE, "/v1/runs/{id}"),
+        ] {
+            m.http.observe(&method, route, 401, 0.001);
+        }
+        let text = m.render();
+        let series =
+            r#"ddpm_http_requests_total{method="other",route="unauthenticated",status="401"}"#;
+        assert_eq!(value(&text, series), Some(3.0), "{text}");
+        assert!(!text.contains(r#"route="/v1/runs""#), "{text}");
     }
 
     #[test]
