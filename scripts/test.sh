@@ -19,12 +19,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p ddpm-trainer --all-targets --features failpoints --locked -- -D warnings
 cargo test --workspace --locked "$@"
 if [ $# -eq 0 ]; then
-  # The fault-injection suite (crates/ddpm-trainer/tests/fault_suite): real SIGKILLs,
+  # The fault-injection suite (crates/ddpm-trainer/tests/trainer/fault_suite): real SIGKILLs,
   # some at named points compiled in only with the `failpoints` feature, SIGSTOP, a full
   # disk. One test at a time: its daemons' heartbeats must not starve on two cores. It
   # prints `fault suite (<backend>): kills survived N/N, lost metric rows 0, …`.
-  cargo test -p ddpm-trainer --locked --features failpoints --test fault_suite -- \
-    --test-threads 1 --nocapture
+  cargo test -p ddpm-trainer --locked --features failpoints --test trainer -- \
+    fault_suite:: --test-threads 1 --nocapture
 fi
 if [ $# -eq 0 ]; then
   scripts/schemathesis.sh

@@ -230,18 +230,49 @@ fn create_sqlite_file(url: &str) -> Result<()> {
 
 /// The URL with any password replaced by `***`, for logs and errors.
 pub fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((user_info, host)) => match user_info.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
+    match password_span(url) {
+        Some((before, _, after)) => format!("{before}***{after}"),
         None => url.to_owned(),
     }
+}
+
+/// The password of a `scheme://user:password@host/…` URL, percent-decoded; `None` when
+/// it has none.
+pub fn database_password(url: &str) -> Option<String> {
+    let (_, password, _) = password_span(url)?;
+    let bytes = password.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok())
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A URL split around its password, as written: (`scheme://user:`, password,
+/// `@host…`); `None` when it has none.
+fn password_span(url: &str) -> Option<(&str, &str, &str)> {
+    let scheme_end = url.find("://")? + 3;
+    let rest = &url[scheme_end..];
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let user_info = &authority[..authority.rfind('@')?];
+    let colon = user_info.find(':')?;
+    let start = scheme_end + colon + 1;
+    let end = scheme_end + user_info.len();
+    Some((&url[..start], &url[start..end], &url[end..]))
 }
 
 /// A stored timestamp (unix milliseconds) as a `DateTime`.

@@ -1,4 +1,4 @@
-//! Named fault-injection points, for the trainer's fault suite (`tests/fault_suite` in
+//! Named fault-injection points, for the trainer's fault suite (`tests/trainer/fault_suite` in
 //! `ddpm-trainer`): a process built with the `failpoints` feature reads
 //! `DDPM_FAILPOINTS=<name>=kill@<n>[,…]` and SIGKILLs itself the n-th time it passes
 //! `<name>` (the first time without `@<n>`). Without the feature [`hit`] is an empty

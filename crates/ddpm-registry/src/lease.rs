@@ -106,7 +106,10 @@ impl LeasedRun {
             "UPDATE runs SET updated_at = {} WHERE {HELD}",
             self.registry.backend.now_ms()
         );
-        let held = bind_lease(sqlx::query(&sql), &self.lease)
+        let held = sqlx::query(&sql)
+            .bind(self.lease.run_id)
+            .bind(&self.lease.worker)
+            .bind(self.lease.attempt)
             .execute(&mut *tx)
             .await?;
         if held.rows_affected() != 1 {
@@ -125,7 +128,10 @@ impl LeasedRun {
             "UPDATE runs SET current_step = $4, heartbeat_at = {now}, updated_at = {now} \
              WHERE {HELD} RETURNING cancel_requested_at"
         );
-        let row: Option<(Option<i64>,)> = bind_lease(sqlx::query_as(&sql), &self.lease)
+        let row: Option<(Option<i64>,)> = sqlx::query_as(&sql)
+            .bind(self.lease.run_id)
+            .bind(&self.lease.worker)
+            .bind(self.lease.attempt)
             .bind(step)
             .fetch_optional(&self.registry.pool)
             .await?;
@@ -201,7 +207,10 @@ impl LeasedRun {
             "UPDATE runs SET status = $4, error = $5, finished_at = {now}, updated_at = {now} \
              WHERE {HELD}"
         );
-        let done = bind_lease(sqlx::query(&sql), &self.lease)
+        let done = sqlx::query(&sql)
+            .bind(self.lease.run_id)
+            .bind(&self.lease.worker)
+            .bind(self.lease.attempt)
             .bind(status.as_str())
             .bind(error)
             .execute(&self.registry.pool)
@@ -222,7 +231,10 @@ impl LeasedRun {
                  finished_at = {now}, updated_at = {now} \
              WHERE {HELD}"
         );
-        let done = bind_lease(sqlx::query(&sql), &self.lease)
+        let done = sqlx::query(&sql)
+            .bind(self.lease.run_id)
+            .bind(&self.lease.worker)
+            .bind(self.lease.attempt)
             .bind(reason)
             .bind(delay_ms)
             .execute(&self.registry.pool)
@@ -240,37 +252,5 @@ impl LeasedRun {
             None => Err(RegistryError::RunNotFound(self.lease.run_id)),
             Some(_) => Err(self.lost()),
         }
-    }
-}
-
-/// Binds `$1`…`$3` of [`HELD`].
-fn bind_lease<'q, Q: BindLease<'q>>(query: Q, lease: &'q Lease) -> Q {
-    query
-        .bind_i64(lease.run_id)
-        .bind_str(&lease.worker)
-        .bind_i64(lease.attempt)
-}
-
-/// `bind` for both query kinds sqlx has (plain and `query_as`).
-trait BindLease<'q>: Sized {
-    fn bind_i64(self, value: i64) -> Self;
-    fn bind_str(self, value: &'q str) -> Self;
-}
-
-impl<'q> BindLease<'q> for sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
-    fn bind_i64(self, value: i64) -> Self {
-        self.bind(value)
-    }
-    fn bind_str(self, value: &'q str) -> Self {
-        self.bind(value)
-    }
-}
-
-impl<'q, O> BindLease<'q> for sqlx::query::QueryAs<'q, Any, O, sqlx::any::AnyArguments<'q>> {
-    fn bind_i64(self, value: i64) -> Self {
-        self.bind(value)
-    }
-    fn bind_str(self, value: &'q str) -> Self {
-        self.bind(value)
     }
 }

@@ -93,7 +93,7 @@ mod store;
 
 pub use announce::Announcements;
 pub use checkpoints::{CheckpointKind, CheckpointRecord, NewCheckpoint, CHECKPOINT_CHANNEL};
-pub use db::{redact_password, Backend, Registry};
+pub use db::{database_password, redact_password, Backend, Registry};
 pub use error::{BoxError, RegistryError, Result};
 pub use lease::{Beat, Lease, LeasedRun};
 pub use metrics::{MetricPoint, MetricSummary};

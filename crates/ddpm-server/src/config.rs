@@ -106,7 +106,7 @@ impl Config {
                     .into(),
             );
         }
-        let password = database_password(&self.common.database_url());
+        let password = ddpm_registry::database_password(&self.common.database_url());
         if password.is_some_and(|p| PLACEHOLDER_SECRETS.contains(&p.as_str())) {
             return Err("the database password is still the placeholder of \
                  deploy/.env.example (POSTGRES_PASSWORD): set a secret of your own"
@@ -121,32 +121,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-/// The password of a `postgres://user:password@host/…` URL, percent-decoded.
-fn database_password(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
-    let userinfo = rest.split('/').next()?.rsplit_once('@')?.0;
-    let password = userinfo.split_once(':')?.1;
-    let mut out = Vec::with_capacity(password.len());
-    let bytes = password.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 impl Config {

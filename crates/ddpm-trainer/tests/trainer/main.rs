@@ -4,6 +4,9 @@
 mod configs;
 mod control;
 mod faults;
+// Real SIGKILLs at named points need the binary built with them (`failpoints`).
+#[cfg(feature = "failpoints")]
+mod fault_suite;
 mod helpers;
 mod linkage;
 mod queue;

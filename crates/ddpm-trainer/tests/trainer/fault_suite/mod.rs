@@ -10,13 +10,9 @@
 //!   one; thawed, it writes nothing and exits.
 //! - `disk`: the checkpoint store fills up mid-run: the run is deferred, not failed.
 //!
-//! Run with `cargo test -p ddpm-trainer --features failpoints --test fault_suite`
-//! (`scripts/test.sh` does).
-
-// The trainer suite's helpers; this binary uses only some of them.
-#[allow(dead_code)]
-#[path = "../trainer/helpers.rs"]
-mod helpers;
+//! Compiled only with the `failpoints` feature; run it alone, one test at a time:
+//! `cargo test -p ddpm-trainer --features failpoints --test trainer -- fault_suite::
+//! --test-threads 1` (`scripts/test.sh` does).
 
 mod audit;
 mod disk;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ddpm_registry::RunStatus;
 use rand::{Rng, SeedableRng};
 
-use crate::audit::{audit, same_final_weights, Audit};
+use super::audit::{audit, same_final_weights, Audit};
 use crate::helpers::{both_backends, micro_config, signal, TestEnv};
 
 const TOTAL: i64 = 3000;

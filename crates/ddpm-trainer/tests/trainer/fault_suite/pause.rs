@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ddpm_registry::{CheckpointKind, RunStatus};
 
-use crate::audit::{audit, Audit};
+use super::audit::{audit, Audit};
 use crate::helpers::{both_backends, micro_config, signal, TestEnv};
 
 const TOTAL: i64 = 800;
