@@ -1,10 +1,16 @@
 //! Load benchmark of the real server, in-process on port 0, against the tiny model.
 //!
-//! C concurrent clients (1, 4, 16) each request one image at 20 DDIM steps, back to back,
-//! with step-level batching on (max batch 16) and off (max batch 1), in the same run:
-//! requests/s and p50/p99 latency. Then a mixed load: a few clients sending 1000-step
-//! DDPM requests among many sending 20-step DDIM ones; the short requests' p50 latency is
-//! compared with their latency alone and with the same short load without the long ones.
+//! All in one run, each server configuration started fresh:
+//! 1. Throughput: C concurrent clients (1, 4, 16) each request one image at 20 DDIM steps,
+//!    back to back: requests/s and p50/p99 latency, under the fair scheduler with cost
+//!    admission, under FIFO (the scheduler before it), both at max batch 16, and without
+//!    batching (max batch 1).
+//! 2. The mixed-load target: a 10-step n = 1 request sent behind a running n = 64,
+//!    1000-step DDPM request, against its unloaded latency, fair and FIFO; and whether the
+//!    long request finishes.
+//! 3. A mixed load: 2 clients sending 1000-step DDPM requests among 8 sending 20-step DDIM
+//!    ones, fair and FIFO.
+//! 4. Time to the first `progress` event of a streamed request, idle and under load.
 //!
 //! `cargo bench -p ddpm-server --bench load` (`DDPM_BENCH_SECONDS` sets each measurement's
 //! length, default 5; `DDPM_BENCH_TORCH_THREADS` libtorch's intra-op threads, default
@@ -21,7 +27,7 @@ use ddpm_core::{
     Model, ScheduleConfig, UNetConfig,
 };
 use ddpm_registry::{CheckpointKind, CheckpointStore, NewRun, Registry};
-use ddpm_server::Config;
+use ddpm_server::{Config, SchedulerPolicy};
 use serde_json::json;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
@@ -34,10 +40,15 @@ struct Server {
 }
 
 impl Server {
-    async fn start(data_dir: &Path, max_batch: u32) -> anyhow::Result<Server> {
+    async fn start(
+        data_dir: &Path,
+        max_batch: u32,
+        scheduler: SchedulerPolicy,
+    ) -> anyhow::Result<Server> {
         let mut config = Config::with_data_dir(data_dir);
         config.common.device = ddpm_core::DeviceChoice::Cpu;
         config.max_batch = max_batch;
+        config.scheduler = scheduler;
         config.queue_capacity = 1024;
         config.request_timeout = Duration::from_secs(600);
         config.api_token = None;
@@ -243,14 +254,17 @@ async fn bench() -> anyhow::Result<()> {
         tch::get_num_threads(),
     );
     println!();
-    println!("n = 1, DDIM 20 steps, guidance 3.0, C clients back to back");
-    println!("| clients | batching | max batch | requests/s | p50 ms | p99 ms | forward passes / image |");
+    println!("1. n = 1, DDIM 20 steps, guidance 3.0, C clients back to back");
+    println!("| clients | scheduler | max batch | requests/s | p50 ms | p99 ms | forward passes / image |");
     println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: |");
+    let configs = [
+        ("fair", 16u32, SchedulerPolicy::Fair),
+        ("fifo", 16, SchedulerPolicy::Fifo),
+        ("fifo", 1, SchedulerPolicy::Fifo),
+    ];
     let mut throughput = std::collections::HashMap::new();
-    let mut mixed_rows = Vec::new();
-    let mut mixed_counts = Vec::new();
-    for (label, max_batch) in [("on", 16u32), ("off", 1u32)] {
-        let server = Server::start(dir.path(), max_batch).await?;
+    for (label, max_batch, scheduler) in configs {
+        let server = Server::start(dir.path(), max_batch, scheduler).await?;
         // Warm-up.
         load(
             &server.address,
@@ -270,39 +284,262 @@ async fn bench() -> anyhow::Result<()> {
                 ms(result.percentile(0.99)),
                 (passes1 - passes0) / (images1 - images0).max(1.0),
             );
-            throughput.insert((clients, label), result.throughput());
+            throughput.insert((clients, label, max_batch), result.throughput());
         }
+        server.stop().await?;
+    }
+    let at16 = |label, batch| {
+        throughput
+            .get(&(16, label, batch))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    println!();
+    println!(
+        "At 16 clients: fair {:.1} requests/s, {:.2}x FIFO's {:.1}; batching (fair) {:.1}x no batching.",
+        at16("fair", 16),
+        at16("fair", 16) / at16("fifo", 16),
+        at16("fifo", 16),
+        at16("fair", 16) / at16("fifo", 1),
+    );
+
+    println!();
+    println!("2. A 10-step DDIM n = 1 request behind a running n = 64, 1000-step DDPM request (max batch 16)");
+    println!("| scheduler | short alone p50 ms | short behind the long one p50 ms | ratio | short requests | long request s | long status |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | --- |");
+    for (label, scheduler) in [
+        ("fair", SchedulerPolicy::Fair),
+        ("fifo", SchedulerPolicy::Fifo),
+    ] {
+        let server = Server::start(dir.path(), 16, scheduler).await?;
+        let row = behind_a_long_request(&server.address).await?;
+        println!(
+            "| {label} | {} | {} | {:.2} | {} | {:.1} | {} |",
+            ms(row.alone),
+            ms(row.behind),
+            row.behind.as_secs_f64() / row.alone.as_secs_f64(),
+            row.short_requests,
+            row.long.as_secs_f64(),
+            row.long_status,
+        );
+        server.stop().await?;
+    }
+
+    println!();
+    println!("3. Mixed load: 2 clients sending DDPM 1000-step requests, 8 clients sending DDIM 20-step ones (max batch 16)");
+    println!("| scheduler | short p50, 1 client alone ms | short p50, 8 clients, no long ms | short p50 mixed ms | short p99 mixed ms | short requests in mixed |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (label, scheduler) in [
+        ("fair", SchedulerPolicy::Fair),
+        ("fifo", SchedulerPolicy::Fifo),
+    ] {
+        let server = Server::start(dir.path(), 16, scheduler).await?;
+        load(
+            &server.address,
+            2,
+            Duration::from_millis(500),
+            short_request(),
+        )
+        .await?;
         let alone = load(&server.address, 1, duration, short_request()).await?;
         let without_long = load(&server.address, 8, duration, short_request()).await?;
         let loaded = mixed(&server.address, 2, 8, duration).await?;
-        mixed_rows.push([
-            alone.percentile(0.5),
-            without_long.percentile(0.5),
-            loaded.percentile(0.5),
-            loaded.percentile(0.99),
-        ]);
-        mixed_counts.push((label, max_batch, loaded.latencies.len()));
+        println!(
+            "| {label} | {} | {} | {} | {} | {} |",
+            ms(alone.percentile(0.5)),
+            ms(without_long.percentile(0.5)),
+            ms(loaded.percentile(0.5)),
+            ms(loaded.percentile(0.99)),
+            loaded.latencies.len(),
+        );
         server.stop().await?;
     }
-    let on = throughput.get(&(16, "on")).copied().unwrap_or(0.0);
-    let off = throughput.get(&(16, "off")).copied().unwrap_or(f64::NAN);
+
     println!();
-    println!(
-        "At 16 clients batching gives {:.1}x the throughput of no batching (target: at least 3x).",
-        on / off
-    );
-    println!();
-    println!("Mixed load: 2 clients sending DDPM 1000-step requests, 8 clients sending DDIM 20-step ones");
-    println!("| batching | max batch | short p50, 1 client alone ms | short p50, 8 clients, no long ms | short p50 mixed ms | short p99 mixed ms | short requests in mixed |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for ((label, max_batch, count), row) in mixed_counts.into_iter().zip(mixed_rows) {
-        let cells: Vec<String> = row.into_iter().map(ms).collect();
+    println!("4. Time to the first progress event of a streamed n = 1, DDIM 20-step request (fair, max batch 16)");
+    println!("| load | first progress p50 ms | p99 ms | whole stream p50 ms | streams |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let server = Server::start(dir.path(), 16, SchedulerPolicy::Fair).await?;
+    load(
+        &server.address,
+        2,
+        Duration::from_millis(500),
+        short_request(),
+    )
+    .await?;
+    for background in [0usize, 8] {
+        let address = server.address.clone();
+        let busy = tokio::spawn(async move {
+            if background > 0 {
+                let _ = load(
+                    &address,
+                    background,
+                    Duration::from_secs_f64(seconds + 1.0),
+                    short_request(),
+                )
+                .await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (first, whole) = first_progress(&server.address, 20).await?;
+        busy.abort();
         println!(
-            "| {label} | {max_batch} | {} | {count} |",
-            cells.join(" | ")
+            "| {} | {} | {} | {} | {} |",
+            if background == 0 {
+                "idle".to_string()
+            } else {
+                format!("{background} clients sending short requests")
+            },
+            ms(first.percentile(0.5)),
+            ms(first.percentile(0.99)),
+            ms(whole.percentile(0.5)),
+            first.latencies.len(),
         );
     }
+    server.stop().await?;
     Ok(())
+}
+
+struct BehindRow {
+    alone: Duration,
+    behind: Duration,
+    short_requests: usize,
+    long: Duration,
+    long_status: String,
+}
+
+fn ten_step_request() -> serde_json::Value {
+    json!({"class": 1, "n": 1, "sampler": "ddim", "steps": 10, "guidance_scale": 3.0})
+}
+
+async fn timed(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let response = client
+        .post(url)
+        .header("accept", "image/png")
+        .json(body)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "status {}",
+        response.status()
+    );
+    response.bytes().await?;
+    Ok(t0.elapsed())
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// The item-1 target: the 10-step request's median latency alone, then sent one after
+/// another while an n = 64, 1000-step DDPM request runs (until it finishes).
+async fn behind_a_long_request(address: &str) -> anyhow::Result<BehindRow> {
+    let client = reqwest::Client::new();
+    let url = format!("{address}/v1/samples");
+    for _ in 0..3 {
+        timed(&client, &url, &ten_step_request()).await?;
+    }
+    let mut alone = Vec::new();
+    for _ in 0..20 {
+        alone.push(timed(&client, &url, &ten_step_request()).await?);
+    }
+    let long = tokio::spawn({
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            let t0 = Instant::now();
+            let status = client
+                .post(&url)
+                .json(&json!({"class": 5, "n": 64, "sampler": "ddpm", "steps": 1000, "guidance_scale": 3.0}))
+                .send()
+                .await
+                .map(|r| r.status().to_string())
+                .unwrap_or_else(|e| e.to_string());
+            (t0.elapsed(), status)
+        }
+    });
+    // Wait until the long request holds the batch.
+    let metrics = format!("{address}/metrics");
+    while !client
+        .get(&metrics)
+        .send()
+        .await?
+        .text()
+        .await?
+        .contains("ddpm_active_samples 16")
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut behind = Vec::new();
+    while !long.is_finished() && behind.len() < 20 {
+        behind.push(timed(&client, &url, &ten_step_request()).await?);
+    }
+    let short_requests = behind.len();
+    let (long, long_status) = long.await?;
+    Ok(BehindRow {
+        alone: median(alone),
+        behind: median(behind),
+        short_requests,
+        long,
+        long_status,
+    })
+}
+
+/// `count` streamed requests one after another: time to the first `progress` event, and
+/// to the end of the stream.
+async fn first_progress(address: &str, count: usize) -> anyhow::Result<(Load, Load)> {
+    let client = reqwest::Client::new();
+    let url = format!("{address}/v1/samples");
+    let started = Instant::now();
+    let (mut first, mut whole) = (Vec::new(), Vec::new());
+    for seed in 0..count {
+        let mut body = short_request();
+        body["seed"] = json!(seed);
+        let t0 = Instant::now();
+        let mut response = client
+            .post(&url)
+            .header("accept", "text/event-stream")
+            .json(&body)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "status {}",
+            response.status()
+        );
+        let mut text = String::new();
+        let mut seen = false;
+        while let Some(chunk) = response.chunk().await? {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if !seen && text.contains("event: progress") {
+                first.push(t0.elapsed());
+                seen = true;
+            }
+        }
+        anyhow::ensure!(
+            text.contains("event: done"),
+            "the stream did not finish: {text}"
+        );
+        whole.push(t0.elapsed());
+    }
+    let elapsed = started.elapsed();
+    Ok((
+        Load {
+            latencies: first,
+            elapsed,
+        },
+        Load {
+            latencies: whole,
+            elapsed,
+        },
+    ))
 }
 
 /// (forward passes, images generated) from `/metrics`.

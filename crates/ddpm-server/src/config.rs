@@ -12,6 +12,8 @@ pub enum DefaultSampler {
     #[default]
     Ddpm,
     Ddim,
+    #[value(name = "dpmpp_2m")]
+    DpmPp2m,
 }
 
 impl From<DefaultSampler> for SamplerKind {
@@ -19,8 +21,21 @@ impl From<DefaultSampler> for SamplerKind {
         match s {
             DefaultSampler::Ddpm => SamplerKind::Ddpm,
             DefaultSampler::Ddim => SamplerKind::Ddim,
+            DefaultSampler::DpmPp2m => SamplerKind::DpmPp2m,
         }
     }
+}
+
+/// How the model thread shares its forward pass between requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum SchedulerPolicy {
+    /// Shortest remaining work first with ageing, admission by cost (requests that could
+    /// not finish by their deadline are refused up front with 429 and Retry-After).
+    #[default]
+    Fair,
+    /// First come, first served, admission by images only (the behaviour before cost-based
+    /// scheduling: a large request holds the batch).
+    Fifo,
 }
 
 /// `ddpm-server`: guided DDPM sampling over HTTP, with step-level batching, hot-swapped
@@ -44,6 +59,17 @@ pub struct Config {
     #[arg(long, env = "DDPM_QUEUE_CAPACITY", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_capacity: u32,
 
+    /// How requests share the forward pass: `fair` (shortest remaining work first with
+    /// ageing, admission by cost) or `fifo`.
+    #[arg(long, env = "DDPM_SCHEDULER", value_enum, default_value = "fair")]
+    pub scheduler: SchedulerPolicy,
+
+    /// Fair scheduling: how much longer (×) a forward pass may take for the requests due
+    /// first, so that longer requests share it. On a GPU a bigger batch costs little and
+    /// they fill it; on a CPU the pass time grows with the batch and this bounds it.
+    #[arg(long, env = "DDPM_BATCH_STRETCH", default_value_t = 1.5, value_parser = parse_stretch)]
+    pub batch_stretch: f64,
+
     /// Most images one request may ask for.
     #[arg(long, env = "DDPM_MAX_IMAGES_PER_REQUEST", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_images_per_request: u32,
@@ -66,6 +92,16 @@ pub struct Config {
     #[arg(long, env = "DDPM_REQUEST_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// A client must send a request's whole header within this, counted from when the
+    /// connection can take a request: it is also how long an idle kept-alive connection
+    /// stays open.
+    #[arg(long, env = "DDPM_HEADER_READ_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A request's body must arrive within this (a slow upload is answered 408).
+    #[arg(long, env = "DDPM_BODY_READ_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+
     /// Serve only checkpoints of this run (the newest of it).
     #[arg(long, env = "DDPM_PIN_RUN")]
     pub pin_run: Option<i64>,
@@ -84,6 +120,13 @@ pub struct Config {
     /// deploy/.env.example. For a trusted network only.
     #[arg(long, env = "DDPM_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+}
+
+fn parse_stretch(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (1.0..=100.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number in [1, 100]")),
+    }
 }
 
 /// The secrets deploy/.env.example ships with: never accepted as real ones.
@@ -142,11 +185,15 @@ impl Default for Config {
             common: CommonOptions::with_data_dir("./data"),
             max_batch: 16,
             queue_capacity: 256,
+            scheduler: SchedulerPolicy::Fair,
+            batch_stretch: 1.5,
             max_images_per_request: 64,
             default_sampler: DefaultSampler::Ddpm,
             default_steps: 50,
             poll_interval: Duration::from_secs(10),
             request_timeout: Duration::from_secs(120),
+            header_read_timeout: Duration::from_secs(15),
+            body_read_timeout: Duration::from_secs(15),
             pin_run: None,
             pin_checkpoint: None,
             api_token: None,
@@ -163,11 +210,15 @@ impl std::fmt::Debug for Config {
             .field("common", &self.common)
             .field("max_batch", &self.max_batch)
             .field("queue_capacity", &self.queue_capacity)
+            .field("scheduler", &self.scheduler)
+            .field("batch_stretch", &self.batch_stretch)
             .field("max_images_per_request", &self.max_images_per_request)
             .field("default_sampler", &self.default_sampler)
             .field("default_steps", &self.default_steps)
             .field("poll_interval", &self.poll_interval)
             .field("request_timeout", &self.request_timeout)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("body_read_timeout", &self.body_read_timeout)
             .field("pin_run", &self.pin_run)
             .field("pin_checkpoint", &self.pin_checkpoint)
             .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))

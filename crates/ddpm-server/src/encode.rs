@@ -27,6 +27,8 @@ pub enum Format {
     Json,
     Png,
     Zip,
+    /// Server-Sent Events: the request's progress and its images as they finish.
+    EventStream,
 }
 
 /// No encoding the client accepts is one the server can produce (406).
@@ -54,6 +56,7 @@ pub fn negotiate(accept: Option<&[u8]>) -> Result<Format, NotAcceptable> {
             "application/json" | "application/*" | "*/*" => Format::Json,
             "image/png" | "image/*" => Format::Png,
             "application/zip" => Format::Zip,
+            "text/event-stream" => Format::EventStream,
             _ => continue,
         };
         if q > 0.0 {
@@ -63,7 +66,7 @@ pub fn negotiate(accept: Option<&[u8]>) -> Result<Format, NotAcceptable> {
     ranges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     ranges.first().map(|r| r.2).ok_or_else(|| {
         NotAcceptable(format!(
-            "cannot answer with {accept:?}: accept application/json, image/png or application/zip"
+            "cannot answer with {accept:?}: accept application/json, image/png, application/zip or text/event-stream"
         ))
     })
 }

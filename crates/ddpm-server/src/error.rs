@@ -48,6 +48,10 @@ pub enum ErrorCode {
     InvalidQuery,
     InvalidStatus,
     InvalidId,
+    /// A request that would take longer than the server's request timeout even alone.
+    TooCostly,
+    /// `priority` or `preview_every` is invalid.
+    InvalidStreamOption,
     MalformedJson,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -58,6 +62,8 @@ pub enum ErrorCode {
     Unauthorized,
     ControlDisabled,
     Conflict,
+    /// The request was cancelled (`DELETE /v1/samples/{id}`).
+    Cancelled,
     Overloaded,
     ModelNotLoaded,
     Unavailable,
@@ -108,8 +114,15 @@ pub enum ApiError {
     #[error("{0}")]
     Conflict(String),
     /// The queue is full (429 with Retry-After).
-    #[error("{0}")]
-    Overloaded(String),
+    #[error("{message}")]
+    Overloaded {
+        message: String,
+        /// Seconds to wait, whole, at least 1.
+        retry_after: u64,
+    },
+    /// The request was cancelled by `DELETE /v1/samples/{id}` (409, code `cancelled`).
+    #[error("the request was cancelled")]
+    Cancelled,
     #[error("no model is loaded yet: the server serves the newest checkpoint in the registry once one is registered")]
     NoModel,
     /// The server is shutting down or the model thread is gone (503).
@@ -139,7 +152,8 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::ControlDisabled => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Cancelled => StatusCode::CONFLICT,
             ApiError::NoModel | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -160,6 +174,8 @@ impl ApiError {
                 ValidationError::Query(_) => ErrorCode::InvalidQuery,
                 ValidationError::Status(_) => ErrorCode::InvalidStatus,
                 ValidationError::Id(_) => ErrorCode::InvalidId,
+                ValidationError::TooCostly(_) => ErrorCode::TooCostly,
+                ValidationError::Streaming(_) => ErrorCode::InvalidStreamOption,
             },
             ApiError::MalformedJson(_) => ErrorCode::MalformedJson,
             ApiError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
@@ -171,7 +187,8 @@ impl ApiError {
             ApiError::Unauthorized => ErrorCode::Unauthorized,
             ApiError::ControlDisabled => ErrorCode::ControlDisabled,
             ApiError::Conflict(_) => ErrorCode::Conflict,
-            ApiError::Overloaded(_) => ErrorCode::Overloaded,
+            ApiError::Overloaded { .. } => ErrorCode::Overloaded,
+            ApiError::Cancelled => ErrorCode::Cancelled,
             ApiError::NoModel => ErrorCode::ModelNotLoaded,
             ApiError::Unavailable(_) => ErrorCode::Unavailable,
             ApiError::Timeout(_) => ErrorCode::Timeout,
@@ -198,7 +215,10 @@ impl IntoResponse for ApiError {
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
         match self {
-            ApiError::Overloaded(_) | ApiError::NoModel | ApiError::Unavailable(_) => {
+            ApiError::Overloaded { retry_after, .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
+            }
+            ApiError::NoModel | ApiError::Unavailable(_) => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from_static(RETRY_AFTER_SECONDS),
@@ -216,9 +236,20 @@ impl IntoResponse for ApiError {
 impl From<BatchError> for ApiError {
     fn from(e: BatchError) -> Self {
         match e {
-            BatchError::TooLarge { .. } | BatchError::QueueFull { .. } => {
-                ApiError::Overloaded(e.to_string())
+            BatchError::TooLarge { .. } => ApiError::Overloaded {
+                message: e.to_string(),
+                retry_after: 1,
+            },
+            BatchError::Busy { retry_after, .. } | BatchError::QueueFull { retry_after, .. } => {
+                ApiError::Overloaded {
+                    message: e.to_string(),
+                    // Whole seconds, rounded up: a client that waits that long finds room.
+                    retry_after: retry_after.as_secs_f64().ceil() as u64,
+                }
             }
+            BatchError::TooCostly { .. } => ValidationError::TooCostly(e.to_string()).into(),
+            BatchError::DuplicateId(_) => ApiError::Conflict(e.to_string()),
+            BatchError::Cancelled => ApiError::Cancelled,
             BatchError::Stopped | BatchError::Dropped => ApiError::Unavailable(e.to_string()),
             BatchError::Timeout(after) => ApiError::Timeout(after),
             // The handler validated the request against this very model: only a programmer
@@ -272,9 +303,13 @@ mod tests {
         assert_eq!(body.error.code, ErrorCode::Internal);
         assert!(!body.error.message.contains("hunter2"));
 
-        let response = ApiError::Overloaded("queue full".into()).into_response();
+        let response = ApiError::Overloaded {
+            message: "queue full".into(),
+            retry_after: 7,
+        }
+        .into_response();
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert!(response.headers().contains_key(header::RETRY_AFTER));
+        assert_eq!(response.headers()[header::RETRY_AFTER], "7");
         assert_eq!(ApiError::NoModel.status(), StatusCode::SERVICE_UNAVAILABLE);
         let invalid_n = ApiError::from(ValidationError::N("n".into()));
         assert_eq!(invalid_n.status(), StatusCode::UNPROCESSABLE_ENTITY);
@@ -288,7 +323,8 @@ mod tests {
         assert_eq!(
             status(BatchError::QueueFull {
                 in_flight: 4,
-                capacity: 4
+                capacity: 4,
+                retry_after: Duration::from_secs(3),
             }),
             StatusCode::TOO_MANY_REQUESTS
         );

@@ -15,7 +15,8 @@
 //! - [`watcher`]: finds the checkpoint to serve (newest, or pinned), loads it off the
 //!   request path and swaps it in; polling plus PostgreSQL `LISTEN`.
 //! - [`batcher`]: the model thread and its handle, with its own [`batcher::BatchError`];
-//!   [`batcher::slots`] is batch formation as a pure state machine.
+//!   [`batcher::scheduler`] picks each pass's samples and [`batcher::cost`] admits work
+//!   by its cost, both pure.
 //! - [`validate`]: requests checked into what the model thread and the registry are asked
 //!   for, free of HTTP; a typed [`validate::ValidationError`].
 //! - [`http`]: the axum router, handlers, extractors, bearer token, and the OpenAPI
@@ -32,6 +33,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod model;
+mod serve;
 pub mod validate;
 pub mod watcher;
 
@@ -40,13 +42,14 @@ use std::{future::Future, sync::Arc};
 use ddpm_registry::{CheckpointStore, Registry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
-pub use config::Config;
+pub use config::{Config, SchedulerPolicy};
 pub use error::{ApiError, ServerError};
 pub use model::{LoadedModel, ModelInfo};
 
 use crate::{
-    batcher::{Batcher, BatcherConfig},
+    batcher::{Batcher, BatcherConfig, Policy},
     http::{AppState, Settings},
     metrics::Metrics,
     model::CurrentModel,
@@ -110,6 +113,12 @@ pub async fn run(
         BatcherConfig {
             max_batch: config.max_batch as usize,
             queue_capacity: config.queue_capacity as usize,
+            policy: match config.scheduler {
+                SchedulerPolicy::Fair => Policy::Fair {
+                    stretch: config.batch_stretch,
+                },
+                SchedulerPolicy::Fifo => Policy::Fifo,
+            },
         },
         metrics.batcher.clone(),
     )?;
@@ -131,9 +140,11 @@ pub async fn run(
     };
     let address = listener.local_addr()?;
     tracing::info!(%address, "listening");
-    let served = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let limits = serve::ConnectionLimits {
+        header_read_timeout: config.header_read_timeout,
+    };
+    let router = http::router(state).layer(RequestBodyTimeoutLayer::new(config.body_read_timeout));
+    let served = serve::serve(listener, router, limits, shutdown).await;
     tracing::info!("stopped accepting; finishing the work in flight");
     stop_watching.cancel();
     let _ = watching.await;

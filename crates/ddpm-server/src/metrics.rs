@@ -49,10 +49,12 @@ pub struct BatcherMetrics {
     pub forward_passes: Counter,
     pub batch_size: BatchSize,
     pub images_generated: Counter,
-    /// Requests dropped because their client went away.
+    /// Requests dropped because their client went away or cancelled them.
     pub requests_cancelled: Counter,
-    /// Requests refused because the queue was full.
+    /// Requests refused because the queue was full or the backlog too long.
     pub requests_rejected: Counter,
+    /// Estimated seconds of accepted work left at the measured pass time.
+    pub backlog_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub requests_timed_out: Counter,
 }
 
@@ -194,13 +196,19 @@ impl Default for Metrics {
         );
         registry.register(
             "ddpm_requests_cancelled",
-            "Sampling requests dropped because the client went away",
+            "Sampling requests dropped because the client went away or cancelled them",
             b.requests_cancelled.clone(),
         );
         registry.register(
             "ddpm_requests_rejected",
-            "Sampling requests refused because the queue was full",
+            "Sampling requests refused because the queue was full or the backlog too long",
             b.requests_rejected.clone(),
+        );
+        registry.register_with_unit(
+            "ddpm_backlog",
+            "Estimated time to finish the accepted sampling work at the measured pass time",
+            Unit::Seconds,
+            b.backlog_seconds.clone(),
         );
         registry.register(
             "ddpm_requests_timed_out",

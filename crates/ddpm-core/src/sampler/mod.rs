@@ -433,6 +433,20 @@ pub struct SampleSpec {
     pub sampler: SamplerConfig,
 }
 
+impl SampleSpec {
+    /// Network evaluations (batch rows) one step of this sample costs: 2 for a guided
+    /// conditional sample (its conditional and unconditional halves), else 1. Mirrors
+    /// [`crate::guidance::guided_epsilon`], which adds the unconditional row exactly when
+    /// a class is given and w ≠ 1.
+    pub fn rows_per_step(&self) -> usize {
+        if self.label.is_some() && self.guidance_scale != 1.0 {
+            2
+        } else {
+            1
+        }
+    }
+}
+
 /// One sample's progress through its plan: its current x_t, its own noise stream and, for
 /// a multistep plan, the x̂₀ of its previous step.
 #[derive(Debug)]
@@ -449,6 +463,8 @@ pub struct Trajectory {
     /// the model's device: the history of a multistep sampler. Its timestep (λ) is
     /// already in the plan's coefficients.
     prev_x0: Option<Tensor>,
+    /// Keep x̂₀ at every step that has one (clipping or multistep), for previews.
+    track_x0: bool,
 }
 
 impl Trajectory {
@@ -486,6 +502,7 @@ impl Trajectory {
             rng,
             x,
             prev_x0: None,
+            track_x0: false,
         })
     }
 
@@ -510,6 +527,29 @@ impl Trajectory {
     /// x_t now (x_0 once done), `[C, H, W]`.
     pub fn x(&self) -> &Tensor {
         &self.x
+    }
+
+    /// Keeps x̂₀ of every step that computes one (the server's previews), not only those a
+    /// multistep sampler needs. Costs one `[C, H, W]` tensor; the samples do not change.
+    pub fn track_x0(&mut self, on: bool) {
+        self.track_x0 = on;
+    }
+
+    /// x̂₀ of the last step, `[C, H, W]` (clamped where the step clips), when that step
+    /// kept it: always for a multistep step, and at every clipping step once
+    /// [`track_x0`](Self::track_x0) is on.
+    pub fn x0(&self) -> Option<&Tensor> {
+        self.prev_x0.as_ref()
+    }
+
+    /// Whether the coming step returns x̂₀, and at which noise level.
+    fn keeps_x0(&self) -> Option<Clip> {
+        let step = self.current();
+        match (step.keep_x0, self.track_x0) {
+            (Some(keep), _) => Some(keep),
+            (None, true) => step.clip,
+            (None, false) => None,
+        }
     }
 
     /// z for the coming step (drawn only when that step adds noise, so the stream depends
@@ -554,7 +594,7 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
     let coefficients: Vec<StepCoefficients> =
         batch.iter().map(|t| t.current().coefficients).collect();
     let clips: Vec<Option<Clip>> = batch.iter().map(|t| t.current().clip).collect();
-    let keep_x0: Vec<Option<Clip>> = batch.iter().map(|t| t.current().keep_x0).collect();
+    let keep_x0: Vec<Option<Clip>> = batch.iter().map(|t| t.keeps_x0()).collect();
     let prev_x0 = if coefficients.iter().any(|c| c.prev_x0 != 0.0) {
         let rows = batch
             .iter()
@@ -598,7 +638,7 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
     )?;
     for (i, t) in batch.iter_mut().enumerate() {
         let i = i as i64;
-        let x0 = match (t.current().keep_x0, &out.x0) {
+        let x0 = match (keep_x0[i as usize], &out.x0) {
             (Some(_), Some(x0)) => Some(x0.get(i)),
             _ => None,
         };

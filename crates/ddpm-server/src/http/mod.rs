@@ -9,6 +9,7 @@ mod model;
 pub mod openapi;
 mod runs;
 mod samples;
+mod stream;
 
 use std::{sync::Arc, time::Duration, time::Instant};
 
@@ -34,6 +35,7 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 /// document is tested to describe exactly these, and the server to answer each.
 pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/samples"),
+    ("delete", "/v1/samples/{id}"),
     ("get", "/v1/model"),
     ("get", "/v1/runs"),
     ("get", "/v1/runs/{id}"),

@@ -2,10 +2,10 @@
 //! asks for.
 
 use axum::{
-    extract::State,
-    http::{header, HeaderMap, HeaderName, HeaderValue},
+    extract::{Path, State},
+    http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
-    routing::post,
+    routing::{delete, post},
     Json, Router,
 };
 use base64::Engine;
@@ -16,9 +16,9 @@ use utoipa::{
     ToSchema,
 };
 
-use super::{extract::JsonBody, model::ModelRef, AppState};
+use super::{extract::JsonBody, model::ModelRef, stream, AppState};
 use crate::{
-    batcher::GeneratedImage,
+    batcher::{GeneratedImage, StreamSink, Submission},
     encode::{self, Format},
     error::{ApiError, ErrorBody},
     model::ModelInfo,
@@ -26,7 +26,59 @@ use crate::{
 };
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/samples", post(create_samples))
+    Router::new()
+        .route("/v1/samples", post(create_samples))
+        .route("/v1/samples/{id}", delete(cancel_sample))
+}
+
+/// The header that carries a sampling request's id: given by the client, or made up by
+/// the server; answered on every accepted request.
+pub const REQUEST_ID: &str = "x-ddpm-request-id";
+
+/// The client's id for its request, if it gave one: 1 to 64 of `A–Z a–z 0–9 - _ .`.
+fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(REQUEST_ID) else {
+        return Ok(None);
+    };
+    let id = value.to_str().unwrap_or("");
+    let valid = (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !valid {
+        return Err(ApiError::BadRequest(format!(
+            "{REQUEST_ID} must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_' and '.'"
+        )));
+    }
+    Ok(Some(id.to_owned()))
+}
+
+/// What an image's JSON needs besides its pixels.
+#[derive(Debug, Clone)]
+pub struct ImageContext {
+    /// The class name (or `None`, unconditional) of each image, by index.
+    pub class_names: Vec<Option<String>>,
+    pub info: ModelInfo,
+}
+
+/// One image as an entry of the JSON response (and as a streamed `image` event).
+pub fn image_json(
+    index: usize,
+    image: &GeneratedImage,
+    context: &ImageContext,
+) -> Result<ImageJson, ApiError> {
+    Ok(ImageJson {
+        index,
+        class: context.class_names.get(index).cloned().flatten(),
+        class_index: image.label,
+        seed: image.seed,
+        width: image.width,
+        height: image.height,
+        run_id: context.info.run_id,
+        step: context.info.step,
+        png_base64: base64::engine::general_purpose::STANDARD
+            .encode(encode::png(image).map_err(ApiError::internal)?),
+    })
 }
 
 /// The JSON response.
@@ -73,6 +125,11 @@ fn sampler_kind_schema() -> ObjectBuilder {
         ))
 }
 
+/// A stream of Server-Sent Events (`text/event-stream`).
+#[derive(ToSchema)]
+#[schema(value_type = String)]
+pub struct EventStreamBody(#[allow(dead_code)] String);
+
 /// A file in the response body (PNG or ZIP).
 #[derive(ToSchema)]
 #[schema(value_type = String, format = Binary)]
@@ -82,7 +139,12 @@ pub struct FileBody(#[allow(dead_code)] Vec<u8>);
 ///
 /// Samples join the model's step-level batch at its next iteration. The response follows
 /// `Accept`: application/json (default), image/png (one PNG for n = 1, else a labelled
-/// grid), application/zip (one PNG per image).
+/// grid), application/zip (one PNG per image), or text/event-stream: Server-Sent Events
+/// `queued` (first: the request's id and place in line), `progress` (at most 10 a
+/// second), `preview` (with `preview_every`), `image` (one per image as it finishes), then
+/// `done` or `error`. Closing the stream cancels the request. Every accepted request has
+/// an id (`x-ddpm-request-id`; a client may choose it by sending that header), with which
+/// `DELETE /v1/samples/{id}` cancels it.
 #[utoipa::path(
     post,
     path = "/v1/samples",
@@ -92,6 +154,7 @@ pub struct FileBody(#[allow(dead_code)] Vec<u8>);
     responses(
         (status = 200, description = "The images.",
             headers(
+                ("x-ddpm-request-id" = String, description = "The request's id, for DELETE /v1/samples/{id}."),
                 ("x-ddpm-run-id" = i64, description = "The run of the model that made them."),
                 ("x-ddpm-step" = i64, description = "Its training step."),
                 ("x-ddpm-checkpoint-id" = i64, description = "Its checkpoint."),
@@ -104,26 +167,29 @@ pub struct FileBody(#[allow(dead_code)] Vec<u8>);
                 (SampleResponse = "application/json"),
                 (FileBody = "image/png"),
                 (FileBody = "application/zip"),
+                (EventStreamBody = "text/event-stream"),
             )),
-        (status = 400, description = "The body is not JSON.", body = ErrorBody),
+        (status = 400, description = "The body is not JSON, or x-ddpm-request-id is malformed.", body = ErrorBody),
         (status = 406, description = "None of the `Accept`ed types can be produced.", body = ErrorBody),
         (status = 413, description = "The body is too large.", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`.", body = ErrorBody),
-        (status = 422, description = "A field is invalid; the code says which.", body = ErrorBody),
-        (status = 429, description = "The queue is full.", body = ErrorBody,
-            headers(("retry-after" = i64, description = "Seconds to wait."))),
+        (status = 409, description = "The request was cancelled (`cancelled`), or its x-ddpm-request-id is in use (`conflict`).", body = ErrorBody),
+        (status = 422, description = "A field is invalid, or the request needs more time than the server's timeout even alone (`too_costly`); the code says which.", body = ErrorBody),
+        (status = 429, description = "The queue is full, or the work already accepted would not let this request finish in time.", body = ErrorBody,
+            headers(("retry-after" = i64, description = "Seconds until the backlog leaves room for it."))),
         (status = 503, description = "No model is loaded yet, or the server is stopping.", body = ErrorBody,
             headers(("retry-after" = i64, description = "Seconds to wait."))),
         (status = 504, description = "Not finished within the server's request timeout.", body = ErrorBody),
     )
 )]
-#[tracing::instrument(skip_all, fields(n, checkpoint))]
+#[tracing::instrument(skip_all, fields(n, checkpoint, id))]
 pub(super) async fn create_samples(
     State(state): State<AppState>,
     headers: HeaderMap,
     JsonBody(request): JsonBody<SampleRequest>,
 ) -> Result<Response, ApiError> {
     let format = encode::negotiate(headers.get(header::ACCEPT).map(HeaderValue::as_bytes))?;
+    let name = client_request_id(&headers)?;
     let model = state.current.get().ok_or(ApiError::NoModel)?;
     let info = model.info();
     let plan = plan(
@@ -137,10 +203,42 @@ pub(super) async fn create_samples(
         .record("checkpoint", info.checkpoint_id);
     let sampler = plan.specs[0].sampler;
     let guidance_scale = plan.specs[0].guidance_scale;
-    let images = state
+    let mut submission = Submission {
+        timeout: state.settings.request_timeout,
+        priority: plan.priority,
+        name,
+        stream: None,
+    };
+    if format == Format::EventStream {
+        let (progress, progress_rx) = tokio::sync::watch::channel(Default::default());
+        let (items, items_rx) = tokio::sync::mpsc::unbounded_channel();
+        submission.stream = Some(StreamSink {
+            progress,
+            items,
+            preview_every: plan.preview_every,
+        });
+        let ticket = state
+            .batcher
+            .submit(model, plan.specs.clone(), submission)?;
+        tracing::Span::current().record("id", &ticket.name);
+        let id = ticket.name.clone();
+        let context = ImageContext {
+            class_names: plan.class_names,
+            info,
+        };
+        let response = stream::respond(ticket, progress_rx, items_rx, context, sampler.steps);
+        return Ok(with_headers(
+            response,
+            vec![(HeaderName::from_static(REQUEST_ID), id)],
+        ));
+    }
+    // preview_every is for streams only; a plain response has nowhere to put previews.
+    let ticket = state
         .batcher
-        .generate(model, plan.specs.clone(), state.settings.request_timeout)
-        .await?;
+        .submit(model, plan.specs.clone(), submission)?;
+    tracing::Span::current().record("id", &ticket.name);
+    let id = ticket.name.clone();
+    let images = ticket.wait().await?;
     let labels: Vec<String> = plan
         .class_names
         .iter()
@@ -159,7 +257,53 @@ pub(super) async fn create_samples(
     })
     .await
     .map_err(ApiError::internal)??;
-    Ok(encoded)
+    Ok(with_headers(
+        encoded,
+        vec![(HeaderName::from_static(REQUEST_ID), id)],
+    ))
+}
+
+/// What `DELETE /v1/samples/{id}` answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CancelResponse {
+    pub id: String,
+    /// Always `cancelling`: the samples leave the model's batch at its next step, and the
+    /// request is answered 409 `cancelled` (a stream ends with an `error` event).
+    pub status: String,
+}
+
+/// Cancel a sampling request in flight.
+///
+/// The id is the request's `x-ddpm-request-id` (or the `id` of its stream's `queued`
+/// event). Its samples leave the batch at the model's next step.
+#[utoipa::path(
+    delete,
+    path = "/v1/samples/{id}",
+    tag = "samples",
+    params(("id" = String, Path, description = "The request's id.")),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "The request is being cancelled.", body = CancelResponse),
+        (status = 404, description = "No request in flight has this id.", body = ErrorBody),
+    )
+)]
+pub(super) async fn cancel_sample(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if !state.batcher.cancel(&id) {
+        return Err(ApiError::NotFound(format!(
+            "no sampling request {id:?} is in flight"
+        )));
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(CancelResponse {
+            id,
+            status: "cancelling".into(),
+        }),
+    )
+        .into_response())
 }
 
 fn model_headers(info: &ModelInfo, images: &[GeneratedImage]) -> Vec<(HeaderName, String)> {
@@ -216,26 +360,17 @@ fn encode_response(
 ) -> Result<Response, ApiError> {
     let mut headers = model_headers(info, images);
     let response = match format {
-        Format::Json => {
+        // A stream is answered before encoding; it never gets here.
+        Format::Json | Format::EventStream => {
+            let context = ImageContext {
+                class_names: plan.class_names.clone(),
+                info: info.clone(),
+            };
             let items = images
                 .iter()
                 .enumerate()
-                .map(|(index, image)| {
-                    Ok(ImageJson {
-                        index,
-                        class: plan.class_names.get(index).cloned().flatten(),
-                        class_index: image.label,
-                        seed: image.seed,
-                        width: image.width,
-                        height: image.height,
-                        run_id: info.run_id,
-                        step: info.step,
-                        png_base64: base64::engine::general_purpose::STANDARD
-                            .encode(encode::png(image)?),
-                    })
-                })
-                .collect::<Result<Vec<_>, encode::EncodeError>>()
-                .map_err(ApiError::internal)?;
+                .map(|(index, image)| image_json(index, image, &context))
+                .collect::<Result<Vec<_>, ApiError>>()?;
             Json(SampleResponse {
                 model: ModelRef::from(info),
                 sampler: SamplerUsed {

@@ -44,4 +44,10 @@ pub enum ValidationError {
     /// The id in the path is not an integer.
     #[error("{0}")]
     Id(String),
+    /// More work (images × steps) than the server can finish within its request timeout.
+    #[error("{0}")]
+    TooCostly(String),
+    /// `priority` or `preview_every`.
+    #[error("{0}")]
+    Streaming(String),
 }

@@ -13,7 +13,7 @@ use utoipa::{
 };
 
 use super::{integral, ValidationError};
-use crate::model::ModelInfo;
+use crate::{batcher::Priority, model::ModelInfo};
 
 /// Guidance scales above this are refused (past it images saturate; it is a typo).
 pub const MAX_GUIDANCE_SCALE: f64 = 50.0;
@@ -143,6 +143,16 @@ pub struct SampleRequest {
     #[serde(default, deserialize_with = "integral::body::u64")]
     #[schema(schema_with = seed_schema)]
     pub seed: Option<u64>,
+    /// `low`, `normal` (default) or `high`. The server serves the request with the least
+    /// work left first, a high request counting as 4× shorter and a low one as 4× longer;
+    /// every request gains standing as it waits, so none starves.
+    #[schema(schema_with = priority_schema)]
+    pub priority: Option<String>,
+    /// With `Accept: text/event-stream` only: send each image's current x̂₀ (the model's
+    /// guess of the final image) as a `preview` event every this many of its steps.
+    #[serde(default, deserialize_with = "integral::body::i64")]
+    #[schema(schema_with = preview_every_schema)]
+    pub preview_every: Option<i64>,
 }
 
 /// A count of at least 1; the served document lowers the maximum to the server's and
@@ -189,6 +199,29 @@ fn sampler_schema() -> ObjectBuilder {
         .description(Some("Default: the server's --default-sampler."))
 }
 
+fn priority_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .enum_values(Some(
+            ["low", "normal", "high"]
+                .map(serde_json::Value::from)
+                .into_iter()
+                .chain([serde_json::Value::Null]),
+        ))
+        .default(Some("normal".into()))
+        .description(Some(
+            "Served shortest remaining work first: high counts as 4× shorter, low as 4× \
+             longer; waiting gains standing, so none starves.",
+        ))
+}
+
+fn preview_every_schema() -> ObjectBuilder {
+    count_schema(
+        "With `Accept: text/event-stream` only: a `preview` event (each image's current \
+         x̂₀ as a PNG) every this many of its steps.",
+    )
+}
+
 fn seed_schema() -> ObjectBuilder {
     ObjectBuilder::new()
         .schema_type(SchemaType::from_iter([Type::Integer, Type::Null]))
@@ -214,6 +247,8 @@ pub struct Plan {
     pub specs: Vec<SampleSpec>,
     /// The class name (or `None`, unconditional) of each image.
     pub class_names: Vec<Option<String>>,
+    pub priority: Priority,
+    pub preview_every: Option<usize>,
 }
 
 /// Checks a request against the model and the limits; every refusal names what to fix.
@@ -273,7 +308,30 @@ pub fn plan(
         .iter()
         .map(|l| l.and_then(|i| model.classes.get(i as usize).cloned()))
         .collect();
-    Ok(Plan { specs, class_names })
+    let priority = match request.priority.as_deref() {
+        None => Priority::Normal,
+        Some(p) => serde_json::from_value(serde_json::Value::from(p.to_ascii_lowercase()))
+            .map_err(|_| {
+                ValidationError::Streaming(format!(
+                    "unknown priority {p:?}: use \"low\", \"normal\" or \"high\""
+                ))
+            })?,
+    };
+    let preview_every = match request.preview_every {
+        None => None,
+        Some(k) if k >= 1 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
+        Some(k) => {
+            return Err(ValidationError::Streaming(format!(
+                "preview_every must be at least 1, got {k}"
+            )))
+        }
+    };
+    Ok(Plan {
+        specs,
+        class_names,
+        priority,
+        preview_every,
+    })
 }
 
 /// The label (or `None`, unconditional) of each image the request asks for.

@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use ddpm_server::SchedulerPolicy;
+
 use crate::helpers::{spawn_app, wait_until, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -133,9 +135,19 @@ async fn a_full_queue_answers_429_with_retry_after() {
         app.metric("ddpm_active_samples").await >= 4.0
     })
     .await;
+    let backlog = app.metric("ddpm_backlog_seconds").await;
     let refused = app.sample(json!({"steps": 5}), "application/json").await;
     assert_eq!(refused.status(), 429);
-    assert_eq!(refused.headers()["retry-after"], "1");
+    // The wait is the backlog's estimated time to finish, in whole seconds (at least 1).
+    let retry: f64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        retry >= 1.0 && retry <= backlog.ceil().max(1.0),
+        "{retry} s for a {backlog} s backlog"
+    );
     let body: serde_json::Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "overloaded");
     assert_eq!(long.await.unwrap(), 200);
@@ -146,8 +158,10 @@ async fn a_full_queue_answers_429_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_past_its_deadline_answers_504() {
+    // FIFO admits by images only (the fair scheduler would refuse this request up front).
     let app = spawn_app(Options {
         request_timeout: Duration::from_millis(300),
+        scheduler: SchedulerPolicy::Fifo,
         ..Options::default()
     })
     .await;
@@ -161,5 +175,124 @@ async fn a_request_past_its_deadline_answers_504() {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "timeout");
     app.sample_json(json!({"steps": 2})).await;
+    app.stop().await.unwrap();
+}
+
+/// Forward passes the model ran while a 10-step request was served behind a running
+/// 16-image, 1000-step one, and whether the long one still finished.
+async fn passes_for_a_short_request_behind_a_long_one(scheduler: SchedulerPolicy) -> f64 {
+    let app = spawn_app(Options {
+        scheduler,
+        ..Options::default()
+    })
+    .await;
+    let long = tokio::spawn({
+        let request = app
+            .client
+            .post(app.url("/v1/samples"))
+            .json(&json!({"n": 16, "class": 0, "sampler": "ddpm", "steps": 1000}));
+        async move { request.send().await.unwrap().status() }
+    });
+    wait_until("the long request to fill the batch", || async {
+        app.metric("ddpm_active_samples").await == 16.0
+    })
+    .await;
+    let before = app.metric("ddpm_forward_passes_total").await;
+    app.sample_json(json!({"class": 1, "sampler": "ddim", "steps": 10}))
+        .await;
+    let passes = app.metric("ddpm_forward_passes_total").await - before;
+    assert_eq!(long.await.unwrap(), 200, "the long request finished");
+    app.stop().await.unwrap();
+    passes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fair_scheduler_serves_a_short_request_through_a_full_batch() {
+    // Fair: the short request's sample joins the very next passes (10 of them, plus the
+    // few the HTTP round trip overlaps). FIFO: it waits for the 1000-step request.
+    let fair = passes_for_a_short_request_behind_a_long_one(SchedulerPolicy::Fair).await;
+    assert!(fair <= 40.0, "fair: {fair} passes for a 10-step request");
+    let fifo = passes_for_a_short_request_behind_a_long_one(SchedulerPolicy::Fifo).await;
+    assert!(
+        fifo >= 900.0,
+        "fifo: {fifo} passes (the baseline this test tells apart)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn work_that_cannot_finish_in_time_is_refused_up_front_and_accepted_work_finishes() {
+    let timeout = Duration::from_secs(4);
+    let app = spawn_app(Options {
+        request_timeout: timeout,
+        max_images_per_request: 16,
+        queue_capacity: 1024,
+        ..Options::default()
+    })
+    .await;
+    // The first request calibrates the pass time.
+    app.sample_json(json!({"steps": 2})).await;
+    // Far more work than the timeout allows, even alone: 422 too_costly, nothing queued.
+    let huge = app
+        .sample(
+            json!({"n": 16, "class": 0, "sampler": "ddpm", "steps": 1000}),
+            "application/json",
+        )
+        .await;
+    let status = huge.status();
+    let body: serde_json::Value = huge.json().await.unwrap();
+    if status == 422 {
+        assert_eq!(body["error"]["code"], "too_costly");
+    } else {
+        // A machine fast enough to do it in time: then it must succeed.
+        assert_eq!(status, 200, "{body}");
+    }
+    // Requests that fit alone, sent together until the backlog is full: each is either
+    // accepted and finished within its deadline (200, never 504), or refused at once
+    // with 429 and a Retry-After from the backlog.
+    let body = json!({"n": 4, "class": 2, "sampler": "ddpm", "steps": 250});
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for _ in 0..50 {
+        let burst: Vec<_> = (0..8)
+            .map(|_| {
+                let request = app.client.post(app.url("/v1/samples")).json(&body);
+                tokio::spawn(async move { request.send().await.unwrap() })
+            })
+            .collect();
+        // Admission answers at once; accepted requests take seconds.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for sent in burst {
+            if sent.is_finished() {
+                let response = sent.await.unwrap();
+                if response.status() == 429 {
+                    refused.get_or_insert(response);
+                    continue;
+                }
+                assert_eq!(response.status(), 200);
+            } else {
+                accepted.push(sent);
+            }
+        }
+        if refused.is_some() {
+            break;
+        }
+    }
+    let refused = refused.expect("the backlog never filled");
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        retry >= 1 && retry <= timeout.as_secs() + 1,
+        "retry after {retry} s"
+    );
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "overloaded");
+    assert!(!accepted.is_empty());
+    for sent in accepted {
+        assert_eq!(sent.await.unwrap().status(), 200, "accepted work timed out");
+    }
+    assert_eq!(app.metric("ddpm_requests_timed_out_total").await, 0.0);
     app.stop().await.unwrap();
 }

@@ -13,7 +13,7 @@ use std::{
 
 use ddpm_core::checkpoint::{checkpoint_bytes, load_checkpoint_bytes, CheckpointInfo};
 use ddpm_registry::{CheckpointKind, CheckpointRecord, CheckpointStore, NewRun, Registry};
-use ddpm_server::Config;
+use ddpm_server::{Config, SchedulerPolicy};
 use ddpm_testkit_model::{
     colour_dataset, exclusive_rng, micro_config, one_torch_thread, train, TrainSpec,
     MICRO_IMAGE_SIZE,
@@ -38,6 +38,7 @@ pub struct Options {
     pub poll_interval: Duration,
     pub request_timeout: Duration,
     pub api_token: Option<String>,
+    pub scheduler: SchedulerPolicy,
 }
 
 impl Default for Options {
@@ -51,6 +52,7 @@ impl Default for Options {
             poll_interval: Duration::from_millis(100),
             request_timeout: Duration::from_secs(60),
             api_token: None,
+            scheduler: SchedulerPolicy::Fair,
         }
     }
 }
@@ -97,6 +99,7 @@ pub async fn spawn_app(options: Options) -> TestApp {
     config.poll_interval = options.poll_interval;
     config.request_timeout = options.request_timeout;
     config.api_token = options.api_token.clone();
+    config.scheduler = options.scheduler;
     config.default_steps = 20;
     config.pin_run = None;
     config.pin_checkpoint = None;
@@ -258,6 +261,69 @@ impl TestApp {
 
     pub fn take_server(&mut self) -> Option<JoinHandle<Result<(), ddpm_server::ServerError>>> {
         self.server.take()
+    }
+}
+
+/// One Server-Sent Event: its name and its data as JSON.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub name: String,
+    pub data: serde_json::Value,
+}
+
+/// Reads a `text/event-stream` response event by event, as a browser's EventSource would
+/// (comment lines, such as keep-alives, are skipped).
+pub struct SseReader {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl SseReader {
+    pub fn new(response: reqwest::Response) -> SseReader {
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        SseReader {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event, or `None` once the stream has ended.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut name = String::from("message");
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a comment (keep-alive)
+                }
+                let data = serde_json::from_str(&data).expect("event data is JSON");
+                return Some(SseEvent { name, data });
+            }
+            match self.response.chunk().await.expect("read the stream") {
+                Some(bytes) => self
+                    .buffer
+                    .push_str(std::str::from_utf8(&bytes).expect("UTF-8 stream")),
+                None => return None,
+            }
+        }
+    }
+
+    /// Every remaining event.
+    pub async fn rest(&mut self) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        while let Some(e) = self.next().await {
+            events.push(e);
+        }
+        events
     }
 }
 

@@ -7,5 +7,6 @@ mod helpers;
 mod ops;
 mod runs;
 mod samples;
+mod streaming;
 mod swap;
 mod validation;

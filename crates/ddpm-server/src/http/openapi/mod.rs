@@ -45,6 +45,7 @@ sampling request that depend on the server's configuration and on the model bein
     info(title = "ddpm-server", description = DESCRIPTION),
     paths(
         super::samples::create_samples,
+        super::samples::cancel_sample,
         super::model::current_model,
         super::runs::list_runs,
         super::runs::get_run,

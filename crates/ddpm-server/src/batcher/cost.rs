@@ -1,0 +1,317 @@
+//! What work costs and whether it can be accepted: pure functions of measured pass times.
+//!
+//! A request's cost is its batch rows × steps (a guided conditional sample is 2 rows per
+//! step). [`PassTimes`] keeps a moving linear fit of a forward pass's seconds against its
+//! rows, t(r) = fixed + per_row·r, from the passes the model thread runs (anchored by two
+//! calibration passes per model, so that a stream of equal batches leaves the slope
+//! defined). [`admit`] predicts, in the order the scheduler serves requests, when each
+//! accepted request and the new one would finish at full-batch throughput, and accepts
+//! the new one only if every request still meets its deadline.
+
+use std::time::{Duration, Instant};
+
+use super::scheduler::{urgency, Priority, RequestId};
+
+/// Seconds of one forward pass of `rows` batch rows: `fixed + per_row · rows`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PassTime {
+    pub fixed: f64,
+    pub per_row: f64,
+}
+
+impl PassTime {
+    /// Before anything is measured: a pass costs the same whatever its size (so nothing
+    /// is refused and every sample may share the pass).
+    pub const UNMEASURED: PassTime = PassTime {
+        fixed: 1e-3,
+        per_row: 0.0,
+    };
+
+    pub fn seconds(&self, rows: usize) -> f64 {
+        self.fixed + self.per_row * rows as f64
+    }
+
+    /// Seconds per row in a pass of `rows` rows: the cost of work at that batch size.
+    pub fn row_seconds(&self, rows: usize) -> f64 {
+        let rows = rows.max(1);
+        self.seconds(rows) / rows as f64
+    }
+}
+
+/// How much one observation weighs against the past: a moving window of about 1/(1−DECAY)
+/// passes (50).
+const DECAY: f64 = 0.98;
+
+/// A moving weighted least-squares fit of pass seconds against rows.
+#[derive(Debug, Clone, Default)]
+pub struct PassTimes {
+    /// Calibration points: they stay in the fit (weight 1 each) so that it always has
+    /// two distinct sizes.
+    anchors: Vec<(f64, f64)>,
+    /// Decayed sums of w, w·r, w·r², w·t, w·r·t over observed passes.
+    sums: [f64; 5],
+}
+
+impl PassTimes {
+    /// Starts a fit from calibration passes `(rows, seconds)`; observations fade in.
+    pub fn calibrated(anchors: &[(usize, f64)]) -> PassTimes {
+        PassTimes {
+            anchors: anchors.iter().map(|&(r, t)| (r as f64, t)).collect(),
+            sums: [0.0; 5],
+        }
+    }
+
+    pub fn is_calibrated(&self) -> bool {
+        !self.anchors.is_empty()
+    }
+
+    pub fn observe(&mut self, rows: usize, seconds: f64) {
+        if !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        let r = rows as f64;
+        for (sum, add) in self
+            .sums
+            .iter_mut()
+            .zip([1.0, r, r * r, seconds, r * seconds])
+        {
+            *sum = *sum * DECAY + add;
+        }
+    }
+
+    /// The current estimate ([`PassTime::UNMEASURED`] before any calibration or pass).
+    pub fn estimate(&self) -> PassTime {
+        let [mut w, mut wr, mut wrr, mut wt, mut wrt] = self.sums;
+        for &(r, t) in &self.anchors {
+            w += 1.0;
+            wr += r;
+            wrr += r * r;
+            wt += t;
+            wrt += r * t;
+        }
+        if w == 0.0 {
+            return PassTime::UNMEASURED;
+        }
+        let det = w * wrr - wr * wr;
+        // All at one size: no slope to be had; count the time as fixed (the benign case).
+        if det.abs() < 1e-9 * w * wrr.max(1.0) {
+            return PassTime {
+                fixed: wt / w,
+                per_row: 0.0,
+            };
+        }
+        let per_row = ((w * wrt - wr * wt) / det).max(0.0);
+        let fixed = ((wt - per_row * wr) / w).max(0.0);
+        PassTime { fixed, per_row }
+    }
+}
+
+/// An accepted request as admission sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Booking {
+    pub id: RequestId,
+    pub priority: Priority,
+    pub arrived: Instant,
+    pub deadline: Instant,
+    /// Batch rows × steps left.
+    pub row_steps: f64,
+}
+
+/// Why a request is refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// The backlog would make it, or a request already accepted, miss its deadline; it
+    /// would fit after `retry_after`.
+    Busy { retry_after: Duration },
+    /// It would miss its deadline even on an idle server.
+    TooCostly { needs: Duration },
+}
+
+/// Where `new` would stand, 0 = first, if it fits: every booking in `bookings` and `new`
+/// finish by their deadlines when served in the scheduler's order at `rate` rows per
+/// second. Otherwise, how long to wait.
+pub fn admit(
+    bookings: &[Booking],
+    new: &Booking,
+    now: Instant,
+    pass: &PassTime,
+    full_batch_rows: usize,
+) -> Result<usize, Refusal> {
+    let row_seconds = pass.row_seconds(full_batch_rows);
+    let alone = new.row_steps * row_seconds;
+    let timeout = new.deadline.saturating_duration_since(now).as_secs_f64();
+    if alone > timeout {
+        return Err(Refusal::TooCostly {
+            needs: Duration::from_secs_f64(alone),
+        });
+    }
+    let key = |b: &Booking| {
+        let waited = now.saturating_duration_since(b.arrived).as_secs_f64();
+        urgency(b.priority, b.row_steps, waited, row_seconds)
+    };
+    let mut line: Vec<&Booking> = bookings.iter().chain([new]).collect();
+    line.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let mut ahead = 0.0;
+    let mut retry_after: f64 = 0.0;
+    let mut position = None;
+    for (i, b) in line.iter().enumerate() {
+        ahead += b.row_steps * row_seconds;
+        let left = b.deadline.saturating_duration_since(now).as_secs_f64();
+        if b.id == new.id {
+            position = Some(i);
+            // Waiting d seconds takes d seconds of work off what is ahead of it.
+            retry_after = retry_after.max(ahead - left);
+        } else if position.is_some() && ahead > left && ahead - alone <= left {
+            // The new request would push this accepted one past its deadline: it fits
+            // once that one is done (an upper bound: ageing may let it in sooner).
+            retry_after = retry_after.max(ahead - alone);
+        }
+        // A request late even without the new one is not the new one's doing.
+    }
+    if retry_after > 0.0 {
+        return Err(Refusal::Busy {
+            retry_after: Duration::from_secs_f64(retry_after),
+        });
+    }
+    Ok(position.unwrap_or(line.len() - 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fit(points: &[(usize, f64)]) -> PassTime {
+        let mut times = PassTimes::default();
+        for &(r, t) in points {
+            times.observe(r, t);
+        }
+        times.estimate()
+    }
+
+    #[test]
+    fn the_fit_recovers_a_line_and_survives_one_size() {
+        let t = fit(&[(2, 0.006), (32, 0.036), (8, 0.012)]);
+        assert!((t.fixed - 0.004).abs() < 1e-9, "{t:?}");
+        assert!((t.per_row - 0.001).abs() < 1e-9, "{t:?}");
+        assert_eq!(PassTimes::default().estimate(), PassTime::UNMEASURED);
+        // Only full batches observed: the calibration keeps the slope.
+        let mut times = PassTimes::calibrated(&[(2, 0.006), (32, 0.036)]);
+        for _ in 0..500 {
+            times.observe(32, 0.036);
+        }
+        let t = times.estimate();
+        assert!((t.per_row - 0.001).abs() < 1e-6, "{t:?}");
+        // Without calibration one size is all fixed cost.
+        let t = fit(&[(32, 0.036), (32, 0.036)]);
+        assert_eq!(t.per_row, 0.0);
+        assert!((t.fixed - 0.036).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_fit_follows_a_slower_device() {
+        let mut times = PassTimes::calibrated(&[(2, 0.006), (32, 0.036)]);
+        for i in 0..300 {
+            times.observe(
+                if i % 2 == 0 { 2 } else { 32 },
+                if i % 2 == 0 { 0.012 } else { 0.072 },
+            );
+        }
+        let t = times.estimate();
+        assert!((t.seconds(32) - 0.072).abs() < 0.002, "{t:?}");
+    }
+
+    /// 1 ms per row, nothing fixed: 1000 row-steps take 1 s.
+    const PASS: PassTime = PassTime {
+        fixed: 0.0,
+        per_row: 0.001,
+    };
+
+    fn booking(id: u64, now: Instant, row_steps: f64, timeout: f64) -> Booking {
+        Booking {
+            id,
+            priority: Priority::Normal,
+            arrived: now,
+            deadline: now + Duration::from_secs_f64(timeout),
+            row_steps,
+        }
+    }
+
+    #[test]
+    fn work_that_fits_is_admitted_with_its_place_in_line() {
+        let now = Instant::now();
+        let long = booking(1, now, 50_000.0, 120.0);
+        let short = booking(2, now, 20.0, 120.0);
+        assert_eq!(admit(std::slice::from_ref(&long), &short, now, &PASS, 32), Ok(0));
+        let another_long = booking(3, now, 50_000.0, 120.0);
+        assert_eq!(admit(&[long, short], &another_long, now, &PASS, 32), Ok(2));
+    }
+
+    #[test]
+    fn a_backlog_past_the_deadline_is_refused_with_the_wait_it_implies() {
+        let now = Instant::now();
+        // 100 s of work accepted 90 s ago (30 s left of its 120): a new 100 s request
+        // goes behind it (ageing) and would finish at 130 s, 10 s late.
+        let backlog = Booking {
+            arrived: now - Duration::from_secs(90),
+            deadline: now + Duration::from_secs(30),
+            ..booking(1, now, 30_000.0, 0.0)
+        };
+        let new = booking(2, now, 100_000.0, 120.0);
+        match admit(std::slice::from_ref(&backlog), &new, now, &PASS, 32) {
+            Err(Refusal::Busy { retry_after }) => {
+                assert!(
+                    (retry_after.as_secs_f64() - 10.0).abs() < 1e-6,
+                    "{retry_after:?}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // A shorter new request goes first; it must not make an accepted one late.
+        let old = Booking {
+            arrived: now - Duration::from_secs(5),
+            deadline: now + Duration::from_secs(115),
+            ..booking(1, now, 110_000.0, 0.0)
+        };
+        let short = booking(3, now, 10_000.0, 120.0);
+        match admit(&[old], &short, now, &PASS, 32) {
+            Err(Refusal::Busy { retry_after }) => {
+                // It fits once the accepted request is done, 110 s from now.
+                assert!(
+                    (retry_after.as_secs_f64() - 110.0).abs() < 1e-6,
+                    "{retry_after:?}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_short_request_may_not_push_an_accepted_one_past_its_deadline() {
+        let now = Instant::now();
+        // 119.99 s of 120: no room for even 1 s ahead of it.
+        let tight = booking(1, now, 119_990.0, 120.0);
+        let short = booking(2, now, 1_000.0, 120.0);
+        match admit(&[tight], &short, now, &PASS, 32) {
+            Err(Refusal::Busy { retry_after }) => {
+                // The tight request leaves the line when it finishes, in ~120 s.
+                assert!(
+                    (retry_after.as_secs_f64() - 119.99).abs() < 1e-6,
+                    "{retry_after:?}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn work_that_never_fits_is_too_costly() {
+        let now = Instant::now();
+        let huge = booking(1, now, 200_000.0, 120.0);
+        assert_eq!(
+            admit(&[], &huge, now, &PASS, 32),
+            Err(Refusal::TooCostly {
+                needs: Duration::from_secs(200)
+            })
+        );
+    }
+}

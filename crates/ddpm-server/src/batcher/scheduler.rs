@@ -1,0 +1,671 @@
+//! Which samples step in the next forward pass: a pure state machine, with time and the
+//! forward pass's cost passed in.
+//!
+//! Requests wait with their samples; before every pass [`Scheduler::select`] marks the
+//! samples that step in it, the caller steps them, and [`Scheduler::retire`] removes the
+//! samples that are done and hands back each request whose samples are all done. A
+//! request can be dropped at any time ([`Scheduler::cancel`]). Nothing here knows about
+//! tensors: a sample is any [`Work`].
+//!
+//! Two policies:
+//! - [`Policy::Fifo`]: requests in arrival order, each filling every free slot before the
+//!   next gets one (the server's behaviour before cost-based scheduling; kept as the
+//!   benchmark's baseline).
+//! - [`Policy::Fair`]: shortest remaining work first, with ageing. Requests are ordered by
+//!   [`urgency`]: their remaining work in seconds (weighted by priority) minus the time they
+//!   have waited, so a long request overtakes newer short ones once it has waited about as
+//!   long as it needs. The first request and every request no longer than twice its
+//!   remaining steps share the pass round-robin (one sample each, then a second each, ...).
+//!   Longer requests fill the rest of the pass only while that keeps the pass within
+//!   `stretch` × the time it would take without them: on a GPU, where a bigger batch costs
+//!   almost nothing, they fill it; on a CPU, where the pass time grows with the batch, a
+//!   10-step request is not slowed 16× by a 1000-step one sharing its passes.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::cost::PassTime;
+
+/// Identifies a request inside the batcher.
+pub type RequestId = u64;
+
+/// A request's claim on the model. Its weight multiplies the request's remaining work when
+/// requests are ordered, so a `high` request counts as 4× shorter and a `low` one as 4×
+/// longer; ageing still lets every request through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    pub fn weight(self) -> f64 {
+        match self {
+            Priority::Low => 4.0,
+            Priority::Normal => 1.0,
+            Priority::High => 0.25,
+        }
+    }
+}
+
+/// How the pass is shared.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Policy {
+    Fifo,
+    /// `stretch` ≥ 1: how much longer a pass may take, for the requests due first, so
+    /// that longer requests share it.
+    Fair {
+        stretch: f64,
+    },
+}
+
+/// What the scheduler needs to know of a sample.
+pub trait Work {
+    /// Batch rows one step costs (2 for a guided conditional sample).
+    fn rows(&self) -> usize;
+    /// Steps taken and in all.
+    fn progress(&self) -> (usize, usize);
+
+    fn steps_left(&self) -> usize {
+        let (done, total) = self.progress();
+        total.saturating_sub(done)
+    }
+}
+
+/// A request's place in line: smaller goes first. Remaining work (batch rows × steps) in
+/// seconds at `row_seconds` each, weighted by priority, minus the seconds waited.
+pub fn urgency(priority: Priority, row_steps: f64, waited_seconds: f64, row_seconds: f64) -> f64 {
+    priority.weight() * row_steps * row_seconds - waited_seconds
+}
+
+/// How far along a request is: sample-steps taken and in all, and images finished.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    pub step: usize,
+    pub total: usize,
+    pub images_done: usize,
+    pub images: usize,
+}
+
+#[derive(Debug)]
+struct Live<T> {
+    index: usize,
+    sample: T,
+    selected: bool,
+}
+
+#[derive(Debug)]
+struct Entry<T> {
+    id: RequestId,
+    priority: Priority,
+    arrived: Instant,
+    /// Samples not finished, in request order.
+    live: Vec<Live<T>>,
+    /// Samples that finished, by index.
+    finished: Vec<(usize, T)>,
+    total: usize,
+}
+
+impl<T: Work> Entry<T> {
+    fn row_steps(&self) -> f64 {
+        self.live
+            .iter()
+            .map(|l| (l.sample.rows() * l.sample.steps_left()) as f64)
+            .sum()
+    }
+
+    fn steps_left(&self) -> usize {
+        self.live
+            .iter()
+            .map(|l| l.sample.steps_left())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// A request whose samples are all done, in request order.
+#[derive(Debug, PartialEq)]
+pub struct Completed<T> {
+    pub request: RequestId,
+    pub samples: Vec<T>,
+}
+
+/// The requests not yet completed and their samples.
+#[derive(Debug)]
+pub struct Scheduler<T> {
+    max_batch: usize,
+    policy: Policy,
+    /// Arrival order.
+    entries: Vec<Entry<T>>,
+}
+
+/// Requests no longer than this many times the first one's remaining steps share the pass
+/// with it freely: they are about as urgent, and batching them costs them nothing.
+const SIMILAR: usize = 2;
+
+impl<T: Work> Scheduler<T> {
+    /// At most `max_batch` (≥ 1) samples step together.
+    pub fn new(max_batch: usize, policy: Policy) -> Self {
+        Scheduler {
+            max_batch: max_batch.max(1),
+            policy,
+            entries: Vec::new(),
+        }
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Queues a request with its samples (in request order). An empty request completes at
+    /// the next [`retire`](Self::retire).
+    pub fn enqueue(&mut self, id: RequestId, samples: Vec<T>, priority: Priority, now: Instant) {
+        let total = samples.len();
+        self.entries.push(Entry {
+            id,
+            priority,
+            arrived: now,
+            live: samples
+                .into_iter()
+                .enumerate()
+                .map(|(index, sample)| Live {
+                    index,
+                    sample,
+                    selected: false,
+                })
+                .collect(),
+            finished: Vec::with_capacity(total),
+            total,
+        });
+    }
+
+    /// The requests with samples left, most urgent first.
+    fn order(&self, now: Instant, pass: &PassTime) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| !self.entries[i].live.is_empty())
+            .collect();
+        if let Policy::Fair { .. } = self.policy {
+            let row_seconds = pass.row_seconds(2 * self.max_batch);
+            let keys: Vec<f64> = self
+                .entries
+                .iter()
+                .map(|e| {
+                    let waited = now.saturating_duration_since(e.arrived).as_secs_f64();
+                    urgency(e.priority, e.row_steps(), waited, row_seconds)
+                })
+                .collect();
+            // Stable: equal keys keep arrival order.
+            order.sort_by(|&a, &b| keys[a].total_cmp(&keys[b]));
+        }
+        order
+    }
+
+    /// Marks the samples of the next pass; returns how many.
+    pub fn select(&mut self, now: Instant, pass: &PassTime) -> usize {
+        let order = self.order(now, pass);
+        for entry in &mut self.entries {
+            for live in &mut entry.live {
+                live.selected = false;
+            }
+        }
+        match self.policy {
+            Policy::Fifo => {
+                let mut count = 0;
+                'fill: for &i in &order {
+                    for live in &mut self.entries[i].live {
+                        if count == self.max_batch {
+                            break 'fill;
+                        }
+                        live.selected = true;
+                        count += 1;
+                    }
+                }
+                count
+            }
+            Policy::Fair { stretch } => {
+                let Some(&head) = order.first() else {
+                    return 0;
+                };
+                let head_left = self.entries[head].steps_left();
+                let (core, rest): (Vec<usize>, Vec<usize>) = order
+                    .iter()
+                    .partition(|&&i| self.entries[i].steps_left() <= SIMILAR * head_left);
+                let mut pass_rows = 0;
+                let mut count = 0;
+                self.round_robin(&core, &mut count, &mut pass_rows, |_| true);
+                let budget = stretch.max(1.0) * pass.seconds(pass_rows);
+                self.round_robin(&rest, &mut count, &mut pass_rows, |rows| {
+                    pass.seconds(rows) <= budget
+                });
+                count
+            }
+        }
+    }
+
+    /// Selects one more sample of each request in `order` per round while slots remain
+    /// and `fits(rows of the pass with it)` holds; stops after a round that adds nothing.
+    fn round_robin(
+        &mut self,
+        order: &[usize],
+        count: &mut usize,
+        pass_rows: &mut usize,
+        fits: impl Fn(usize) -> bool,
+    ) {
+        for round in 0.. {
+            let mut added = false;
+            for &i in order {
+                if *count == self.max_batch {
+                    return;
+                }
+                let Some(live) = self.entries[i].live.get_mut(round) else {
+                    continue;
+                };
+                let rows = *pass_rows + live.sample.rows();
+                if fits(rows) {
+                    live.selected = true;
+                    *pass_rows = rows;
+                    *count += 1;
+                    added = true;
+                }
+            }
+            if !added {
+                return;
+            }
+        }
+    }
+
+    /// The selected samples, to step together, with their requests and their indices in
+    /// them.
+    pub fn selected_mut(&mut self) -> Vec<(RequestId, usize, &mut T)> {
+        self.entries
+            .iter_mut()
+            .flat_map(|e| {
+                let id = e.id;
+                e.live
+                    .iter_mut()
+                    .filter(|l| l.selected)
+                    .map(move |l| (id, l.index, &mut l.sample))
+            })
+            .collect()
+    }
+
+    /// Removes the samples that are done, calling `finished(request, index, sample)` for
+    /// each, and returns the requests that are now complete, oldest first.
+    pub fn retire(&mut self, mut finished: impl FnMut(RequestId, usize, &T)) -> Vec<Completed<T>> {
+        for entry in &mut self.entries {
+            let (done, live): (Vec<_>, Vec<_>) = std::mem::take(&mut entry.live)
+                .into_iter()
+                .partition(|l| l.sample.steps_left() == 0);
+            entry.live = live;
+            for l in done {
+                finished(entry.id, l.index, &l.sample);
+                entry.finished.push((l.index, l.sample));
+            }
+        }
+        let mut completed = Vec::new();
+        let mut i = 0;
+        while i < self.entries.len() {
+            if self.entries[i].finished.len() == self.entries[i].total {
+                let mut entry = self.entries.remove(i);
+                entry.finished.sort_by_key(|(index, _)| *index);
+                completed.push(Completed {
+                    request: entry.id,
+                    samples: entry.finished.into_iter().map(|(_, s)| s).collect(),
+                });
+            } else {
+                i += 1;
+            }
+        }
+        completed
+    }
+
+    /// Drops a request and its samples. Returns whether it was there.
+    pub fn cancel(&mut self, request: RequestId) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|e| e.id != request);
+        self.entries.len() != before
+    }
+
+    /// The requests not yet completed, in arrival order.
+    pub fn requests(&self) -> impl Iterator<Item = RequestId> + '_ {
+        self.entries.iter().map(|e| e.id)
+    }
+
+    /// Each request's remaining work in batch rows × steps.
+    pub fn remaining(&self) -> impl Iterator<Item = (RequestId, f64)> + '_ {
+        self.entries.iter().map(|e| (e.id, e.row_steps()))
+    }
+
+    pub fn progress(&self, request: RequestId) -> Option<Progress> {
+        let e = self.entries.iter().find(|e| e.id == request)?;
+        let mut p = Progress {
+            images_done: e.finished.len(),
+            images: e.total,
+            ..Progress::default()
+        };
+        for (done, total) in e
+            .live
+            .iter()
+            .map(|l| l.sample.progress())
+            .chain(e.finished.iter().map(|(_, s)| s.progress()))
+        {
+            p.step += done;
+            p.total += total;
+        }
+        Some(p)
+    }
+
+    /// Samples not selected for the coming pass.
+    pub fn waiting_samples(&self) -> usize {
+        self.entries
+            .iter()
+            .flat_map(|e| &e.live)
+            .filter(|l| !l.selected)
+            .count()
+    }
+
+    /// Samples selected for the coming pass.
+    pub fn active(&self) -> usize {
+        self.entries
+            .iter()
+            .flat_map(|e| &e.live)
+            .filter(|l| l.selected)
+            .count()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A sample of `total` steps, `done` taken, costing `rows` per step.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct Fake {
+        tag: u32,
+        done: usize,
+        total: usize,
+        rows: usize,
+    }
+
+    impl Work for Fake {
+        fn rows(&self) -> usize {
+            self.rows
+        }
+        fn progress(&self) -> (usize, usize) {
+            (self.done, self.total)
+        }
+    }
+
+    fn samples(tag: u32, n: usize, steps: usize) -> Vec<Fake> {
+        (0..n)
+            .map(|i| Fake {
+                tag: tag * 100 + i as u32,
+                done: 0,
+                total: steps,
+                rows: 2,
+            })
+            .collect()
+    }
+
+    /// A CPU-like pass: 4 ms fixed, 1 ms per row (cost grows with the batch, as measured
+    /// on the development machine: 32 rows cost ~8× 2 rows).
+    const CPU: PassTime = PassTime {
+        fixed: 0.004,
+        per_row: 0.001,
+    };
+    /// A GPU-like pass: 10 ms whatever the batch.
+    const GPU: PassTime = PassTime {
+        fixed: 0.010,
+        per_row: 0.0,
+    };
+    const FAIR: Policy = Policy::Fair { stretch: 1.5 };
+
+    /// One iteration at `now`: select, step every selected sample, retire. Returns the
+    /// selected (request, tag) pairs and the completed requests.
+    fn iterate(
+        set: &mut Scheduler<Fake>,
+        now: Instant,
+        pass: &PassTime,
+    ) -> (Vec<(u64, u32)>, Vec<u64>) {
+        set.select(now, pass);
+        let mut picked = Vec::new();
+        for (id, _, s) in set.selected_mut() {
+            s.done += 1;
+            picked.push((id, s.tag));
+        }
+        let done = set
+            .retire(|_, _, _| {})
+            .into_iter()
+            .map(|c| c.request)
+            .collect();
+        (picked, done)
+    }
+
+    fn requests_in(picked: &[(u64, u32)]) -> Vec<u64> {
+        let mut ids: Vec<u64> = picked.iter().map(|p| p.0).collect();
+        ids.dedup();
+        ids
+    }
+
+    #[test]
+    fn fifo_fills_every_slot_with_the_oldest_request_first() {
+        let now = Instant::now();
+        let mut set = Scheduler::new(4, Policy::Fifo);
+        set.enqueue(1, samples(1, 64, 1000), Priority::Normal, now);
+        set.enqueue(2, samples(2, 1, 10), Priority::High, now);
+        let (picked, _) = iterate(&mut set, now, &CPU);
+        assert_eq!(picked.len(), 4);
+        assert_eq!(requests_in(&picked), [1], "FIFO: the short request waits");
+    }
+
+    #[test]
+    fn a_short_request_behind_a_long_one_runs_at_once_and_nearly_alone_on_a_cpu() {
+        let now = Instant::now();
+        let mut set = Scheduler::new(16, FAIR);
+        set.enqueue(1, samples(1, 64, 1000), Priority::Normal, now);
+        for _ in 0..5 {
+            let (picked, _) = iterate(&mut set, now, &CPU);
+            assert_eq!(picked.len(), 16, "alone, the long request fills the pass");
+        }
+        let later = now + Duration::from_secs(1);
+        set.enqueue(2, samples(2, 1, 10), Priority::Normal, later);
+        let mut passes = 0;
+        loop {
+            let (picked, done) = iterate(&mut set, later, &CPU);
+            passes += 1;
+            assert!(
+                picked.contains(&(2, 200)),
+                "pass {passes}: the short sample waits"
+            );
+            // 2 rows alone take 6 ms; the stretch 1.5 allows 9 ms: one more sample.
+            let rows: usize = picked.len() * 2;
+            assert!(
+                CPU.seconds(rows) <= 1.5 * CPU.seconds(2) + 1e-12,
+                "{rows} rows"
+            );
+            assert!(
+                picked.iter().any(|p| p.0 == 1),
+                "the long request is not starved"
+            );
+            if done.contains(&2) {
+                break;
+            }
+        }
+        assert_eq!(passes, 10, "the short request finished in its own 10 steps");
+        let (picked, _) = iterate(&mut set, later, &CPU);
+        assert_eq!(picked.len(), 16, "the long request takes the pass back");
+    }
+
+    #[test]
+    fn on_a_gpu_the_long_request_fills_the_rest_of_the_pass() {
+        let now = Instant::now();
+        let mut set = Scheduler::new(16, FAIR);
+        set.enqueue(1, samples(1, 64, 1000), Priority::Normal, now);
+        set.enqueue(2, samples(2, 1, 10), Priority::Normal, now);
+        let (picked, _) = iterate(&mut set, now, &GPU);
+        assert_eq!(picked.len(), 16);
+        assert_eq!(picked[0], (1, 100), "arrival order within the pass");
+        assert!(picked.contains(&(2, 200)));
+    }
+
+    #[test]
+    fn similar_requests_share_the_pass_round_robin() {
+        let now = Instant::now();
+        let mut set = Scheduler::new(4, FAIR);
+        set.enqueue(1, samples(1, 8, 20), Priority::Normal, now);
+        set.enqueue(2, samples(2, 8, 20), Priority::Normal, now);
+        set.enqueue(3, samples(3, 1, 20), Priority::Normal, now);
+        let (picked, _) = iterate(&mut set, now, &CPU);
+        let mut per_request = [0; 4];
+        for (id, _) in &picked {
+            per_request[*id as usize] += 1;
+        }
+        assert_eq!(picked.len(), 4, "equal requests batch fully, even on a CPU");
+        assert_eq!(per_request[3], 1, "no request holds the pass: {picked:?}");
+        assert!(per_request[1] >= 1 && per_request[2] >= 1, "{picked:?}");
+    }
+
+    #[test]
+    fn a_long_request_that_waited_long_enough_goes_first() {
+        // 2 samples × 2 rows × 100 steps = 400 row-steps: 0.4 s at 1 ms per row.
+        let pass = PassTime {
+            fixed: 0.0,
+            per_row: 0.001,
+        };
+        for (waited, first) in [(0.1, 3), (1.0, 1)] {
+            let now = Instant::now();
+            let mut set = Scheduler::new(2, FAIR);
+            set.enqueue(1, samples(1, 2, 100), Priority::Normal, now);
+            let later = now + Duration::from_secs_f64(waited);
+            set.enqueue(3, samples(3, 2, 10), Priority::Normal, later);
+            let (picked, _) = iterate(&mut set, later, &pass);
+            assert_eq!(picked[0].0, first, "after {waited} s: {picked:?}");
+        }
+    }
+
+    #[test]
+    fn priority_weighs_remaining_work() {
+        let now = Instant::now();
+        let pass = PassTime {
+            fixed: 0.0,
+            per_row: 0.001,
+        };
+        let mut set = Scheduler::new(1, FAIR);
+        set.enqueue(1, samples(1, 1, 10), Priority::Low, now);
+        set.enqueue(2, samples(2, 1, 30), Priority::High, now);
+        let (picked, _) = iterate(&mut set, now, &pass);
+        assert_eq!(
+            picked,
+            [(2, 200)],
+            "a high request 3× longer than a low one goes first"
+        );
+    }
+
+    #[test]
+    fn samples_come_back_in_request_order_and_are_reported_as_they_finish() {
+        let now = Instant::now();
+        let mut set = Scheduler::new(2, FAIR);
+        let mut s = samples(7, 3, 0);
+        for (sample, steps) in s.iter_mut().zip([3, 1, 2]) {
+            sample.total = steps;
+        }
+        set.enqueue(7, s, Priority::Normal, now);
+        let mut finished_order = Vec::new();
+        let mut completed = Vec::new();
+        while !set.is_idle() {
+            set.select(now, &CPU);
+            for (_, _, s) in set.selected_mut() {
+                s.done += 1;
+            }
+            completed.extend(set.retire(|_, index, _| finished_order.push(index)));
+        }
+        assert_eq!(finished_order, [1, 0, 2]);
+        assert_eq!(completed.len(), 1);
+        assert_eq!(
+            completed[0]
+                .samples
+                .iter()
+                .map(|s| s.tag)
+                .collect::<Vec<_>>(),
+            [700, 701, 702]
+        );
+    }
+
+    #[test]
+    fn progress_counts_sample_steps_and_finished_images() {
+        let now = Instant::now();
+        let mut set = Scheduler::new(1, FAIR);
+        set.enqueue(1, samples(1, 2, 3), Priority::Normal, now);
+        for _ in 0..4 {
+            iterate(&mut set, now, &CPU);
+        }
+        let p = set.progress(1).unwrap();
+        assert_eq!((p.step, p.total, p.images_done, p.images), (4, 6, 1, 2));
+        assert_eq!(set.progress(9), None);
+    }
+
+    #[test]
+    fn cancellation_frees_the_slots_at_the_next_selection() {
+        let now = Instant::now();
+        let mut set = Scheduler::new(2, FAIR);
+        set.enqueue(1, samples(1, 3, 5), Priority::Normal, now);
+        set.enqueue(2, samples(2, 1, 5), Priority::Normal, now);
+        set.select(now, &CPU);
+        assert!(set.cancel(1));
+        assert!(!set.cancel(1));
+        assert_eq!(set.select(now, &CPU), 1);
+        assert_eq!(set.selected_mut()[0].0, 2);
+        assert_eq!(set.requests().collect::<Vec<_>>(), [2]);
+        assert_eq!(set.waiting_samples(), 0);
+    }
+
+    #[test]
+    fn an_empty_request_completes_at_once() {
+        let mut set: Scheduler<Fake> = Scheduler::new(2, FAIR);
+        set.enqueue(3, Vec::new(), Priority::Normal, Instant::now());
+        let done = set.retire(|_, _, _| {});
+        assert_eq!(
+            done,
+            [Completed {
+                request: 3,
+                samples: vec![]
+            }]
+        );
+        assert!(set.is_idle());
+    }
+
+    #[test]
+    fn a_batch_of_one_still_finishes_everything() {
+        for policy in [Policy::Fifo, FAIR] {
+            let now = Instant::now();
+            let mut set = Scheduler::new(1, policy);
+            set.enqueue(1, samples(1, 1, 2), Priority::Normal, now);
+            set.enqueue(2, samples(2, 1, 1), Priority::Normal, now);
+            let mut passes = 0;
+            let mut order = Vec::new();
+            while !set.is_idle() {
+                let (picked, done) = iterate(&mut set, now, &CPU);
+                assert_eq!(picked.len(), 1);
+                passes += 1;
+                order.extend(done);
+            }
+            assert_eq!(passes, 3);
+            let expected: &[u64] = if policy == Policy::Fifo {
+                &[1, 2]
+            } else {
+                &[2, 1]
+            };
+            assert_eq!(order, expected, "{policy:?}");
+        }
+    }
+}
