@@ -54,6 +54,8 @@ pub enum ErrorCode {
     InvalidStreamOption,
     MalformedJson,
     PayloadTooLarge,
+    /// The request body did not arrive within the server's body read timeout.
+    BodyTimeout,
     UnsupportedMediaType,
     NotAcceptable,
     BadRequest,
@@ -95,6 +97,9 @@ pub enum ApiError {
     MalformedJson(String),
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The body did not arrive within the server's body read timeout (408).
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
@@ -145,6 +150,7 @@ impl ApiError {
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::MalformedJson(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -179,6 +185,7 @@ impl ApiError {
             },
             ApiError::MalformedJson(_) => ErrorCode::MalformedJson,
             ApiError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            ApiError::BodyTimeout => ErrorCode::BodyTimeout,
             ApiError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
             ApiError::NotAcceptable(_) => ErrorCode::NotAcceptable,
             ApiError::BadRequest(_) => ErrorCode::BadRequest,

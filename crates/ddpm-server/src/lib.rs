@@ -42,7 +42,6 @@ use std::{future::Future, sync::Arc};
 use ddpm_registry::{CheckpointStore, Registry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::timeout::RequestBodyTimeoutLayer;
 
 pub use config::{Config, SchedulerPolicy};
 pub use error::{ApiError, ServerError};
@@ -143,7 +142,9 @@ pub async fn run(
     let limits = serve::ConnectionLimits {
         header_read_timeout: config.header_read_timeout,
     };
-    let router = http::router(state).layer(RequestBodyTimeoutLayer::new(config.body_read_timeout));
+    let router = http::router(state).layer(axum::Extension(http::BodyReadTimeout(
+        config.body_read_timeout,
+    )));
     let served = serve::serve(listener, router, limits, shutdown).await;
     tracing::info!("stopped accepting; finishing the work in flight");
     stop_watching.cancel();

@@ -241,7 +241,10 @@ mod tests {
         let now = Instant::now();
         let long = booking(1, now, 50_000.0, 120.0);
         let short = booking(2, now, 20.0, 120.0);
-        assert_eq!(admit(std::slice::from_ref(&long), &short, now, &PASS, 32), Ok(0));
+        assert_eq!(
+            admit(std::slice::from_ref(&long), &short, now, &PASS, 32),
+            Ok(0)
+        );
         let another_long = booking(3, now, 50_000.0, 120.0);
         assert_eq!(admit(&[long, short], &another_long, now, &PASS, 32), Ok(2));
     }

@@ -233,11 +233,13 @@ impl Worker {
     }
 
     /// Drops requests cancelled or abandoned by their client and answers those past their
-    /// deadline.
+    /// deadline. The gauges are updated before the answers go out, so a client that reads
+    /// `/metrics` after its answer sees its samples gone.
     fn drop_abandoned(&mut self) {
         let now = Instant::now();
         let cancelled = std::mem::take(&mut lock(&self.ledger).cancelled);
         let ids: Vec<RequestId> = self.scheduler.requests().collect();
+        let mut answers = Vec::new();
         for id in ids {
             let Some(p) = self.pending.get(&id) else {
                 continue;
@@ -259,8 +261,15 @@ impl Worker {
             self.scheduler.cancel(id);
             lock(&self.ledger).forget(id);
             if let (Some(p), Some(error)) = (self.pending.remove(&id), answer) {
-                p.answer(Err(error));
+                answers.push((p, error));
             }
+        }
+        if answers.is_empty() {
+            return;
+        }
+        self.publish_gauges();
+        for (p, error) in answers {
+            p.answer(Err(error));
         }
     }
 

@@ -6,6 +6,7 @@ use axum::{
     http::{header, request::Parts},
 };
 use serde::de::DeserializeOwned;
+use std::time::Duration;
 
 use super::BODY_LIMIT;
 use crate::{error::ApiError, validate::ValidationError};
@@ -84,9 +85,24 @@ fn json_content_type(request: &Request) -> Result<(), ApiError> {
     )))
 }
 
-/// The whole body: 413 above the body limit.
+/// How long a request's body may take to arrive: a request extension the router sets
+/// from the server's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyReadTimeout(pub Duration);
+
+/// The whole body: 413 above the body limit, 408 when it does not arrive within the
+/// [`BodyReadTimeout`] (a client that stops sending cannot hold the connection).
 async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
-    Bytes::from_request(request, state).await.map_err(|e| {
+    let limit = request
+        .extensions()
+        .get::<BodyReadTimeout>()
+        .map_or(Duration::MAX, |t| t.0);
+    let read = Bytes::from_request(request, state);
+    let bytes = match tokio::time::timeout(limit, read).await {
+        Ok(read) => read,
+        Err(_) => return Err(ApiError::BodyTimeout),
+    };
+    bytes.map_err(|e| {
         if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge { limit: BODY_LIMIT }
         } else {

@@ -4,6 +4,7 @@
 //! each resource module declares, from which [`openapi`] generates the document).
 
 mod extract;
+pub use extract::BodyReadTimeout;
 mod health;
 mod model;
 pub mod openapi;

@@ -171,6 +171,7 @@ pub struct FileBody(#[allow(dead_code)] Vec<u8>);
             )),
         (status = 400, description = "The body is not JSON, or x-ddpm-request-id is malformed.", body = ErrorBody),
         (status = 406, description = "None of the `Accept`ed types can be produced.", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within the server's body read timeout.", body = ErrorBody),
         (status = 413, description = "The body is too large.", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`.", body = ErrorBody),
         (status = 409, description = "The request was cancelled (`cancelled`), or its x-ddpm-request-id is in use (`conflict`).", body = ErrorBody),

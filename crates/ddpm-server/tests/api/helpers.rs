@@ -39,6 +39,8 @@ pub struct Options {
     pub request_timeout: Duration,
     pub api_token: Option<String>,
     pub scheduler: SchedulerPolicy,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
 }
 
 impl Default for Options {
@@ -53,6 +55,8 @@ impl Default for Options {
             request_timeout: Duration::from_secs(60),
             api_token: None,
             scheduler: SchedulerPolicy::Fair,
+            header_read_timeout: Duration::from_secs(15),
+            body_read_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -100,6 +104,8 @@ pub async fn spawn_app(options: Options) -> TestApp {
     config.request_timeout = options.request_timeout;
     config.api_token = options.api_token.clone();
     config.scheduler = options.scheduler;
+    config.header_read_timeout = options.header_read_timeout;
+    config.body_read_timeout = options.body_read_timeout;
     config.default_steps = 20;
     config.pin_run = None;
     config.pin_checkpoint = None;

@@ -292,3 +292,73 @@ async fn a_database_outage_leaves_sampling_ready() {
     .await;
     app.stop().await.unwrap();
 }
+
+/// Reads from `stream` until the server closes it; returns what it sent and how long
+/// that took. Panics if the connection is still open after `limit`.
+async fn read_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    limit: Duration,
+) -> (String, Duration) {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
+            Err(_) => panic!("the connection is still open after {limit:?}"),
+        }
+    }
+    (
+        String::from_utf8_lossy(&received).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app(Options {
+        header_read_timeout: Duration::from_millis(500),
+        body_read_timeout: Duration::from_millis(500),
+        ..Options::default()
+    })
+    .await;
+    let address = app.address.trim_start_matches("http://").to_string();
+
+    // A header that never ends.
+    let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let (_, after) = read_until_closed(&mut slow, Duration::from_secs(10)).await;
+    assert!(
+        after >= Duration::from_millis(400),
+        "closed after {after:?}"
+    );
+
+    // A kept-alive connection that goes quiet after its answer.
+    let mut idle = tokio::net::TcpStream::connect(&address).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (answer, _) = read_until_closed(&mut idle, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // A body that stops half way: the request is answered 408, not held.
+    let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/samples HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+              content-length: 100\r\n\r\n{\"steps\": ",
+        )
+        .await
+        .unwrap();
+    let (answer, _) = read_until_closed(&mut stalled, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // Meanwhile the server serves as usual.
+    app.sample_json(json!({"steps": 2})).await;
+    app.stop().await.unwrap();
+}
