@@ -175,3 +175,54 @@ fn bad_sample_requests_are_errors() {
         .contains("steps"));
     assert!(sample(&model, &schedule, &[], 1).is_err());
 }
+
+#[test]
+fn tracking_x0_exposes_the_prediction_without_changing_the_sample() {
+    use ddpm_core::sampler::{step_trajectories, Trajectory};
+    tch::manual_seed(4);
+    let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
+    let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let _guard = tch::no_grad_guard();
+    for sampler in [SamplerConfig::ddim(8), SamplerConfig::ddpm(8)] {
+        let spec = SampleSpec {
+            label: Some(1),
+            guidance_scale: 3.0,
+            seed: 9,
+            sampler,
+        };
+        assert_eq!(spec.rows_per_step(), 2, "a guided sample costs two rows");
+        let mut plain = Trajectory::new(&model, &schedule, spec).unwrap();
+        let mut tracked = Trajectory::new(&model, &schedule, spec).unwrap();
+        tracked.track_x0(true);
+        while !plain.is_done() {
+            let x_t = tracked.x().shallow_clone();
+            step_trajectories(&model, &mut [&mut plain]).unwrap();
+            step_trajectories(&model, &mut [&mut tracked]).unwrap();
+            assert!(max_abs_diff(plain.x(), tracked.x()) < TOLERANCE);
+            assert!(
+                plain.x0().is_none(),
+                "{:?}: kept without asking",
+                sampler.kind
+            );
+            // x̂₀ is the clamped prediction of the image from x_t, in [−1, 1].
+            let x0 = tracked.x0().expect("tracked x̂₀");
+            assert!(x0.abs().max().double_value(&[]) <= 1.0 + 1e-6);
+            assert_eq!(x0.size(), x_t.size());
+        }
+    }
+    let unguided = SampleSpec {
+        label: Some(1),
+        guidance_scale: 1.0,
+        seed: 0,
+        sampler: SamplerConfig::ddim(2),
+    };
+    assert_eq!(unguided.rows_per_step(), 1);
+    assert_eq!(
+        SampleSpec {
+            label: None,
+            ..unguided
+        }
+        .rows_per_step(),
+        1
+    );
+}
