@@ -13,7 +13,10 @@ use axum::{
 use chrono::{DateTime, Utc};
 use ddpm_registry::{CheckpointKind, CheckpointRecord, CheckpointStore, Promotion};
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::{
+    openapi::{ObjectBuilder, Type},
+    IntoParams, ToSchema,
+};
 
 use super::{
     extract::{JsonBody, PathId},
@@ -41,8 +44,16 @@ pub fn router() -> Router<AppState> {
 #[allow(dead_code)]
 struct CheckpointIdParam {
     /// Checkpoint id.
-    #[param(minimum = 1, required = true)]
+    #[param(schema_with = checkpoint_id_schema, required = true)]
     id: i64,
+}
+
+/// Ids are positive; a number above 2⁶³ − 1 does not parse (422 `invalid_id`).
+fn checkpoint_id_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(1))
+        .maximum(Some(i64::MAX))
 }
 
 /// PNG bytes, as the document describes them.
@@ -132,11 +143,11 @@ pub(super) async fn checkpoint_grid(
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PromoteRequest {
-    /// Why this checkpoint should be served (recorded).
-    #[schema(min_length = 1, max_length = 1000)]
+    /// Why this checkpoint should be served (recorded; not blank).
+    #[schema(min_length = 1, max_length = 1000, pattern = r"\S")]
     pub reason: String,
-    /// Who promotes it (recorded; default `api`).
-    #[schema(min_length = 1, max_length = 1000)]
+    /// Who promotes it (recorded; not blank; default `api`).
+    #[schema(min_length = 1, max_length = 1000, pattern = r"\S")]
     pub by: Option<String>,
 }
 

@@ -78,7 +78,7 @@ impl Default for QualityConfig {
             steps: 25,
             guidance_scale: 3.0,
             seed: 0,
-            probe_steps: 600,
+            probe_steps: 300,
             kid_subsets: 100,
         }
     }

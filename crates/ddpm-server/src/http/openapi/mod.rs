@@ -243,6 +243,7 @@ mod tests {
             ("post", "/v1/runs/{id}/cancel"),
             ("post", "/v1/runs/{id}/restart"),
             ("delete", "/v1/runs/{id}"),
+            ("post", "/v1/checkpoints/{id}/promote"),
         ];
         for (method, path) in super::super::ROUTES {
             let is_control = control.contains(&(*method, *path));
