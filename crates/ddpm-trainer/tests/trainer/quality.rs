@@ -91,6 +91,61 @@ async fn a_scored_run_records_a_score_with_every_checkpoint(env: TestEnv) {
     );
     assert!(section.contains("probe: held-out accuracy"), "{text}");
 
+    // Promotion from the command line: recorded with who and why; a rollback is one
+    // command; a training state is refused.
+    let cli = |args: &[&str]| {
+        let out = env.trainer(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let [first, second] = [20, 40].map(|step| {
+        checkpoints
+            .iter()
+            .find(|c| c.kind == CheckpointKind::Ema && c.step == step)
+            .unwrap()
+            .id
+    });
+    for id in [first, second] {
+        let id = id.to_string();
+        let (ok, text) = cli(&[
+            "checkpoints",
+            "promote",
+            &id,
+            "--reason",
+            "test",
+            "--by",
+            "ci",
+        ]);
+        assert!(ok, "{text}");
+    }
+    let current = env.registry.current_promotion().await.unwrap().unwrap();
+    assert_eq!(
+        (current.checkpoint_id, current.promoted_by.as_str()),
+        (second, "ci")
+    );
+    let (ok, text) = cli(&["checkpoints", "rollback", "--by", "ci"]);
+    assert!(
+        ok && text.contains(&format!("checkpoint {first}")),
+        "{text}"
+    );
+    let current = env.registry.current_promotion().await.unwrap().unwrap();
+    assert_eq!(current.checkpoint_id, first);
+    let (_, text) = cli(&["checkpoints", "promotions"]);
+    assert!(
+        text.contains("revoked") && text.contains("by ci: test"),
+        "{text}"
+    );
+    let state = checkpoints
+        .iter()
+        .find(|c| c.kind == CheckpointKind::State)
+        .unwrap()
+        .id
+        .to_string();
+    let (ok, _) = cli(&["checkpoints", "promote", &state, "--reason", "x"]);
+    assert!(!ok, "a training state is never promoted");
+
     // The shared micro data set (12 images per class) is not scored, and says why.
     let small = env.write_config(
         "small.toml",
