@@ -174,8 +174,8 @@ impl ClassProbe {
     /// The probe's penultimate features of `images: [B, 3, S, S]`, `[B, FEATURES]` f64
     /// on the CPU: what the distances between image sets are measured in.
     pub fn features(&self, images: &Tensor) -> Tensor {
-        tch::no_grad(|| {
-            self.hidden(images)
+        chunked(images, |x| {
+            self.hidden(x)
                 .to_kind(Kind::Double)
                 .to_device(tch::Device::Cpu)
         })
@@ -183,7 +183,7 @@ impl ClassProbe {
 
     /// The class the probe sees in each image, `[B]` int64.
     pub fn classify(&self, images: &Tensor) -> Tensor {
-        tch::no_grad(|| self.logits(images).argmax(-1, false))
+        chunked(images, |x| self.logits(x).argmax(-1, false))
     }
 
     /// The fraction of `images` classified as their `labels`.
@@ -194,6 +194,18 @@ impl ClassProbe {
             .mean(Kind::Float)
             .double_value(&[])
     }
+}
+
+/// Images per forward pass when evaluating: a held-out set of thousands of 64×64 images
+/// in one pass would hold gigabytes of activations.
+const EVAL_BATCH: i64 = 256;
+
+/// `f` over `images` in chunks of [`EVAL_BATCH`] under no-grad, the results concatenated.
+fn chunked(images: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
+    tch::no_grad(|| {
+        let parts: Vec<Tensor> = images.split(EVAL_BATCH, 0).iter().map(&f).collect();
+        Tensor::cat(&parts, 0)
+    })
 }
 
 fn pad1() -> nn::ConvConfig {

@@ -38,6 +38,12 @@ use crate::{
 /// recorded, flagged in `runs show` and logged as unreliable.
 pub const PROBE_TRUSTED: f64 = 0.8;
 
+/// Images per class the probe trains on and the scores compare with, at most: a large
+/// data set (CIFAR-10: 4 500 training and 500 held-out images per class) is subsampled
+/// (in the split's seeded order), so that building the scorer stays within seconds and
+/// memory whatever the data set's size. KID subsets are capped at 1 000 anyway.
+const MAX_PER_CLASS: usize = 500;
+
 /// Held-out images a class needs, at the least, for the run to be scored (and training
 /// images: the probe must learn the class).
 const MIN_PER_CLASS: usize = 2;
@@ -225,6 +231,14 @@ pub fn decode(
     Ok((images, labels))
 }
 
+/// Up to `k` items of each class, in order.
+fn capped(items: &[Item], classes: i64, k: usize) -> Vec<Item> {
+    (0..classes)
+        .flat_map(|c| items.iter().filter(move |i| i.label == c).take(k))
+        .cloned()
+        .collect()
+}
+
 /// Up to `k` indices of each class of `labels`, in order.
 fn first_per_class(labels: &[i64], classes: i64, k: usize) -> Vec<i64> {
     (0..classes)
@@ -270,8 +284,18 @@ impl Scorer {
         config: &QualityConfig,
     ) -> Result<Scorer> {
         let started = Instant::now();
-        let (train_x, train_y) = decode(&split.train, image_size, limits, device)?;
-        let (held_x, held_y) = decode(&split.holdout, image_size, limits, device)?;
+        let (train_x, train_y) = decode(
+            &capped(&split.train, classes, MAX_PER_CLASS),
+            image_size,
+            limits,
+            device,
+        )?;
+        let (held_x, held_y) = decode(
+            &capped(&split.holdout, classes, MAX_PER_CLASS),
+            image_size,
+            limits,
+            device,
+        )?;
         let to_tensor = |v: &[i64]| Tensor::from_slice(v).to_device(device);
         let probe_config = ProbeConfig {
             steps: config.probe_steps,
@@ -397,6 +421,13 @@ mod tests {
         assert!(split.holdout.iter().all(|h| !split.train.contains(h)));
         let again = split_items(&all, Some(3), 8, &config).unwrap();
         assert_eq!(again.holdout, split.holdout);
+        // A large class is subsampled in the split's (seeded) order.
+        let few = capped(&split.train, 3, 5);
+        for c in 0..3 {
+            let of_class: Vec<&Item> = split.train.iter().filter(|i| i.label == c).collect();
+            let kept: Vec<&Item> = few.iter().filter(|i| i.label == c).collect();
+            assert_eq!(kept, of_class[..5]);
+        }
         // Another seed holds out other images.
         let other = QualityConfig {
             seed: 1,
