@@ -30,7 +30,7 @@ async fn update_returning<'e>(
 
 /// Wipes a run's history inside `tx`: checkpoint rows and metric rows.
 async fn wipe_history(tx: &mut sqlx::Transaction<'static, Any>, id: i64) -> Result<()> {
-    for table in ["checkpoints", "metrics"] {
+    for table in ["checkpoint_scores", "checkpoints", "metrics"] {
         sqlx::query(&format!("DELETE FROM {table} WHERE run_id = $1"))
             .bind(id)
             .execute(&mut **tx)

@@ -20,6 +20,7 @@ use crate::db::Registry;
 use crate::error::{RegistryError, Result};
 use crate::metrics::{delete_metrics_after, record_in, MetricPoint};
 use crate::runs::{Run, RunStatus};
+use crate::scores::{upsert_score, ScoreValues};
 
 /// A worker's hold on a running run: granted by a claim, lost to a later claim or the
 /// run's end.
@@ -165,6 +166,18 @@ impl LeasedRun {
     /// leased run only.
     #[tracing::instrument(skip_all, fields(id = self.lease.run_id, step = new.step, kind = %new.kind))]
     pub async fn register_checkpoint(&self, new: &NewCheckpoint) -> Result<CheckpointRecord> {
+        self.register_scored_checkpoint(new, None).await
+    }
+
+    /// [`register_checkpoint`](Self::register_checkpoint) with the checkpoint's score,
+    /// recorded in the same transaction: a server that sees the checkpoint sees its
+    /// score (what the `best` policy chooses by). `None` registers it unscored.
+    #[tracing::instrument(skip_all, fields(id = self.lease.run_id, step = new.step, kind = %new.kind))]
+    pub async fn register_scored_checkpoint(
+        &self,
+        new: &NewCheckpoint,
+        score: Option<&ScoreValues>,
+    ) -> Result<CheckpointRecord> {
         validate(new)?;
         if new.run_id != self.lease.run_id {
             return Err(RegistryError::InvalidArgument(format!(
@@ -174,6 +187,17 @@ impl LeasedRun {
         }
         let mut tx = self.begin().await?;
         let record = register_in(&mut tx, self.registry.backend, new).await?;
+        if let Some(score) = score {
+            upsert_score(
+                &mut *tx,
+                self.registry.backend,
+                record.run_id,
+                record.step,
+                record.id,
+                score,
+            )
+            .await?;
+        }
         tx.commit().await?;
         Ok(record)
     }

@@ -57,6 +57,10 @@
 //!   resume, downsampled reads, [`MetricSummary`].
 //! - `checkpoints`: [`CheckpointRecord`] rows and the PostgreSQL
 //!   [`CHECKPOINT_CHANNEL`] notification.
+//! - `scores`: [`CheckpointScore`]: the trainer's quality score of an EMA checkpoint,
+//!   one row per (run, step), recorded with the checkpoint's row.
+//! - `promotions`: [`Promotion`]: an operator's choice of the checkpoint to serve (who,
+//!   when, why), rollback by revocation; what retention must keep for serving.
 //! - `announce`: [`Announcements`], those notifications as a stream
 //!   (`LISTEN`, reconnects), so that no caller needs database code.
 //! - `store`: [`CheckpointStore`]: atomic writes, checksums, verification,
@@ -87,8 +91,10 @@ mod error;
 pub mod failpoint;
 mod lease;
 mod metrics;
+mod promotions;
 mod relpath;
 mod runs;
+mod scores;
 mod store;
 
 pub use announce::Announcements;
@@ -97,5 +103,7 @@ pub use db::{database_password, redact_password, Backend, Registry};
 pub use error::{BoxError, RegistryError, Result};
 pub use lease::{Beat, Lease, LeasedRun};
 pub use metrics::{MetricPoint, MetricSummary};
+pub use promotions::Promotion;
 pub use runs::{NewRun, Run, RunStatus};
+pub use scores::{CheckpointScore, ScoreValues};
 pub use store::{CheckpointLedger, CheckpointStore, StoredFile};

@@ -36,6 +36,8 @@ pub trait CheckpointLedger: Sync {
     /// Whether retention must keep the run's newest checkpoint of each kind whatever
     /// `keep_last` says: the run completed (a leased run is running: never).
     fn keeps_newest(&self, run_id: i64) -> impl std::future::Future<Output = Result<bool>> + Send;
+    /// The registry underneath, for reads.
+    fn registry(&self) -> &Registry;
 }
 
 impl CheckpointLedger for Registry {
@@ -55,6 +57,9 @@ impl CheckpointLedger for Registry {
             .ok_or(RegistryError::RunNotFound(run_id))?;
         Ok(run.status == RunStatus::Completed)
     }
+    fn registry(&self) -> &Registry {
+        self
+    }
 }
 
 impl CheckpointLedger for LeasedRun {
@@ -70,6 +75,9 @@ impl CheckpointLedger for LeasedRun {
     async fn keeps_newest(&self, _run_id: i64) -> Result<bool> {
         Ok(false)
     }
+    fn registry(&self) -> &Registry {
+        LeasedRun::registry(self)
+    }
 }
 
 /// A file the store wrote, durable and ready to register.
@@ -80,6 +88,28 @@ pub struct StoredFile {
     pub size_bytes: u64,
     /// Lowercase hex SHA-256 of the bytes on disk.
     pub sha256: String,
+}
+
+impl StoredFile {
+    /// The registration of this file as checkpoint `kind` of run `run_id` at `step`.
+    pub fn checkpoint(
+        &self,
+        run_id: i64,
+        step: i64,
+        kind: CheckpointKind,
+    ) -> Result<NewCheckpoint> {
+        let size_bytes = i64::try_from(self.size_bytes).map_err(|_| {
+            RegistryError::InvalidArgument(format!("file size {} overflows", self.size_bytes))
+        })?;
+        Ok(NewCheckpoint {
+            run_id,
+            step,
+            kind,
+            path: self.path.clone(),
+            size_bytes,
+            sha256: self.sha256.clone(),
+        })
+    }
 }
 
 /// Checkpoint files under one root directory. Cloning is cheap.
@@ -210,18 +240,8 @@ impl CheckpointStore {
         kind: CheckpointKind,
         file: &StoredFile,
     ) -> Result<CheckpointRecord> {
-        let size_bytes = i64::try_from(file.size_bytes).map_err(|_| {
-            RegistryError::InvalidArgument(format!("file size {} overflows", file.size_bytes))
-        })?;
         registry
-            .register_checkpoint(&NewCheckpoint {
-                run_id,
-                step,
-                kind,
-                path: file.path.clone(),
-                size_bytes,
-                sha256: file.sha256.clone(),
-            })
+            .register_checkpoint(&file.checkpoint(run_id, step, kind)?)
             .await
     }
 
@@ -295,7 +315,13 @@ impl CheckpointStore {
     ) -> Result<Vec<CheckpointRecord>> {
         let keep_newest = registry.keeps_newest(run_id).await?;
         let records = registry.list_checkpoints(run_id).await?;
-        let victims = retention_victims(records, keep_last, keep_newest);
+        // What a server may be told to serve stays: promoted checkpoints, and the
+        // best-scored one (the `best` policy's choice by its default metric).
+        let kept = registry.registry().servable_keepers(run_id).await?;
+        let victims: Vec<CheckpointRecord> = retention_victims(records, keep_last, keep_newest)
+            .into_iter()
+            .filter(|r| !kept.contains(&r.id))
+            .collect();
         let mut deleted = Vec::with_capacity(victims.len());
         for record in victims {
             match self.delete(registry, &record).await {

@@ -6,6 +6,8 @@ use clap::{Parser, ValueEnum};
 use ddpm_core::SamplerKind;
 use ddpm_service::{parse_duration, CommonOptions};
 
+use crate::watcher::{BestMetric, ServePolicy};
+
 /// The default sampler of requests that name none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum DefaultSampler {
@@ -120,6 +122,17 @@ pub struct Config {
     /// deploy/.env.example. For a trusted network only.
     #[arg(long, env = "DDPM_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+
+    /// How the checkpoint to serve is chosen: `newest`; `best`, the best-scored of the
+    /// candidate run (the pinned run, else the newest checkpoint's) by --best-metric,
+    /// never swapping in one whose KID is worse than the serving one's by more than its
+    /// standard deviation; `promoted`, only the promoted checkpoint.
+    #[arg(long, env = "DDPM_SERVE_POLICY", value_enum, default_value = "newest")]
+    pub serve_policy: ServePolicy,
+
+    /// What `--serve-policy best` ranks the trainer's scores by.
+    #[arg(long, env = "DDPM_BEST_METRIC", value_enum, default_value = "kid")]
+    pub best_metric: BestMetric,
 }
 
 fn parse_stretch(s: &str) -> Result<f64, String> {
@@ -198,6 +211,8 @@ impl Default for Config {
             pin_checkpoint: None,
             api_token: None,
             insecure_no_auth: false,
+            serve_policy: ServePolicy::Newest,
+            best_metric: BestMetric::Kid,
         }
     }
 }
@@ -223,6 +238,8 @@ impl std::fmt::Debug for Config {
             .field("pin_checkpoint", &self.pin_checkpoint)
             .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
             .field("insecure_no_auth", &self.insecure_no_auth)
+            .field("serve_policy", &self.serve_policy)
+            .field("best_metric", &self.best_metric)
             .finish()
     }
 }

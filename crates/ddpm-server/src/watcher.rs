@@ -9,6 +9,13 @@
 //! is never tried again; one that failed for a reason that may pass (its file missing or
 //! unreadable, the store not mounted, an out-of-memory on the device) is tried again after
 //! a backoff: [`RETRY_FIRST`] doubling per failure, up to [`RETRY_MAX`].
+//!
+//! Which checkpoint is wanted is a [`ServePolicy`] (issue 9): the newest (as before),
+//! the best-scored of the candidate run by a [`BestMetric`], never swapping in one whose
+//! KID is worse than the serving one's by more than its KID standard deviation, or the
+//! promoted one (`ddpm-trainer checkpoints promote`, `POST /v1/checkpoints/{id}/promote`).
+//! A promotion and a rollback are announced like a registration, so replicas follow at
+//! once on PostgreSQL and at their next poll on SQLite.
 
 use std::{
     collections::HashMap,
@@ -16,7 +23,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ddpm_registry::{Announcements, CheckpointKind, CheckpointRecord, CheckpointStore, Registry};
+use ddpm_registry::{
+    Announcements, CheckpointKind, CheckpointRecord, CheckpointScore, CheckpointStore, Registry,
+};
 use tch::Device;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +44,56 @@ pub enum Pin {
     Run(i64),
     /// Exactly this checkpoint, never swapped.
     Checkpoint(i64),
+}
+
+/// How the checkpoint to serve is chosen (a pinned checkpoint overrides it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ServePolicy {
+    /// The newest EMA checkpoint (of the pinned run, if any).
+    #[default]
+    Newest,
+    /// The best-scored EMA checkpoint of the candidate run (the pinned run, else the run
+    /// of the newest checkpoint) by `--best-metric`; while none of it is scored, the
+    /// newest. Never swaps in one whose KID exceeds the serving one's by more than its
+    /// own KID standard deviation.
+    Best,
+    /// Only the promoted checkpoint (none promoted: nothing is served).
+    Promoted,
+}
+
+/// What `best` ranks by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BestMetric {
+    /// Lowest KID.
+    #[default]
+    Kid,
+    /// Lowest Fréchet distance.
+    Fd,
+    /// Highest class accuracy.
+    ClassAccuracy,
+}
+
+impl BestMetric {
+    /// The score's value, oriented so that lower is better.
+    fn cost(self, score: &CheckpointScore) -> Option<f64> {
+        let v = &score.values;
+        match self {
+            BestMetric::Kid => v.kid,
+            BestMetric::Fd => v.fd,
+            BestMetric::ClassAccuracy => v.class_accuracy.map(|a| -a),
+        }
+    }
+}
+
+/// Whether `candidate` may replace `serving` under `best`: not when its KID is worse than
+/// the serving one's by more than the candidate's KID standard deviation (the spread of
+/// its own estimate). Without both KIDs there is nothing to gate on.
+pub fn passes_gate(candidate: &CheckpointScore, serving: Option<&CheckpointScore>) -> bool {
+    let (Some(serving), Some(kid)) = (serving.and_then(|s| s.values.kid), candidate.values.kid)
+    else {
+        return true;
+    };
+    kid <= serving + candidate.values.kid_std.unwrap_or(0.0)
 }
 
 /// Most runs looked at when searching for an older usable checkpoint.
@@ -77,8 +136,12 @@ pub struct Watcher {
     pub pin: Pin,
     pub current: CurrentModel,
     pub metrics: ModelMetrics,
+    pub policy: ServePolicy,
+    pub best_metric: BestMetric,
     /// Checkpoints that failed to load, and when (if ever) to try each again.
     failed: HashMap<i64, Refused>,
+    /// The last checkpoint the `best` gate refused (logged once, not at every poll).
+    gated: Option<i64>,
 }
 
 impl Watcher {
@@ -97,8 +160,18 @@ impl Watcher {
             pin,
             current,
             metrics,
+            policy: ServePolicy::Newest,
+            best_metric: BestMetric::Kid,
             failed: HashMap::new(),
+            gated: None,
         }
+    }
+
+    /// The same watcher choosing by `policy` (ranking by `metric` under `best`).
+    pub fn with_policy(mut self, policy: ServePolicy, metric: BestMetric) -> Self {
+        self.policy = policy;
+        self.best_metric = metric;
+        self
     }
 
     /// Looks for a checkpoint to serve and swaps it in; returns the one now loaded, if it
@@ -107,6 +180,17 @@ impl Watcher {
         let current = self.current.get().map(|m| m.checkpoint.id);
         if current.is_some() && matches!(self.pin, Pin::Checkpoint(_)) {
             return Ok(None);
+        }
+        if !matches!(self.pin, Pin::Checkpoint(_)) {
+            match self.policy {
+                ServePolicy::Newest => {}
+                ServePolicy::Best => {
+                    if let Some(swapped) = self.check_best().await? {
+                        return Ok(swapped);
+                    }
+                }
+                ServePolicy::Promoted => return self.check_promoted().await,
+            }
         }
         let newest = match self.pin {
             Pin::Newest => {
@@ -145,6 +229,98 @@ impl Watcher {
             if self.may_try(candidate.id) && self.try_load(candidate).await {
                 return Ok(self.current.get().map(|m| m.checkpoint.id));
             }
+        }
+        Ok(None)
+    }
+
+    /// `best`: the ranked candidates, tried in order; `None` when the candidate run has
+    /// no scored checkpoint yet (the caller then serves the newest), else what changed.
+    async fn check_best(&mut self) -> Result<Option<Option<i64>>, ServerError> {
+        let run = match self.pin {
+            Pin::Run(run) => Some(run),
+            _ => self
+                .registry
+                .newest_checkpoint(None, CheckpointKind::Ema)
+                .await?
+                .map(|c| c.run_id),
+        };
+        let Some(run) = run else {
+            return Ok(Some(None));
+        };
+        let scores = self.registry.scores(run).await?;
+        let checkpoints = self.registry.list_checkpoints(run).await?;
+        let mut ranked: Vec<(f64, CheckpointRecord, &CheckpointScore)> = checkpoints
+            .into_iter()
+            .filter(|c| c.kind == CheckpointKind::Ema)
+            .filter_map(|c| {
+                let score = scores.iter().find(|s| s.step == c.step)?;
+                Some((self.best_metric.cost(score)?, c, score))
+            })
+            .collect();
+        if ranked.is_empty() {
+            return Ok(None);
+        }
+        // Best first; on a tie the newer one.
+        ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.id.cmp(&a.1.id)));
+        let serving = self.current.get();
+        let serving_score = match &serving {
+            Some(m) => {
+                let c = &m.checkpoint;
+                self.registry.score_at(c.run_id, c.step).await?
+            }
+            None => None,
+        };
+        for (_, candidate, score) in ranked {
+            if serving.as_ref().map(|m| m.checkpoint.id) == Some(candidate.id) {
+                return Ok(Some(None));
+            }
+            if !passes_gate(score, serving_score.as_ref()) {
+                if self.gated != Some(candidate.id) {
+                    tracing::warn!(
+                        checkpoint = candidate.id,
+                        kid = score.values.kid,
+                        kid_std = score.values.kid_std,
+                        serving_kid = serving_score.as_ref().and_then(|s| s.values.kid),
+                        "best checkpoint not swapped in: its KID is worse than the serving one's by more than its standard deviation"
+                    );
+                    self.gated = Some(candidate.id);
+                }
+                continue;
+            }
+            let id = candidate.id;
+            if self.may_try(id) && self.try_load(candidate).await {
+                return Ok(Some(Some(id)));
+            }
+        }
+        Ok(Some(None))
+    }
+
+    /// `promoted`: the promotion in force, if it is not what is served.
+    async fn check_promoted(&mut self) -> Result<Option<i64>, ServerError> {
+        let Some(promotion) = self.registry.current_promotion().await? else {
+            if self.current.get().is_none() {
+                tracing::debug!("nothing promoted yet: nothing to serve");
+            }
+            return Ok(None);
+        };
+        if self.current.get().map(|m| m.checkpoint.id) == Some(promotion.checkpoint_id) {
+            return Ok(None);
+        }
+        let Some(record) = self
+            .registry
+            .get_checkpoint(promotion.checkpoint_id)
+            .await?
+        else {
+            return Ok(None);
+        };
+        tracing::info!(
+            checkpoint = record.id,
+            by = %promotion.promoted_by,
+            reason = %promotion.reason,
+            "serving the promoted checkpoint"
+        );
+        if self.may_try(record.id) && self.try_load(record).await {
+            return Ok(self.current.get().map(|m| m.checkpoint.id));
         }
         Ok(None)
     }

@@ -94,6 +94,37 @@ pub enum Command {
         #[command(subcommand)]
         command: RunsCommand,
     },
+    /// Which checkpoint servers with `--serve-policy promoted` serve.
+    Checkpoints {
+        #[command(subcommand)]
+        command: CheckpointsCommand,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum CheckpointsCommand {
+    /// Promote an EMA checkpoint: servers with `--serve-policy promoted` swap to it.
+    Promote {
+        id: i64,
+        /// Why (recorded with the promotion).
+        #[arg(long, env = "DDPM_PROMOTE_REASON")]
+        reason: String,
+        /// Who (recorded; default: the user and host running the command).
+        #[arg(long, env = "DDPM_PROMOTE_BY")]
+        by: Option<String>,
+    },
+    /// Revoke the promotion in force: the one before it is in force again.
+    Rollback {
+        /// Who (recorded; default: the user and host running the command).
+        #[arg(long, env = "DDPM_PROMOTE_BY")]
+        by: Option<String>,
+    },
+    /// Promotions, newest first (revoked ones too).
+    Promotions {
+        /// How many to list.
+        #[arg(long, env = "DDPM_PROMOTIONS_LIMIT", default_value_t = 20)]
+        limit: i64,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]

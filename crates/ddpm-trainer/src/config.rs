@@ -30,6 +30,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::{
     dataset::{ImageLimits, DEFAULT_MAX_PIXELS},
     error::{Result, TrainerError},
+    quality::QualityConfig,
 };
 
 /// Named starting points for a run config.
@@ -303,6 +304,10 @@ pub struct RunConfig {
     pub schedule: ScheduleConfig,
     pub training: TrainingConfig,
     pub ema: EmaConfig,
+    /// How checkpoints are scored ([`crate::quality`]). Absent from configs stored
+    /// before it existed: those runs are not scored and hold nothing out.
+    #[serde(default = "QualityConfig::off")]
+    pub quality: QualityConfig,
 }
 
 /// The common overrides, as CLI flags of `train` and `submit`.
@@ -392,6 +397,7 @@ impl RunConfig {
                     warmup_steps: 200,
                     warmup: EmaWarmup::Copy,
                 },
+                quality: QualityConfig::default(),
             },
             Preset::Seed => RunConfig {
                 preset,
@@ -426,6 +432,7 @@ impl RunConfig {
                     guidance_scale: 3.0,
                 },
                 ema: EmaConfig::default(),
+                quality: QualityConfig::default(),
             },
             Preset::Fast => {
                 // The tiny preset with what the learning benchmark showed learns fastest
@@ -554,7 +561,8 @@ impl RunConfig {
         }
         self.schedule.validate().map_err(core_config)?;
         self.ema.validate().map_err(core_config)?;
-        self.training.validate(self.schedule.timesteps)
+        self.training.validate(self.schedule.timesteps)?;
+        self.quality.validate(self.schedule.timesteps)
     }
 
     /// The TOML that reproduces this config (what `deploy/runs/*.toml` are made of).
@@ -860,5 +868,34 @@ mod tests {
             .unwrap();
         let c: RunConfig = serde_json::from_value(stored).unwrap();
         assert_eq!(c.dataset.max_pixels, DEFAULT_MAX_PIXELS);
+    }
+
+    #[test]
+    fn runs_stored_before_scoring_are_not_scored_and_presets_are() {
+        let mut stored = serde_json::to_value(RunConfig::preset(Preset::Fast)).unwrap();
+        stored.as_object_mut().unwrap().remove("quality").unwrap();
+        let c: RunConfig = serde_json::from_value(stored).unwrap();
+        assert!(!c.quality.enabled());
+        for preset in ["tiny", "fast", "seed"] {
+            let c = parse(&format!("preset = \"{preset}\"")).unwrap();
+            assert_eq!(c.quality, QualityConfig::default());
+            assert!(c.quality.enabled());
+        }
+        let c = parse("[quality]\nsamples_per_class = 4\nsampler = \"ddim\"").unwrap();
+        assert_eq!(c.quality.samples_per_class, 4);
+        assert_eq!(c.quality.sampler, ddpm_core::sampler::SamplerKind::Ddim);
+        let cases = [
+            ("[quality]\nholdout = 0.9", "quality.holdout"),
+            ("[quality]\nsteps = 0", "quality.steps"),
+            (
+                "[quality]\nsamples_per_class = 1",
+                "quality.samples_per_class",
+            ),
+        ];
+        for (text, field) in cases {
+            let (_dir, full) = with_dataset(text);
+            let e = parse(&full).unwrap().validate().unwrap_err();
+            assert_eq!(field_of(e), field, "{text}");
+        }
     }
 }

@@ -2,9 +2,13 @@
 
 use std::fmt::Write;
 
-use ddpm_registry::{MetricPoint, Registry, Run, RunStatus};
+use ddpm_registry::{CheckpointScore, MetricPoint, Registry, Run, RunStatus};
 
-use crate::error::{Result, TrainerError};
+use crate::{
+    cli::CheckpointsCommand,
+    error::{Result, TrainerError},
+    quality::PROBE_TRUSTED,
+};
 
 /// Points of the loss curve `runs show` prints.
 const CURVE_POINTS: usize = 12;
@@ -143,6 +147,7 @@ pub async fn show(registry: &Registry, id: i64) -> Result<String> {
             c.path
         );
     }
+    write_scores(&mut out, &registry.scores(id).await?);
     let _ = writeln!(out, "\nconfig");
     let config = serde_json::to_string_pretty(&run.config).unwrap_or_default();
     for line in config.lines() {
@@ -150,6 +155,119 @@ pub async fn show(registry: &Registry, id: i64) -> Result<String> {
     }
     Ok(out)
 }
+
+/// `checkpoints promote|rollback|promotions`, as text.
+pub async fn checkpoints_command(
+    registry: &Registry,
+    command: &CheckpointsCommand,
+) -> Result<String> {
+    let who = |by: &Option<String>| {
+        by.clone().unwrap_or_else(|| {
+            let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+            let host = hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "unknown-host".into());
+            format!("{user}@{host}")
+        })
+    };
+    let mut out = String::new();
+    match command {
+        CheckpointsCommand::Promote { id, reason, by } => {
+            let p = registry.promote_checkpoint(*id, &who(by), reason).await?;
+            let _ = writeln!(
+                out,
+                "checkpoint {} (run {}, step {}) promoted by {}: {}",
+                p.checkpoint_id, p.run_id, p.step, p.promoted_by, p.reason
+            );
+        }
+        CheckpointsCommand::Rollback { by } => match registry.rollback_promotion(&who(by)).await? {
+            Some(p) => {
+                let _ = writeln!(
+                    out,
+                    "rolled back: checkpoint {} (run {}, step {}) is promoted again ({} by {})",
+                    p.checkpoint_id, p.run_id, p.step, p.reason, p.promoted_by
+                );
+            }
+            None => {
+                let _ = writeln!(out, "rolled back: nothing is promoted now");
+            }
+        },
+        CheckpointsCommand::Promotions { limit } => {
+            let list = registry.promotions((*limit).max(1)).await?;
+            if list.is_empty() {
+                let _ = writeln!(out, "(no promotions)");
+            }
+            for p in list {
+                let state = match (&p.revoked_at, &p.revoked_by) {
+                    (Some(at), by) => format!(
+                        "revoked {} by {}",
+                        at.format("%Y-%m-%d %H:%M:%S"),
+                        by.as_deref().unwrap_or("-")
+                    ),
+                    (None, _) => "in force unless a newer one is".into(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{:>5}  checkpoint {:>5}  run {:>4} step {:>8}  {}  by {}: {}  [{state}]",
+                    p.id,
+                    p.checkpoint_id,
+                    p.run_id,
+                    p.step,
+                    p.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    p.promoted_by,
+                    p.reason
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The `scores` section: one line per scored EMA checkpoint (also those retention has
+/// deleted since), with a warning when the probe that judged them was weak.
+fn write_scores(out: &mut String, scores: &[CheckpointScore]) {
+    let _ = writeln!(out, "\nscores");
+    if scores.is_empty() {
+        let _ = writeln!(out, "  (none: not scored, or no checkpoint yet)");
+        return;
+    }
+    let _ = writeln!(out, "  {SCORES_LEGEND}");
+    for s in scores {
+        let v = &s.values;
+        let _ = writeln!(
+            out,
+            "  step {:>8}  ckpt {:>5}  acc {}  fd {} (floor {})  kid {} ± {}  diversity {}  {:.1} s",
+            s.step,
+            s.checkpoint_id,
+            fmt_opt(v.class_accuracy),
+            fmt_opt(v.fd),
+            fmt_opt(v.fd_floor),
+            fmt_opt(v.kid),
+            fmt_opt(v.kid_std),
+            fmt_opt(v.diversity),
+            v.seconds,
+        );
+    }
+    if let Some(last) = scores.last() {
+        let accuracy = last.values.probe_accuracy;
+        let note = match accuracy {
+            Some(a) if a >= PROBE_TRUSTED => "",
+            _ => "  (too weak to judge with: these scores are unreliable)",
+        };
+        let _ = writeln!(
+            out,
+            "  probe: held-out accuracy {} on {} real images; {} samples per class, {}{note}",
+            fmt_opt(accuracy),
+            last.values.holdout_images,
+            last.values.samples_per_class,
+            last.values.settings,
+        );
+    }
+}
+
+const SCORES_LEGEND: &str = "acc: samples the probe assigns to the class asked for; fd: Fréchet \
+     distance to held-out images in probe features (floor: real training images); kid ± \
+     std over subsets; diversity: within-class spread relative to real images";
 
 /// The header over the per-row lines: what `loss`, `smoothed` and the four
 /// `by t:` columns are. A row shows `-` for a quarter that no sample of its

@@ -23,6 +23,8 @@
 //! - [`train`]: the training loop on its own thread; checkpoints and sample grids.
 //! - [`grid`]: the sample grid beside each EMA checkpoint.
 //! - [`probe`]: a small classifier trained on a dataset, to score samples by class.
+//! - [`quality`]: the held-out split and the score of every EMA checkpoint (class
+//!   accuracy, Fréchet distance, KID, diversity in the probe's features).
 //! - [`recorder`]: metric batching, checkpoint registration, retention, heartbeats.
 //! - [`worker`]: queueing, executing and resuming runs; the daemon loop.
 //! - [`history`]: `runs list` / `runs show`.
@@ -37,6 +39,7 @@ pub mod grid;
 pub mod history;
 pub mod loader;
 pub mod probe;
+pub mod quality;
 pub mod recorder;
 pub mod train;
 pub mod worker;
@@ -47,7 +50,7 @@ use ddpm_registry::{redact_password, CheckpointStore, Registry, RunStatus};
 use ddpm_service::LogFormat;
 use tokio_util::sync::CancellationToken;
 
-pub use cli::{Cli, Command, GlobalOptions, RunsCommand};
+pub use cli::{CheckpointsCommand, Cli, Command, GlobalOptions, RunsCommand};
 pub use config::{Overrides, Preset, RunConfig};
 pub use dataset::{DatasetSummary, ImageFolder, ImageSource};
 pub use error::{Result, TrainerError};
@@ -115,6 +118,14 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
                 }
             };
             print!("{text}");
+            return Ok(());
+        }
+        Command::Checkpoints { command } => {
+            let registry = connect(global).await?;
+            print!(
+                "{}",
+                history::checkpoints_command(&registry, command).await?
+            );
             return Ok(());
         }
         Command::Submit { config, overrides } => {

@@ -12,7 +12,8 @@ use std::{
 };
 
 use ddpm_registry::{
-    failpoint, CheckpointKind, CheckpointStore, LeasedRun, MetricPoint, RegistryError, StoredFile,
+    failpoint, CheckpointKind, CheckpointStore, LeasedRun, MetricPoint, RegistryError, ScoreValues,
+    StoredFile,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
@@ -76,6 +77,7 @@ struct Written {
     step: i64,
     ema: StoredFile,
     state: StoredFile,
+    score: Option<ScoreValues>,
 }
 
 /// Records events until the training thread drops its sender, then flushes. A
@@ -99,8 +101,8 @@ pub async fn record(sink: Sink, mut events: UnboundedReceiver<Event>) -> Recorde
                         flush(&sink, &mut pending, &mut report, 1).await;
                     }
                 }
-                Some(Event::Checkpoint { step, ema, state }) => {
-                    written.push(Written { step, ema, state });
+                Some(Event::Checkpoint { step, ema, state, score }) => {
+                    written.push(Written { step, ema, state, score });
                     register_written(&sink, &mut pending, &mut written, &mut report, 1).await;
                 }
                 None => break,
@@ -231,8 +233,10 @@ async fn truncate(sink: &Sink, step: i64) {
 /// Registers one checkpoint (EMA, then state) and applies retention, under the lease.
 async fn register(sink: &Sink, w: &Written) -> Result<(), RegistryError> {
     let (store, leased, id) = (&sink.store, &sink.leased, sink.run_id());
-    store
-        .register(leased, id, w.step, CheckpointKind::Ema, &w.ema)
+    // The score in the same transaction as the row: whoever sees the checkpoint sees it.
+    let ema = w.ema.checkpoint(id, w.step, CheckpointKind::Ema)?;
+    leased
+        .register_scored_checkpoint(&ema, w.score.as_ref())
         .await?;
     failpoint::hit("recorder.ema_registered");
     store

@@ -27,7 +27,9 @@ use ddpm_core::{
     training::{diffusion_loss, Learner, Objective},
     NoiseSchedule,
 };
-use ddpm_registry::{CheckpointKind, CheckpointRecord, CheckpointStore, MetricPoint, StoredFile};
+use ddpm_registry::{
+    CheckpointKind, CheckpointRecord, CheckpointStore, MetricPoint, ScoreValues, StoredFile,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc::UnboundedSender;
@@ -39,6 +41,7 @@ use crate::{
     error::{Result, TrainerError},
     grid::{png_bytes, sample_grid, GridSpec},
     loader::DataLoader,
+    quality::{split_items, Scorer, Split, PROBE_TRUSTED},
     ImageSource,
 };
 
@@ -54,11 +57,13 @@ pub enum Event {
         step: i64,
     },
     Metrics(MetricPoint),
-    /// Durable files, to register.
+    /// Durable files, to register; the EMA checkpoint's score goes in the same
+    /// transaction as its row.
     Checkpoint {
         step: i64,
         ema: StoredFile,
         state: StoredFile,
+        score: Option<ScoreValues>,
     },
 }
 
@@ -291,7 +296,7 @@ fn resume(job: &TrainJob, session: &mut Session) -> Result<i64> {
     }
 }
 
-fn make_source(job: &TrainJob) -> Arc<ImageSource> {
+fn make_source(job: &TrainJob, items: Vec<Item>) -> Arc<ImageSource> {
     let cfg = &job.config;
     let transform = Transform {
         image_size: cfg.model.image_size as u32,
@@ -299,14 +304,14 @@ fn make_source(job: &TrainJob) -> Arc<ImageSource> {
         flip: cfg.dataset.flip,
     };
     let base = transform.base_size() as u64;
-    let decoded_bytes = job.items.len() as u64 * base * base * 3;
+    let decoded_bytes = items.len() as u64 * base * base * 3;
     let cache = match cfg.dataset.cache {
         CacheMode::Always => true,
         CacheMode::Never => false,
         CacheMode::Auto => decoded_bytes <= AUTO_CACHE_BYTES,
     };
     let source = Arc::new(ImageSource::new(
-        job.items.clone(),
+        items,
         transform,
         cache,
         cfg.dataset.image_limits(),
@@ -349,7 +354,12 @@ pub fn train(job: TrainJob) -> Result<LoopEnd> {
         "training"
     );
 
-    let source = make_source(&job);
+    let mut quality = Quality::new(&job);
+    let train_items = match &quality.split {
+        Some(split) => split.train.clone(),
+        None => job.items.clone(),
+    };
+    let source = make_source(&job, train_items);
     let loader = DataLoader::start(
         source.clone(),
         training.seed,
@@ -417,7 +427,13 @@ pub fn train(job: TrainJob) -> Result<LoopEnd> {
             if !(job.holds_lease)(this_step) {
                 return Ok(LoopEnd::Lost { step });
             }
-            save(&job, &session, smoothed.read(), this_step)?;
+            save(
+                &job,
+                &session,
+                smoothed.read(),
+                this_step,
+                Some(&mut quality),
+            )?;
             saved = this_step;
         }
     }
@@ -437,7 +453,8 @@ pub fn train(job: TrainJob) -> Result<LoopEnd> {
         if !(job.holds_lease)(step) {
             return Ok(LoopEnd::Lost { step });
         }
-        save(&job, &session, smoothed.read(), step)?;
+        // Not scored: a stop should not wait for sampling (nor for the probe).
+        save(&job, &session, smoothed.read(), step, None)?;
     }
     tracing::info!(step, "stopped on request; training state saved");
     Ok(LoopEnd::Interrupted { step })
@@ -503,9 +520,115 @@ pub fn stderr_is_terminal() -> bool {
     std::io::stderr().is_terminal()
 }
 
-/// Writes the EMA checkpoint, its grid and the training state at `step`, then tells
-/// the recorder to register them.
-fn save(job: &TrainJob, session: &Session, smoothed: SmoothedLoss, step: i64) -> Result<()> {
+/// The scoring of a run's checkpoints ([`crate::quality`]) within one attempt: the
+/// split made at the start, the probe built before the first score.
+struct Quality {
+    split: Option<Split>,
+    scorer: Option<Scorer>,
+    /// Building the scorer failed: this attempt scores nothing.
+    unavailable: bool,
+}
+
+impl Quality {
+    fn new(job: &TrainJob) -> Quality {
+        let cfg = &job.config;
+        let split = match split_items(
+            &job.items,
+            cfg.model.num_classes,
+            cfg.model.image_size,
+            &cfg.quality,
+        ) {
+            Ok(split) => {
+                tracing::info!(
+                    train = split.train.len(),
+                    held_out = split.holdout.len(),
+                    "images held out from training to score checkpoints against"
+                );
+                Some(split)
+            }
+            Err(why) => {
+                tracing::info!(%why, "checkpoints are not scored");
+                None
+            }
+        };
+        Quality {
+            split,
+            scorer: None,
+            unavailable: false,
+        }
+    }
+
+    /// Scores the EMA model; `None` (logged) when the run is not scored or scoring
+    /// failed: a score is never worth a checkpoint.
+    fn score(&mut self, job: &TrainJob, session: &Session, step: i64) -> Option<ScoreValues> {
+        let split = self.split.as_ref()?;
+        if self.unavailable {
+            return None;
+        }
+        if self.scorer.is_none() {
+            let cfg = &job.config;
+            let built = Scorer::build(
+                split,
+                cfg.model.num_classes.unwrap_or(1),
+                cfg.model.image_size,
+                cfg.dataset.image_limits(),
+                job.device,
+                &cfg.quality,
+            );
+            match built {
+                Ok(scorer) => {
+                    let accuracy = scorer.probe_accuracy();
+                    if accuracy >= PROBE_TRUSTED {
+                        tracing::info!(
+                            accuracy,
+                            seconds = scorer.build_seconds,
+                            "quality probe trained"
+                        );
+                    } else {
+                        tracing::warn!(accuracy, trusted = PROBE_TRUSTED, seconds = scorer.build_seconds, "quality probe trained but too weak to judge with: scores are unreliable");
+                    }
+                    self.scorer = Some(scorer);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "quality probe not built: checkpoints are not scored");
+                    self.unavailable = true;
+                    return None;
+                }
+            }
+        }
+        let scorer = self.scorer.as_ref()?;
+        match scorer.score(session.learner.ema.model(), &session.schedule) {
+            Ok(score) => {
+                tracing::info!(
+                    step,
+                    class_accuracy = score.class_accuracy,
+                    fd = score.fd,
+                    fd_floor = score.fd_floor,
+                    kid = score.kid,
+                    kid_std = score.kid_std,
+                    diversity = score.diversity,
+                    seconds = score.seconds,
+                    "checkpoint scored"
+                );
+                Some(score)
+            }
+            Err(e) => {
+                tracing::warn!(step, error = %e, "checkpoint not scored");
+                None
+            }
+        }
+    }
+}
+
+/// Writes the EMA checkpoint, its grid and the training state at `step`, scores the
+/// checkpoint when `quality` is given, then tells the recorder to register them.
+fn save(
+    job: &TrainJob,
+    session: &Session,
+    smoothed: SmoothedLoss,
+    step: i64,
+    quality: Option<&mut Quality>,
+) -> Result<()> {
     let t0 = Instant::now();
     let cfg = &job.config;
     let info = CheckpointInfo {
@@ -556,10 +679,12 @@ fn save(job: &TrainJob, session: &Session, smoothed: SmoothedLoss, step: i64) ->
         .map(|_| ())
     })?;
     tracing::info!(step = step, seconds = t0.elapsed().as_secs_f64(), path = %ema.path, "checkpoint written");
+    let score = quality.and_then(|q| q.score(job, session, step));
     let _ = job.events.send(Event::Checkpoint {
         step,
         ema,
         state: state_file,
+        score,
     });
     Ok(())
 }

@@ -10,4 +10,5 @@ mod control;
 mod metrics;
 mod queue;
 mod runs;
+mod scores;
 mod store;

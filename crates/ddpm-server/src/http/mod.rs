@@ -3,6 +3,7 @@
 //! call ([`crate::validate`], the batcher, the registry) and map (to the response types
 //! each resource module declares, from which [`openapi`] generates the document).
 
+mod checkpoints;
 mod extract;
 pub use extract::BodyReadTimeout;
 mod health;
@@ -45,6 +46,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/runs/{id}/restart"),
     ("get", "/v1/runs/{id}/metrics"),
     ("get", "/v1/runs/{id}/checkpoints"),
+    ("get", "/v1/checkpoints/{id}"),
+    ("get", "/v1/checkpoints/{id}/grid.png"),
+    ("post", "/v1/checkpoints/{id}/promote"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -80,6 +84,7 @@ pub fn router(state: AppState) -> Router {
         .merge(samples::router())
         .merge(model::router())
         .merge(runs::router())
+        .merge(checkpoints::router())
         .merge(health::metrics_router())
         .merge(openapi::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));

@@ -5,6 +5,7 @@ mod batching;
 mod control;
 mod helpers;
 mod ops;
+mod policy;
 mod runs;
 mod samples;
 mod streaming;

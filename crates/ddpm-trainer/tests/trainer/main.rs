@@ -9,6 +9,7 @@ mod faults;
 mod fault_suite;
 mod helpers;
 mod linkage;
+mod quality;
 mod queue;
 mod resume;
 mod train;

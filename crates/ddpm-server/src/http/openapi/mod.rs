@@ -51,6 +51,9 @@ sampling request that depend on the server's configuration and on the model bein
         super::runs::get_run,
         super::runs::run_metrics,
         super::runs::run_checkpoints,
+        super::checkpoints::get_checkpoint,
+        super::checkpoints::checkpoint_grid,
+        super::checkpoints::promote_checkpoint,
         super::runs::control::cancel_run,
         super::runs::control::restart_run,
         super::runs::control::delete_run,
@@ -241,6 +244,7 @@ mod tests {
             ("post", "/v1/runs/{id}/cancel"),
             ("post", "/v1/runs/{id}/restart"),
             ("delete", "/v1/runs/{id}"),
+            ("post", "/v1/checkpoints/{id}/promote"),
         ];
         for (method, path) in super::super::ROUTES {
             let is_control = control.contains(&(*method, *path));

@@ -3,7 +3,9 @@
 //! compile until it is added here, and so to the document).
 
 use chrono::{DateTime, Utc};
-use ddpm_registry::{CheckpointKind, CheckpointRecord, MetricPoint, Run, RunStatus};
+use ddpm_registry::{
+    CheckpointKind, CheckpointRecord, CheckpointScore, MetricPoint, Run, RunStatus, ScoreValues,
+};
 use serde::Serialize;
 use utoipa::{
     openapi::{ObjectBuilder, Type},
@@ -156,6 +158,106 @@ pub struct CheckpointBody {
     /// Lowercase hex SHA-256 of the file.
     pub sha256: String,
     pub created_at: DateTime<Utc>,
+    /// The trainer's score of an EMA checkpoint; null for a training state, a run that is
+    /// not scored, or a checkpoint written when the run was stopped.
+    pub score: Option<ScoreBody>,
+}
+
+impl CheckpointBody {
+    /// `record` with its score, found among `scores` by its run and step.
+    pub fn scored(record: CheckpointRecord, scores: &[CheckpointScore]) -> Self {
+        let score = (record.kind == CheckpointKind::Ema)
+            .then(|| {
+                scores
+                    .iter()
+                    .find(|s| s.run_id == record.run_id && s.step == record.step)
+            })
+            .flatten()
+            .cloned()
+            .map(ScoreBody::from);
+        CheckpointBody {
+            score,
+            ..record.into()
+        }
+    }
+}
+
+/// How good an EMA checkpoint's samples are, as the trainer measured them with a class
+/// probe trained on the run's own data (K images per class, fixed seeds, compared with
+/// images held out from training).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = CheckpointScore)]
+pub struct ScoreBody {
+    pub run_id: i64,
+    pub step: i64,
+    /// The EMA checkpoint scored (its row may since have gone to retention).
+    pub checkpoint_id: i64,
+    /// Generated images per class (K).
+    pub samples_per_class: i64,
+    /// Held-out real images the samples are compared with.
+    pub holdout_images: i64,
+    /// The fraction of samples the probe assigns to the class asked for.
+    pub class_accuracy: Option<f64>,
+    /// Fréchet distance to the held-out images in the probe's penultimate features.
+    pub fd: Option<f64>,
+    /// The same distance for as many real training images: the floor at this N.
+    pub fd_floor: Option<f64>,
+    /// KID (unbiased MMD², cubic kernel) in the same features, mean over subsets.
+    pub kid: Option<f64>,
+    /// Its standard deviation over the subsets.
+    pub kid_std: Option<f64>,
+    /// Within-class spread of the samples relative to real images (1: as varied).
+    pub diversity: Option<f64>,
+    /// The probe's accuracy on the held-out images: low means the scores mean little.
+    pub probe_accuracy: Option<f64>,
+    /// How the samples were drawn and scored (sampler, steps, guidance scale, seed, …).
+    #[schema(value_type = Object)]
+    pub settings: serde_json::Value,
+    /// Seconds the scoring took.
+    pub seconds: f64,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<CheckpointScore> for ScoreBody {
+    fn from(score: CheckpointScore) -> Self {
+        let CheckpointScore {
+            run_id,
+            step,
+            checkpoint_id,
+            values:
+                ScoreValues {
+                    samples_per_class,
+                    holdout_images,
+                    class_accuracy,
+                    fd,
+                    fd_floor,
+                    kid,
+                    kid_std,
+                    diversity,
+                    probe_accuracy,
+                    settings,
+                    seconds,
+                },
+            created_at,
+        } = score;
+        ScoreBody {
+            run_id,
+            step,
+            checkpoint_id,
+            samples_per_class,
+            holdout_images,
+            class_accuracy,
+            fd,
+            fd_floor,
+            kid,
+            kid_std,
+            diversity,
+            probe_accuracy,
+            settings,
+            seconds,
+            created_at,
+        }
+    }
 }
 
 impl From<CheckpointRecord> for CheckpointBody {
@@ -179,6 +281,7 @@ impl From<CheckpointRecord> for CheckpointBody {
             size_bytes,
             sha256,
             created_at,
+            score: None,
         }
     }
 }

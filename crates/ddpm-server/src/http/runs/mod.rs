@@ -15,7 +15,7 @@ use utoipa::{
     IntoParams, ToSchema,
 };
 
-pub use body::{CheckpointBody, MetricPointBody, RunBody};
+pub use body::{CheckpointBody, MetricPointBody, RunBody, ScoreBody};
 
 use super::{
     extract::{PathId, QueryParams},
@@ -137,6 +137,9 @@ pub struct MetricSeries {
     /// `to_step`.
     #[schema(inline)]
     pub points: Vec<MetricPointBody>,
+    /// The checkpoints' scores in the same step range, by step (all of them: one per
+    /// checkpoint, far fewer than the points).
+    pub scores: Vec<ScoreBody>,
 }
 
 /// A run's metric series, downsampled.
@@ -162,13 +165,20 @@ pub(super) async fn run_metrics(
 ) -> Result<Json<MetricSeries>, ApiError> {
     let range = q.validate()?;
     find_run(&state, id).await?;
-    let points = if range.is_empty() {
-        Vec::new()
+    let (points, scores) = if range.is_empty() {
+        (Vec::new(), Vec::new())
     } else {
-        state
+        let points = state
             .registry
             .metrics(id, range.from_step, range.to_step, range.max_points)
-            .await?
+            .await?;
+        let in_range = |step: i64| {
+            range.from_step.is_none_or(|from| step >= from)
+                && range.to_step.is_none_or(|to| step <= to)
+        };
+        let scores = state.registry.scores(id).await?;
+        let scores = scores.into_iter().filter(|s| in_range(s.step)).collect();
+        (points, scores)
     };
     Ok(Json(MetricSeries {
         run_id: id,
@@ -176,6 +186,7 @@ pub(super) async fn run_metrics(
         to_step: range.to_step,
         max_points: range.max_points,
         points: points.into_iter().map(MetricPointBody::from).collect(),
+        scores: scores.into_iter().map(ScoreBody::from).collect::<Vec<_>>(),
     }))
 }
 
@@ -208,8 +219,12 @@ pub(super) async fn run_checkpoints(
 ) -> Result<Json<Checkpoints>, ApiError> {
     find_run(&state, id).await?;
     let checkpoints = state.registry.list_checkpoints(id).await?;
+    let scores = state.registry.scores(id).await?;
     Ok(Json(Checkpoints {
         run_id: id,
-        checkpoints: checkpoints.into_iter().map(CheckpointBody::from).collect(),
+        checkpoints: checkpoints
+            .into_iter()
+            .map(|c| CheckpointBody::scored(c, &scores))
+            .collect(),
     }))
 }
