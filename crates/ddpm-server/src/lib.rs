@@ -98,7 +98,8 @@ pub async fn run(
         pin,
         current.clone(),
         metrics.model.clone(),
-    );
+    )
+    .with_policy(config.serve_policy, config.best_metric);
     if let Err(e) = watcher.check().await {
         tracing::warn!(error = %e, "could not look for a checkpoint at start; retrying every poll");
     }
