@@ -125,20 +125,7 @@ async fn load(
                 while started.elapsed() < duration {
                     seed += 1;
                     body["seed"] = json!(seed);
-                    let t0 = Instant::now();
-                    let response = client
-                        .post(&url)
-                        .header("accept", "image/png")
-                        .json(&body)
-                        .send()
-                        .await?;
-                    anyhow::ensure!(
-                        response.status().is_success(),
-                        "status {}",
-                        response.status()
-                    );
-                    response.bytes().await?;
-                    latencies.push(t0.elapsed());
+                    latencies.push(timed(&client, &url, &body).await?);
                 }
                 Ok(latencies)
             })
@@ -412,6 +399,7 @@ fn ten_step_request() -> serde_json::Value {
     json!({"class": 1, "n": 1, "sampler": "ddim", "steps": 10, "guidance_scale": 3.0})
 }
 
+/// One request answered as PNG: its latency.
 async fn timed(
     client: &reqwest::Client,
     url: &str,

@@ -344,12 +344,20 @@ impl Worker {
     /// samples are all done.
     fn retire(&mut self) {
         let pending = &self.pending;
+        // A streamed request's images go out as they finish, each converted once; one that
+        // cannot be read fails its request when it completes.
+        let mut unreadable: HashMap<RequestId, BatchError> = HashMap::new();
         let completed = self.scheduler.retire(|request, index, sample| {
             let Some(sink) = pending.get(&request).and_then(|p| p.stream.as_ref()) else {
                 return;
             };
-            if let Ok(image) = to_image(sample.x(), sample.spec()) {
-                let _ = sink.items.send(StreamItem::Image { index, image });
+            match to_image(sample.x(), sample.spec()) {
+                Ok(image) => {
+                    let _ = sink.items.send(StreamItem::Image { index, image });
+                }
+                Err(e) => {
+                    unreadable.entry(request).or_insert(e);
+                }
             }
         });
         for done in completed {
@@ -357,26 +365,29 @@ impl Worker {
             let Some(p) = self.pending.remove(&done.request) else {
                 continue;
             };
-            let images: Result<Vec<GeneratedImage>, BatchError> = done
-                .samples
-                .iter()
-                .map(|t| to_image(t.x(), t.spec()))
-                .collect();
-            if let Ok(images) = &images {
-                self.metrics.images_generated.inc_by(images.len() as u64);
-            }
-            if let Some(sink) = &p.stream {
-                sink.progress.send_if_modified(|progress| {
-                    progress.images_done = progress.images;
-                    progress.step = progress.total;
-                    true
-                });
-            }
-            // A streamed request's images went out one by one.
-            let reply = match (&p.stream, images) {
-                (Some(_), Ok(_)) => Ok(Vec::new()),
-                (_, images) => images,
+            let reply = match &p.stream {
+                Some(sink) => {
+                    sink.progress.send_if_modified(|progress| {
+                        progress.images_done = progress.images;
+                        progress.step = progress.total;
+                        true
+                    });
+                    match unreadable.remove(&done.request) {
+                        Some(e) => Err(e),
+                        None => Ok(Vec::new()),
+                    }
+                }
+                None => done
+                    .samples
+                    .iter()
+                    .map(|t| to_image(t.x(), t.spec()))
+                    .collect(),
             };
+            if reply.is_ok() {
+                self.metrics
+                    .images_generated
+                    .inc_by(done.samples.len() as u64);
+            }
             p.answer(reply);
         }
     }

@@ -13,14 +13,12 @@ use axum::{
 use chrono::{DateTime, Utc};
 use ddpm_registry::{CheckpointKind, CheckpointRecord, CheckpointStore, Promotion};
 use serde::{Deserialize, Serialize};
-use utoipa::{
-    openapi::{ObjectBuilder, Type},
-    IntoParams, ToSchema,
-};
+use utoipa::{IntoParams, ToSchema};
 
 use super::{
     extract::{JsonBody, PathId},
     runs::CheckpointBody,
+    samples::FileBody,
     AppState, ControlAllowed,
 };
 use crate::{
@@ -44,22 +42,9 @@ pub fn router() -> Router<AppState> {
 #[allow(dead_code)]
 struct CheckpointIdParam {
     /// Checkpoint id.
-    #[param(schema_with = checkpoint_id_schema, required = true)]
+    #[param(schema_with = super::extract::path_id_schema, required = true)]
     id: i64,
 }
-
-/// Ids are positive; a number above 2⁶³ − 1 does not parse (422 `invalid_id`).
-fn checkpoint_id_schema() -> ObjectBuilder {
-    ObjectBuilder::new()
-        .schema_type(Type::Integer)
-        .minimum(Some(1))
-        .maximum(Some(i64::MAX))
-}
-
-/// PNG bytes, as the document describes them.
-#[derive(ToSchema)]
-#[schema(value_type = String, format = Binary)]
-pub struct PngBody(#[allow(dead_code)] Vec<u8>);
 
 async fn find(state: &AppState, id: i64) -> Result<CheckpointRecord, ApiError> {
     state
@@ -102,7 +87,7 @@ pub(super) async fn get_checkpoint(
     params(CheckpointIdParam),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "The grid.", content((PngBody = "image/png"))),
+        (status = 200, description = "The grid.", content((FileBody = "image/png"))),
         (status = 404, description = "No such checkpoint, or it has no grid (a training state; a run without grids).", body = ErrorBody),
         (status = 422, description = "The id is not an integer.", body = ErrorBody),
         (status = 503, description = "The run registry or the checkpoint store is unavailable.", body = ErrorBody,

@@ -142,6 +142,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T>
     }
 }
 
+/// The document's schema of a [`PathId`]: ids are positive, and a number above 2⁶³ − 1
+/// does not parse (422 `invalid_id`).
+pub fn path_id_schema() -> utoipa::openapi::ObjectBuilder {
+    use utoipa::openapi::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(1))
+        .maximum(Some(i64::MAX))
+}
+
 /// A numeric id in the path: 422 `invalid_id` otherwise.
 #[derive(Debug)]
 pub struct PathId(pub i64);

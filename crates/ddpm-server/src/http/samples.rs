@@ -125,10 +125,17 @@ fn sampler_kind_schema() -> ObjectBuilder {
         ))
 }
 
-/// A stream of Server-Sent Events (`text/event-stream`).
-#[derive(ToSchema)]
-#[schema(value_type = String)]
-pub struct EventStreamBody(#[allow(dead_code)] String);
+/// A stream of Server-Sent Events (`text/event-stream`): text, as the document describes
+/// it (the events are listed in the operation's description).
+pub struct EventStreamBody;
+
+impl utoipa::PartialSchema for EventStreamBody {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        ObjectBuilder::new().schema_type(Type::String).into()
+    }
+}
+
+impl ToSchema for EventStreamBody {}
 
 /// A file in the response body (PNG or ZIP).
 #[derive(ToSchema)]

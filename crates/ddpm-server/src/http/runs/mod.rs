@@ -10,10 +10,7 @@ use axum::{
     Json, Router,
 };
 use serde::Serialize;
-use utoipa::{
-    openapi::{ObjectBuilder, Type},
-    IntoParams, ToSchema,
-};
+use utoipa::{IntoParams, ToSchema};
 
 pub use body::{CheckpointBody, MetricPointBody, RunBody, ScoreBody};
 
@@ -42,16 +39,8 @@ pub fn router() -> Router<AppState> {
 #[allow(dead_code)]
 struct RunIdParam {
     /// Run id.
-    #[param(schema_with = run_id_schema, required = true)]
+    #[param(schema_with = super::extract::path_id_schema, required = true)]
     id: i64,
-}
-
-/// Ids are positive; a larger number than 2⁶³ − 1 does not parse (422 `invalid_id`).
-fn run_id_schema() -> ObjectBuilder {
-    ObjectBuilder::new()
-        .schema_type(Type::Integer)
-        .minimum(Some(1))
-        .maximum(Some(i64::MAX))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
