@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo, end to end on this machine (CPU or GPU): builds both binaries, writes a demo
 # dataset of generated shapes, trains the fast preset on it (a few minutes on a laptop
-# CPU), then serves the model on http://127.0.0.1:8080 and prints curl commands to try.
+# CPU), then serves the model on http://127.0.0.1:8080 (the web console at /) and prints curl
+# commands to try.
 #
 #   DDPM_DEMO_DIR      where the dataset, registry and checkpoints go (default ./data/demo)
 #   DDPM_BIND          the server's address (default 127.0.0.1:8080)
@@ -47,7 +48,10 @@ classes=$(curl -fsS "http://$bind/v1/model" | python3 -c 'import json,sys; print
 first=${classes%%,*}
 cat <<MSG
 
-The demo model is served at http://$bind. Try:
+The demo model is served at http://$bind.
+
+Open http://$bind/ in a browser for the console: the run's loss curves, its checkpoints'
+sample grids and scores, and a playground that samples as you watch. Or try:
 
   # one image of class $first as a PNG (guided, 50 ancestral DDPM steps, the default;
   # "sampler": "ddim" is deterministic but noisier on a model this small)

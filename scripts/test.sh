@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The whole test suite from a fresh machine: installs libtorch (cached), finds or starts
-# PostgreSQL, checks formatting and lints, runs every test of the workspace, then fuzzes
-# the live server against its generated OpenAPI document (scripts/schemathesis.sh) and
-# runs the deployment checks (compose, Dockerfile lint, the Docker build script's release
-# build, the staged runtime, environment-variable parity: scripts/check-deploy.sh).
+# The whole test suite from a fresh machine: installs libtorch (cached) and Chromium with
+# its WebDriver (for the console's browser tests), finds or starts PostgreSQL, checks
+# formatting and lints, runs every test of the workspace, then fuzzes the live server
+# against its generated OpenAPI document (scripts/schemathesis.sh) and runs the deployment
+# checks (compose, Dockerfile lint, the Docker build script's release build, the staged
+# runtime, environment-variable parity: scripts/check-deploy.sh).
 # Extra arguments go to `cargo test` and skip the fuzzing and the deployment checks
 # (e.g. `scripts/test.sh -p ddpm-core`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/setup-libtorch.sh >/dev/null
+# The console's browser tests drive a real headless Chromium.
+scripts/setup-browser.sh
 DDPM_TEST_POSTGRES_URL=$(scripts/test-postgres.sh)
 export DDPM_TEST_POSTGRES_URL
 echo "test: PostgreSQL at $DDPM_TEST_POSTGRES_URL"

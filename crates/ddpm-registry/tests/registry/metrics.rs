@@ -185,6 +185,31 @@ async fn downsampling_keeps_every_kth_row_and_the_last(t: TestContext) {
     assert!(metrics(Some(11), None, 5).await.is_empty());
 }
 
+/// Rows, not steps, are counted: irregular steps (a run that logged at another interval
+/// after a resume) are thinned by position; another run's rows never count.
+async fn downsampling_counts_rows_not_steps(t: TestContext) {
+    let run = running_run(&t.registry, "h").await;
+    let other = running_run(&t.registry, "h").await;
+    let irregular = [1, 2, 3, 10, 20, 30, 100, 200, 300, 1000];
+    let rows: Vec<_> = irregular.iter().map(|&s| point(s, 1.0)).collect();
+    t.registry.record_metrics(run.id, &rows).await.unwrap();
+    t.registry
+        .record_metrics(other.id, &series(50))
+        .await
+        .unwrap();
+    let got = |from, to, max| {
+        let registry = t.registry.clone();
+        async move { steps(&registry.metrics(run.id, from, to, max).await.unwrap()) }
+    };
+    // k = (10 - 1) / 4 + 1 = 3: rows 9, 6, 3 and 0 from the last.
+    assert_eq!(got(None, None, 4).await, [1, 10, 100, 1000]);
+    assert_eq!(got(None, None, 2).await, [20, 1000]);
+    // Steps 10..=300 are 6 rows: k = 3.
+    assert_eq!(got(Some(4), Some(300), 2).await, [30, 300]);
+    assert_eq!(got(Some(4), Some(999), 1).await, [300]);
+    assert_eq!(got(Some(1001), None, 3).await, Vec::<i64>::new());
+}
+
 async fn downsampling_a_long_series(t: TestContext) {
     let run = running_run(&t.registry, "h").await;
     t.registry
@@ -437,6 +462,7 @@ both_backends!(
     truncation_makes_room_for_the_resumed_steps,
     downsampling_keeps_every_kth_row_and_the_last,
     downsampling_a_long_series,
+    downsampling_counts_rows_not_steps,
     summaries_describe_the_series,
     smoothed_and_per_timestep_losses_round_trip,
     values_after_nulls_in_the_same_columns_are_stored,

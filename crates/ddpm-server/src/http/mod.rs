@@ -1,9 +1,12 @@
 //! The HTTP API: shared state, the router, and the layers every route goes through
-//! (tracing, metrics, body limit, bearer token). Handlers parse (the [`extract`]ors),
-//! call ([`crate::validate`], the batcher, the registry) and map (to the response types
-//! each resource module declares, from which [`openapi`] generates the document).
+//! (tracing, metrics, body limit, bearer token); and the web [`console`], a client of it.
+//! Handlers parse (the [`extract`]ors), call ([`crate::validate`], the batcher, the
+//! registry) and map (to the response types each resource module declares, from which
+//! [`openapi`] generates the document).
 
 mod checkpoints;
+mod console;
+pub use console::CONSOLE_ROUTES;
 mod extract;
 pub use extract::BodyReadTimeout;
 mod health;
@@ -91,6 +94,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(protected)
         .merge(health::router())
+        .merge(console::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), track))

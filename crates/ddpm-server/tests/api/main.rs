@@ -2,6 +2,8 @@
 //! trained in the test (see helpers.rs).
 
 mod batching;
+mod browser;
+mod console;
 mod control;
 mod helpers;
 mod ops;

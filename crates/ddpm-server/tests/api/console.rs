@@ -1,0 +1,467 @@
+//! The web console in a real headless Chromium (see browser.rs) against the real server
+//! and a trained tiny checkpoint: what a user sees on each page. Screenshots of every page
+//! land in `target/console-screenshots/`.
+
+use std::path::Path;
+
+use chrono::{Duration as ChronoDuration, Utc};
+use ddpm_registry::{CheckpointStore, Lease, MetricPoint, RunStatus, ScoreValues};
+use serde_json::{json, Value};
+
+use crate::{
+    browser::Browser,
+    helpers::{spawn_app, Options, TestApp, CLASSES, IMAGE_SIZE},
+};
+
+const DESKTOP: (u32, u32) = (1280, 1000);
+const PHONE: (u32, u32) = (390, 844);
+/// The sample grid written beside the checkpoint: a row per class, 4 columns.
+const GRID_COLUMNS: u32 = 4;
+
+/// `n` logged windows of a run that learns: the loss falls, the rate warms up.
+fn metric_points(n: i64) -> Vec<MetricPoint> {
+    let start = Utc::now() - ChronoDuration::seconds(n);
+    (1..=n)
+        .map(|i| {
+            let step = i * 3;
+            MetricPoint {
+                step,
+                loss: 0.05 + 0.9 / (1.0 + i as f64 / 20.0) + 0.02 * ((i * 7919) % 13) as f64 / 13.0,
+                learning_rate: 2e-4 * (i as f64 / 50.0).min(1.0),
+                grad_norm: Some(1.0 + 1.0 / (i as f64).sqrt()),
+                images_per_sec: Some(120.0 + (i % 5) as f64),
+                recorded_at: start + ChronoDuration::seconds(i),
+                loss_smoothed: None,
+                loss_by_timestep: [None; 4],
+            }
+        })
+        .collect()
+}
+
+/// A run with a history worth looking at: its metrics, the trainer's sample grid beside
+/// its EMA checkpoint (a real PNG), a score, and the run marked completed.
+async fn with_history(app: &TestApp) -> (i64, (u32, u32)) {
+    let registry = &app.registry;
+    registry
+        .record_metrics(app.run_id, &metric_points(300))
+        .await
+        .expect("record metrics");
+    let checkpoints = registry.list_checkpoints(app.run_id).await.unwrap();
+    let ema = checkpoints.last().expect("the trained checkpoint");
+    let size = (GRID_COLUMNS * IMAGE_SIZE, CLASSES.len() as u32 * IMAGE_SIZE);
+    let grid = image::RgbImage::from_fn(size.0, size.1, |x, y| {
+        let mut px = [40u8, 40, 40];
+        px[(y / IMAGE_SIZE) as usize % 3] = 200 + (x % 50) as u8;
+        image::Rgb(px)
+    });
+    let mut png = Vec::new();
+    grid.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    app.store
+        .write_bytes(&CheckpointStore::grid_path_for(Path::new(&ema.path)), &png)
+        .expect("write the grid");
+    let values = ScoreValues {
+        samples_per_class: 8,
+        holdout_images: 24,
+        class_accuracy: Some(0.75),
+        fd: Some(12.5),
+        fd_floor: Some(1.5),
+        kid: Some(0.02),
+        kid_std: Some(0.005),
+        diversity: Some(0.9),
+        probe_accuracy: Some(1.0),
+        settings: json!({"sampler": "ddim", "steps": 25}),
+        seconds: 2.0,
+    };
+    registry
+        .record_score(ema.run_id, ema.step, ema.id, &values)
+        .await
+        .unwrap();
+    let run = registry
+        .claim_run(app.run_id, "trainer-a")
+        .await
+        .unwrap()
+        .expect("the run to be claimable");
+    let lease = registry.leased(Lease::of(&run).unwrap());
+    lease.heartbeat(1000).await.unwrap();
+    lease.finish(RunStatus::Completed, None).await.unwrap();
+    (ema.id, size)
+}
+
+/// The pixels of a canvas under `css` that are not blank.
+const INKED_PIXELS: &str = r#"
+    const canvas = document.querySelector(arguments[0]);
+    if (!canvas || !canvas.width) return 0;
+    const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    let inked = 0;
+    for (let i = 3; i < data.length; i += 4) if (data[i] > 0) inked++;
+    return inked;
+"#;
+
+#[tokio::test]
+async fn runs_list_shows_the_run_with_progress_and_best_score() {
+    let app = spawn_app(Options::default()).await;
+    with_history(&app).await;
+    let browser = Browser::start(DESKTOP.0, DESKTOP.1).await;
+    browser.open(&app.url("/")).await;
+
+    let row = format!("#runs tr[data-run-id=\"{}\"]", app.run_id);
+    browser.wait_for(&row).await;
+    let text = browser
+        .wait_until(
+            "the run's row with its score",
+            &format!(
+                "const r = document.querySelector('{row}'); \
+                 return r && r.textContent.includes('FD') ? r.textContent : null;"
+            ),
+        )
+        .await;
+    let text = text.as_str().unwrap();
+    assert!(text.contains(&format!("#{}", app.run_id)), "{text}");
+    assert!(text.contains("completed"), "{text}");
+    assert!(text.contains("FD 12.5"), "the best score: {text}");
+    // The newest loss: the last point's, as the API rounds it to 4 digits.
+    let last = metric_points(300).last().unwrap().loss;
+    let shown = format!("{}", (last * 1e4).round() / 1e4);
+    assert!(text.contains(&shown[..5]), "loss {shown} in {text}");
+    browser.screenshot("runs").await;
+
+    // The status filter: no running run.
+    browser
+        .eval(
+            "const s = document.getElementById('status-filter'); s.value = 'running'; \
+             s.dispatchEvent(new Event('change'));",
+            vec![],
+        )
+        .await;
+    browser
+        .wait_until(
+            "the empty filtered list",
+            "return document.querySelector('#runs td.empty')?.textContent ?? null;",
+        )
+        .await;
+    assert!(browser
+        .client
+        .current_url()
+        .await
+        .unwrap()
+        .as_str()
+        .ends_with("#/runs?status=running"));
+
+    // The model page names the device and the classes.
+    browser.open(&app.url("/#/model")).await;
+    assert_eq!(browser.text("#model-device").await, "cpu");
+    let classes = browser.text("ol.classes").await;
+    for class in CLASSES {
+        assert!(classes.contains(class), "{classes}");
+    }
+    browser.screenshot("model").await;
+    browser.close().await;
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn run_page_draws_the_loss_chart_and_the_checkpoint_grid() {
+    let app = spawn_app(Options::default()).await;
+    let (checkpoint_id, grid_size) = with_history(&app).await;
+    // Tall enough for the whole page in its screenshot (the README shows it).
+    let browser = Browser::start(DESKTOP.0, 2000).await;
+    browser
+        .open(&app.url(&format!("/#/runs/{}", app.run_id)))
+        .await;
+
+    // The loss chart has drawn its series.
+    browser.wait_for("#chart-loss canvas").await;
+    let inked = browser
+        .wait_until(
+            "ink on the loss chart",
+            &format!(
+                "const f = function() {{ {INKED_PIXELS} }}; \
+                 const n = f.apply(null, ['#chart-loss canvas']); return n > 500 ? n : null;"
+            ),
+        )
+        .await;
+    assert!(inked.as_u64().unwrap() > 500);
+    for chart in ["lr", "grad", "ips", "fd"] {
+        browser.wait_for(&format!("#chart-{chart} canvas")).await;
+    }
+
+    // The grid of the served checkpoint loads and decodes at the size written.
+    browser
+        .wait_for(&format!(
+            "img.grid-main[data-checkpoint-id=\"{checkpoint_id}\"]"
+        ))
+        .await;
+    let decoded = browser
+        .wait_until(
+            "the decoded grid",
+            "const img = document.querySelector('img.grid-main'); \
+             return img && img.complete && img.naturalWidth > 0 \
+               ? [img.naturalWidth, img.naturalHeight] : null;",
+        )
+        .await;
+    assert_eq!(decoded, json!([grid_size.0, grid_size.1]));
+    let facts = browser.text(".checkpoint-detail").await;
+    assert!(
+        facts.contains("serving"),
+        "the served checkpoint is marked: {facts}"
+    );
+    assert!(facts.contains("12.5"), "its FD: {facts}");
+    let sha = app
+        .registry
+        .get_checkpoint(checkpoint_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .sha256;
+    assert!(facts.contains(&sha), "its SHA-256: {facts}");
+    let served = browser.text("#served").await;
+    assert!(served.contains(&format!("#{checkpoint_id}")), "{served}");
+    let config = browser.text("#run-config").await;
+    assert!(config.contains("Skipped"), "{config}");
+    browser.screenshot("run").await;
+
+    // The wall-clock axis draws the same series.
+    browser
+        .eval(
+            "const s = document.getElementById('x-axis'); s.value = 'wall'; \
+             s.dispatchEvent(new Event('change'));",
+            vec![],
+        )
+        .await;
+    browser
+        .wait_until(
+            "the loss chart on a time axis",
+            &format!(
+                "const f = function() {{ {INKED_PIXELS} }}; \
+                 const n = f.apply(null, ['#chart-loss canvas']); \
+                 return n > 500 && document.querySelector('#chart-loss .u-axis') ? n : null;"
+            ),
+        )
+        .await;
+    browser.close().await;
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn playground_shows_images_of_the_requested_size_and_the_guidance_strip() {
+    let app = spawn_app(Options::default()).await;
+    let browser = Browser::start(DESKTOP.0, DESKTOP.1).await;
+    browser.open(&app.url("/#/playground")).await;
+
+    browser.wait_for("#playground-form").await;
+    browser
+        .eval(
+            "const set = (id, v) => { document.getElementById(id).value = v; }; \
+             set('pg-class', '2'); set('pg-n', '3'); set('pg-steps', '8'); set('pg-seed', '42');",
+            vec![],
+        )
+        .await;
+    browser.wait_for("#generate").await.click().await.unwrap();
+    let sizes = browser
+        .wait_until(
+            "three finished images",
+            "const imgs = [...document.querySelectorAll('#results img.sample')]; \
+             const done = imgs.filter(i => !i.classList.contains('pending') && i.complete && i.naturalWidth); \
+             return imgs.length === 3 && done.length === 3 \
+               ? done.map(i => [i.naturalWidth, i.naturalHeight]) : null;",
+        )
+        .await;
+    let size = IMAGE_SIZE as u64;
+    assert_eq!(sizes, json!([[size, size], [size, size], [size, size]]));
+    let progress = browser.text("#results").await;
+    assert!(progress.contains("blue"), "the class asked for: {progress}");
+    let links: Value = browser
+        .eval(
+            "return [...document.querySelectorAll('#results a.download')].map(a => a.download);",
+            vec![],
+        )
+        .await;
+    let links = links.as_array().unwrap();
+    assert_eq!(links.len(), 3);
+    assert!(
+        links.iter().all(|l| l.as_str().unwrap().ends_with(".png")),
+        "{links:?}"
+    );
+    assert!(links[0].as_str().unwrap().contains("seed42"), "{links:?}");
+
+    // The same seed at five guidance scales.
+    browser
+        .wait_for("#compare-guidance")
+        .await
+        .click()
+        .await
+        .unwrap();
+    let strip = browser
+        .wait_until(
+            "the guidance strip",
+            "const imgs = [...document.querySelectorAll('#guidance-strip img.sample')]; \
+             return imgs.length === 5 && imgs.every(i => !i.classList.contains('pending') && i.complete && i.naturalWidth) \
+               ? [...document.querySelectorAll('#guidance-strip figcaption')].map(c => c.textContent) : null;",
+        )
+        .await;
+    let captions: Vec<&str> = strip
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(captions[0].starts_with("w = 0"), "{captions:?}");
+    assert!(captions[4].starts_with("w = 7"), "{captions:?}");
+    browser.screenshot("playground").await;
+    browser.close().await;
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_wrong_token_gets_a_clear_message_and_never_reaches_the_url() {
+    let token = "console-token-7f3a";
+    let app = spawn_app(Options {
+        api_token: Some(token.into()),
+        ..Options::default()
+    })
+    .await;
+    let browser = Browser::start(DESKTOP.0, DESKTOP.1).await;
+    browser.open(&app.url("/")).await;
+
+    let message = browser
+        .wait_until(
+            "the token dialog",
+            "const d = document.getElementById('token-dialog'); \
+             return d.open ? document.getElementById('token-message').textContent : null;",
+        )
+        .await;
+    assert!(
+        message.as_str().unwrap().contains("needs its API token"),
+        "{message}"
+    );
+
+    let input = browser.wait_for("#token-input").await;
+    input.send_keys("not-the-token").await.unwrap();
+    browser.wait_for("#token-save").await.click().await.unwrap();
+    let refused = browser
+        .wait_until(
+            "the refusal",
+            "const m = document.getElementById('token-message'); \
+             return document.getElementById('token-dialog').open && m.classList.contains('error') \
+               ? m.textContent : null;",
+        )
+        .await;
+    assert!(
+        refused.as_str().unwrap().contains("refused this token"),
+        "{refused}"
+    );
+    browser.screenshot("wrong-token").await;
+
+    browser
+        .wait_for("#token-input")
+        .await
+        .send_keys(token)
+        .await
+        .unwrap();
+    browser.wait_for("#token-save").await.click().await.unwrap();
+    browser
+        .wait_for(&format!("#runs tr[data-run-id=\"{}\"]", app.run_id))
+        .await;
+    let url = browser.client.current_url().await.unwrap();
+    assert!(!url.as_str().contains(token), "{url}");
+    // Asked once: a reload goes straight to the page.
+    browser.client.refresh().await.unwrap();
+    browser
+        .wait_for(&format!("#runs tr[data-run-id=\"{}\"]", app.run_id))
+        .await;
+    let open = browser
+        .eval(
+            "return document.getElementById('token-dialog').open;",
+            vec![],
+        )
+        .await;
+    assert_eq!(open, json!(false));
+    browser.close().await;
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn pages_fit_a_phone_screen() {
+    let app = spawn_app(Options::default()).await;
+    with_history(&app).await;
+    let browser = Browser::phone(PHONE.0, PHONE.1).await;
+    browser.open(&app.url("/")).await;
+    let width = browser.eval("return window.innerWidth;", vec![]).await;
+    assert_eq!(width, json!(PHONE.0), "the emulated phone's width");
+    let overflow = "return document.documentElement.scrollWidth - window.innerWidth;";
+    for (page, ready, name) in [
+        (
+            format!("/#/runs/{}", app.run_id),
+            "#chart-loss canvas",
+            "run-phone",
+        ),
+        ("/#/runs".to_string(), "#runs tbody tr", "runs-phone"),
+        (
+            "/#/playground".to_string(),
+            "#playground-form",
+            "playground-phone",
+        ),
+    ] {
+        browser.open(&app.url(&page)).await;
+        browser.wait_for(ready).await;
+        let extra = browser.eval(overflow, vec![]).await;
+        assert!(
+            extra.as_i64().unwrap() <= 0,
+            "{page} is {extra} px wider than the phone's screen"
+        );
+        browser.screenshot(name).await;
+    }
+    browser.close().await;
+    app.stop().await.unwrap();
+}
+
+/// The console's files: served without the token, cached by tag, locked down by policy.
+#[tokio::test]
+async fn console_files_are_served_with_tags_and_a_strict_policy() {
+    let app = spawn_app(Options {
+        api_token: Some("secret".into()),
+        checkpoint: false,
+        ..Options::default()
+    })
+    .await;
+    let page = app.client.get(app.url("/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    let etag = page.headers()["etag"].clone();
+    assert!(page.text().await.unwrap().contains("/console/js/main.js"));
+    let again = app
+        .client
+        .get(app.url("/"))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    let script = app
+        .client
+        .get(app.url("/console/js/main.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(script.status(), 200);
+    assert!(script.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+    let missing = app
+        .client
+        .get(app.url("/console/js/nope.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    // The data stays behind the token.
+    let runs = app.client.get(app.url("/v1/runs")).send().await.unwrap();
+    assert_eq!(runs.status(), 401);
+    app.stop().await.unwrap();
+}
