@@ -251,20 +251,27 @@ pub(crate) async fn select_metrics<'e>(
              ORDER BY step DESC LIMIT $4"
         )
     } else {
+        // A range of at most m rows is read as it is (the first branch); a longer one
+        // through `pick`, which is seeded only then.
         format!(
             "WITH RECURSIVE \
                  span AS (SELECT COUNT(*) AS n, MAX(step) AS last FROM metrics \
                      WHERE run_id = $1 AND step >= $2 AND step <= $3), \
                  pick(step) AS ( \
-                     SELECT last FROM span \
+                     SELECT last FROM span WHERE n > $4 \
                      UNION ALL \
                      SELECT (SELECT m.step FROM metrics m \
                              WHERE m.run_id = $1 AND m.step < pick.step AND m.step >= $2 \
                              ORDER BY m.step DESC LIMIT 1 \
                              OFFSET (SELECT (n - 1) / $4 FROM span)) \
                      FROM pick WHERE pick.step IS NOT NULL) \
-             SELECT {METRIC_COLUMNS} FROM metrics \
-             WHERE run_id = $1 AND step IN (SELECT step FROM pick) \
+             SELECT {METRIC_COLUMNS} FROM ( \
+                 SELECT {METRIC_COLUMNS} FROM metrics \
+                 WHERE run_id = $1 AND step >= $2 AND step <= $3 \
+                     AND (SELECT n FROM span) <= $4 \
+                 UNION ALL \
+                 SELECT {METRIC_COLUMNS} FROM metrics \
+                 WHERE run_id = $1 AND step IN (SELECT step FROM pick)) t \
              ORDER BY step"
         )
     };

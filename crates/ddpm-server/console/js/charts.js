@@ -105,7 +105,7 @@ export function metricCharts(run) {
       draw();
     },
   });
-  const resetZoom = h('button', { type: 'button', class: 'small', hidden: true, onclick: () => { state.range = null; reload(); } }, 'Reset zoom');
+  const resetZoom = h('button', { type: 'button', id: 'reset-zoom', class: 'small', hidden: true, onclick: () => { state.range = null; reload(); } }, 'Reset zoom');
   const overlayList = h('div', { class: 'overlay-list' });
   const overlays = h('details', { class: 'overlays' }, h('summary', {}, 'Compare runs'), overlayList);
 

@@ -6,11 +6,12 @@ use std::path::Path;
 
 use chrono::{Duration as ChronoDuration, Utc};
 use ddpm_registry::{CheckpointStore, Lease, MetricPoint, RunStatus, ScoreValues};
+use fantoccini::actions::{InputSource, MouseActions, PointerAction, MOUSE_BUTTON_LEFT};
 use serde_json::{json, Value};
 
 use crate::{
     browser::Browser,
-    helpers::{spawn_app, Options, TestApp, CLASSES, IMAGE_SIZE},
+    helpers::{new_run, spawn_app, Options, TestApp, CLASSES, IMAGE_SIZE},
 };
 
 const DESKTOP: (u32, u32) = (1280, 1000);
@@ -127,13 +128,7 @@ async fn runs_list_shows_the_run_with_progress_and_best_score() {
     browser.screenshot("runs").await;
 
     // The status filter: no running run.
-    browser
-        .eval(
-            "const s = document.getElementById('status-filter'); s.value = 'running'; \
-             s.dispatchEvent(new Event('change'));",
-            vec![],
-        )
-        .await;
+    set_select(&browser, "status-filter", "running").await;
     browser
         .wait_until(
             "the empty filtered list",
@@ -164,6 +159,11 @@ async fn runs_list_shows_the_run_with_progress_and_best_score() {
 async fn run_page_draws_the_loss_chart_and_the_checkpoint_grid() {
     let app = spawn_app(Options::default()).await;
     let (checkpoint_id, grid_size) = with_history(&app).await;
+    let other = app.registry.create_run(&new_run()).await.unwrap().id;
+    app.registry
+        .record_metrics(other, &metric_points(100))
+        .await
+        .unwrap();
     // Tall enough for the whole page in its screenshot (the README shows it).
     let browser = Browser::start(DESKTOP.0, 2000).await;
     browser
@@ -222,25 +222,116 @@ async fn run_page_draws_the_loss_chart_and_the_checkpoint_grid() {
     browser.screenshot("run").await;
 
     // The wall-clock axis draws the same series.
-    browser
-        .eval(
-            "const s = document.getElementById('x-axis'); s.value = 'wall'; \
-             s.dispatchEvent(new Event('change'));",
-            vec![],
-        )
-        .await;
+    set_select(&browser, "x-axis", "wall").await;
     browser
         .wait_until(
             "the loss chart on a time axis",
             &format!(
                 "const f = function() {{ {INKED_PIXELS} }}; \
                  const n = f.apply(null, ['#chart-loss canvas']); \
-                 return n > 500 && document.querySelector('#chart-loss .u-axis') ? n : null;"
+                 const legend = document.querySelector('#chart-loss .u-legend')?.textContent ?? ''; \
+                 return n > 500 && /time/i.test(legend) ? n : null;"
             ),
         )
         .await;
+
+    // Back on steps, a drag across the loss chart zooms in: the range is asked for again.
+    set_select(&browser, "x-axis", "step").await;
+    browser
+        .wait_until(
+            "the step axis",
+            "return /step/i.test(document.querySelector('#chart-loss .u-legend')?.textContent ?? '');",
+        )
+        .await;
+    // A real drag (WebDriver actions): from a quarter of the plot's width to its middle.
+    let over = browser.wait_for("#chart-loss .u-over").await;
+    let (_, _, width, _) = over.rectangle().await.unwrap();
+    let drag = MouseActions::new("mouse".into())
+        .then(PointerAction::MoveToElement {
+            element: over,
+            duration: None,
+            x: -width / 4.0,
+            y: 0.0,
+        })
+        .then(PointerAction::Down {
+            button: MOUSE_BUTTON_LEFT,
+        })
+        .then(PointerAction::MoveBy {
+            duration: Some(std::time::Duration::from_millis(300)),
+            x: width / 4.0,
+            y: 0.0,
+        })
+        .then(PointerAction::Up {
+            button: MOUSE_BUTTON_LEFT,
+        });
+    browser.client.perform_actions(drag).await.unwrap();
+    browser
+        .wait_until(
+            "the zoomed range fetched",
+            "return !document.getElementById('reset-zoom').hidden && \
+               performance.getEntriesByType('resource').some(e => e.name.includes('from_step='));",
+        )
+        .await;
+
+    // Another run overlaid on the charts.
+    browser
+        .wait_for("details.overlays summary")
+        .await
+        .click()
+        .await
+        .unwrap();
+    browser
+        .wait_for(&format!("details.overlays input[value=\"{other}\"]"))
+        .await
+        .click()
+        .await
+        .unwrap();
+    browser
+        .wait_until(
+            "the other run in the loss chart's legend",
+            &format!(
+                "return document.querySelector('#chart-loss .u-legend')?.textContent.includes('#{other}');"
+            ),
+        )
+        .await;
+
+    // Every request the page made is the console's own file or a documented API route.
+    let requested = browser
+        .eval(
+            "return performance.getEntriesByType('resource').map(e => new URL(e.name).pathname);",
+            vec![],
+        )
+        .await;
+    for path in requested.as_array().unwrap() {
+        let path = path.as_str().unwrap();
+        assert!(
+            path.starts_with("/console/") || is_api_route(path),
+            "the console asked for {path}, which the API does not document"
+        );
+    }
     browser.close().await;
     app.stop().await.unwrap();
+}
+
+/// Whether `path` is one of the API's routes (`{…}` in a template matches one segment).
+fn is_api_route(path: &str) -> bool {
+    ddpm_server::http::ROUTES.iter().any(|(_, template)| {
+        let (a, b): (Vec<_>, Vec<_>) = (template.split('/').collect(), path.split('/').collect());
+        a.len() == b.len()
+            && a.iter()
+                .zip(&b)
+                .all(|(t, p)| t == p || (t.starts_with('{') && t.ends_with('}') && !p.is_empty()))
+    })
+}
+
+async fn set_select(browser: &Browser, id: &str, value: &str) {
+    browser
+        .eval(
+            "const s = document.getElementById(arguments[0]); s.value = arguments[1]; \
+             s.dispatchEvent(new Event('change'));",
+            vec![json!(id), json!(value)],
+        )
+        .await;
 }
 
 #[tokio::test]
