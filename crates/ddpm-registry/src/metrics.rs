@@ -233,9 +233,9 @@ pub(crate) async fn delete_metrics_after<'e>(
 /// The rows are found by walking the `(run_id, step)` key down from the last step,
 /// k - 1 rows skipped at a time (`OFFSET`), and only those rows are read whole: a
 /// numbered window over every row of the range (this query's first form) read and
-/// sorted all of them, 200 ms for 100,000 rows on SQLite, against about 20 ms so.
-/// One statement, so the count and the walk see the same rows while a trainer
-/// appends.
+/// sorted all of them: a request for 1,000 of 100,000 rows took 200 ms on SQLite and
+/// 130 ms on PostgreSQL, and takes 25 and 40 ms so (BENCHMARKS.md, "Console"). One
+/// statement, so the count and the walk see the same rows while a trainer appends.
 pub(crate) async fn select_metrics<'e>(
     ex: impl Executor<'e, Database = Any>,
     run_id: i64,

@@ -91,7 +91,9 @@ export function checkpointStrip(run, { onPromoted }) {
         h('h4', {}, 'Scores'),
         scoreFacts(c.score),
         h('div', { class: 'actions' },
-          h('button', { type: 'button', id: 'promote', disabled: serving, onclick: () => promote(c) }, serving ? 'Being served' : 'Promote…')),
+          // Also for the served checkpoint: a promotion is what servers with
+          // --serve-policy promoted follow, whatever this one serves now.
+          h('button', { type: 'button', id: 'promote', onclick: () => promote(c) }, 'Promote…')),
       ),
     );
   }

@@ -76,8 +76,11 @@ export function render(container) {
     const classSelect = h('select', { name: 'class', id: 'pg-class' },
       info.classes.length ? info.classes.map((c, i) => h('option', { value: String(i) }, c)) : h('option', { value: '' }, 'unconditional'));
     const n = h('input', { name: 'n', id: 'pg-n', type: 'number', min: '1', max: String(maxN), value: '4', required: true });
-    const sampler = h('select', { name: 'sampler', id: 'pg-sampler' }, samplers.map((s) => h('option', { value: s, selected: s === 'ddim' }, s)));
-    const steps = h('input', { name: 'steps', id: 'pg-steps', type: 'number', min: '1', max: String(info.timesteps), value: String(Math.min(50, info.timesteps)), required: true });
+    // Left at "server default", sampler and steps are not sent: the server's
+    // --default-sampler and --default-steps apply.
+    const sampler = h('select', { name: 'sampler', id: 'pg-sampler' },
+      h('option', { value: '' }, 'server default'), samplers.map((s) => h('option', { value: s }, s)));
+    const steps = h('input', { name: 'steps', id: 'pg-steps', type: 'number', min: '1', max: String(info.timesteps), placeholder: 'server default' });
     const guidance = h('input', { name: 'guidance', id: 'pg-guidance', type: 'number', min: '0', step: '0.1', value: '3', required: true });
     const seed = h('input', { name: 'seed', id: 'pg-seed', type: 'number', min: '0', step: '1', placeholder: 'random' });
     const dice = h('button', { type: 'button', class: 'small', title: 'A random seed', onclick: () => (seed.value = String(Math.floor(Math.random() * MAX_SEED))) }, 'random');
@@ -99,12 +102,9 @@ export function render(container) {
     syncEta();
 
     function requestBody(overrides = {}) {
-      const b = {
-        n: Number(n.value),
-        sampler: sampler.value,
-        steps: Number(steps.value),
-        guidance_scale: Number(guidance.value),
-      };
+      const b = { n: Number(n.value), guidance_scale: Number(guidance.value) };
+      if (sampler.value) b.sampler = sampler.value;
+      if (steps.value !== '') b.steps = Number(steps.value);
       if (info.classes.length) b.class = Number(classSelect.value);
       if (seed.value !== '') b.seed = Number(seed.value);
       if (sampler.value === 'ddim') b.eta = Number(eta.value);
@@ -116,7 +116,7 @@ export function render(container) {
       controller?.abort();
       controller = new AbortController();
       const b = requestBody();
-      if (previews.checked) b.preview_every = Math.max(1, Math.round(b.steps / 10));
+      if (previews.checked) b.preview_every = Math.max(1, Math.round((b.steps ?? 50) / 10));
       const slots = Array.from({ length: b.n }, (_, i) => slot(`image ${i + 1}`));
       replace(results, slots.map((s) => s.figure));
       setProgress(progress, 0, 'sending…');

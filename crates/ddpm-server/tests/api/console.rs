@@ -344,7 +344,8 @@ async fn playground_shows_images_of_the_requested_size_and_the_guidance_strip() 
     browser
         .eval(
             "const set = (id, v) => { document.getElementById(id).value = v; }; \
-             set('pg-class', '2'); set('pg-n', '3'); set('pg-steps', '8'); set('pg-seed', '42');",
+             set('pg-class', '2'); set('pg-n', '3'); set('pg-sampler', 'ddim'); set('pg-steps', '8'); \
+             set('pg-seed', '42');",
             vec![],
         )
         .await;
@@ -468,6 +469,80 @@ async fn a_wrong_token_gets_a_clear_message_and_never_reaches_the_url() {
         )
         .await;
     assert_eq!(open, json!(false));
+    browser.close().await;
+    app.stop().await.unwrap();
+}
+
+/// The operator's actions go through the API with the token: resuming a failed run and
+/// promoting a checkpoint (its reason typed into the prompt) are recorded in the registry.
+#[tokio::test]
+async fn actions_resume_a_failed_run_and_promote_a_checkpoint() {
+    let token = "console-actions-token";
+    let app = spawn_app(Options {
+        api_token: Some(token.into()),
+        ..Options::default()
+    })
+    .await;
+    let failed = app.registry.create_run(&new_run()).await.unwrap().id;
+    let run = app
+        .registry
+        .claim_run(failed, "trainer-a")
+        .await
+        .unwrap()
+        .unwrap();
+    app.registry
+        .leased(Lease::of(&run).unwrap())
+        .finish(RunStatus::Failed, Some("out of memory"))
+        .await
+        .unwrap();
+    let browser = Browser::start(DESKTOP.0, DESKTOP.1).await;
+    browser.open(&app.url(&format!("/#/runs/{failed}"))).await;
+    browser
+        .wait_for("#token-input")
+        .await
+        .send_keys(token)
+        .await
+        .unwrap();
+    browser.wait_for("#token-save").await.click().await.unwrap();
+    let error = browser.text("#run-summary").await;
+    assert!(error.contains("out of memory"), "{error}");
+
+    browser.wait_for("#resume-run").await.click().await.unwrap();
+    browser
+        .wait_until(
+            "the resumed run",
+            "return document.querySelector('.page-head .badge')?.textContent === 'interrupted';",
+        )
+        .await;
+    let resumed = app.registry.get_run(failed).await.unwrap().unwrap();
+    assert_eq!(resumed.status, RunStatus::Interrupted);
+
+    let ema = app.registry.list_checkpoints(app.run_id).await.unwrap()[0].clone();
+    browser
+        .open(&app.url(&format!("/#/runs/{}", app.run_id)))
+        .await;
+    browser.wait_for("#promote").await.click().await.unwrap();
+    browser
+        .client
+        .send_alert_text("the sharpest grid")
+        .await
+        .unwrap();
+    browser.client.accept_alert().await.unwrap();
+    let banner = browser
+        .wait_until(
+            "the promotion's confirmation",
+            "const b = document.getElementById('banner'); \
+             return !b.hidden && b.textContent.includes('promoted') ? b.textContent : null;",
+        )
+        .await;
+    assert!(
+        banner.as_str().unwrap().contains(&format!("#{}", ema.id)),
+        "{banner}"
+    );
+    let promotion = app.registry.current_promotion().await.unwrap().unwrap();
+    assert_eq!(promotion.checkpoint_id, ema.id);
+    assert_eq!(promotion.reason, "the sharpest grid");
+    assert_eq!(promotion.promoted_by, "console");
     browser.close().await;
     app.stop().await.unwrap();
 }
