@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{Any, Executor};
 
-use crate::db::{from_millis, run_fk, Registry};
+use crate::db::{from_millis, run_fk, Backend, Registry};
 use crate::error::{RegistryError, Result};
 
 /// Bound parameters per metrics row in [`record_metrics`](Registry::record_metrics).
@@ -223,58 +223,78 @@ pub(crate) async fn delete_metrics_after<'e>(
     Ok(done.rows_affected())
 }
 
-/// Every k-th row of a step range counted back from its last row, with the
-/// smallest k that returns at most `max_points` (≥ 1) rows.
+/// The positions a downsampled series keeps: every k-th of `n` rows counted back from
+/// the last, with the smallest k that keeps at most `max_points` (≥ 1).
 ///
-/// n rows, m = max_points: rows at distance 0, k, 2k, … from the last number
-/// floor((n - 1) / k) + 1, which is ≤ m exactly when k > (n - 1) / m, so
-/// k = floor((n - 1) / m) + 1 (1 when n ≤ m).
+/// Rows at distance 0, k, 2k, … from the last number floor((n - 1) / k) + 1, which is
+/// ≤ m exactly when k > (n - 1) / m, so k = floor((n - 1) / m) + 1 (1 when n ≤ m).
+fn every_kth_from_last(n: usize, max_points: usize) -> impl Iterator<Item = usize> {
+    let k = n.saturating_sub(1) / max_points.max(1) + 1;
+    (0..n)
+        .rev()
+        .step_by(k)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+}
+
+/// The newest row of a step range (what `max_points = 1` keeps), read from the end of
+/// the `(run_id, step)` key without counting the range.
+async fn select_newest<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    run_id: i64,
+    from_step: i64,
+    to_step: i64,
+) -> Result<Vec<MetricPoint>> {
+    let rows: Vec<MetricRow> = sqlx::query_as(&format!(
+        "SELECT {METRIC_COLUMNS} FROM metrics \
+         WHERE run_id = $1 AND step >= $2 AND step <= $3 \
+         ORDER BY step DESC LIMIT 1"
+    ))
+    .bind(run_id)
+    .bind(from_step)
+    .bind(to_step)
+    .fetch_all(ex)
+    .await?;
+    rows.into_iter().map(|r| r.into_point(run_id)).collect()
+}
+
+/// [`every_kth_from_last`]'s rows of a step range, on SQLite: one statement counts the
+/// range, walks the `(run_id, step)` key down from its last step skipping k - 1 rows at a
+/// time (`OFFSET`), and reads whole only the rows it lands on; a range of at most m rows
+/// is read as it is. SQLite walks a `WITHOUT ROWID` table's key whatever its statistics,
+/// and one statement sees one state of the table while a trainer appends.
 ///
-/// The rows are found by walking the `(run_id, step)` key down from the last step,
-/// k - 1 rows skipped at a time (`OFFSET`), and only those rows are read whole: a
-/// numbered window over every row of the range (this query's first form) read and
-/// sorted all of them: a request for 1,000 of 100,000 rows took 200 ms on SQLite and
-/// 130 ms on PostgreSQL, and takes 25 and 40 ms so (BENCHMARKS.md, "Console"). One
-/// statement, so the count and the walk see the same rows while a trainer appends.
-pub(crate) async fn select_metrics<'e>(
+/// A numbered window over every row (this query's first form) read and sorted them all:
+/// 1,000 of 100,000 rows took 200 ms, and take 25 ms so (BENCHMARKS.md, "Console").
+async fn select_metrics_walk<'e>(
     ex: impl Executor<'e, Database = Any>,
     run_id: i64,
     from_step: i64,
     to_step: i64,
     max_points: i64,
 ) -> Result<Vec<MetricPoint>> {
-    let sql = if max_points == 1 {
-        // Only the last row: no need to count.
-        format!(
-            "SELECT {METRIC_COLUMNS} FROM metrics \
-             WHERE run_id = $1 AND step >= $2 AND step <= $3 \
-             ORDER BY step DESC LIMIT $4"
-        )
-    } else {
-        // A range of at most m rows is read as it is (the first branch); a longer one
-        // through `pick`, which is seeded only then.
-        format!(
-            "WITH RECURSIVE \
-                 span AS (SELECT COUNT(*) AS n, MAX(step) AS last FROM metrics \
-                     WHERE run_id = $1 AND step >= $2 AND step <= $3), \
-                 pick(step) AS ( \
-                     SELECT last FROM span WHERE n > $4 \
-                     UNION ALL \
-                     SELECT (SELECT m.step FROM metrics m \
-                             WHERE m.run_id = $1 AND m.step < pick.step AND m.step >= $2 \
-                             ORDER BY m.step DESC LIMIT 1 \
-                             OFFSET (SELECT (n - 1) / $4 FROM span)) \
-                     FROM pick WHERE pick.step IS NOT NULL) \
-             SELECT {METRIC_COLUMNS} FROM ( \
-                 SELECT {METRIC_COLUMNS} FROM metrics \
-                 WHERE run_id = $1 AND step >= $2 AND step <= $3 \
-                     AND (SELECT n FROM span) <= $4 \
+    let sql = format!(
+        "WITH RECURSIVE \
+             span AS (SELECT COUNT(*) AS n, MAX(step) AS last FROM metrics \
+                 WHERE run_id = $1 AND step >= $2 AND step <= $3), \
+             pick(step) AS ( \
+                 SELECT last FROM span WHERE n > $4 \
                  UNION ALL \
-                 SELECT {METRIC_COLUMNS} FROM metrics \
-                 WHERE run_id = $1 AND step IN (SELECT step FROM pick)) t \
-             ORDER BY step"
-        )
-    };
+                 SELECT (SELECT m.step FROM metrics m \
+                         WHERE m.run_id = $1 AND m.step < pick.step AND m.step >= $2 \
+                         ORDER BY m.step DESC LIMIT 1 \
+                         OFFSET (SELECT (n - 1) / $4 FROM span)) \
+                 FROM pick WHERE pick.step IS NOT NULL) \
+         SELECT {METRIC_COLUMNS} FROM ( \
+             SELECT {METRIC_COLUMNS} FROM metrics \
+             WHERE run_id = $1 AND step >= $2 AND step <= $3 \
+                 AND (SELECT n FROM span) <= $4 \
+             UNION ALL \
+             SELECT {METRIC_COLUMNS} FROM metrics \
+             WHERE run_id = $1 AND step IN (SELECT step FROM pick)) t \
+         ORDER BY step"
+    );
     let rows: Vec<MetricRow> = sqlx::query_as(&sql)
         .bind(run_id)
         .bind(from_step)
@@ -282,6 +302,53 @@ pub(crate) async fn select_metrics<'e>(
         .bind(max_points)
         .fetch_all(ex)
         .await?;
+    rows.into_iter().map(|r| r.into_point(run_id)).collect()
+}
+
+/// [`every_kth_from_last`]'s rows of a step range, on PostgreSQL: the range's steps
+/// (the key only), the positions chosen here, then those rows by step. PostgreSQL plans
+/// the walk of [`select_metrics_walk`] by the table's statistics, and before autovacuum
+/// has analysed a freshly filled table it sorts the whole range at each of the m steps
+/// (10 s for 100,000 rows); reading the steps is linear whatever the plan (40 ms for
+/// 100,000). A row deleted between the two reads (a resumed run's truncation) is simply
+/// not returned.
+async fn select_metrics_by_steps(
+    pool: &sqlx::AnyPool,
+    run_id: i64,
+    from_step: i64,
+    to_step: i64,
+    max_points: i64,
+) -> Result<Vec<MetricPoint>> {
+    let steps: Vec<i64> = sqlx::query_scalar(
+        "SELECT step FROM metrics WHERE run_id = $1 AND step >= $2 AND step <= $3 \
+         ORDER BY step",
+    )
+    .bind(run_id)
+    .bind(from_step)
+    .bind(to_step)
+    .fetch_all(pool)
+    .await?;
+    let max_points = usize::try_from(max_points).unwrap_or(usize::MAX);
+    let picked: Vec<i64> = every_kth_from_last(steps.len(), max_points)
+        .map(|i| steps[i])
+        .collect();
+    if picked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let placeholders: Vec<String> = (2..picked.len() + 2).map(|i| format!("${i}")).collect();
+    let sql = format!(
+        "SELECT {METRIC_COLUMNS} FROM metrics WHERE run_id = $1 AND step IN ({}) \
+         ORDER BY step",
+        placeholders.join(", ")
+    );
+    // Not cached: the statement's text changes with the number of steps.
+    let mut query = sqlx::query_as::<_, MetricRow>(&sql)
+        .persistent(false)
+        .bind(run_id);
+    for step in &picked {
+        query = query.bind(*step);
+    }
+    let rows = query.fetch_all(pool).await?;
     rows.into_iter().map(|r| r.into_point(run_id)).collect()
 }
 
@@ -376,7 +443,15 @@ impl Registry {
         let max_points = i64::try_from(max_points).map_err(|_| {
             RegistryError::InvalidArgument(format!("max_points {max_points} is too large"))
         })?;
-        select_metrics(&self.pool, run_id, from, to, max_points).await
+        if max_points == 1 {
+            return select_newest(&self.pool, run_id, from, to).await;
+        }
+        match self.backend {
+            Backend::Sqlite => select_metrics_walk(&self.pool, run_id, from, to, max_points).await,
+            Backend::Postgres => {
+                select_metrics_by_steps(&self.pool, run_id, from, to, max_points).await
+            }
+        }
     }
 
     /// The summary `runs show` prints; `None` when nothing was recorded.
@@ -406,6 +481,26 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kth_row_counts_back_from_the_last() {
+        let kept = |n, m| every_kth_from_last(n, m).collect::<Vec<_>>();
+        assert_eq!(kept(10, 4), [0, 3, 6, 9]);
+        assert_eq!(kept(10, 3), [1, 5, 9]);
+        assert_eq!(kept(10, 1), [9]);
+        assert_eq!(kept(10, 10), (0..10).collect::<Vec<_>>());
+        assert_eq!(kept(3, 1000), [0, 1, 2]);
+        assert!(kept(0, 5).is_empty());
+        for (n, m) in [(100_000, 1000), (999, 7), (1001, 1000)] {
+            let got = kept(n, m);
+            assert!(
+                got.len() <= m && got.len() * 2 > m.min(n),
+                "{n} {m}: {}",
+                got.len()
+            );
+            assert_eq!(got.last(), Some(&(n - 1)));
+        }
+    }
 
     fn point(step: i64, loss: f64) -> MetricPoint {
         MetricPoint {

@@ -9,6 +9,9 @@
 //!   (`metrics?max_points=1`), the model;
 //! - runs list: `GET /v1/runs?limit=25` and `metrics?max_points=1` per run.
 //!
+//! Each is timed once cold (the first request after the points were recorded), then
+//! `DDPM_BENCH_REPEATS` times after a warm-up.
+//!
 //! On SQLite, and on PostgreSQL when `DDPM_TEST_POSTGRES_URL` names a server.
 //! `cargo bench -p ddpm-server --bench console` (`DDPM_BENCH_REPEATS`: timed repeats of
 //! each request, default 30).
@@ -58,40 +61,39 @@ async fn run_with(registry: &Registry, n: i64) -> anyhow::Result<i64> {
     Ok(run.id)
 }
 
-/// Median and 95th percentile of `repeats` sequential GETs of each path, in ms.
+/// One GET of each path in turn; the time of all of them, in ms.
+async fn get_all(client: &reqwest::Client, base: &str, paths: &[String]) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    for path in paths {
+        let response = client.get(format!("{base}{path}")).send().await?;
+        anyhow::ensure!(
+            response.status().is_success() || response.status() == 503,
+            "{path}: {}",
+            response.status()
+        );
+        response.bytes().await?;
+    }
+    Ok(t0.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// The first round of `paths` (cold: the first since the points were recorded, as a user
+/// opening the page after a run), then the median and 95th percentile of `repeats` more
+/// after a warm-up, in ms.
 async fn time_gets(
     client: &reqwest::Client,
     base: &str,
     paths: &[String],
     repeats: usize,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<(f64, f64, f64)> {
+    let first = get_all(client, base, paths).await?;
+    get_all(client, base, paths).await?;
     let mut samples = Vec::with_capacity(repeats);
-    for _ in 0..2 {
-        for path in paths {
-            client
-                .get(format!("{base}{path}"))
-                .send()
-                .await?
-                .bytes()
-                .await?;
-        }
-    }
     for _ in 0..repeats {
-        let t0 = Instant::now();
-        for path in paths {
-            let response = client.get(format!("{base}{path}")).send().await?;
-            anyhow::ensure!(
-                response.status().is_success() || response.status() == 503,
-                "{path}: {}",
-                response.status()
-            );
-            response.bytes().await?;
-        }
-        samples.push(t0.elapsed().as_secs_f64() * 1000.0);
+        samples.push(get_all(client, base, paths).await?);
     }
     samples.sort_by(f64::total_cmp);
     let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
-    Ok((at(0.5), at(0.95)))
+    Ok((first, at(0.5), at(0.95)))
 }
 
 async fn bench(db: Db, repeats: usize) -> anyhow::Result<()> {
@@ -128,8 +130,8 @@ async fn bench(db: Db, repeats: usize) -> anyhow::Result<()> {
         recorded.as_secs_f64()
     );
     println!(
-        "{:<44} {:>20} {:>20}",
-        "requests (sequential)", "1,000 points p50/p95", "100,000 points p50/p95"
+        "{:<44} {:>28} {:>28}",
+        "requests (sequential)", "1,000 points: first, p50/p95", "100,000 points: first, p50/p95"
     );
     let zoom = |n: i64| {
         let last = n * 10;
@@ -182,12 +184,11 @@ async fn bench(db: Db, repeats: usize) -> anyhow::Result<()> {
         ),
     ];
     for (name, paths) in &cases {
-        let (small_p50, small_p95) =
-            time_gets(&client, &base, &paths(small, BASELINE), repeats).await?;
-        let (big_p50, big_p95) = time_gets(&client, &base, &paths(big, BIG), repeats).await?;
+        let small = time_gets(&client, &base, &paths(small, BASELINE), repeats).await?;
+        let big = time_gets(&client, &base, &paths(big, BIG), repeats).await?;
         println!(
-            "{name:<44} {:>9.1} / {:>6.1} ms {:>9.1} / {:>6.1} ms",
-            small_p50, small_p95, big_p50, big_p95
+            "{name:<44} {:>7.1} {:>7.1} / {:>6.1} ms {:>7.1} {:>7.1} / {:>6.1} ms",
+            small.0, small.1, small.2, big.0, big.1, big.2
         );
     }
     let _ = shutdown.send(());

@@ -20,10 +20,6 @@ use axum::{
 use super::AppState;
 use crate::error::ApiError;
 
-/// The console's routes: outside the API (not in [`super::ROUTES`] or the OpenAPI
-/// document) and outside the token guard.
-pub const CONSOLE_ROUTES: &[&str] = &["/", "/console/{*path}"];
-
 /// The page itself: scripts and styles from this origin only; images also from `blob:`
 /// and `data:` URLs (grids fetched with the token, generated PNGs).
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
@@ -80,6 +76,8 @@ static ETAGS: LazyLock<HashMap<&'static str, HeaderValue>> = LazyLock::new(|| {
         .collect()
 });
 
+/// `/` and `/console/{*path}`: outside the API (not in [`super::ROUTES`] or the OpenAPI
+/// document) and outside the token guard.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/", get(|headers: HeaderMap| async move { serve("index.html", &headers) }))

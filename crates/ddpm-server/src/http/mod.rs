@@ -6,7 +6,6 @@
 
 mod checkpoints;
 mod console;
-pub use console::CONSOLE_ROUTES;
 mod extract;
 pub use extract::BodyReadTimeout;
 mod health;

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::{
     browser::Browser,
-    helpers::{new_run, spawn_app, Options, TestApp, CLASSES, IMAGE_SIZE},
+    helpers::{new_run, spawn_app, Db, Options, TestApp, CLASSES, IMAGE_SIZE},
 };
 
 const DESKTOP: (u32, u32) = (1280, 1000);
@@ -469,6 +469,68 @@ async fn a_wrong_token_gets_a_clear_message_and_never_reaches_the_url() {
         )
         .await;
     assert_eq!(open, json!(false));
+    browser.close().await;
+    app.stop().await.unwrap();
+}
+
+/// A run of 100,000 metric points (PostgreSQL: recording them is quick there): the charts
+/// draw from the server's downsampled series, and the test prints how long the page took.
+#[tokio::test]
+async fn a_run_of_100k_points_draws_from_a_downsampled_series() {
+    let app = spawn_app(Options {
+        db: Db::Postgres,
+        ..Options::default()
+    })
+    .await;
+    let points = metric_points(100_000);
+    for chunk in points.chunks(10_000) {
+        app.registry
+            .record_metrics(app.run_id, chunk)
+            .await
+            .unwrap();
+    }
+    let browser = Browser::start(DESKTOP.0, DESKTOP.1).await;
+    browser
+        .open(&app.url(&format!("/#/runs/{}", app.run_id)))
+        .await;
+    let drawn = browser
+        .wait_until(
+            "the charts drawn",
+            "return performance.getEntriesByName('ddpm:charts-drawn')[0]?.startTime ?? null;",
+        )
+        .await;
+    let inked = browser
+        .eval(
+            &format!("const f = function() {{ {INKED_PIXELS} }}; return f.apply(null, ['#chart-loss canvas']);"),
+            vec![],
+        )
+        .await;
+    assert!(inked.as_u64().unwrap() > 500, "{inked}");
+    // The charts asked for a downsampled series, and got one.
+    let series = browser
+        .eval(
+            "const e = performance.getEntriesByType('resource') \
+               .find(e => e.name.includes('/metrics?max_points=1000')); \
+             return e ? [e.responseStart - e.requestStart, e.responseEnd - e.startTime] : null;",
+            vec![],
+        )
+        .await;
+    // Not a benchmark (that is benches/console.rs): a bound 25 times the target, which
+    // only a plan that sorts the whole series at every step (10 s here) would break.
+    let waited = series[0].as_f64().unwrap();
+    assert!(waited < 5000.0, "the series took {waited} ms on the server");
+    let (_, body) = app
+        .get_json(&format!("/v1/runs/{}/metrics?max_points=1000", app.run_id))
+        .await;
+    let served = body["points"].as_array().unwrap().len();
+    assert!((500..=1000).contains(&served), "{served} points");
+    println!(
+        "console at 100,000 metric points: charts drawn {:.0} ms after navigation; the \
+         series request waited {:.0} ms for the server, {:.0} ms in all; {served} points drawn",
+        drawn.as_f64().unwrap(),
+        series[0].as_f64().unwrap(),
+        series[1].as_f64().unwrap(),
+    );
     browser.close().await;
     app.stop().await.unwrap();
 }
