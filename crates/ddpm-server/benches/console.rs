@@ -61,6 +61,16 @@ async fn run_with(registry: &Registry, n: i64) -> anyhow::Result<i64> {
     Ok(run.id)
 }
 
+/// What the run page asks for besides its charts' series.
+fn run_page(id: i64) -> Vec<String> {
+    vec![
+        format!("/v1/runs/{id}"),
+        format!("/v1/runs/{id}/checkpoints"),
+        format!("/v1/runs/{id}/metrics?max_points=1"),
+        "/v1/model".to_string(),
+    ]
+}
+
 /// One GET of each path in turn; the time of all of them, in ms.
 async fn get_all(client: &reqwest::Client, base: &str, paths: &[String]) -> anyhow::Result<f64> {
     let t0 = Instant::now();
@@ -152,25 +162,14 @@ async fn bench(db: Db, repeats: usize) -> anyhow::Result<()> {
         ),
         (
             "run page: run, checkpoints, newest, model",
-            Box::new(|id, _| {
-                vec![
-                    format!("/v1/runs/{id}"),
-                    format!("/v1/runs/{id}/checkpoints"),
-                    format!("/v1/runs/{id}/metrics?max_points=1"),
-                    "/v1/model".to_string(),
-                ]
-            }),
+            Box::new(|id, _| run_page(id)),
         ),
         (
             "run page load: all of the above but zoom",
             Box::new(|id, _| {
-                vec![
-                    format!("/v1/runs/{id}"),
-                    format!("/v1/runs/{id}/checkpoints"),
-                    format!("/v1/runs/{id}/metrics?max_points=1"),
-                    "/v1/model".to_string(),
-                    format!("/v1/runs/{id}/metrics?max_points=1000"),
-                ]
+                let mut paths = run_page(id);
+                paths.push(format!("/v1/runs/{id}/metrics?max_points=1000"));
+                paths
             }),
         ),
         (

@@ -84,17 +84,18 @@ function row(run, { point, scores }) {
   const label = `${run.current_step} / ${run.total_steps}${eta !== null ? ` · ETA ${duration(eta)}` : ''}`;
   const best = bestScore(scores);
   const link = `#/runs/${run.id}`;
+  // data-label: a phone shows each row as a card of labelled values (app.css).
   return h(
     'tr',
     { dataset: { runId: run.id } },
-    h('td', {}, h('a', { href: link }, `#${run.id}`)),
-    h('td', { class: 'status' }, statusBadge(run.status), run.cancel_requested_at && run.status === 'running' ? ' cancelling' : ''),
-    h('td', { class: 'progress-cell' }, filledProgress(fraction, label)),
-    h('td', { class: 'num' }, stepsPerSec ? num(stepsPerSec) : '–'),
-    h('td', { class: 'num loss' }, num(point?.loss_smoothed ?? point?.loss, 4)),
-    h('td', { class: 'num' }, best ? h('span', { title: `checkpoint at step ${best.step}` }, best.label) : '–'),
-    h('td', { title: time(run.started_at) }, run.started_at ? ago(run.started_at) : '–'),
-    h('td', {}, time(run.finished_at)),
+    h('td', { 'data-label': 'Run' }, h('a', { href: link }, `#${run.id}`)),
+    h('td', { class: 'status', 'data-label': 'Status' }, statusBadge(run.status), run.cancel_requested_at && run.status === 'running' ? ' cancelling' : ''),
+    h('td', { class: 'progress-cell', 'data-label': 'Progress' }, filledProgress(fraction, label)),
+    h('td', { class: 'num', 'data-label': 'Steps/s' }, stepsPerSec ? num(stepsPerSec) : '–'),
+    h('td', { class: 'num loss', 'data-label': 'Loss' }, num(point?.loss_smoothed ?? point?.loss, 4)),
+    h('td', { class: 'num', 'data-label': 'Best score' }, best ? h('span', { title: `checkpoint at step ${best.step}` }, best.label) : '–'),
+    h('td', { title: time(run.started_at), 'data-label': 'Started' }, run.started_at ? ago(run.started_at) : '–'),
+    h('td', { 'data-label': 'Finished' }, time(run.finished_at)),
   );
 }
 

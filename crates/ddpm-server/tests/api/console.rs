@@ -78,15 +78,21 @@ async fn with_history(app: &TestApp) -> (i64, (u32, u32)) {
         .record_score(ema.run_id, ema.step, ema.id, &values)
         .await
         .unwrap();
-    let run = registry
-        .claim_run(app.run_id, "trainer-a")
+    end_run(app, app.run_id, 1000, RunStatus::Completed, None).await;
+    (ema.id, size)
+}
+
+/// Claims run `id` as a trainer would, reports `step`, and ends it as `status`.
+async fn end_run(app: &TestApp, id: i64, step: i64, status: RunStatus, error: Option<&str>) {
+    let run = app
+        .registry
+        .claim_run(id, "trainer-a")
         .await
         .unwrap()
         .expect("the run to be claimable");
-    let lease = registry.leased(Lease::of(&run).unwrap());
-    lease.heartbeat(1000).await.unwrap();
-    lease.finish(RunStatus::Completed, None).await.unwrap();
-    (ema.id, size)
+    let lease = app.registry.leased(Lease::of(&run).unwrap());
+    lease.heartbeat(step).await.unwrap();
+    lease.finish(status, error).await.unwrap();
 }
 
 /// The pixels of a canvas under `css` that are not blank.
@@ -324,6 +330,13 @@ fn is_api_route(path: &str) -> bool {
     })
 }
 
+/// Types `token` into the token dialog and submits it.
+async fn submit_token(browser: &Browser, token: &str) {
+    let input = browser.wait_for("#token-input").await;
+    input.send_keys(token).await.unwrap();
+    browser.wait_for("#token-save").await.click().await.unwrap();
+}
+
 async fn set_select(browser: &Browser, id: &str, value: &str) {
     browser
         .eval(
@@ -428,9 +441,7 @@ async fn a_wrong_token_gets_a_clear_message_and_never_reaches_the_url() {
         "{message}"
     );
 
-    let input = browser.wait_for("#token-input").await;
-    input.send_keys("not-the-token").await.unwrap();
-    browser.wait_for("#token-save").await.click().await.unwrap();
+    submit_token(&browser, "not-the-token").await;
     let refused = browser
         .wait_until(
             "the refusal",
@@ -445,13 +456,7 @@ async fn a_wrong_token_gets_a_clear_message_and_never_reaches_the_url() {
     );
     browser.screenshot("wrong-token").await;
 
-    browser
-        .wait_for("#token-input")
-        .await
-        .send_keys(token)
-        .await
-        .unwrap();
-    browser.wait_for("#token-save").await.click().await.unwrap();
+    submit_token(&browser, token).await;
     browser
         .wait_for(&format!("#runs tr[data-run-id=\"{}\"]", app.run_id))
         .await;
@@ -546,26 +551,10 @@ async fn actions_resume_a_failed_run_and_promote_a_checkpoint() {
     })
     .await;
     let failed = app.registry.create_run(&new_run()).await.unwrap().id;
-    let run = app
-        .registry
-        .claim_run(failed, "trainer-a")
-        .await
-        .unwrap()
-        .unwrap();
-    app.registry
-        .leased(Lease::of(&run).unwrap())
-        .finish(RunStatus::Failed, Some("out of memory"))
-        .await
-        .unwrap();
+    end_run(&app, failed, 0, RunStatus::Failed, Some("out of memory")).await;
     let browser = Browser::start(DESKTOP.0, DESKTOP.1).await;
     browser.open(&app.url(&format!("/#/runs/{failed}"))).await;
-    browser
-        .wait_for("#token-input")
-        .await
-        .send_keys(token)
-        .await
-        .unwrap();
-    browser.wait_for("#token-save").await.click().await.unwrap();
+    submit_token(&browser, token).await;
     let error = browser.text("#run-summary").await;
     assert!(error.contains("out of memory"), "{error}");
 
