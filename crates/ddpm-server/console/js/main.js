@@ -78,6 +78,11 @@ document.getElementById('token-dialog').addEventListener('cancel', (e) => e.prev
 document.addEventListener('securitypolicyviolation', (e) => {
   banner(`The page's security policy blocked ${e.violatedDirective} (${e.blockedURI || 'inline'}): please report it.`);
 });
+// A bug of the console should be seen, not swallowed by the browser's developer tools.
+window.addEventListener('error', (e) => banner(`The console hit an error: ${e.message}`));
+window.addEventListener('unhandledrejection', (e) => {
+  if (e.reason?.name !== 'AbortError') banner(`The console hit an error: ${e.reason?.message ?? e.reason}`);
+});
 setTokenPrompt(promptForToken);
 onTokenChange(showTokenState);
 document.getElementById('token-forget').addEventListener('click', () => {

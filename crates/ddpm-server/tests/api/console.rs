@@ -133,6 +133,13 @@ async fn runs_list_shows_the_run_with_progress_and_best_score() {
     assert!(text.contains(&shown[..5]), "loss {shown} in {text}");
     browser.screenshot("runs").await;
 
+    // Live: a run queued now shows up without a reload.
+    let queued = app.registry.create_run(&new_run()).await.unwrap().id;
+    let status = browser
+        .text(&format!("#runs tr[data-run-id=\"{queued}\"] td.status"))
+        .await;
+    assert_eq!(status.trim(), "queued");
+
     // The status filter: no running run.
     set_select(&browser, "status-filter", "running").await;
     browser
@@ -157,6 +164,7 @@ async fn runs_list_shows_the_run_with_progress_and_best_score() {
         assert!(classes.contains(class), "{classes}");
     }
     browser.screenshot("model").await;
+    assert_no_page_error(&browser).await;
     browser.close().await;
     app.stop().await.unwrap();
 }
@@ -226,6 +234,7 @@ async fn run_page_draws_the_loss_chart_and_the_checkpoint_grid() {
     let config = browser.text("#run-config").await;
     assert!(config.contains("Skipped"), "{config}");
     browser.screenshot("run").await;
+    assert_no_page_error(&browser).await;
 
     // The wall-clock axis draws the same series.
     set_select(&browser, "x-axis", "wall").await;
@@ -330,6 +339,22 @@ fn is_api_route(path: &str) -> bool {
     })
 }
 
+/// Fails on an error the page reported in its banner: a script error, a rejected
+/// promise nobody handled, or something its security policy blocked.
+async fn assert_no_page_error(browser: &Browser) {
+    let banner = browser
+        .eval(
+            "const b = document.getElementById('banner'); return b.hidden ? '' : b.textContent;",
+            vec![],
+        )
+        .await;
+    let banner = banner.as_str().unwrap_or_default();
+    assert!(
+        !banner.contains("hit an error") && !banner.contains("security policy"),
+        "the page reported: {banner}"
+    );
+}
+
 /// Types `token` into the token dialog and submits it.
 async fn submit_token(browser: &Browser, token: &str) {
     let input = browser.wait_for("#token-input").await;
@@ -414,6 +439,7 @@ async fn playground_shows_images_of_the_requested_size_and_the_guidance_strip() 
     assert!(captions[0].starts_with("w = 0"), "{captions:?}");
     assert!(captions[4].starts_with("w = 7"), "{captions:?}");
     browser.screenshot("playground").await;
+    assert_no_page_error(&browser).await;
     browser.close().await;
     app.stop().await.unwrap();
 }
