@@ -230,12 +230,8 @@ pub(crate) async fn delete_metrics_after<'e>(
 /// ≤ m exactly when k > (n - 1) / m, so k = floor((n - 1) / m) + 1 (1 when n ≤ m).
 fn every_kth_from_last(n: usize, max_points: usize) -> impl Iterator<Item = usize> {
     let k = n.saturating_sub(1) / max_points.max(1) + 1;
-    (0..n)
-        .rev()
-        .step_by(k)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
+    // The first kept row is as far from the start as the last is from it, modulo k.
+    (n.saturating_sub(1) % k..n).step_by(k)
 }
 
 /// The newest row of a step range (what `max_points = 1` keeps), read from the end of

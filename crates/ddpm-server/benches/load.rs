@@ -33,6 +33,12 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 const CLASSES: usize = 10;
 
+/// The schedulers compared side by side, as the tables name them.
+const SCHEDULERS: [(&str, SchedulerPolicy); 2] = [
+    ("fair", SchedulerPolicy::Fair),
+    ("fifo", SchedulerPolicy::Fifo),
+];
+
 struct Server {
     address: String,
     shutdown: oneshot::Sender<()>,
@@ -294,10 +300,7 @@ async fn bench() -> anyhow::Result<()> {
     println!("2. A 10-step DDIM n = 1 request behind a running n = 64, 1000-step DDPM request (max batch 16)");
     println!("| scheduler | short alone p50 ms | short behind the long one p50 ms | ratio | short requests | long request s | long status |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | --- |");
-    for (label, scheduler) in [
-        ("fair", SchedulerPolicy::Fair),
-        ("fifo", SchedulerPolicy::Fifo),
-    ] {
+    for (label, scheduler) in SCHEDULERS {
         let server = Server::start(dir.path(), 16, scheduler).await?;
         let row = behind_a_long_request(&server.address).await?;
         println!(
@@ -316,10 +319,7 @@ async fn bench() -> anyhow::Result<()> {
     println!("3. Mixed load: 2 clients sending DDPM 1000-step requests, 8 clients sending DDIM 20-step ones (max batch 16)");
     println!("| scheduler | short p50, 1 client alone ms | short p50, 8 clients, no long ms | short p50 mixed ms | short p99 mixed ms | short requests in mixed |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-    for (label, scheduler) in [
-        ("fair", SchedulerPolicy::Fair),
-        ("fifo", SchedulerPolicy::Fifo),
-    ] {
+    for (label, scheduler) in SCHEDULERS {
         let server = Server::start(dir.path(), 16, scheduler).await?;
         load(
             &server.address,

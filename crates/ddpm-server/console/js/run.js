@@ -3,11 +3,11 @@
 // being served, the metric charts, the checkpoint strip, and the config and dataset.
 // While the run trains, everything is refreshed every few seconds.
 
-import { get, post, request } from './api.js';
+import { get, request } from './api.js';
 import { metricCharts } from './charts.js';
 import { checkpointStrip } from './checkpoints.js';
 import {
-  banner, bestScore, duration, errorText, every, facts, filledProgress, h, num, replace, speed, statusBadge, time,
+  banner, bestScore, errorText, every, facts, h, num, replace, runProgress, speed, statusBadge, time,
 } from './ui.js';
 
 const REFRESH_MS = 5000;
@@ -63,8 +63,7 @@ export function render(container, { id }) {
       actions(run));
     replace(
       summary,
-      filledProgress(run.total_steps ? run.current_step / run.total_steps : 0,
-        `${run.current_step} / ${run.total_steps} steps${eta !== null ? ` · ETA ${duration(eta)}` : ''}`),
+      runProgress(run, eta, ' steps'),
       facts([
         ['Loss', point ? `${num(point.loss, 4)}${point.loss_smoothed != null ? ` (smoothed ${num(point.loss_smoothed, 4)})` : ''} at step ${point.step}` : '–'],
         ['Speed', stepsPerSec ? `${num(stepsPerSec)} steps/s · ${num(point.images_per_sec)} images/s` : '–'],

@@ -6,7 +6,7 @@
 // finished runs are asked once and only the training ones on each refresh.
 
 import { get } from './api.js';
-import { ago, bestScore, duration, every, filledProgress, h, num, replace, speed, statusBadge, time } from './ui.js';
+import { ago, bestScore, every, h, num, replace, runProgress, speed, statusBadge, time } from './ui.js';
 
 const STATUSES = ['queued', 'running', 'completed', 'failed', 'interrupted', 'cancelled'];
 const PAGE = 25;
@@ -80,8 +80,6 @@ function emptyText(status) {
 
 function row(run, { point, scores }) {
   const { stepsPerSec, eta } = speed(run, point);
-  const fraction = run.total_steps ? run.current_step / run.total_steps : 0;
-  const label = `${run.current_step} / ${run.total_steps}${eta !== null ? ` · ETA ${duration(eta)}` : ''}`;
   const best = bestScore(scores);
   const link = `#/runs/${run.id}`;
   // data-label: a phone shows each row as a card of labelled values (app.css).
@@ -90,7 +88,7 @@ function row(run, { point, scores }) {
     { dataset: { runId: run.id } },
     h('td', { 'data-label': 'Run' }, h('a', { href: link }, `#${run.id}`)),
     h('td', { class: 'status', 'data-label': 'Status' }, statusBadge(run.status), run.cancel_requested_at && run.status === 'running' ? ' cancelling' : ''),
-    h('td', { class: 'progress-cell', 'data-label': 'Progress' }, filledProgress(fraction, label)),
+    h('td', { class: 'progress-cell', 'data-label': 'Progress' }, runProgress(run, eta)),
     h('td', { class: 'num', 'data-label': 'Steps/s' }, stepsPerSec ? num(stepsPerSec) : '–'),
     h('td', { class: 'num loss', 'data-label': 'Loss' }, num(point?.loss_smoothed ?? point?.loss, 4)),
     h('td', { class: 'num', 'data-label': 'Best score' }, best ? h('span', { title: `checkpoint at step ${best.step}` }, best.label) : '–'),

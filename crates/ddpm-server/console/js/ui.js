@@ -76,6 +76,13 @@ export function filledProgress(fraction, label) {
   return setProgress(progressBar(fraction, label), fraction, label);
 }
 
+// A run's progress bar: "current / total[unit]", and the time left while it trains.
+export function runProgress(run, eta, unit = '') {
+  const fraction = run.total_steps ? run.current_step / run.total_steps : 0;
+  const left = eta !== null ? ` · ETA ${duration(eta)}` : '';
+  return filledProgress(fraction, `${run.current_step} / ${run.total_steps}${unit}${left}`);
+}
+
 export function num(x, digits = 3) {
   if (x === null || x === undefined || !Number.isFinite(x)) return '–';
   const abs = Math.abs(x);
