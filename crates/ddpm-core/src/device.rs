@@ -67,6 +67,21 @@ impl fmt::Display for DeviceChoice {
     }
 }
 
+/// Checks a device name as the command lines take it (the binaries' `--device`, a
+/// `String` in the shared options) and returns it unchanged: a clap value parser, so a
+/// bad name is refused when the command line is parsed.
+pub fn device_arg(name: &str) -> Result<String, CoreError> {
+    name.parse::<DeviceChoice>().map(|_| name.to_owned())
+}
+
+/// Sets libtorch's CPU threads for this process; 0 leaves libtorch's default (one per
+/// core).
+pub fn set_cpu_threads(threads: i32) {
+    if threads > 0 {
+        tch::set_num_threads(threads);
+    }
+}
+
 /// A short human name for a resolved device (`cpu`, `cuda:0`).
 pub fn device_name(device: Device) -> String {
     match device {
@@ -95,6 +110,8 @@ mod tests {
         let err = "tpu".parse::<DeviceChoice>().unwrap_err().to_string();
         assert!(err.contains("device"), "{err}");
         assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+        assert_eq!(device_arg("cuda:1").unwrap(), "cuda:1");
+        assert!(device_arg("tpu").is_err());
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub mod tile;
 pub mod training;
 pub mod unet;
 
-pub use device::DeviceChoice;
+pub use device::{device_arg, set_cpu_threads, DeviceChoice};
 pub use error::{CoreError, Result};
 pub use sampler::{SampleSpec, SamplerConfig, SamplerKind};
 pub use schedule::{NoiseSchedule, ScheduleConfig};

@@ -117,7 +117,7 @@ async fn bench(db: Db, repeats: usize) -> anyhow::Result<()> {
 
     let mut config = Config::with_data_dir(dir.path());
     config.common.database_url = Some(database.url.clone());
-    config.common.device = ddpm_core::DeviceChoice::Cpu;
+    config.common.device = "cpu".into();
     config.api_token = None;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);

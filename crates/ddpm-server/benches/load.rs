@@ -52,7 +52,7 @@ impl Server {
         scheduler: SchedulerPolicy,
     ) -> anyhow::Result<Server> {
         let mut config = Config::with_data_dir(data_dir);
-        config.common.device = ddpm_core::DeviceChoice::Cpu;
+        config.common.device = "cpu".into();
         config.max_batch = max_batch;
         config.scheduler = scheduler;
         config.queue_capacity = 1024;

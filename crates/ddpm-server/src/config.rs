@@ -44,6 +44,9 @@ pub enum SchedulerPolicy {
 /// checkpoints and the training runs' history.
 #[derive(Clone, Parser)]
 #[command(name = "ddpm-server", version, about, long_about = None)]
+// The shared options keep the device as a name (ddpm-service links no libtorch): check it
+// here, when the command line is parsed.
+#[command(mut_arg("device", |arg| arg.value_parser(ddpm_core::device_arg)))]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "DDPM_BIND", default_value = "0.0.0.0:8080")]
@@ -223,6 +226,10 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("bind", &self.bind)
             .field("common", &self.common)
+            .field(
+                "database_url",
+                &ddpm_registry::redact_password(&self.common.database_url()),
+            )
             .field("max_batch", &self.max_batch)
             .field("queue_capacity", &self.queue_capacity)
             .field("scheduler", &self.scheduler)
@@ -298,7 +305,7 @@ mod tests {
         );
         assert_eq!(config.bind.to_string(), "0.0.0.0:8080");
         assert_eq!(config.max_batch, 16);
-        assert_eq!(config.common.device, ddpm_core::DeviceChoice::Auto);
+        assert_eq!(config.common.device, "auto");
     }
 
     #[test]
@@ -328,7 +335,8 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(config.poll_interval, Duration::from_millis(250));
-        assert_eq!(config.common.device, ddpm_core::DeviceChoice::Cpu);
+        assert_eq!(config.common.device, "cpu");
+        assert!(Config::try_parse_from(["ddpm-server", "--device", "tpu"]).is_err());
         let logged = format!("{config:?}");
         assert!(
             !logged.contains("s3cret") && !logged.contains("hunter2"),

@@ -39,6 +39,7 @@ pub mod watcher;
 
 use std::{future::Future, sync::Arc};
 
+use ddpm_core::DeviceChoice;
 use ddpm_registry::{CheckpointStore, Registry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -72,8 +73,8 @@ pub async fn run(
             config.queue_capacity, config.max_images_per_request
         )));
     }
-    config.common.apply_torch_threads();
-    let device = config.common.device.resolve()?;
+    ddpm_core::set_cpu_threads(config.common.torch_threads);
+    let device = config.common.device.parse::<DeviceChoice>()?.resolve()?;
     let registry = Registry::connect(&config.common.database_url()).await?;
     let store = CheckpointStore::new(config.common.checkpoint_dir())?;
     let metrics = Arc::new(Metrics::default());

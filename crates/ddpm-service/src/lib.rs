@@ -10,9 +10,10 @@
 //! - [`cli_spec`]: every option of a clap `Command` as JSON, which
 //!   `scripts/deploy_env.py` reads instead of parsing `--help`.
 //!
-//! Nothing here knows about models, HTTP or training: it may depend on `ddpm-core` (the
-//! device choice) and `ddpm-registry` (the URL helpers), and nothing but the two binary
-//! crates depends on it.
+//! Nothing here knows about models, HTTP or training, and it links neither libtorch nor
+//! the database drivers: the device is a name that each binary checks with `ddpm-core`'s
+//! parser, and the registry URL is logged redacted by the binaries through
+//! `ddpm-registry`. Nothing but the two binary crates depends on it.
 
 pub mod cli_spec;
 pub mod duration;

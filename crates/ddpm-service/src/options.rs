@@ -3,7 +3,6 @@
 use std::{fmt, path::PathBuf};
 
 use clap::ValueEnum;
-use ddpm_core::DeviceChoice;
 
 /// Where the state lives, where the model runs and how the process logs. Flattened into
 /// both binaries' command lines (`#[command(flatten)]`); `global`, so the trainer's
@@ -26,8 +25,11 @@ pub struct CommonOptions {
     pub checkpoint_dir: Option<PathBuf>,
 
     /// Where the model runs: auto (the GPU when present, else the CPU), cpu, cuda, cuda:N.
-    #[arg(long, env = "DDPM_DEVICE", default_value = "auto", value_parser = parse_device, global = true)]
-    pub device: DeviceChoice,
+    // A name, not ddpm-core's `DeviceChoice`: this crate links neither libtorch nor the
+    // database drivers. Each binary checks it with `DeviceChoice`'s parser at parse time
+    // (`device_arg`), and turns it into a device when it starts.
+    #[arg(long, env = "DDPM_DEVICE", default_value = "auto", global = true)]
+    pub device: String,
 
     /// Log format.
     #[arg(long, env = "DDPM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty, global = true)]
@@ -47,7 +49,7 @@ impl CommonOptions {
             data_dir: data_dir.into(),
             database_url: None,
             checkpoint_dir: None,
-            device: DeviceChoice::Auto,
+            device: "auto".into(),
             log_format: LogFormat::Pretty,
             torch_threads: 0,
         }
@@ -67,29 +69,19 @@ impl CommonOptions {
             .clone()
             .unwrap_or_else(|| self.data_dir.join("checkpoints"))
     }
-
-    /// Applies the thread setting to libtorch (0 leaves its default).
-    pub fn apply_torch_threads(&self) {
-        if self.torch_threads > 0 {
-            tch::set_num_threads(self.torch_threads);
-        }
-    }
 }
 
-/// Logged with the database password hidden.
+/// Everything but the registry URL, which may hold a password: the binaries log it
+/// through the registry's `redact_password` (this crate does not link the registry).
 impl fmt::Debug for CommonOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CommonOptions")
             .field("data_dir", &self.data_dir)
-            .field(
-                "database_url",
-                &ddpm_registry::redact_password(&self.database_url()),
-            )
             .field("checkpoint_dir", &self.checkpoint_dir())
-            .field("device", &self.device.to_string())
+            .field("device", &self.device)
             .field("log_format", &self.log_format)
             .field("torch_threads", &self.torch_threads)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -101,10 +93,6 @@ pub enum LogFormat {
     Pretty,
     /// One JSON object per line, for log collectors.
     Json,
-}
-
-fn parse_device(s: &str) -> Result<DeviceChoice, String> {
-    s.parse().map_err(|e: ddpm_core::CoreError| e.to_string())
 }
 
 #[cfg(test)]
@@ -133,6 +121,7 @@ mod tests {
         let parsed = parse(&["--data-dir", "/srv/ddpm"]).unwrap();
         let built = CommonOptions::with_data_dir("/srv/ddpm");
         assert_eq!(format!("{parsed:?}"), format!("{built:?}"));
+        assert_eq!(parsed.database_url(), built.database_url());
     }
 
     #[test]
@@ -158,11 +147,11 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused() {
-        assert!(parse(&["--device", "tpu"]).is_err());
+        // `--device` is checked by the binaries (`device_arg`), which know the devices.
         assert!(parse(&["--log-format", "xml"]).is_err());
         assert!(parse(&["--torch-threads", "many"]).is_err());
         let options = parse(&["--device", "cuda:1", "--log-format", "json"]).unwrap();
-        assert_eq!(options.device.to_string(), "cuda:1");
+        assert_eq!(options.device, "cuda:1");
         assert_eq!(options.log_format, LogFormat::Json);
     }
 }

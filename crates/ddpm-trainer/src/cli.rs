@@ -13,6 +13,9 @@ use crate::config::Overrides;
 /// from image folders, records runs in the registry and writes EMA checkpoints.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ddpm-trainer", version, about, long_about = None)]
+// The shared options keep the device as a name (ddpm-service links no libtorch): check it
+// here, when the command line is parsed.
+#[command(mut_arg("device", |arg| arg.value_parser(ddpm_core::device_arg)))]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalOptions,
@@ -190,7 +193,7 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(cli.command, Command::Daemon { once: true, .. }));
-        assert_eq!(cli.global.common.device, ddpm_core::DeviceChoice::Cpu);
+        assert_eq!(cli.global.common.device, "cpu");
         assert!(Cli::try_parse_from(["ddpm-trainer", "--device", "tpu", "daemon"]).is_err());
     }
 }

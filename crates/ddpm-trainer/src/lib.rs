@@ -46,6 +46,7 @@ pub mod worker;
 
 use std::future::Future;
 
+use ddpm_core::DeviceChoice;
 use ddpm_registry::{redact_password, CheckpointStore, Registry, RunStatus};
 use ddpm_service::LogFormat;
 use tokio_util::sync::CancellationToken;
@@ -146,8 +147,8 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
         tracing::info!("shutdown requested: saving state and stopping");
         on_signal.cancel();
     });
-    global.common.apply_torch_threads();
-    let device = global.common.device.resolve()?;
+    ddpm_core::set_cpu_threads(global.common.torch_threads);
+    let device = global.common.device.parse::<DeviceChoice>()?.resolve()?;
     let host = global.host_name.clone().unwrap_or_else(|| {
         hostname::get()
             .map(|h| h.to_string_lossy().into_owned())

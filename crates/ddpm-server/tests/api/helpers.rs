@@ -96,7 +96,7 @@ pub async fn spawn_app(options: Options) -> TestApp {
     let mut config = Config::with_data_dir(dir.path());
     config.common.database_url = Some(database.url.clone());
     config.common.checkpoint_dir = Some(store.root().to_path_buf());
-    config.common.device = ddpm_core::DeviceChoice::Cpu;
+    config.common.device = "cpu".into();
     config.max_batch = options.max_batch;
     config.queue_capacity = options.queue_capacity;
     config.max_images_per_request = options.max_images_per_request;

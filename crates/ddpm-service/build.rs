@@ -1,3 +1,0 @@
-fn main() {
-    ddpm_build::link_libtorch();
-}
