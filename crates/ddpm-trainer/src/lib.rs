@@ -97,21 +97,15 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
             poll_interval,
             stale_after,
         } => commands::daemon(global, poll_interval, stale_after, once, shutdown).await,
-        Command::Runs {
-            command: RunsCommand::List { status, limit },
-        } => commands::runs_list(global, status, limit).await,
-        Command::Runs {
-            command: RunsCommand::Show { id },
-        } => commands::runs_show(global, id).await,
-        Command::Runs {
-            command: RunsCommand::Cancel { id },
-        } => commands::runs_cancel(global, id).await,
-        Command::Runs {
-            command: RunsCommand::Restart { id, from_scratch },
-        } => commands::runs_restart(global, id, from_scratch).await,
-        Command::Runs {
-            command: RunsCommand::Delete { id },
-        } => commands::runs_delete(global, id).await,
+        Command::Runs { command } => match command {
+            RunsCommand::List { status, limit } => commands::runs_list(global, status, limit).await,
+            RunsCommand::Show { id } => commands::runs_show(global, id).await,
+            RunsCommand::Cancel { id } => commands::runs_cancel(global, id).await,
+            RunsCommand::Restart { id, from_scratch } => {
+                commands::runs_restart(global, id, from_scratch).await
+            }
+            RunsCommand::Delete { id } => commands::runs_delete(global, id).await,
+        },
         Command::Checkpoints { command } => commands::checkpoints(global, &command).await,
     }
 }

@@ -51,7 +51,7 @@ impl Sink {
                 Ok(done) => return Some(done),
                 Err(e) if self.hold.lost_by(&e) => return None,
                 Err(e) => {
-                    tracing::warn!(error = %e, attempt, "{what} failed; will retry");
+                    tracing::warn!(error = %e, attempt, attempts, "{what} failed");
                     if attempt < attempts {
                         tokio::time::sleep(RETRY_PAUSE).await;
                     }
