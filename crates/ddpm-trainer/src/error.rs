@@ -55,6 +55,19 @@ pub enum TrainerError {
     #[error("run {id}: {message}")]
     Run { id: i64, message: String },
 
+    /// A run whose workers kept stopping without ending it (a trainer killed, out of
+    /// memory?): failed when claimed once more than `--max-crashes` allows.
+    #[error(
+        "its workers stopped {crashes} times without ending it (last at step {step}): a run \
+         that keeps killing its trainer (out of memory?) is not taken up again; the limit is \
+         --max-crashes {max_crashes}"
+    )]
+    CrashLoop {
+        crashes: i64,
+        step: i64,
+        max_crashes: i64,
+    },
+
     /// The training thread panicked (a bug, or libtorch aborting an op).
     #[error("training thread: {0}")]
     Thread(String),

@@ -1,24 +1,17 @@
 //! The async side of a run: the recorder that writes what the training thread reports
-//! (metric rows in batches, checkpoint registrations, retention) and the heartbeat. Every
-//! write goes through the run's lease: once it is gone (another worker claimed the run)
-//! they set `lost`, which stops the training thread, and write nothing more.
+//! (metric rows in batches, checkpoint registrations, retention). Every write goes
+//! through the attempt's [`LeaseHold`]: once the lease is gone (another worker claimed
+//! the run) the hold is marked lost, which stops the training thread, and nothing more
+//! is written.
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, AtomicI64, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{future::Future, time::Duration};
 
 use ddpm_registry::{
-    failpoint, CheckpointKind, CheckpointStore, LeasedRun, MetricPoint, RegistryError, ScoreValues,
-    StoredFile,
+    failpoint, CheckpointKind, CheckpointStore, MetricPoint, RegistryError, ScoreValues, StoredFile,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
-use tokio_util::sync::CancellationToken;
 
-use crate::train::Event;
+use crate::{lease::LeaseHold, train::Event};
 
 /// Rows buffered before a write; a tick writes whatever is buffered.
 const FLUSH_ROWS: usize = 64;
@@ -26,36 +19,46 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Attempts at a write that must happen (truncation before new rows, the last flush,
 /// the last registrations).
 const ATTEMPTS: u32 = 30;
+/// The pause between two attempts at a write.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// Where the recorder writes.
 #[derive(Clone)]
 pub struct Sink {
-    pub leased: LeasedRun,
+    pub hold: LeaseHold,
     pub store: CheckpointStore,
     pub keep_last: usize,
-    /// Set when a write finds the lease gone.
-    pub lost: Arc<AtomicBool>,
 }
 
 impl Sink {
     fn run_id(&self) -> i64 {
-        self.leased.run_id()
+        self.hold.leased().run_id()
     }
 
-    /// Whether `e` means the lease is gone; sets `lost` if so.
-    fn check_lost(&self, e: &RegistryError) -> bool {
-        if matches!(e, RegistryError::ClaimLost { .. }) {
-            if !self.lost.swap(true, Ordering::Relaxed) {
-                tracing::error!(error = %e, "lost the run to another worker: writing nothing more");
+    /// Runs `write` until it succeeds, at most `attempts` times, [`RETRY_PAUSE`] apart.
+    /// `None` when every attempt failed, or at once when the lease is gone (or was
+    /// already). `what` names the write in the warnings.
+    async fn retry<T, F, Fut>(&self, what: &str, attempts: u32, mut write: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, RegistryError>>,
+    {
+        for attempt in 1..=attempts {
+            if self.hold.is_lost() {
+                return None;
             }
-            true
-        } else {
-            false
+            match write().await {
+                Ok(done) => return Some(done),
+                Err(e) if self.hold.lost_by(&e) => return None,
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, attempts, "{what} failed");
+                    if attempt < attempts {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                }
+            }
         }
-    }
-
-    fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Relaxed)
+        None
     }
 }
 
@@ -82,7 +85,7 @@ struct Written {
 
 /// Records events until the training thread drops its sender, then flushes. A
 /// registration that fails is retried at every tick (after the metric rows before it),
-/// and to the end; retention only ever follows a successful registration.
+/// and to the end. Retention follows every registration, and the (re)start.
 pub async fn record(sink: Sink, mut events: UnboundedReceiver<Event>) -> RecorderReport {
     let mut pending: Vec<MetricPoint> = Vec::new();
     let mut written: Vec<Written> = Vec::new();
@@ -94,6 +97,9 @@ pub async fn record(sink: Sink, mut events: UnboundedReceiver<Event>) -> Recorde
                 Some(Event::Started { step }) => {
                     flush(&sink, &mut pending, &mut report, ATTEMPTS).await;
                     truncate(&sink, step).await;
+                    // What the abandoned attempt registered but did not prune (it died in
+                    // between); a run resumed at its last step registers nothing more.
+                    sink.retry("retention", 1, || retain(&sink)).await;
                 }
                 Some(Event::Metrics(point)) => {
                     pending.push(point);
@@ -139,9 +145,6 @@ async fn register_written(
     attempts: u32,
 ) {
     while let Some(next) = written.first() {
-        if sink.is_lost() {
-            return;
-        }
         // Rows up to the checkpoint land before it is registered: a registered state
         // never has a gap in the series before it.
         let (before, after): (Vec<MetricPoint>, Vec<MetricPoint>) =
@@ -151,26 +154,16 @@ async fn register_written(
         let flushed = rows.is_empty();
         rows.extend(after);
         *pending = rows;
-        if !flushed {
-            return;
-        }
-        let mut registered = false;
-        for attempt in 1..=attempts {
-            match register(sink, next).await {
-                Ok(()) => {
-                    registered = true;
-                    break;
-                }
-                Err(e) if sink.check_lost(&e) => return,
-                Err(e) => {
-                    tracing::warn!(step = next.step, error = %e, attempt, "registering a checkpoint failed; will retry");
-                    if attempt < attempts {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        }
-        if !registered {
+        let registering = || async {
+            register(sink, next).await?;
+            retain(sink).await
+        };
+        if !flushed
+            || sink
+                .retry("registering a checkpoint", attempts, registering)
+                .await
+                .is_none()
+        {
             return;
         }
         report.checkpoints += 1;
@@ -184,55 +177,38 @@ async fn flush(
     report: &mut RecorderReport,
     attempts: u32,
 ) {
-    if pending.is_empty() || sink.is_lost() {
+    if pending.is_empty() {
         return;
     }
-    for attempt in 1..=attempts {
-        match sink.leased.record_metrics(pending).await {
-            Ok(()) => {
-                failpoint::hit("recorder.metrics_written");
-                report.rows += pending.len();
-                pending.clear();
-                return;
-            }
-            Err(e) if sink.check_lost(&e) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, rows = pending.len(), attempt, "recording metrics failed; will retry");
-                if attempt < attempts {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
+    let rows: &[MetricPoint] = pending;
+    let recording = || sink.hold.leased().record_metrics(rows);
+    if sink
+        .retry("recording metrics", attempts, recording)
+        .await
+        .is_some()
+    {
+        failpoint::hit("recorder.metrics_written");
+        report.rows += pending.len();
+        pending.clear();
     }
 }
 
 /// Deletes the rows after `step` (left by an abandoned attempt); retried, because a row
 /// written before it succeeds would be deleted or duplicate a replayed step.
 async fn truncate(sink: &Sink, step: i64) {
-    for attempt in 1..=ATTEMPTS {
-        match sink.leased.truncate_metrics_after(step).await {
-            Ok(deleted) => {
-                if deleted > 0 {
-                    tracing::info!(
-                        deleted,
-                        after = step,
-                        "removed metric rows of the abandoned attempt"
-                    );
-                }
-                return;
-            }
-            Err(e) if sink.check_lost(&e) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, attempt, "truncating metrics failed; will retry");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
+    let truncating = || sink.hold.leased().truncate_metrics_after(step);
+    if let Some(deleted @ 1..) = sink.retry("truncating metrics", ATTEMPTS, truncating).await {
+        tracing::info!(
+            deleted,
+            after = step,
+            "removed metric rows of the abandoned attempt"
+        );
     }
 }
 
-/// Registers one checkpoint (EMA, then state) and applies retention, under the lease.
+/// Registers one checkpoint (EMA, then state), under the lease.
 async fn register(sink: &Sink, w: &Written) -> Result<(), RegistryError> {
-    let (store, leased, id) = (&sink.store, &sink.leased, sink.run_id());
+    let (store, leased, id) = (&sink.store, sink.hold.leased(), sink.run_id());
     // The score in the same transaction as the row: whoever sees the checkpoint sees it.
     let ema = w.ema.checkpoint(id, w.step, CheckpointKind::Ema)?;
     leased
@@ -242,40 +218,18 @@ async fn register(sink: &Sink, w: &Written) -> Result<(), RegistryError> {
     store
         .register(leased, id, w.step, CheckpointKind::State, &w.state)
         .await?;
-    let deleted = store.apply_retention(leased, id, sink.keep_last).await?;
+    Ok(())
+}
+
+/// Applies retention under the lease: of each kind the `keep_last` newest stay.
+async fn retain(sink: &Sink) -> Result<(), RegistryError> {
+    let (leased, id) = (sink.hold.leased(), sink.run_id());
+    let deleted = sink
+        .store
+        .apply_retention(leased, id, sink.keep_last)
+        .await?;
     if !deleted.is_empty() {
         tracing::debug!(count = deleted.len(), "old checkpoints deleted");
     }
     Ok(())
-}
-
-/// Sends a heartbeat with the current step every `interval` until aborted. Sets `lost`
-/// (and stops) when the run is no longer this worker's; cancels `cancel` when an
-/// operator asked the run to stop.
-pub async fn heartbeat(
-    leased: LeasedRun,
-    step: Arc<AtomicI64>,
-    lost: Arc<AtomicBool>,
-    cancel: CancellationToken,
-    interval: Duration,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        match leased.heartbeat(step.load(Ordering::Relaxed)).await {
-            Ok(beat) => {
-                if beat.cancel_requested && !cancel.is_cancelled() {
-                    tracing::info!("an operator cancelled the run: saving and stopping");
-                    cancel.cancel();
-                }
-            }
-            Err(e @ RegistryError::ClaimLost { .. }) => {
-                tracing::error!(error = %e, "lost the run to another worker: stopping without saving");
-                lost.store(true, Ordering::Relaxed);
-                return;
-            }
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
-        }
-    }
 }
