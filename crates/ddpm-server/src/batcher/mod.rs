@@ -389,7 +389,8 @@ impl Batcher {
                 total: s.sampler.steps,
             })
             .collect();
-        let (now, deadline) = (Instant::now(), Instant::now() + timeout);
+        let now = Instant::now();
+        let deadline = now + timeout;
         let (reply, answer) = oneshot::channel();
         let mut queue = lock(&self.queue);
         if queue.requests.requests().any(|e| e.request.name == name) {

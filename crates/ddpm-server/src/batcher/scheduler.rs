@@ -735,6 +735,41 @@ mod tests {
     }
 
     #[test]
+    fn admission_weighs_the_queued_requests_remaining_work() {
+        // 1 ms per row: a request of 1 sample × 2 rows × 1000 steps is 2 s of work.
+        let pass = PassTime {
+            fixed: 0.0,
+            per_row: 0.001,
+        };
+        let now = Instant::now();
+        let ten_s = now + Duration::from_secs(10);
+        let mut set = Scheduler::new(4, FAIR);
+        set.enqueue(1, samples(1, 4, 1000), Priority::Normal, now, ten_s, ());
+        // 8 s queued (10 s with the margin): a 2 s request due in 10 s is refused, but
+        // not as too costly, and not before anything is measured.
+        let (work, late) = (2000.0, ten_s);
+        assert!(matches!(
+            set.admit(Priority::Normal, work, now, late, Some(&pass)),
+            Err(Refusal::Busy { .. })
+        ));
+        assert_eq!(set.admit(Priority::Normal, work, now, late, None), Ok(1));
+        // Once the queued request has stepped half way, there is room ((4 + 2 s) × 1.25).
+        for _ in 0..500 {
+            iterate(&mut set, now, &pass);
+        }
+        assert!((set.backlog_seconds(&pass) - 4.0).abs() < 1e-9);
+        assert_eq!(
+            set.admit(Priority::Normal, work, now, late, Some(&pass)),
+            Ok(0)
+        );
+        let fifo: Scheduler<Fake, ()> = Scheduler::new(1, Policy::Fifo);
+        assert_eq!(
+            fifo.admit(Priority::High, work, now, late, Some(&pass)),
+            Ok(0)
+        );
+    }
+
+    #[test]
     fn an_empty_request_completes_at_once() {
         let now = Instant::now();
         let mut set: Scheduler<Fake, ()> = Scheduler::new(2, FAIR);
