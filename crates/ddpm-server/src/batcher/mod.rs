@@ -108,6 +108,19 @@ pub enum BatchError {
     Image(#[source] CoreError),
 }
 
+impl BatchError {
+    /// A refusal by cost, for a request of this timeout.
+    fn refused(refusal: Refusal, timeout: Duration) -> BatchError {
+        match refusal {
+            Refusal::Busy { retry_after } => BatchError::Busy {
+                retry_after,
+                timeout,
+            },
+            Refusal::TooCostly { needs } => TooCostly { needs, timeout }.into(),
+        }
+    }
+}
+
 /// More work than the server can do within its request timeout, even idle: the client
 /// must ask for less (422, not 429).
 #[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
@@ -148,6 +161,7 @@ pub struct StreamSink {
 
 /// The server's part of a request's one record (the scheduler's [`Entry`] holds the rest:
 /// its place in line and its samples' progress), from admission to its answer.
+#[derive(Debug)]
 pub(crate) struct Request {
     /// The client's id for it (`DELETE /v1/samples/{id}`).
     name: String,
@@ -189,6 +203,17 @@ pub(crate) struct Steps {
     total: usize,
 }
 
+impl Steps {
+    /// A sample of `spec` before its first step.
+    fn of(spec: &SampleSpec) -> Steps {
+        Steps {
+            rows: spec.rows_per_step(),
+            done: 0,
+            total: spec.sampler.steps,
+        }
+    }
+}
+
 impl Work for Steps {
     fn rows(&self) -> usize {
         self.rows
@@ -212,16 +237,6 @@ impl Queue {
     fn backlog_seconds(&self) -> f64 {
         self.pass
             .map_or(0.0, |pass| self.requests.backlog_seconds(&pass))
-    }
-}
-
-impl std::fmt::Debug for Request {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Request")
-            .field("name", &self.name)
-            .field("images", &self.specs.len())
-            .field("cancelled", &self.cancelled)
-            .finish_non_exhaustive()
     }
 }
 
@@ -286,7 +301,8 @@ impl WorkerHandle {
     }
 }
 
-/// How a request is to be run, besides its samples.
+/// How a request is to be run, besides its samples: the caller's options, moved into the
+/// request's record at admission.
 #[derive(Debug, Default)]
 pub struct Submission {
     pub timeout: Duration,
@@ -296,7 +312,7 @@ pub struct Submission {
     pub stream: Option<StreamSink>,
 }
 
-/// An accepted request.
+/// The caller's end of an accepted request (the record's `reply` is the other end).
 #[derive(Debug)]
 pub struct Ticket {
     /// Its id, for `DELETE /v1/samples/{id}`.
@@ -311,7 +327,7 @@ impl Ticket {
     /// Waits for the answer. Dropping the future (a client that went away) drops the
     /// request's samples at the model thread's next iteration.
     pub async fn wait(self) -> Reply {
-        // The model thread answers a job past its deadline itself; this is the backstop.
+        // The model thread answers a request past its deadline itself; this is the backstop.
         match tokio::time::timeout(self.timeout + Duration::from_secs(1), self.answer).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => Err(BatchError::Dropped),
@@ -381,14 +397,7 @@ impl Batcher {
         } = submission;
         let permit = self.permit(specs.len())?;
         let name = name.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let samples: Vec<Steps> = specs
-            .iter()
-            .map(|s| Steps {
-                rows: s.rows_per_step(),
-                done: 0,
-                total: s.sampler.steps,
-            })
-            .collect();
+        let samples: Vec<Steps> = specs.iter().map(Steps::of).collect();
         let now = Instant::now();
         let deadline = now + timeout;
         let (reply, answer) = oneshot::channel();
@@ -402,13 +411,7 @@ impl Batcher {
             .admit(priority, work, now, deadline, queue.pass.as_ref())
             .map_err(|refusal| {
                 self.metrics.requests_rejected.inc();
-                match refusal {
-                    Refusal::Busy { retry_after } => BatchError::Busy {
-                        retry_after,
-                        timeout,
-                    },
-                    Refusal::TooCostly { needs } => TooCostly { needs, timeout }.into(),
-                }
+                BatchError::refused(refusal, timeout)
             })?;
         let id = queue.next_id;
         queue.next_id += 1;

@@ -521,6 +521,11 @@ mod tests {
         (picked, done)
     }
 
+    /// Queues a request due in an hour.
+    fn add(set: &mut Scheduler<Fake, ()>, id: u64, s: Vec<Fake>, p: Priority, now: Instant) {
+        set.enqueue(id, s, p, now, now + HOUR, ());
+    }
+
     fn requests_in(picked: &[(u64, u32)]) -> Vec<u64> {
         let mut ids: Vec<u64> = picked.iter().map(|p| p.0).collect();
         ids.dedup();
@@ -531,15 +536,8 @@ mod tests {
     fn fifo_fills_every_slot_with_the_oldest_request_first() {
         let now = Instant::now();
         let mut set = Scheduler::new(4, Policy::Fifo);
-        set.enqueue(
-            1,
-            samples(1, 64, 1000),
-            Priority::Normal,
-            now,
-            now + HOUR,
-            (),
-        );
-        set.enqueue(2, samples(2, 1, 10), Priority::High, now, now + HOUR, ());
+        add(&mut set, 1, samples(1, 64, 1000), Priority::Normal, now);
+        add(&mut set, 2, samples(2, 1, 10), Priority::High, now);
         let (picked, _) = iterate(&mut set, now, &CPU);
         assert_eq!(picked.len(), 4);
         assert_eq!(requests_in(&picked), [1], "FIFO: the short request waits");
@@ -549,27 +547,13 @@ mod tests {
     fn a_short_request_behind_a_long_one_runs_at_once_and_nearly_alone_on_a_cpu() {
         let now = Instant::now();
         let mut set = Scheduler::new(16, FAIR);
-        set.enqueue(
-            1,
-            samples(1, 64, 1000),
-            Priority::Normal,
-            now,
-            now + HOUR,
-            (),
-        );
+        add(&mut set, 1, samples(1, 64, 1000), Priority::Normal, now);
         for _ in 0..5 {
             let (picked, _) = iterate(&mut set, now, &CPU);
             assert_eq!(picked.len(), 16, "alone, the long request fills the pass");
         }
         let later = now + Duration::from_secs(1);
-        set.enqueue(
-            2,
-            samples(2, 1, 10),
-            Priority::Normal,
-            later,
-            later + HOUR,
-            (),
-        );
+        add(&mut set, 2, samples(2, 1, 10), Priority::Normal, later);
         let mut passes = 0;
         loop {
             let (picked, done) = iterate(&mut set, later, &CPU);
@@ -601,15 +585,8 @@ mod tests {
     fn on_a_gpu_the_long_request_fills_the_rest_of_the_pass() {
         let now = Instant::now();
         let mut set = Scheduler::new(16, FAIR);
-        set.enqueue(
-            1,
-            samples(1, 64, 1000),
-            Priority::Normal,
-            now,
-            now + HOUR,
-            (),
-        );
-        set.enqueue(2, samples(2, 1, 10), Priority::Normal, now, now + HOUR, ());
+        add(&mut set, 1, samples(1, 64, 1000), Priority::Normal, now);
+        add(&mut set, 2, samples(2, 1, 10), Priority::Normal, now);
         let (picked, _) = iterate(&mut set, now, &GPU);
         assert_eq!(picked.len(), 16);
         assert_eq!(picked[0], (1, 100), "arrival order within the pass");
@@ -620,9 +597,9 @@ mod tests {
     fn similar_requests_share_the_pass_round_robin() {
         let now = Instant::now();
         let mut set = Scheduler::new(4, FAIR);
-        set.enqueue(1, samples(1, 8, 20), Priority::Normal, now, now + HOUR, ());
-        set.enqueue(2, samples(2, 8, 20), Priority::Normal, now, now + HOUR, ());
-        set.enqueue(3, samples(3, 1, 20), Priority::Normal, now, now + HOUR, ());
+        add(&mut set, 1, samples(1, 8, 20), Priority::Normal, now);
+        add(&mut set, 2, samples(2, 8, 20), Priority::Normal, now);
+        add(&mut set, 3, samples(3, 1, 20), Priority::Normal, now);
         let (picked, _) = iterate(&mut set, now, &CPU);
         let mut per_request = [0; 4];
         for (id, _) in &picked {
@@ -643,16 +620,9 @@ mod tests {
         for (waited, first) in [(0.1, 3), (1.0, 1)] {
             let now = Instant::now();
             let mut set = Scheduler::new(2, FAIR);
-            set.enqueue(1, samples(1, 2, 100), Priority::Normal, now, now + HOUR, ());
+            add(&mut set, 1, samples(1, 2, 100), Priority::Normal, now);
             let later = now + Duration::from_secs_f64(waited);
-            set.enqueue(
-                3,
-                samples(3, 2, 10),
-                Priority::Normal,
-                later,
-                later + HOUR,
-                (),
-            );
+            add(&mut set, 3, samples(3, 2, 10), Priority::Normal, later);
             let (picked, _) = iterate(&mut set, later, &pass);
             assert_eq!(picked[0].0, first, "after {waited} s: {picked:?}");
         }
@@ -666,8 +636,8 @@ mod tests {
             per_row: 0.001,
         };
         let mut set = Scheduler::new(1, FAIR);
-        set.enqueue(1, samples(1, 1, 10), Priority::Low, now, now + HOUR, ());
-        set.enqueue(2, samples(2, 1, 30), Priority::High, now, now + HOUR, ());
+        add(&mut set, 1, samples(1, 1, 10), Priority::Low, now);
+        add(&mut set, 2, samples(2, 1, 30), Priority::High, now);
         let (picked, _) = iterate(&mut set, now, &pass);
         assert_eq!(
             picked,
@@ -684,7 +654,7 @@ mod tests {
         for (sample, steps) in s.iter_mut().zip([3, 1, 2]) {
             sample.total = steps;
         }
-        set.enqueue(7, s, Priority::Normal, now, now + HOUR, ());
+        add(&mut set, 7, s, Priority::Normal, now);
         let mut finished_order = Vec::new();
         let mut completed = Vec::new();
         while !set.is_idle() {
@@ -710,7 +680,7 @@ mod tests {
     fn progress_counts_sample_steps_and_finished_images() {
         let now = Instant::now();
         let mut set = Scheduler::new(1, FAIR);
-        set.enqueue(1, samples(1, 2, 3), Priority::Normal, now, now + HOUR, ());
+        add(&mut set, 1, samples(1, 2, 3), Priority::Normal, now);
         for _ in 0..4 {
             iterate(&mut set, now, &CPU);
         }
@@ -723,8 +693,8 @@ mod tests {
     fn cancellation_frees_the_slots_at_the_next_selection() {
         let now = Instant::now();
         let mut set = Scheduler::new(2, FAIR);
-        set.enqueue(1, samples(1, 3, 5), Priority::Normal, now, now + HOUR, ());
-        set.enqueue(2, samples(2, 1, 5), Priority::Normal, now, now + HOUR, ());
+        add(&mut set, 1, samples(1, 3, 5), Priority::Normal, now);
+        add(&mut set, 2, samples(2, 1, 5), Priority::Normal, now);
         set.select(now, &CPU);
         assert!(set.cancel(1).is_some());
         assert!(set.cancel(1).is_none());
@@ -773,7 +743,7 @@ mod tests {
     fn an_empty_request_completes_at_once() {
         let now = Instant::now();
         let mut set: Scheduler<Fake, ()> = Scheduler::new(2, FAIR);
-        set.enqueue(3, Vec::new(), Priority::Normal, now, now + HOUR, ());
+        add(&mut set, 3, Vec::new(), Priority::Normal, now);
         let done = set.retire(|_, _, _| {});
         assert_eq!(
             done,
@@ -791,8 +761,8 @@ mod tests {
         for policy in [Policy::Fifo, FAIR] {
             let now = Instant::now();
             let mut set = Scheduler::new(1, policy);
-            set.enqueue(1, samples(1, 1, 2), Priority::Normal, now, now + HOUR, ());
-            set.enqueue(2, samples(2, 1, 1), Priority::Normal, now, now + HOUR, ());
+            add(&mut set, 1, samples(1, 1, 2), Priority::Normal, now);
+            add(&mut set, 2, samples(2, 1, 1), Priority::Normal, now);
             let mut passes = 0;
             let mut order = Vec::new();
             while !set.is_idle() {
