@@ -4,6 +4,10 @@
 //! conditional and unconditional inputs go through the network as one batch; samples that
 //! need no unconditional half (w = 1, or no class) are not duplicated, so a batch of B
 //! costs a forward pass of B + k where k samples are guided.
+//!
+//! Every tensor operation here is a fallible `f_*` one: a libtorch failure comes back as a
+//! [`CoreError`] whose [`crate::DeviceFault`] says whether the device survived it. Only the
+//! network's own forward pass (`UNet::forward`) may still panic.
 
 use tch::{Device, Kind, Tensor};
 
@@ -50,7 +54,7 @@ pub fn guided_epsilon(
         }
     }
     check_input(model, x, t)?;
-    let labels_t = Tensor::from_slice(labels).to_device(device);
+    let labels_t = Tensor::f_from_slice(labels)?.f_to_device(device)?;
     let guided: Vec<i64> = (0..b)
         .filter(|&i| needs_uncond(labels[i as usize], null, guidance_scales[i as usize]))
         .collect();
@@ -62,26 +66,28 @@ pub fn guided_epsilon(
     let (x_u, t_u) = if all {
         (x.shallow_clone(), t.shallow_clone())
     } else {
-        let idx = Tensor::from_slice(&guided).to_device(device);
+        let idx = Tensor::f_from_slice(&guided)?.f_to_device(device)?;
         (x.f_index_select(0, &idx)?, t.f_index_select(0, &idx)?)
     };
-    let null_labels = Tensor::full([k], null.unwrap_or(0), (Kind::Int64, device));
+    let null_labels = Tensor::f_full([k], null.unwrap_or(0), (Kind::Int64, device))?;
     let x_in = Tensor::f_cat(&[x, &x_u], 0)?; // [B + k, C, H, W]
     let t_in = Tensor::f_cat(&[t, &t_u], 0)?;
     let l_in = Tensor::f_cat(&[&labels_t, &null_labels], 0)?;
     let out = model.net.forward(&x_in, &t_in, Some(&l_in));
-    let cond = out.narrow(0, 0, b); // [B, C, H, W]
-    let uncond = out.narrow(0, b, k); // [k, C, H, W]
+    let cond = out.f_narrow(0, 0, b)?; // [B, C, H, W]
+    let uncond = out.f_narrow(0, b, k)?; // [k, C, H, W]
     let w: Vec<f32> = guided
         .iter()
         .map(|&i| guidance_scales[i as usize] as f32)
         .collect();
-    let w = Tensor::from_slice(&w).to_device(device).view([k, 1, 1, 1]);
+    let w = Tensor::f_from_slice(&w)?
+        .f_to_device(device)?
+        .f_view([k, 1, 1, 1])?;
     if all {
         // torch.lerp(uncond, cond, w) = uncond + w·(cond − uncond).
         return Ok(uncond.f_lerp_tensor(&cond, &w)?);
     }
-    let idx = Tensor::from_slice(&guided).to_device(device);
+    let idx = Tensor::f_from_slice(&guided)?.f_to_device(device)?;
     let cond_sel = cond.f_index_select(0, &idx)?;
     let mixed = uncond.f_lerp_tensor(&cond_sel, &w)?;
     Ok(cond.f_index_copy(0, &idx, &mixed)?)
@@ -108,6 +114,6 @@ fn check_input(model: &Model, x: &Tensor, t: &Tensor) -> Result<()> {
 }
 
 /// A `[B]` int64 tensor of timesteps on `device`.
-pub(crate) fn timestep_tensor(timesteps: &[i64], device: Device) -> Tensor {
-    Tensor::from_slice(timesteps).to_device(device)
+pub(crate) fn timestep_tensor(timesteps: &[i64], device: Device) -> Result<Tensor> {
+    Ok(Tensor::f_from_slice(timesteps)?.f_to_device(device)?)
 }

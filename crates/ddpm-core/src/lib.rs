@@ -37,7 +37,7 @@ pub mod training;
 pub mod unet;
 
 pub use device::{device_arg, set_cpu_threads, DeviceChoice};
-pub use error::{CoreError, Result};
+pub use error::{CoreError, DeviceFault, Result};
 pub use sampler::{SampleSpec, SamplerConfig, SamplerKind};
 pub use schedule::{NoiseSchedule, ScheduleConfig};
 pub use unet::{Model, UNetConfig};

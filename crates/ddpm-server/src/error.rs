@@ -254,14 +254,14 @@ impl From<BatchError> for ApiError {
                     retry_after: retry_after.as_secs_f64().ceil() as u64,
                 }
             }
-            BatchError::TooCostly { .. } => ValidationError::TooCostly(e.to_string()).into(),
+            BatchError::TooCostly(too_costly) => ValidationError::TooCostly(too_costly).into(),
             BatchError::DuplicateId(_) => ApiError::Conflict(e.to_string()),
             BatchError::Cancelled => ApiError::Cancelled,
             BatchError::Stopped | BatchError::Dropped => ApiError::Unavailable(e.to_string()),
             BatchError::Timeout(after) => ApiError::Timeout(after),
             // The handler validated the request against this very model: only a programmer
             // error gets here, answered as the request it came from.
-            BatchError::InvalidSpec(message) => ValidationError::Request(message).into(),
+            BatchError::InvalidSpec(e) => ValidationError::Request(e.to_string()).into(),
             BatchError::ForwardPass(_) | BatchError::Image(_) => ApiError::internal(e),
         }
     }
@@ -341,7 +341,9 @@ mod tests {
             StatusCode::GATEWAY_TIMEOUT
         );
         assert_eq!(
-            status(BatchError::ForwardPass("nan".into())),
+            status(BatchError::ForwardPass(std::sync::Arc::new(
+                ddpm_core::CoreError::Input("nan".into())
+            ))),
             StatusCode::INTERNAL_SERVER_ERROR
         );
     }

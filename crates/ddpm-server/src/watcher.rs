@@ -124,7 +124,7 @@ fn may_pass(error: &ServerError) -> bool {
         ServerError::Registry(e) => e.is_unavailable(),
         // libtorch failing to place the weights (out of memory on the device) may pass;
         // a file that does not parse as a checkpoint does not.
-        ServerError::Core(CoreError::Io { .. } | CoreError::Torch(_)) => true,
+        ServerError::Core(CoreError::Io { .. } | CoreError::Torch { .. }) => true,
         _ => false,
     }
 }

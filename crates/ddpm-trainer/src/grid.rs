@@ -51,7 +51,7 @@ pub fn sample_grid(model: &Model, schedule: &NoiseSchedule, spec: &GridSpec) -> 
         })
         .collect();
     let images = tch::no_grad(|| sample(model, schedule, &specs, MAX_BATCH))?; // [N, 3, S, S]
-    let pixels = to_uint8(&images)
+    let pixels = to_uint8(&images)?
         .permute([0, 2, 3, 1])
         .to_kind(Kind::Uint8)
         .contiguous(); // [N, S, S, C] on the CPU

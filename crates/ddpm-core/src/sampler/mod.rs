@@ -35,6 +35,11 @@
 //! DPM-Solver++(2M) clamps its x̂₀ the same way; as its update depends on x_t and x̂₀ only,
 //! there the clamp is diffusers' thresholding hook with a plain clamp (see `dpmpp`).
 //!
+//! Every tensor operation on the step path ([`Trajectory::new`], [`step_trajectories`],
+//! [`denoise_step`], [`to_uint8`]) is a fallible `f_*` one, so a libtorch failure returns a
+//! [`CoreError`] (with its [`crate::DeviceFault`]) instead of panicking; only the network's
+//! forward pass inside [`crate::guidance::guided_epsilon`] may still panic.
+//!
 //! Layout: `ddpm` (ancestral DDPM), `ddim` (DDIM with η), `dpmpp` (DPM-Solver++(2M)).
 
 mod ddim;
@@ -361,9 +366,13 @@ pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Denoised> {
     }
     let device = batch.x.device();
     let _guard = tch::no_grad_guard();
-    let t = timestep_tensor(batch.timesteps, device);
+    let t = timestep_tensor(batch.timesteps, device)?;
     let mut eps = guided_epsilon(model, batch.x, &t, batch.labels, batch.guidance_scales)?;
-    let per_sample = |v: Vec<f32>| Tensor::from_slice(&v).to_device(device).view([b, 1, 1, 1]);
+    let per_sample = |v: Vec<f32>| -> Result<Tensor> {
+        Ok(Tensor::f_from_slice(&v)?
+            .f_to_device(device)?
+            .f_view([b, 1, 1, 1])?)
+    };
     let column = |f: fn(&StepCoefficients) -> f64| {
         per_sample(batch.coefficients.iter().map(|c| f(c) as f32).collect())
     };
@@ -384,40 +393,41 @@ pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Denoised> {
                     .collect(),
             )
         };
-        let sqrt_ab = level(|c| c.sqrt_alpha_cumprod);
-        let sigma = level(|c| c.sqrt_one_minus_alpha_cumprod);
-        let mut predicted = (batch.x - &eps * &sigma) / &sqrt_ab; // x̂₀ [B, C, H, W]
+        let sqrt_ab = level(|c| c.sqrt_alpha_cumprod)?;
+        let sigma = level(|c| c.sqrt_one_minus_alpha_cumprod)?;
+        // x̂₀ [B, C, H, W]
+        let mut predicted = batch.x.f_sub(&eps.f_mul(&sigma)?)?.f_div(&sqrt_ab)?;
         if clips {
-            let clipped = predicted.clamp(-1.0, 1.0);
-            let eps_hat = (batch.x - &clipped * &sqrt_ab) / &sigma;
+            let clipped = predicted.f_clamp(-1.0, 1.0)?;
+            let eps_hat = batch.x.f_sub(&clipped.f_mul(&sqrt_ab)?)?.f_div(&sigma)?;
             let mask = per_sample(
                 batch
                     .clips
                     .iter()
                     .map(|c| if c.is_some() { 1.0 } else { 0.0 })
                     .collect(),
-            )
-            .gt(0.5);
-            eps = eps_hat.where_self(&mask, &eps);
-            predicted = clipped.where_self(&mask, &predicted);
+            )?
+            .f_gt(0.5)?;
+            eps = eps_hat.f_where_self(&mask, &eps)?;
+            predicted = clipped.f_where_self(&mask, &predicted)?;
         }
         x0 = keeps.then_some(predicted);
     }
     let mut out = batch
         .x
-        .f_mul(&column(|c| c.x))?
-        .f_add(&eps.f_mul(&column(|c| c.eps))?)?;
+        .f_mul(&column(|c| c.x)?)?
+        .f_add(&eps.f_mul(&column(|c| c.eps)?)?)?;
     if batch.coefficients.iter().any(|c| c.noise != 0.0) {
         let z = batch
             .noise
             .ok_or_else(|| CoreError::Input("a stochastic step needs noise".into()))?;
-        out = out.f_add(&z.f_mul(&column(|c| c.noise))?)?;
+        out = out.f_add(&z.f_mul(&column(|c| c.noise)?)?)?;
     }
     if batch.coefficients.iter().any(|c| c.prev_x0 != 0.0) {
         let prev = batch.prev_x0.ok_or_else(|| {
             CoreError::Input("a multistep step needs the previous step's x̂₀".into())
         })?;
-        out = out.f_add(&prev.f_mul(&column(|c| c.prev_x0))?)?;
+        out = out.f_add(&prev.f_mul(&column(|c| c.prev_x0)?)?)?;
     }
     Ok(Denoised { x: out, x0 })
 }
@@ -491,9 +501,9 @@ impl Trajectory {
         let plan = spec.sampler.plan(schedule)?;
         let mut rng = SampleRng::new(spec.seed);
         let shape = [cfg.in_channels, cfg.image_size, cfg.image_size];
-        let x = Tensor::from_slice(&rng.normal(shape.iter().product::<i64>() as usize))
-            .view(shape)
-            .to_device(model.device());
+        let x = Tensor::f_from_slice(&rng.normal(shape.iter().product::<i64>() as usize))?
+            .f_view(shape)?
+            .f_to_device(model.device())?;
         Ok(Trajectory {
             spec,
             label,
@@ -566,7 +576,7 @@ impl Trajectory {
             (None, true) => Err(CoreError::Input(
                 "a multistep step without the previous step's x̂₀".into(),
             )),
-            (_, false) => Ok(self.x.zeros_like()),
+            (_, false) => Ok(self.x.f_zeros_like()?),
         }
     }
 
@@ -615,9 +625,9 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
             }
         }
         Some(
-            Tensor::from_slice(&flat)
-                .view(x.size().as_slice())
-                .to_device(device),
+            Tensor::f_from_slice(&flat)?
+                .f_view(x.size().as_slice())?
+                .f_to_device(device)?,
         )
     } else {
         None
@@ -639,10 +649,10 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
     for (i, t) in batch.iter_mut().enumerate() {
         let i = i as i64;
         let x0 = match (keep_x0[i as usize], &out.x0) {
-            (Some(_), Some(x0)) => Some(x0.get(i)),
+            (Some(_), Some(x0)) => Some(x0.f_get(i)?),
             _ => None,
         };
-        t.advance(out.x.get(i), x0);
+        t.advance(out.x.f_get(i)?, x0);
     }
     Ok(())
 }
@@ -676,15 +686,18 @@ pub fn sample(
         step_trajectories(model, &mut active)?;
     }
     let xs: Vec<&Tensor> = trajectories.iter().map(|t| t.x()).collect();
-    Ok(Tensor::f_stack(&xs, 0)?.clamp(-1.0, 1.0))
+    Ok(Tensor::f_stack(&xs, 0)?.f_clamp(-1.0, 1.0)?)
 }
 
 /// `[N, C, H, W]` in [−1, 1] → `[N, C, H, W]` uint8 on the CPU.
-pub fn to_uint8(images: &Tensor) -> Tensor {
-    ((images.clamp(-1.0, 1.0) + 1.0) * 127.5)
-        .round()
-        .to_kind(Kind::Uint8)
-        .to_device(tch::Device::Cpu)
+pub fn to_uint8(images: &Tensor) -> Result<Tensor> {
+    Ok(images
+        .f_clamp(-1.0, 1.0)?
+        .f_add_scalar(1.0)?
+        .f_mul_scalar(127.5)?
+        .f_round()?
+        .f_to_kind(Kind::Uint8)?
+        .f_to_device(tch::Device::Cpu)?)
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
-//! What work costs and whether it can be accepted: pure functions of measured pass times.
+//! What work costs, the order it is served in, and whether it can be accepted: pure
+//! functions of measured pass times. A leaf: the scheduler builds on it, never the reverse.
 //!
 //! A request's cost is its batch rows × steps (a guided conditional sample is 2 rows per
-//! step). [`PassTimes`] keeps a moving linear fit of a forward pass's seconds against its
+//! step); its place in line is its [`urgency`]. [`PassTimes`] keeps a moving linear fit of a forward pass's seconds against its
 //! rows, t(r) = fixed + per_row·r, from the passes the model thread runs (anchored by two
 //! calibration passes per model, so that a stream of equal batches leaves the slope
 //! defined). [`admit`] predicts, in the order the scheduler serves requests, when each
@@ -10,7 +11,48 @@
 
 use std::time::{Duration, Instant};
 
-use super::scheduler::{urgency, Priority, RequestId};
+use serde::{Deserialize, Serialize};
+
+/// Identifies a request inside the batcher.
+pub type RequestId = u64;
+
+/// A request's claim on the model. Its weight multiplies the request's remaining work when
+/// requests are ordered, so a `high` request counts as 4× shorter and a `low` one as 4×
+/// longer; ageing still lets every request through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    pub fn weight(self) -> f64 {
+        match self {
+            Priority::Low => 4.0,
+            Priority::Normal => 1.0,
+            Priority::High => 0.25,
+        }
+    }
+}
+
+/// A request's place in line: smaller goes first. Remaining work (batch rows × steps) in
+/// seconds at `row_seconds` each, weighted by priority, minus the seconds waited.
+pub fn urgency(priority: Priority, row_steps: f64, waited_seconds: f64, row_seconds: f64) -> f64 {
+    priority.weight() * row_steps * row_seconds - waited_seconds
+}
+
+/// Batch rows of a full pass of `max_batch` guided samples (2 rows each): the batch size at
+/// which work is priced, for ordering and admission alike.
+pub fn full_batch_rows(max_batch: usize) -> usize {
+    2 * max_batch
+}
+
+/// Admission plans on forward passes this much slower than measured: the estimate lags a
+/// device that slows down, and accepted work must not time out.
+pub const ADMISSION_MARGIN: f64 = 1.25;
 
 /// Seconds of one forward pass of `rows` batch rows: `fixed + per_row · rows`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,6 +68,14 @@ impl PassTime {
         fixed: 1e-3,
         per_row: 0.0,
     };
+
+    /// Every pass `factor` times slower.
+    pub fn scaled(&self, factor: f64) -> PassTime {
+        PassTime {
+            fixed: self.fixed * factor,
+            per_row: self.per_row * factor,
+        }
+    }
 
     pub fn seconds(&self, rows: usize) -> f64 {
         self.fixed + self.per_row * rows as f64
@@ -106,10 +156,10 @@ impl PassTimes {
     }
 }
 
-/// An accepted request as admission sees it.
+/// A request as admission sees it: a view the queue computes from its own record when it
+/// admits, never stored.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Booking {
-    pub id: RequestId,
+pub struct Load {
     pub priority: Priority,
     pub arrived: Instant,
     pub deadline: Instant,
@@ -127,12 +177,12 @@ pub enum Refusal {
     TooCostly { needs: Duration },
 }
 
-/// Where `new` would stand, 0 = first, if it fits: every booking in `bookings` and `new`
-/// finish by their deadlines when served in the scheduler's order at `rate` rows per
-/// second. Otherwise, how long to wait.
+/// Where `new` would stand, 0 = first, if it fits: every accepted request in `accepted`
+/// and `new` finish by their deadlines when served in the scheduler's order at
+/// full-batch throughput. Otherwise, how long to wait.
 pub fn admit(
-    bookings: &[Booking],
-    new: &Booking,
+    accepted: &[Load],
+    new: &Load,
     now: Instant,
     pass: &PassTime,
     full_batch_rows: usize,
@@ -145,19 +195,24 @@ pub fn admit(
             needs: Duration::from_secs_f64(alone),
         });
     }
-    let key = |b: &Booking| {
+    let key = |b: &Load| {
         let waited = now.saturating_duration_since(b.arrived).as_secs_f64();
         urgency(b.priority, b.row_steps, waited, row_seconds)
     };
-    let mut line: Vec<&Booking> = bookings.iter().chain([new]).collect();
-    line.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    // Stable: equal keys keep arrival order, the new request last.
+    let mut line: Vec<(bool, &Load)> = accepted
+        .iter()
+        .map(|b| (false, b))
+        .chain([(true, new)])
+        .collect();
+    line.sort_by(|a, b| key(a.1).total_cmp(&key(b.1)));
     let mut ahead = 0.0;
     let mut retry_after: f64 = 0.0;
     let mut position = None;
-    for (i, b) in line.iter().enumerate() {
+    for (i, &(is_new, b)) in line.iter().enumerate() {
         ahead += b.row_steps * row_seconds;
         let left = b.deadline.saturating_duration_since(now).as_secs_f64();
-        if b.id == new.id {
+        if is_new {
             position = Some(i);
             // Waiting d seconds takes d seconds of work off what is ahead of it.
             retry_after = retry_after.max(ahead - left);
@@ -226,9 +281,8 @@ mod tests {
         per_row: 0.001,
     };
 
-    fn booking(id: u64, now: Instant, row_steps: f64, timeout: f64) -> Booking {
-        Booking {
-            id,
+    fn load(now: Instant, row_steps: f64, timeout: f64) -> Load {
+        Load {
             priority: Priority::Normal,
             arrived: now,
             deadline: now + Duration::from_secs_f64(timeout),
@@ -239,13 +293,13 @@ mod tests {
     #[test]
     fn work_that_fits_is_admitted_with_its_place_in_line() {
         let now = Instant::now();
-        let long = booking(1, now, 50_000.0, 120.0);
-        let short = booking(2, now, 20.0, 120.0);
+        let long = load(now, 50_000.0, 120.0);
+        let short = load(now, 20.0, 120.0);
         assert_eq!(
             admit(std::slice::from_ref(&long), &short, now, &PASS, 32),
             Ok(0)
         );
-        let another_long = booking(3, now, 50_000.0, 120.0);
+        let another_long = load(now, 50_000.0, 120.0);
         assert_eq!(admit(&[long, short], &another_long, now, &PASS, 32), Ok(2));
     }
 
@@ -254,12 +308,12 @@ mod tests {
         let now = Instant::now();
         // 100 s of work accepted 90 s ago (30 s left of its 120): a new 100 s request
         // goes behind it (ageing) and would finish at 130 s, 10 s late.
-        let backlog = Booking {
+        let backlog = Load {
             arrived: now - Duration::from_secs(90),
             deadline: now + Duration::from_secs(30),
-            ..booking(1, now, 30_000.0, 0.0)
+            ..load(now, 30_000.0, 0.0)
         };
-        let new = booking(2, now, 100_000.0, 120.0);
+        let new = load(now, 100_000.0, 120.0);
         match admit(std::slice::from_ref(&backlog), &new, now, &PASS, 32) {
             Err(Refusal::Busy { retry_after }) => {
                 assert!(
@@ -270,12 +324,12 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // A shorter new request goes first; it must not make an accepted one late.
-        let old = Booking {
+        let old = Load {
             arrived: now - Duration::from_secs(5),
             deadline: now + Duration::from_secs(115),
-            ..booking(1, now, 110_000.0, 0.0)
+            ..load(now, 110_000.0, 0.0)
         };
-        let short = booking(3, now, 10_000.0, 120.0);
+        let short = load(now, 10_000.0, 120.0);
         match admit(&[old], &short, now, &PASS, 32) {
             Err(Refusal::Busy { retry_after }) => {
                 // It fits once the accepted request is done, 110 s from now.
@@ -292,8 +346,8 @@ mod tests {
     fn a_short_request_may_not_push_an_accepted_one_past_its_deadline() {
         let now = Instant::now();
         // 119.99 s of 120: no room for even 1 s ahead of it.
-        let tight = booking(1, now, 119_990.0, 120.0);
-        let short = booking(2, now, 1_000.0, 120.0);
+        let tight = load(now, 119_990.0, 120.0);
+        let short = load(now, 1_000.0, 120.0);
         match admit(&[tight], &short, now, &PASS, 32) {
             Err(Refusal::Busy { retry_after }) => {
                 // The tight request leaves the line when it finishes, in ~120 s.
@@ -309,7 +363,7 @@ mod tests {
     #[test]
     fn work_that_never_fits_is_too_costly() {
         let now = Instant::now();
-        let huge = booking(1, now, 200_000.0, 120.0);
+        let huge = load(now, 200_000.0, 120.0);
         assert_eq!(
             admit(&[], &huge, now, &PASS, 32),
             Err(Refusal::TooCostly {

@@ -3,22 +3,25 @@
 //!
 //! [`Batcher`] is the cheap `Clone` handle the HTTP handlers use. [`Batcher::submit`]
 //! admits a request or refuses it at once: by images (a semaphore sized by the queue
-//! capacity: each sample holds tensors) and, under the fair policy, by cost ([`cost`]:
-//! accepted work must finish by its deadline at the measured pass time, or the request
-//! gets 429 with the wait the backlog implies). It sends the job over a channel and hands
-//! back a [`Ticket`]: the request's id, its place in line and the `oneshot` the answer
-//! comes on. The model thread ([`worker`]) owns a [`Scheduler`] (the pure state machine in
-//! [`scheduler`] that picks the samples of each pass): every iteration it takes new jobs,
-//! drops those cancelled, abandoned by their client or past their deadline, runs one
-//! guided forward pass per model over the selected samples (each at its own timestep,
-//! with its own sampler, class, guidance and seeded noise), reports progress and finished
-//! images to streaming requests, and answers the requests whose samples all reached t = 0.
+//! capacity: each sample holds tensors) and, under the fair policy, by cost
+//! ([`Scheduler::admit`]: accepted work must finish by its deadline at the measured pass
+//! time, or the request gets 429 with the wait the backlog implies). It puts the request's
+//! one record, a [`Request`] inside a scheduler [`Entry`], into the queue, wakes the model
+//! thread and hands back a [`Ticket`]: the request's name, its place in line and the
+//! `oneshot` the answer comes on.
 //!
-//! The [`Ledger`] is what the handlers and the model thread share: the accepted requests'
-//! remaining work and deadlines, their ids, the cancellations asked for and the pass-time
-//! estimate.
+//! The queue ([`Scheduler`], the pure state machine in [`scheduler`] that orders requests
+//! and picks the samples of each pass, priced by [`cost`]) is the one owner of every
+//! request's state: the handlers lock it to admit and to cancel, the model thread
+//! ([`worker`]) to run each iteration's bookkeeping; the model thread never holds it over
+//! a forward pass. The samples' tensors stay on the model thread. Every iteration it
+//! starts the new requests' samples, drops those cancelled, abandoned by their client or
+//! past their deadline, runs one guided forward pass per model over the selected samples
+//! (each at its own timestep, with its own sampler, class, guidance and seeded noise),
+//! reports progress and finished images to streaming requests, and answers the requests
+//! whose samples all reached t = 0.
 //!
-//! A job carries the model it was validated against (`Arc<LoadedModel>`), so a hot swap
+//! A request carries the model it was validated against (`Arc<LoadedModel>`), so a hot swap
 //! never changes the model under a request: samples of different models simply never share
 //! a forward pass (during a swap an iteration runs one pass per model).
 
@@ -27,23 +30,23 @@ pub mod scheduler;
 mod worker;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
         mpsc, Arc, Mutex, MutexGuard,
     },
     thread,
     time::{Duration, Instant},
 };
 
-use ddpm_core::SampleSpec;
+use ddpm_core::{CoreError, SampleSpec};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-pub use scheduler::{Policy, Priority, Progress, Scheduler};
+pub use cost::{Priority, RequestId};
+pub use scheduler::{Entry, Policy, Progress, Scheduler};
 
 use crate::{metrics::BatcherMetrics, model::LoadedModel};
-use cost::{Booking, PassTime, Refusal};
-use scheduler::RequestId;
+use cost::{PassTime, Refusal};
+use scheduler::Work;
 
 /// One generated image: 8-bit pixels, rows of `[R, G, B]` (or grey) values.
 #[derive(Debug, Clone)]
@@ -58,8 +61,8 @@ pub struct GeneratedImage {
     pub pixels: Vec<u8>,
 }
 
-/// Why a job was not answered with its images. `crate::error` maps each to a status.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+/// Why a request was not answered with its images. `crate::error` maps each to a status.
+#[derive(Debug, thiserror::Error)]
 pub enum BatchError {
     /// More images than the queue can ever hold.
     #[error("{requested} images exceed the queue's capacity of {capacity}")]
@@ -80,9 +83,8 @@ pub enum BatchError {
         retry_after: Duration,
         timeout: Duration,
     },
-    /// More work than the server can do within its request timeout, even idle.
-    #[error("this request needs about {needs:?} of the model at its measured speed, more than the server's request timeout of {timeout:?}: ask for fewer images or steps")]
-    TooCostly { needs: Duration, timeout: Duration },
+    #[error(transparent)]
+    TooCostly(#[from] TooCostly),
     /// The request's id is already taken by a request in flight.
     #[error("request id {0:?} is already in use by a request in flight")]
     DuplicateId(String),
@@ -97,12 +99,35 @@ pub enum BatchError {
     /// A spec the model cannot start (the handler validated it against the same model, so
     /// a programmer error).
     #[error("{0}")]
-    InvalidSpec(String),
+    InvalidSpec(#[source] CoreError),
+    /// The forward pass failed; shared by every request of the pass.
     #[error("the forward pass failed: {0}")]
-    ForwardPass(String),
+    ForwardPass(#[source] Arc<CoreError>),
     /// A finished sample could not be turned into pixels.
     #[error("a finished sample could not be read: {0}")]
-    Image(String),
+    Image(#[source] CoreError),
+}
+
+impl BatchError {
+    /// A refusal by cost, for a request of this timeout.
+    fn refused(refusal: Refusal, timeout: Duration) -> BatchError {
+        match refusal {
+            Refusal::Busy { retry_after } => BatchError::Busy {
+                retry_after,
+                timeout,
+            },
+            Refusal::TooCostly { needs } => TooCostly { needs, timeout }.into(),
+        }
+    }
+}
+
+/// More work than the server can do within its request timeout, even idle: the client
+/// must ask for less (422, not 429).
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error("this request needs about {needs:?} of the model at its measured speed, more than the server's request timeout of {timeout:?}: ask for fewer images or steps")]
+pub struct TooCostly {
+    pub needs: Duration,
+    pub timeout: Duration,
 }
 
 /// What the model thread answers: the images (none for a streamed request, whose images
@@ -134,18 +159,91 @@ pub struct StreamSink {
     pub preview_every: Option<usize>,
 }
 
-/// A sampling job as the model thread receives it.
-pub(crate) struct Job {
-    id: RequestId,
+/// The server's part of a request's one record (the scheduler's [`Entry`] holds the rest:
+/// its place in line and its samples' progress), from admission to its answer.
+#[derive(Debug)]
+pub(crate) struct Request {
+    /// The client's id for it (`DELETE /v1/samples/{id}`).
+    name: String,
     model: Arc<LoadedModel>,
     specs: Vec<SampleSpec>,
-    priority: Priority,
-    deadline: Instant,
     timeout: Duration,
     reply: oneshot::Sender<Reply>,
     stream: Option<StreamSink>,
-    /// Released (the queue slot freed) when the job is answered or dropped.
-    _permit: OwnedSemaphorePermit,
+    /// Asked for by [`Batcher::cancel`]; carried out by the model thread.
+    cancelled: bool,
+    /// Released (the queue slots freed) when the request is answered or dropped.
+    permit: OwnedSemaphorePermit,
+}
+
+impl Request {
+    /// Frees the request's queue slots, then answers it: a client that sends its next
+    /// request as soon as it has the answer finds the capacity back.
+    fn answer(self, reply: Reply) {
+        drop(self.permit);
+        let _ = self.reply.send(reply);
+    }
+
+    /// Whether nobody waits for the answer any more (the client went away).
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+            || self
+                .stream
+                .as_ref()
+                .is_some_and(|s| s.items.is_closed() && s.progress.is_closed())
+    }
+}
+
+/// One sample's place in its plan, as the queue counts it: the model thread holds the
+/// tensors and moves this on with every step it takes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Steps {
+    rows: usize,
+    done: usize,
+    total: usize,
+}
+
+impl Steps {
+    /// A sample of `spec` before its first step.
+    fn of(spec: &SampleSpec) -> Steps {
+        Steps {
+            rows: spec.rows_per_step(),
+            done: 0,
+            total: spec.sampler.steps,
+        }
+    }
+}
+
+impl Work for Steps {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn progress(&self) -> (usize, usize) {
+        (self.done, self.total)
+    }
+}
+
+/// The queue as the handlers and the model thread share it.
+#[derive(Debug)]
+pub(crate) struct Queue {
+    requests: Scheduler<Steps, Request>,
+    /// The model thread's pass-time estimate; `None` until it calibrated on a model.
+    pass: Option<PassTime>,
+    next_id: RequestId,
+}
+
+impl Queue {
+    fn backlog_seconds(&self) -> f64 {
+        self.pass
+            .map_or(0.0, |pass| self.requests.backlog_seconds(&pass))
+    }
+}
+
+fn lock(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
+    queue
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// How the model thread batches.
@@ -158,60 +256,22 @@ pub struct BatcherConfig {
     pub policy: Policy,
 }
 
-/// Admission plans on forward passes this much slower than measured.
-const ADMISSION_MARGIN: f64 = 1.25;
-
-/// What the handlers and the model thread share (one lock, taken once per iteration by
-/// the model thread and once per request by a handler).
-#[derive(Debug, Default)]
-pub(crate) struct Ledger {
-    /// Accepted requests not yet answered.
-    bookings: BTreeMap<RequestId, Booking>,
-    /// The clients' names of the requests in `bookings`.
-    names: HashMap<String, RequestId>,
-    /// Cancellations asked for, not yet carried out.
-    cancelled: HashSet<RequestId>,
-    /// The model thread's pass-time estimate; `None` until it calibrated on a model.
-    pass: Option<PassTime>,
-}
-
-impl Ledger {
-    /// Forgets a request (answered, dropped or never started).
-    fn forget(&mut self, id: RequestId) {
-        self.bookings.remove(&id);
-        self.cancelled.remove(&id);
-        self.names.retain(|_, v| *v != id);
-    }
-
-    /// Estimated seconds of accepted work left.
-    fn backlog_seconds(&self, full_batch_rows: usize) -> f64 {
-        let Some(pass) = self.pass else { return 0.0 };
-        let row_steps: f64 = self.bookings.values().map(|b| b.row_steps).sum();
-        row_steps * pass.row_seconds(full_batch_rows)
-    }
-}
-
 /// The handle on the model thread. Cloning is cheap.
 #[derive(Debug, Clone)]
 pub struct Batcher {
-    jobs: mpsc::Sender<Job>,
+    /// Wakes the model thread for a new request; its end of the channel closing (every
+    /// handle dropped) tells the thread to finish.
+    wake: mpsc::Sender<()>,
     permits: Arc<Semaphore>,
     config: BatcherConfig,
     metrics: BatcherMetrics,
-    ledger: Arc<Mutex<Ledger>>,
-    next_id: Arc<AtomicU64>,
+    queue: Arc<Mutex<Queue>>,
     /// Cleared when the model thread ends, by returning or by a panic the step guard did
     /// not catch: liveness and readiness read it.
     alive: Arc<AtomicBool>,
     /// Set when a forward pass failed with an error the device does not recover from (a
     /// sticky CUDA error): every later pass would fail too, so liveness fails.
     broken: Arc<AtomicBool>,
-}
-
-fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
-    ledger
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Clears its flag when dropped: on the model thread, that is when the thread ends,
@@ -241,7 +301,8 @@ impl WorkerHandle {
     }
 }
 
-/// How a request is to be run, besides its samples.
+/// How a request is to be run, besides its samples: the caller's options, moved into the
+/// request's record at admission.
 #[derive(Debug, Default)]
 pub struct Submission {
     pub timeout: Duration,
@@ -251,7 +312,7 @@ pub struct Submission {
     pub stream: Option<StreamSink>,
 }
 
-/// An accepted request.
+/// The caller's end of an accepted request (the record's `reply` is the other end).
 #[derive(Debug)]
 pub struct Ticket {
     /// Its id, for `DELETE /v1/samples/{id}`.
@@ -266,7 +327,7 @@ impl Ticket {
     /// Waits for the answer. Dropping the future (a client that went away) drops the
     /// request's samples at the model thread's next iteration.
     pub async fn wait(self) -> Reply {
-        // The model thread answers a job past its deadline itself; this is the backstop.
+        // The model thread answers a request past its deadline itself; this is the backstop.
         match tokio::time::timeout(self.timeout + Duration::from_secs(1), self.answer).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => Err(BatchError::Dropped),
@@ -286,11 +347,15 @@ impl Batcher {
             queue_capacity: config.queue_capacity.max(1),
             ..config
         };
-        let (jobs, receiver) = mpsc::channel();
-        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let (wake, woken) = mpsc::channel();
+        let queue = Arc::new(Mutex::new(Queue {
+            requests: Scheduler::new(config.max_batch, config.policy),
+            pass: None,
+            next_id: 0,
+        }));
         let alive = Arc::new(AtomicBool::new(true));
         let broken = Arc::new(AtomicBool::new(false));
-        let worker = worker::Worker::new(config, metrics.clone(), ledger.clone(), broken.clone());
+        let worker = worker::Worker::new(config, metrics.clone(), queue.clone(), broken.clone());
         let span = tracing::Span::current();
         let guard = AliveGuard(alive.clone());
         let thread = thread::Builder::new()
@@ -298,27 +363,20 @@ impl Batcher {
             .spawn(move || {
                 let _alive = guard;
                 let _entered = span.enter();
-                worker.run(receiver);
+                worker.run(woken);
             })?;
         Ok((
             Batcher {
-                jobs,
+                wake,
                 permits: Arc::new(Semaphore::new(config.queue_capacity)),
                 config,
                 metrics,
-                ledger,
-                next_id: Arc::new(AtomicU64::new(0)),
+                queue,
                 alive,
                 broken,
             },
             WorkerHandle(thread),
         ))
-    }
-
-    /// Batch rows of a full pass of guided samples: the size at which throughput is
-    /// estimated.
-    fn full_batch_rows(&self) -> usize {
-        2 * self.config.max_batch
     }
 
     /// Admits a request of one image per spec on `model`, or refuses it at once:
@@ -331,100 +389,47 @@ impl Batcher {
         specs: Vec<SampleSpec>,
         submission: Submission,
     ) -> Result<Ticket, BatchError> {
-        let capacity = self.config.queue_capacity;
-        let n = u32::try_from(specs.len())
-            .ok()
-            .filter(|&n| n as usize <= capacity)
-            .ok_or(BatchError::TooLarge {
-                requested: specs.len(),
-                capacity,
-            })?;
-        let permit = self
-            .permits
-            .clone()
-            .try_acquire_many_owned(n)
-            .map_err(|_| {
-                self.metrics.requests_rejected.inc();
-                BatchError::QueueFull {
-                    in_flight: self.in_flight(),
-                    capacity,
-                    retry_after: Duration::from_secs_f64(self.backlog_seconds()),
-                }
-            })?;
         let Submission {
             timeout,
             priority,
             name,
             stream,
         } = submission;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let permit = self.permit(specs.len())?;
         let name = name.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let samples: Vec<Steps> = specs.iter().map(Steps::of).collect();
         let now = Instant::now();
-        let booking = Booking {
-            id,
-            priority,
-            arrived: now,
-            deadline: now + timeout,
-            row_steps: specs
-                .iter()
-                .map(|s| (s.rows_per_step() * s.sampler.steps) as f64)
-                .sum(),
-        };
-        let position = {
-            let mut ledger = lock(&self.ledger);
-            if ledger.names.contains_key(&name) {
-                return Err(BatchError::DuplicateId(name));
-            }
-            let position = match (self.config.policy, ledger.pass) {
-                (Policy::Fair { .. }, Some(pass)) => {
-                    let bookings: Vec<Booking> = ledger.bookings.values().cloned().collect();
-                    // Plan on passes 25 % slower than measured: the estimate lags a device
-                    // that slows down, and accepted work must not time out.
-                    let pessimistic = PassTime {
-                        fixed: pass.fixed * ADMISSION_MARGIN,
-                        per_row: pass.per_row * ADMISSION_MARGIN,
-                    };
-                    cost::admit(
-                        &bookings,
-                        &booking,
-                        now,
-                        &pessimistic,
-                        self.full_batch_rows(),
-                    )
-                    .map_err(|refusal| {
-                        self.metrics.requests_rejected.inc();
-                        match refusal {
-                            Refusal::Busy { retry_after } => BatchError::Busy {
-                                retry_after,
-                                timeout,
-                            },
-                            Refusal::TooCostly { needs } => {
-                                BatchError::TooCostly { needs, timeout }
-                            }
-                        }
-                    })?
-                }
-                // FIFO, or nothing measured yet: behind everything accepted.
-                _ => ledger.bookings.len(),
-            };
-            ledger.bookings.insert(id, booking);
-            ledger.names.insert(name.clone(), id);
-            position
-        };
+        let deadline = now + timeout;
         let (reply, answer) = oneshot::channel();
-        let job = Job {
-            id,
+        let mut queue = lock(&self.queue);
+        if queue.requests.requests().any(|e| e.request.name == name) {
+            return Err(BatchError::DuplicateId(name));
+        }
+        let work = scheduler::row_steps(&samples);
+        let position = queue
+            .requests
+            .admit(priority, work, now, deadline, queue.pass.as_ref())
+            .map_err(|refusal| {
+                self.metrics.requests_rejected.inc();
+                BatchError::refused(refusal, timeout)
+            })?;
+        let id = queue.next_id;
+        queue.next_id += 1;
+        let request = Request {
+            name: name.clone(),
             model,
             specs,
-            priority,
-            deadline: now + timeout,
             timeout,
             reply,
             stream,
-            _permit: permit,
+            cancelled: false,
+            permit,
         };
-        if self.jobs.send(job).is_err() {
-            lock(&self.ledger).forget(id);
+        queue
+            .requests
+            .enqueue(id, samples, priority, now, deadline, request);
+        if self.wake.send(()).is_err() {
+            queue.requests.cancel(id);
             return Err(BatchError::Stopped);
         }
         Ok(Ticket {
@@ -432,6 +437,26 @@ impl Batcher {
             position,
             timeout,
             answer,
+        })
+    }
+
+    /// Queue slots for `images` images, or why there are none.
+    fn permit(&self, images: usize) -> Result<OwnedSemaphorePermit, BatchError> {
+        let capacity = self.config.queue_capacity;
+        let n = u32::try_from(images)
+            .ok()
+            .filter(|&n| n as usize <= capacity)
+            .ok_or(BatchError::TooLarge {
+                requested: images,
+                capacity,
+            })?;
+        self.permits.clone().try_acquire_many_owned(n).map_err(|_| {
+            self.metrics.requests_rejected.inc();
+            BatchError::QueueFull {
+                in_flight: self.in_flight(),
+                capacity,
+                retry_after: Duration::from_secs_f64(self.backlog_seconds()),
+            }
         })
     }
 
@@ -453,12 +478,10 @@ impl Batcher {
     /// model thread's next iteration and it is answered [`BatchError::Cancelled`].
     /// Returns whether there was such a request.
     pub fn cancel(&self, name: &str) -> bool {
-        let mut ledger = lock(&self.ledger);
-        let Some(&id) = ledger.names.get(name) else {
-            return false;
-        };
-        ledger.cancelled.insert(id);
-        true
+        let mut queue = lock(&self.queue);
+        let found = queue.requests.requests_mut().find(|(_, r)| r.name == name);
+        let cancelled = found.map(|(_, request)| request.cancelled = true);
+        cancelled.is_some()
     }
 
     /// Whether the model thread is still running and its device usable. Once it is not,
@@ -476,7 +499,7 @@ impl Batcher {
 
     /// Estimated seconds of accepted work left (0 before the first calibration).
     pub fn backlog_seconds(&self) -> f64 {
-        lock(&self.ledger).backlog_seconds(self.full_batch_rows())
+        lock(&self.queue).backlog_seconds()
     }
 }
 

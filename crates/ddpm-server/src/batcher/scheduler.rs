@@ -1,11 +1,15 @@
-//! Which samples step in the next forward pass: a pure state machine, with time and the
-//! forward pass's cost passed in.
+//! The queue of requests and which samples step in the next forward pass: a pure state
+//! machine, with time and the forward pass's cost passed in.
 //!
-//! Requests wait with their samples; before every pass [`Scheduler::select`] marks the
+//! A request is one [`Entry`] from admission to its answer: its place in line (priority,
+//! arrival, deadline), its samples' progress and the caller's record `R` (for the server,
+//! the model, the reply and stream ends). [`Scheduler::admit`] decides whether a new
+//! request fits behind the accepted ones ([`cost::admit`] over the entries themselves);
+//! [`Scheduler::enqueue`] adds it. Before every pass [`Scheduler::select`] marks the
 //! samples that step in it, the caller steps them, and [`Scheduler::retire`] removes the
 //! samples that are done and hands back each request whose samples are all done. A
 //! request can be dropped at any time ([`Scheduler::cancel`]). Nothing here knows about
-//! tensors: a sample is any [`Work`].
+//! tensors or channels: a sample is any [`Work`], a record any `R`.
 //!
 //! Two policies:
 //! - [`Policy::Fifo`]: requests in arrival order, each filling every free slot before the
@@ -23,34 +27,9 @@
 
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use super::cost::PassTime;
-
-/// Identifies a request inside the batcher.
-pub type RequestId = u64;
-
-/// A request's claim on the model. Its weight multiplies the request's remaining work when
-/// requests are ordered, so a `high` request counts as 4× shorter and a `low` one as 4×
-/// longer; ageing still lets every request through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Priority {
-    Low,
-    #[default]
-    Normal,
-    High,
-}
-
-impl Priority {
-    pub fn weight(self) -> f64 {
-        match self {
-            Priority::Low => 4.0,
-            Priority::Normal => 1.0,
-            Priority::High => 0.25,
-        }
-    }
-}
+use super::cost::{self, full_batch_rows, urgency, Load, PassTime, Priority, Refusal, RequestId};
 
 /// How the pass is shared.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,12 +55,6 @@ pub trait Work {
     }
 }
 
-/// A request's place in line: smaller goes first. Remaining work (batch rows × steps) in
-/// seconds at `row_seconds` each, weighted by priority, minus the seconds waited.
-pub fn urgency(priority: Priority, row_steps: f64, waited_seconds: f64, row_seconds: f64) -> f64 {
-    priority.weight() * row_steps * row_seconds - waited_seconds
-}
-
 /// How far along a request is: sample-steps taken and in all, and images finished.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Progress {
@@ -98,24 +71,52 @@ struct Live<T> {
     selected: bool,
 }
 
+/// One request, from admission to its answer.
 #[derive(Debug)]
-struct Entry<T> {
+pub struct Entry<T, R> {
     id: RequestId,
     priority: Priority,
     arrived: Instant,
+    deadline: Instant,
     /// Samples not finished, in request order.
     live: Vec<Live<T>>,
     /// Samples that finished, by index.
     finished: Vec<(usize, T)>,
     total: usize,
+    /// The caller's part of the record.
+    pub request: R,
 }
 
-impl<T: Work> Entry<T> {
+/// Batch rows × steps left of `samples`: a request's remaining work.
+pub fn row_steps<'a, T: Work + 'a>(samples: impl IntoIterator<Item = &'a T>) -> f64 {
+    samples
+        .into_iter()
+        .map(|s| (s.rows() * s.steps_left()) as f64)
+        .sum()
+}
+
+impl<T: Work, R> Entry<T, R> {
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// When the request must be answered by.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
     fn row_steps(&self) -> f64 {
-        self.live
-            .iter()
-            .map(|l| (l.sample.rows() * l.sample.steps_left()) as f64)
-            .sum()
+        row_steps(self.live.iter().map(|l| &l.sample))
+    }
+
+    /// The request as admission sees it.
+    fn load(&self) -> Load {
+        Load {
+            priority: self.priority,
+            arrived: self.arrived,
+            deadline: self.deadline,
+            row_steps: self.row_steps(),
+        }
     }
 
     fn steps_left(&self) -> usize {
@@ -127,27 +128,28 @@ impl<T: Work> Entry<T> {
     }
 }
 
-/// A request whose samples are all done, in request order.
+/// A request whose samples are all done, in request order, with its record.
 #[derive(Debug, PartialEq)]
-pub struct Completed<T> {
-    pub request: RequestId,
+pub struct Completed<T, R> {
+    pub id: RequestId,
     pub samples: Vec<T>,
+    pub request: R,
 }
 
-/// The requests not yet completed and their samples.
+/// The requests not yet completed and their samples: the queue.
 #[derive(Debug)]
-pub struct Scheduler<T> {
+pub struct Scheduler<T, R> {
     max_batch: usize,
     policy: Policy,
     /// Arrival order.
-    entries: Vec<Entry<T>>,
+    entries: Vec<Entry<T, R>>,
 }
 
 /// Requests no longer than this many times the first one's remaining steps share the pass
 /// with it freely: they are about as urgent, and batching them costs them nothing.
 const SIMILAR: usize = 2;
 
-impl<T: Work> Scheduler<T> {
+impl<T: Work, R> Scheduler<T, R> {
     /// At most `max_batch` (≥ 1) samples step together.
     pub fn new(max_batch: usize, policy: Policy) -> Self {
         Scheduler {
@@ -161,14 +163,55 @@ impl<T: Work> Scheduler<T> {
         self.policy
     }
 
+    /// Where a request arriving `now` with this work would stand (0: served first), or why
+    /// it is refused: under the fair policy, once `pass` is measured, every accepted
+    /// request and the new one must finish by their deadlines at passes
+    /// [`cost::ADMISSION_MARGIN`] slower than `pass`. Otherwise it goes behind everything.
+    pub fn admit(
+        &self,
+        priority: Priority,
+        row_steps: f64,
+        now: Instant,
+        deadline: Instant,
+        pass: Option<&PassTime>,
+    ) -> Result<usize, Refusal> {
+        let (Policy::Fair { .. }, Some(pass)) = (self.policy, pass) else {
+            return Ok(self.entries.len());
+        };
+        let accepted: Vec<Load> = self.entries.iter().map(Entry::load).collect();
+        let new = Load {
+            priority,
+            arrived: now,
+            deadline,
+            row_steps,
+        };
+        cost::admit(
+            &accepted,
+            &new,
+            now,
+            &pass.scaled(cost::ADMISSION_MARGIN),
+            full_batch_rows(self.max_batch),
+        )
+    }
+
     /// Queues a request with its samples (in request order). An empty request completes at
     /// the next [`retire`](Self::retire).
-    pub fn enqueue(&mut self, id: RequestId, samples: Vec<T>, priority: Priority, now: Instant) {
+    pub fn enqueue(
+        &mut self,
+        id: RequestId,
+        samples: Vec<T>,
+        priority: Priority,
+        now: Instant,
+        deadline: Instant,
+        request: R,
+    ) {
         let total = samples.len();
         self.entries.push(Entry {
             id,
             priority,
             arrived: now,
+            deadline,
+            request,
             live: samples
                 .into_iter()
                 .enumerate()
@@ -189,7 +232,7 @@ impl<T: Work> Scheduler<T> {
             .filter(|&i| !self.entries[i].live.is_empty())
             .collect();
         if let Policy::Fair { .. } = self.policy {
-            let row_seconds = pass.row_seconds(2 * self.max_batch);
+            let row_seconds = pass.row_seconds(full_batch_rows(self.max_batch));
             let keys: Vec<f64> = self
                 .entries
                 .iter()
@@ -278,6 +321,20 @@ impl<T: Work> Scheduler<T> {
         }
     }
 
+    /// The selected samples' requests and their indices in them, in arrival and request
+    /// order.
+    pub fn selected(&self) -> Vec<(RequestId, usize)> {
+        self.entries
+            .iter()
+            .flat_map(|e| {
+                e.live
+                    .iter()
+                    .filter(|l| l.selected)
+                    .map(move |l| (e.id, l.index))
+            })
+            .collect()
+    }
+
     /// The selected samples, to step together, with their requests and their indices in
     /// them.
     pub fn selected_mut(&mut self) -> Vec<(RequestId, usize, &mut T)> {
@@ -293,16 +350,19 @@ impl<T: Work> Scheduler<T> {
             .collect()
     }
 
-    /// Removes the samples that are done, calling `finished(request, index, sample)` for
+    /// Removes the samples that are done, calling `finished(request, index, record)` for
     /// each, and returns the requests that are now complete, oldest first.
-    pub fn retire(&mut self, mut finished: impl FnMut(RequestId, usize, &T)) -> Vec<Completed<T>> {
+    pub fn retire(
+        &mut self,
+        mut finished: impl FnMut(RequestId, usize, &R),
+    ) -> Vec<Completed<T, R>> {
         for entry in &mut self.entries {
             let (done, live): (Vec<_>, Vec<_>) = std::mem::take(&mut entry.live)
                 .into_iter()
                 .partition(|l| l.sample.steps_left() == 0);
             entry.live = live;
             for l in done {
-                finished(entry.id, l.index, &l.sample);
+                finished(entry.id, l.index, &entry.request);
                 entry.finished.push((l.index, l.sample));
             }
         }
@@ -313,8 +373,9 @@ impl<T: Work> Scheduler<T> {
                 let mut entry = self.entries.remove(i);
                 entry.finished.sort_by_key(|(index, _)| *index);
                 completed.push(Completed {
-                    request: entry.id,
+                    id: entry.id,
                     samples: entry.finished.into_iter().map(|(_, s)| s).collect(),
+                    request: entry.request,
                 });
             } else {
                 i += 1;
@@ -323,21 +384,31 @@ impl<T: Work> Scheduler<T> {
         completed
     }
 
-    /// Drops a request and its samples. Returns whether it was there.
-    pub fn cancel(&mut self, request: RequestId) -> bool {
-        let before = self.entries.len();
-        self.entries.retain(|e| e.id != request);
-        self.entries.len() != before
+    /// Drops a request and its samples, handing back its record if it was there.
+    pub fn cancel(&mut self, request: RequestId) -> Option<R> {
+        let i = self.entries.iter().position(|e| e.id == request)?;
+        Some(self.entries.remove(i).request)
     }
 
     /// The requests not yet completed, in arrival order.
-    pub fn requests(&self) -> impl Iterator<Item = RequestId> + '_ {
-        self.entries.iter().map(|e| e.id)
+    pub fn requests(&self) -> impl Iterator<Item = &Entry<T, R>> + '_ {
+        self.entries.iter()
     }
 
-    /// Each request's remaining work in batch rows × steps.
-    pub fn remaining(&self) -> impl Iterator<Item = (RequestId, f64)> + '_ {
-        self.entries.iter().map(|e| (e.id, e.row_steps()))
+    /// Each request's id and record, in arrival order.
+    pub fn requests_mut(&mut self) -> impl Iterator<Item = (RequestId, &mut R)> + '_ {
+        self.entries.iter_mut().map(|e| (e.id, &mut e.request))
+    }
+
+    /// A request's record.
+    pub fn request(&self, id: RequestId) -> Option<&R> {
+        self.entries.iter().find(|e| e.id == id).map(|e| &e.request)
+    }
+
+    /// Estimated seconds of accepted work left at full-batch throughput.
+    pub fn backlog_seconds(&self, pass: &PassTime) -> f64 {
+        let row_steps: f64 = self.entries.iter().map(Entry::row_steps).sum();
+        row_steps * pass.row_seconds(full_batch_rows(self.max_batch))
     }
 
     pub fn progress(&self, request: RequestId) -> Option<Progress> {
@@ -388,6 +459,9 @@ mod tests {
 
     use super::*;
 
+    /// A deadline far enough away never to matter.
+    const HOUR: Duration = Duration::from_secs(3600);
+
     /// A sample of `total` steps, `done` taken, costing `rows` per step.
     #[derive(Debug, Clone, Copy, PartialEq)]
     struct Fake {
@@ -433,7 +507,7 @@ mod tests {
     /// One iteration at `now`: select, step every selected sample, retire. Returns the
     /// selected (request, tag) pairs and the completed requests.
     fn iterate(
-        set: &mut Scheduler<Fake>,
+        set: &mut Scheduler<Fake, ()>,
         now: Instant,
         pass: &PassTime,
     ) -> (Vec<(u64, u32)>, Vec<u64>) {
@@ -443,12 +517,13 @@ mod tests {
             s.done += 1;
             picked.push((id, s.tag));
         }
-        let done = set
-            .retire(|_, _, _| {})
-            .into_iter()
-            .map(|c| c.request)
-            .collect();
+        let done = set.retire(|_, _, _| {}).into_iter().map(|c| c.id).collect();
         (picked, done)
+    }
+
+    /// Queues a request due in an hour.
+    fn add(set: &mut Scheduler<Fake, ()>, id: u64, s: Vec<Fake>, p: Priority, now: Instant) {
+        set.enqueue(id, s, p, now, now + HOUR, ());
     }
 
     fn requests_in(picked: &[(u64, u32)]) -> Vec<u64> {
@@ -461,8 +536,8 @@ mod tests {
     fn fifo_fills_every_slot_with_the_oldest_request_first() {
         let now = Instant::now();
         let mut set = Scheduler::new(4, Policy::Fifo);
-        set.enqueue(1, samples(1, 64, 1000), Priority::Normal, now);
-        set.enqueue(2, samples(2, 1, 10), Priority::High, now);
+        add(&mut set, 1, samples(1, 64, 1000), Priority::Normal, now);
+        add(&mut set, 2, samples(2, 1, 10), Priority::High, now);
         let (picked, _) = iterate(&mut set, now, &CPU);
         assert_eq!(picked.len(), 4);
         assert_eq!(requests_in(&picked), [1], "FIFO: the short request waits");
@@ -472,13 +547,13 @@ mod tests {
     fn a_short_request_behind_a_long_one_runs_at_once_and_nearly_alone_on_a_cpu() {
         let now = Instant::now();
         let mut set = Scheduler::new(16, FAIR);
-        set.enqueue(1, samples(1, 64, 1000), Priority::Normal, now);
+        add(&mut set, 1, samples(1, 64, 1000), Priority::Normal, now);
         for _ in 0..5 {
             let (picked, _) = iterate(&mut set, now, &CPU);
             assert_eq!(picked.len(), 16, "alone, the long request fills the pass");
         }
         let later = now + Duration::from_secs(1);
-        set.enqueue(2, samples(2, 1, 10), Priority::Normal, later);
+        add(&mut set, 2, samples(2, 1, 10), Priority::Normal, later);
         let mut passes = 0;
         loop {
             let (picked, done) = iterate(&mut set, later, &CPU);
@@ -510,8 +585,8 @@ mod tests {
     fn on_a_gpu_the_long_request_fills_the_rest_of_the_pass() {
         let now = Instant::now();
         let mut set = Scheduler::new(16, FAIR);
-        set.enqueue(1, samples(1, 64, 1000), Priority::Normal, now);
-        set.enqueue(2, samples(2, 1, 10), Priority::Normal, now);
+        add(&mut set, 1, samples(1, 64, 1000), Priority::Normal, now);
+        add(&mut set, 2, samples(2, 1, 10), Priority::Normal, now);
         let (picked, _) = iterate(&mut set, now, &GPU);
         assert_eq!(picked.len(), 16);
         assert_eq!(picked[0], (1, 100), "arrival order within the pass");
@@ -522,9 +597,9 @@ mod tests {
     fn similar_requests_share_the_pass_round_robin() {
         let now = Instant::now();
         let mut set = Scheduler::new(4, FAIR);
-        set.enqueue(1, samples(1, 8, 20), Priority::Normal, now);
-        set.enqueue(2, samples(2, 8, 20), Priority::Normal, now);
-        set.enqueue(3, samples(3, 1, 20), Priority::Normal, now);
+        add(&mut set, 1, samples(1, 8, 20), Priority::Normal, now);
+        add(&mut set, 2, samples(2, 8, 20), Priority::Normal, now);
+        add(&mut set, 3, samples(3, 1, 20), Priority::Normal, now);
         let (picked, _) = iterate(&mut set, now, &CPU);
         let mut per_request = [0; 4];
         for (id, _) in &picked {
@@ -545,9 +620,9 @@ mod tests {
         for (waited, first) in [(0.1, 3), (1.0, 1)] {
             let now = Instant::now();
             let mut set = Scheduler::new(2, FAIR);
-            set.enqueue(1, samples(1, 2, 100), Priority::Normal, now);
+            add(&mut set, 1, samples(1, 2, 100), Priority::Normal, now);
             let later = now + Duration::from_secs_f64(waited);
-            set.enqueue(3, samples(3, 2, 10), Priority::Normal, later);
+            add(&mut set, 3, samples(3, 2, 10), Priority::Normal, later);
             let (picked, _) = iterate(&mut set, later, &pass);
             assert_eq!(picked[0].0, first, "after {waited} s: {picked:?}");
         }
@@ -561,8 +636,8 @@ mod tests {
             per_row: 0.001,
         };
         let mut set = Scheduler::new(1, FAIR);
-        set.enqueue(1, samples(1, 1, 10), Priority::Low, now);
-        set.enqueue(2, samples(2, 1, 30), Priority::High, now);
+        add(&mut set, 1, samples(1, 1, 10), Priority::Low, now);
+        add(&mut set, 2, samples(2, 1, 30), Priority::High, now);
         let (picked, _) = iterate(&mut set, now, &pass);
         assert_eq!(
             picked,
@@ -579,7 +654,7 @@ mod tests {
         for (sample, steps) in s.iter_mut().zip([3, 1, 2]) {
             sample.total = steps;
         }
-        set.enqueue(7, s, Priority::Normal, now);
+        add(&mut set, 7, s, Priority::Normal, now);
         let mut finished_order = Vec::new();
         let mut completed = Vec::new();
         while !set.is_idle() {
@@ -605,7 +680,7 @@ mod tests {
     fn progress_counts_sample_steps_and_finished_images() {
         let now = Instant::now();
         let mut set = Scheduler::new(1, FAIR);
-        set.enqueue(1, samples(1, 2, 3), Priority::Normal, now);
+        add(&mut set, 1, samples(1, 2, 3), Priority::Normal, now);
         for _ in 0..4 {
             iterate(&mut set, now, &CPU);
         }
@@ -618,27 +693,64 @@ mod tests {
     fn cancellation_frees_the_slots_at_the_next_selection() {
         let now = Instant::now();
         let mut set = Scheduler::new(2, FAIR);
-        set.enqueue(1, samples(1, 3, 5), Priority::Normal, now);
-        set.enqueue(2, samples(2, 1, 5), Priority::Normal, now);
+        add(&mut set, 1, samples(1, 3, 5), Priority::Normal, now);
+        add(&mut set, 2, samples(2, 1, 5), Priority::Normal, now);
         set.select(now, &CPU);
-        assert!(set.cancel(1));
-        assert!(!set.cancel(1));
+        assert!(set.cancel(1).is_some());
+        assert!(set.cancel(1).is_none());
         assert_eq!(set.select(now, &CPU), 1);
         assert_eq!(set.selected_mut()[0].0, 2);
-        assert_eq!(set.requests().collect::<Vec<_>>(), [2]);
+        assert_eq!(set.requests().map(Entry::id).collect::<Vec<_>>(), [2]);
         assert_eq!(set.waiting_samples(), 0);
     }
 
     #[test]
+    fn admission_weighs_the_queued_requests_remaining_work() {
+        // 1 ms per row: a request of 1 sample × 2 rows × 1000 steps is 2 s of work.
+        let pass = PassTime {
+            fixed: 0.0,
+            per_row: 0.001,
+        };
+        let now = Instant::now();
+        let ten_s = now + Duration::from_secs(10);
+        let mut set = Scheduler::new(4, FAIR);
+        set.enqueue(1, samples(1, 4, 1000), Priority::Normal, now, ten_s, ());
+        // 8 s queued (10 s with the margin): a 2 s request due in 10 s is refused, but
+        // not as too costly, and not before anything is measured.
+        let (work, late) = (2000.0, ten_s);
+        assert!(matches!(
+            set.admit(Priority::Normal, work, now, late, Some(&pass)),
+            Err(Refusal::Busy { .. })
+        ));
+        assert_eq!(set.admit(Priority::Normal, work, now, late, None), Ok(1));
+        // Once the queued request has stepped half way, there is room ((4 + 2 s) × 1.25).
+        for _ in 0..500 {
+            iterate(&mut set, now, &pass);
+        }
+        assert!((set.backlog_seconds(&pass) - 4.0).abs() < 1e-9);
+        assert_eq!(
+            set.admit(Priority::Normal, work, now, late, Some(&pass)),
+            Ok(0)
+        );
+        let fifo: Scheduler<Fake, ()> = Scheduler::new(1, Policy::Fifo);
+        assert_eq!(
+            fifo.admit(Priority::High, work, now, late, Some(&pass)),
+            Ok(0)
+        );
+    }
+
+    #[test]
     fn an_empty_request_completes_at_once() {
-        let mut set: Scheduler<Fake> = Scheduler::new(2, FAIR);
-        set.enqueue(3, Vec::new(), Priority::Normal, Instant::now());
+        let now = Instant::now();
+        let mut set: Scheduler<Fake, ()> = Scheduler::new(2, FAIR);
+        add(&mut set, 3, Vec::new(), Priority::Normal, now);
         let done = set.retire(|_, _, _| {});
         assert_eq!(
             done,
             [Completed {
-                request: 3,
-                samples: vec![]
+                id: 3,
+                samples: vec![],
+                request: ()
             }]
         );
         assert!(set.is_idle());
@@ -649,8 +761,8 @@ mod tests {
         for policy in [Policy::Fifo, FAIR] {
             let now = Instant::now();
             let mut set = Scheduler::new(1, policy);
-            set.enqueue(1, samples(1, 1, 2), Priority::Normal, now);
-            set.enqueue(2, samples(2, 1, 1), Priority::Normal, now);
+            add(&mut set, 1, samples(1, 1, 2), Priority::Normal, now);
+            add(&mut set, 2, samples(2, 1, 1), Priority::Normal, now);
             let mut passes = 0;
             let mut order = Vec::new();
             while !set.is_idle() {

@@ -1,78 +1,43 @@
 //! The model thread's loop: the tensor side of step-level batching.
+//!
+//! The queue ([`Queue`]) holds every request's record; this thread holds their samples'
+//! tensors ([`Trajectory`], by request id) and the pass-time fit. Each iteration locks the
+//! queue twice, for the bookkeeping before and after the forward passes, and never over a
+//! pass: a handler admitting or cancelling waits for bookkeeping only. A libtorch failure
+//! comes back as a [`CoreError`] (the step is fallible end to end); [`forward`] holds the
+//! one `catch_unwind`, the last guard for the network's own panicking operators.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     panic::{catch_unwind, AssertUnwindSafe},
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc, Arc, Mutex,
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use ddpm_core::{
     sampler::{step_trajectories, to_uint8, Trajectory},
-    SampleSpec, SamplerConfig,
+    CoreError, DeviceFault, Model, SampleSpec, SamplerConfig,
 };
 use tch::Tensor;
-use tokio::sync::oneshot;
 
 use super::{
-    cost::PassTimes,
-    lock,
-    scheduler::{RequestId, Scheduler, Work},
-    BatchError, BatcherConfig, GeneratedImage, Job, Ledger, Reply, StreamItem, StreamSink,
+    cost::{PassTimes, RequestId},
+    lock, BatchError, BatcherConfig, GeneratedImage, Queue, StreamItem,
 };
 use crate::{metrics::BatcherMetrics, model::LoadedModel};
 
-impl Work for Trajectory {
-    fn rows(&self) -> usize {
-        self.spec().rows_per_step()
-    }
-
-    fn progress(&self) -> (usize, usize) {
-        Trajectory::progress(self)
-    }
-}
-
-/// A request between acceptance and its answer.
-struct Pending {
-    model: Arc<LoadedModel>,
-    deadline: Instant,
-    timeout: Duration,
-    reply: oneshot::Sender<Reply>,
-    stream: Option<StreamSink>,
-    /// Held until the request is answered or dropped: frees its queue slots.
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl Pending {
-    /// Frees the request's queue slots, then answers it: a client that sends its next
-    /// request as soon as it has the answer finds the capacity back.
-    fn answer(self, reply: Reply) {
-        let Pending {
-            reply: to, _permit, ..
-        } = self;
-        drop(_permit);
-        let _ = to.send(reply);
-    }
-
-    /// Whether nobody waits for the answer any more (the client went away).
-    fn abandoned(&self) -> bool {
-        self.reply.is_closed()
-            || self
-                .stream
-                .as_ref()
-                .is_some_and(|s| s.items.is_closed() && s.progress.is_closed())
-    }
-}
+/// The selected samples of one model: their requests' ids and indices, in queue order.
+type Selection = Vec<(Arc<LoadedModel>, Vec<(RequestId, usize)>)>;
 
 pub(super) struct Worker {
     config: BatcherConfig,
-    scheduler: Scheduler<Trajectory>,
-    pending: HashMap<RequestId, Pending>,
+    queue: Arc<Mutex<Queue>>,
+    /// The tensors of the queue's started requests, by id (ids grow in arrival order).
+    samples: BTreeMap<RequestId, Vec<Trajectory>>,
     metrics: BatcherMetrics,
-    ledger: Arc<Mutex<Ledger>>,
     broken: Arc<AtomicBool>,
     times: PassTimes,
     /// The checkpoint the pass times were calibrated on.
@@ -83,104 +48,116 @@ impl Worker {
     pub(super) fn new(
         config: BatcherConfig,
         metrics: BatcherMetrics,
-        ledger: Arc<Mutex<Ledger>>,
+        queue: Arc<Mutex<Queue>>,
         broken: Arc<AtomicBool>,
     ) -> Worker {
         Worker {
             config,
-            scheduler: Scheduler::new(config.max_batch, config.policy),
-            pending: HashMap::new(),
+            queue,
+            samples: BTreeMap::new(),
             metrics,
-            ledger,
             broken,
             times: PassTimes::default(),
             calibrated_for: None,
         }
     }
 
-    /// Runs until every sender is gone and the work in flight is answered.
-    pub(super) fn run(mut self, jobs: mpsc::Receiver<Job>) {
+    /// Runs until every handle is gone and the work in flight is answered.
+    pub(super) fn run(mut self, woken: mpsc::Receiver<()>) {
         let _no_grad = tch::no_grad_guard();
-        let mut senders_gone = false;
+        let shared = Arc::clone(&self.queue);
+        let mut handles_gone = false;
         loop {
-            if self.scheduler.is_idle() {
-                if senders_gone {
+            if lock(&shared).requests.is_idle() {
+                // Nothing to do: sleep until a request comes (or every handle is gone).
+                if handles_gone || woken.recv().is_err() {
                     break;
-                }
-                // Nothing to do: sleep until a job comes.
-                match jobs.recv() {
-                    Ok(job) => self.accept(job),
-                    Err(_) => break,
                 }
             }
             loop {
-                match jobs.try_recv() {
-                    Ok(job) => self.accept(job),
+                match woken.try_recv() {
+                    Ok(()) => {}
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
-                        senders_gone = true;
+                        handles_gone = true;
                         break;
                     }
                 }
             }
-            self.drop_abandoned();
-            self.scheduler
-                .select(Instant::now(), &self.times.estimate());
-            self.publish_gauges();
-            self.step();
-            self.retire();
-            self.report();
+            if let Some(model) = self.uncalibrated_model() {
+                self.calibrate(&model);
+            }
+            let selection = {
+                let mut queue = lock(&shared);
+                self.start_new(&mut queue);
+                self.drop_abandoned(&mut queue);
+                queue
+                    .requests
+                    .select(Instant::now(), &self.times.estimate());
+                self.publish_gauges(&queue);
+                selection(&queue)
+            };
+            let failed = self.step(selection);
+            let mut queue = lock(&shared);
+            self.fail(&mut queue, failed);
+            for (_, _, steps) in queue.requests.selected_mut() {
+                steps.done += 1;
+            }
+            self.retire(&mut queue);
+            self.report(&mut queue);
         }
-        self.publish_gauges();
+        self.publish_gauges(&lock(&self.queue));
         tracing::info!("model thread stopped");
     }
 
-    /// Builds a job's trajectories (x_T from each sample's seed) and queues them.
-    fn accept(&mut self, job: Job) {
-        let id = job.id;
-        if self.calibrated_for != Some(job.model.info().checkpoint_id) {
-            self.calibrate(&job.model);
-        }
-        let preview = job
-            .stream
-            .as_ref()
-            .is_some_and(|s| s.preview_every.is_some());
-        let built = catch_unwind(AssertUnwindSafe(|| {
-            let net = job.model.net();
-            job.specs
+    /// The model of a request not started yet, when the pass times were fitted on another.
+    fn uncalibrated_model(&self) -> Option<Arc<LoadedModel>> {
+        let queue = lock(&self.queue);
+        let model = queue
+            .requests
+            .requests()
+            .filter(|e| !self.samples.contains_key(&e.id()))
+            .map(|e| &e.request.model)
+            .find(|m| self.calibrated_for != Some(m.info().checkpoint_id))
+            .cloned();
+        model
+    }
+
+    /// Builds the trajectories (x_T from each sample's seed) of the requests not started.
+    fn start_new(&mut self, queue: &mut Queue) {
+        let mut invalid = Vec::new();
+        for entry in queue.requests.requests() {
+            let id = entry.id();
+            if self.samples.contains_key(&id) {
+                continue;
+            }
+            let request = &entry.request;
+            let preview = request
+                .stream
+                .as_ref()
+                .is_some_and(|s| s.preview_every.is_some());
+            let net = request.model.net();
+            let built = request
+                .specs
                 .iter()
                 .map(|spec| {
                     let mut t = Trajectory::new(&net.model, &net.schedule, *spec)?;
                     t.track_x0(preview);
                     Ok(t)
                 })
-                .collect::<Result<Vec<Trajectory>, ddpm_core::CoreError>>()
-        }));
-        match built {
-            Ok(Ok(trajectories)) => {
-                self.scheduler
-                    .enqueue(id, trajectories, job.priority, Instant::now());
-                self.pending.insert(
-                    id,
-                    Pending {
-                        model: job.model,
-                        deadline: job.deadline,
-                        timeout: job.timeout,
-                        reply: job.reply,
-                        stream: job.stream,
-                        _permit: job._permit,
-                    },
-                );
-            }
-            failed => {
+                .collect::<Result<Vec<Trajectory>, CoreError>>();
+            match built {
+                Ok(trajectories) => {
+                    self.samples.insert(id, trajectories);
+                }
                 // The handler validated the request against this very model: only a
                 // programmer error gets here, but the client still gets an answer.
-                let message = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "starting the samples panicked".to_string(),
-                };
-                lock(&self.ledger).forget(id);
-                let _ = job.reply.send(Err(BatchError::InvalidSpec(message)));
+                Err(e) => invalid.push((id, BatchError::InvalidSpec(e))),
+            }
+        }
+        for (id, error) in invalid {
+            if let Some(request) = queue.requests.cancel(id) {
+                request.answer(Err(error));
             }
         }
     }
@@ -190,15 +167,15 @@ impl Worker {
     /// to fit from. Takes a fraction of a second once per model.
     fn calibrate(&mut self, model: &LoadedModel) {
         let started = Instant::now();
-        let measured = catch_unwind(AssertUnwindSafe(|| -> Result<_, ddpm_core::CoreError> {
-            let net = model.net();
-            let spec = SampleSpec {
-                label: model.is_conditional().then_some(0),
-                guidance_scale: 3.0,
-                seed: 0,
-                sampler: SamplerConfig::ddim(2),
-            };
-            let mut anchors = Vec::new();
+        let net = model.net();
+        let spec = SampleSpec {
+            label: model.is_conditional().then_some(0),
+            guidance_scale: 3.0,
+            seed: 0,
+            sampler: SamplerConfig::ddim(2),
+        };
+        let mut anchors = Vec::new();
+        let mut measure = || -> Result<(), CoreError> {
             for n in [1, self.config.max_batch] {
                 let mut best = f64::INFINITY;
                 for _ in 0..2 {
@@ -207,16 +184,15 @@ impl Worker {
                         .collect::<Result<Vec<_>, _>>()?;
                     let mut refs: Vec<&mut Trajectory> = batch.iter_mut().collect();
                     let t = Instant::now();
-                    step_trajectories(&net.model, &mut refs)?;
-                    sync(&refs[0].x().shallow_clone());
+                    forward(&net.model, &mut refs)?;
                     best = best.min(t.elapsed().as_secs_f64());
                 }
                 anchors.push((n * spec.rows_per_step(), best));
             }
-            Ok(anchors)
-        }));
-        match measured {
-            Ok(Ok(anchors)) => {
+            Ok(())
+        };
+        match measure() {
+            Ok(()) => {
                 self.times = PassTimes::calibrated(&anchors);
                 let estimate = self.times.estimate();
                 tracing::info!(
@@ -226,8 +202,7 @@ impl Worker {
                     "forward pass time calibrated"
                 );
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "pass time calibration failed"),
-            Err(_) => tracing::warn!("pass time calibration panicked"),
+            Err(e) => tracing::warn!(error = %e, "pass time calibration failed"),
         }
         self.calibrated_for = Some(model.info().checkpoint_id);
     }
@@ -235,150 +210,141 @@ impl Worker {
     /// Drops requests cancelled or abandoned by their client and answers those past their
     /// deadline. The gauges are updated before the answers go out, so a client that reads
     /// `/metrics` after its answer sees its samples gone.
-    fn drop_abandoned(&mut self) {
+    fn drop_abandoned(&mut self, queue: &mut Queue) {
         let now = Instant::now();
-        let cancelled = std::mem::take(&mut lock(&self.ledger).cancelled);
-        let ids: Vec<RequestId> = self.scheduler.requests().collect();
-        let mut answers = Vec::new();
-        for id in ids {
-            let Some(p) = self.pending.get(&id) else {
-                continue;
-            };
+        let mut leaving = Vec::new();
+        for entry in queue.requests.requests() {
+            let r = &entry.request;
             // The answer to send, if anyone still waits for one.
-            let answer = if cancelled.contains(&id) {
+            let answer = if r.cancelled {
                 self.metrics.requests_cancelled.inc();
                 Some(BatchError::Cancelled)
-            } else if p.abandoned() {
+            } else if r.abandoned() {
                 self.metrics.requests_cancelled.inc();
-                tracing::debug!(request = id, "client gone: samples dropped");
+                tracing::debug!(request = entry.id(), "client gone: samples dropped");
                 None
-            } else if now >= p.deadline {
+            } else if now >= entry.deadline() {
                 self.metrics.requests_timed_out.inc();
-                Some(BatchError::Timeout(p.timeout))
+                Some(BatchError::Timeout(r.timeout))
             } else {
                 continue;
             };
-            self.scheduler.cancel(id);
-            lock(&self.ledger).forget(id);
-            if let (Some(p), Some(error)) = (self.pending.remove(&id), answer) {
-                answers.push((p, error));
-            }
+            leaving.push((entry.id(), answer));
         }
-        if answers.is_empty() {
+        if leaving.is_empty() {
             return;
         }
-        self.publish_gauges();
-        for (p, error) in answers {
-            p.answer(Err(error));
+        let mut answers = Vec::new();
+        for (id, answer) in leaving {
+            self.samples.remove(&id);
+            if let (Some(request), Some(error)) = (queue.requests.cancel(id), answer) {
+                answers.push((request, error));
+            }
+        }
+        self.publish_gauges(queue);
+        for (request, error) in answers {
+            request.answer(Err(error));
         }
     }
 
-    fn publish_gauges(&self) {
+    fn publish_gauges(&self, queue: &Queue) {
         self.metrics
             .queue_depth
-            .set(self.scheduler.waiting_samples() as i64);
+            .set(queue.requests.waiting_samples() as i64);
         self.metrics
             .active_samples
-            .set(self.scheduler.active() as i64);
+            .set(queue.requests.active() as i64);
     }
 
     /// One forward pass per model over the selected samples (one pass in all, except
-    /// during a hot swap).
-    fn step(&mut self) {
-        type Group<'a> = (Arc<LoadedModel>, Vec<RequestId>, Vec<&'a mut Trajectory>);
-        let mut groups: Vec<Group> = Vec::new();
-        for (request, _, sample) in self.scheduler.selected_mut() {
-            let Some(p) = self.pending.get(&request) else {
-                continue;
-            };
-            match groups.iter_mut().find(|(m, _, _)| Arc::ptr_eq(m, &p.model)) {
-                Some((_, requests, batch)) => {
-                    requests.push(request);
-                    batch.push(sample);
-                }
-                None => groups.push((p.model.clone(), vec![request], vec![sample])),
-            }
-        }
+    /// during a hot swap). Returns the requests whose pass failed, with its error.
+    fn step(&mut self, selection: Selection) -> Vec<(RequestId, Arc<CoreError>)> {
         let mut failed = Vec::new();
-        for (model, requests, mut batch) in groups {
+        for (model, picked) in selection {
+            let mut requests: Vec<RequestId> = picked.iter().map(|&(id, _)| id).collect();
+            requests.dedup();
+            let mut batch: Vec<&mut Trajectory> = Vec::with_capacity(picked.len());
+            // Both in id, then index, order: a merge.
+            let mut picked = picked.iter().peekable();
+            for (id, trajectories) in self.samples.iter_mut() {
+                for (index, t) in trajectories.iter_mut().enumerate() {
+                    if picked.next_if_eq(&&(*id, index)).is_some() {
+                        batch.push(t);
+                    }
+                }
+            }
             let size = batch.len();
-            let rows: usize = batch.iter().map(|t| t.rows()).sum();
+            let rows: usize = batch.iter().map(|t| t.spec().rows_per_step()).sum();
             let started = Instant::now();
-            let outcome = catch_unwind(AssertUnwindSafe(|| {
-                step_trajectories(&model.net().model, &mut batch)?;
-                // Wait for the device, so that the time measured is the pass's.
-                sync(batch[0].x());
-                Ok::<_, ddpm_core::CoreError>(())
-            }));
+            let outcome = forward(&model.net().model, &mut batch);
             self.metrics.observe_forward_pass(size);
             let error = match outcome {
-                Ok(Ok(())) => {
+                Ok(()) => {
                     self.times.observe(rows, started.elapsed().as_secs_f64());
                     continue;
                 }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "the forward pass panicked".to_string(),
+                Err(e) => Arc::new(e),
             };
-            if is_sticky_device_error(&error) {
+            if error.device_fault() == DeviceFault::Sticky {
                 // The CUDA context is unusable until the process restarts: say so to
                 // the orchestrator through /healthz.
                 self.broken.store(true, Ordering::SeqCst);
                 tracing::error!(%error, "the device is in an unrecoverable state: /healthz now fails");
             }
             tracing::error!(%error, batch = size, "forward pass failed: failing its requests");
-            let mut requests = requests;
-            requests.dedup();
             failed.extend(requests.into_iter().map(|r| (r, error.clone())));
         }
+        failed
+    }
+    /// Answers the requests whose forward pass failed.
+    fn fail(&mut self, queue: &mut Queue, failed: Vec<(RequestId, Arc<CoreError>)>) {
         for (id, error) in failed {
-            if self.scheduler.cancel(id) {
-                lock(&self.ledger).forget(id);
-                if let Some(p) = self.pending.remove(&id) {
-                    p.answer(Err(BatchError::ForwardPass(error)));
-                }
+            self.samples.remove(&id);
+            if let Some(request) = queue.requests.cancel(id) {
+                request.answer(Err(BatchError::ForwardPass(error)));
             }
         }
     }
 
     /// Sends finished images to streaming requests and answers the requests whose
     /// samples are all done.
-    fn retire(&mut self) {
-        let pending = &self.pending;
+    fn retire(&mut self, queue: &mut Queue) {
+        let samples = &self.samples;
         // A streamed request's images go out as they finish, each converted once; one that
         // cannot be read fails its request when it completes.
         let mut unreadable: HashMap<RequestId, BatchError> = HashMap::new();
-        let completed = self.scheduler.retire(|request, index, sample| {
-            let Some(sink) = pending.get(&request).and_then(|p| p.stream.as_ref()) else {
+        let completed = queue.requests.retire(|id, index, request| {
+            let Some(sink) = &request.stream else {
                 return;
             };
-            match to_image(sample.x(), sample.spec()) {
+            let Some(t) = samples.get(&id).and_then(|ts| ts.get(index)) else {
+                return;
+            };
+            match to_image(t.x(), t.spec()) {
                 Ok(image) => {
                     let _ = sink.items.send(StreamItem::Image { index, image });
                 }
                 Err(e) => {
-                    unreadable.entry(request).or_insert(e);
+                    unreadable.entry(id).or_insert(e);
                 }
             }
         });
         for done in completed {
-            lock(&self.ledger).forget(done.request);
-            let Some(p) = self.pending.remove(&done.request) else {
-                continue;
-            };
-            let reply = match &p.stream {
+            let trajectories = self.samples.remove(&done.id).unwrap_or_default();
+            let request = done.request;
+            let reply = match &request.stream {
                 Some(sink) => {
                     sink.progress.send_if_modified(|progress| {
                         progress.images_done = progress.images;
                         progress.step = progress.total;
                         true
                     });
-                    match unreadable.remove(&done.request) {
+                    match unreadable.remove(&done.id) {
                         Some(e) => Err(e),
                         None => Ok(Vec::new()),
                     }
                 }
-                None => done
-                    .samples
+                None => trajectories
                     .iter()
                     .map(|t| to_image(t.x(), t.spec()))
                     .collect(),
@@ -388,15 +354,17 @@ impl Worker {
                     .images_generated
                     .inc_by(done.samples.len() as u64);
             }
-            p.answer(reply);
+            request.answer(reply);
         }
     }
 
-    /// Progress and previews for streaming requests; remaining work for admission.
-    fn report(&mut self) {
-        for (id, p) in &self.pending {
-            let Some(sink) = &p.stream else { continue };
-            if let Some(progress) = self.scheduler.progress(*id) {
+    /// Progress and previews for streaming requests; the pass-time estimate for admission.
+    fn report(&mut self, queue: &mut Queue) {
+        for entry in queue.requests.requests() {
+            let Some(sink) = &entry.request.stream else {
+                continue;
+            };
+            if let Some(progress) = queue.requests.progress(entry.id()) {
                 sink.progress.send_if_modified(|old| {
                     let changed = *old != progress;
                     *old = progress;
@@ -404,30 +372,24 @@ impl Worker {
                 });
             }
         }
-        self.send_previews();
-        let mut ledger = lock(&self.ledger);
-        for (id, row_steps) in self.scheduler.remaining() {
-            if let Some(b) = ledger.bookings.get_mut(&id) {
-                b.row_steps = row_steps;
-            }
-        }
-        ledger.pass = self.times.is_calibrated().then(|| self.times.estimate());
-        self.metrics
-            .backlog_seconds
-            .set(ledger.backlog_seconds(2 * self.config.max_batch));
+        self.send_previews(queue);
+        queue.pass = self.times.is_calibrated().then(|| self.times.estimate());
+        self.metrics.backlog_seconds.set(queue.backlog_seconds());
     }
 
     /// x̂₀ of each streamed sample that asked for previews, every k of its steps.
-    fn send_previews(&mut self) {
-        let pending = &self.pending;
-        for (request, index, sample) in self.scheduler.selected_mut() {
-            let Some(sink) = pending.get(&request).and_then(|p| p.stream.as_ref()) else {
+    fn send_previews(&self, queue: &Queue) {
+        for (id, index) in queue.requests.selected() {
+            let Some(sink) = queue.requests.request(id).and_then(|r| r.stream.as_ref()) else {
                 continue;
             };
             let Some(every) = sink.preview_every else {
                 continue;
             };
-            let (step, total) = Work::progress(&*sample);
+            let Some(sample) = self.samples.get(&id).and_then(|ts| ts.get(index)) else {
+                continue;
+            };
+            let (step, total) = sample.progress();
             if step == 0 || step >= total || step % every != 0 {
                 continue;
             }
@@ -439,22 +401,36 @@ impl Worker {
     }
 }
 
-/// Whether a forward-pass error leaves the device unusable: after a CUDA error such as an
-/// illegal memory access or a device-side assert, every later call on the context fails.
-/// Out-of-memory is not sticky (the pass can be retried smaller).
-pub(crate) fn is_sticky_device_error(message: &str) -> bool {
-    let m = message.to_ascii_lowercase();
-    let sticky = [
-        "illegal memory access",
-        "device-side assert",
-        "unspecified launch failure",
-        "an illegal instruction",
-        "misaligned address",
-        "cuda error: launch failure",
-        "uncorrectable ecc error",
-        "cudaerrorlaunchfailure",
-    ];
-    sticky.iter().any(|s| m.contains(s))
+/// The selected samples, grouped by model (one group in all, except during a hot swap).
+fn selection(queue: &Queue) -> Selection {
+    let mut groups: Selection = Vec::new();
+    for (id, index) in queue.requests.selected() {
+        let Some(request) = queue.requests.request(id) else {
+            continue;
+        };
+        match groups
+            .iter_mut()
+            .find(|(m, _)| Arc::ptr_eq(m, &request.model))
+        {
+            Some((_, picked)) => picked.push((id, index)),
+            None => groups.push((request.model.clone(), vec![(id, index)])),
+        }
+    }
+    groups
+}
+
+/// Steps `batch` by one forward pass and waits for the device, so that the time measured
+/// is the pass's. The last guard: a panic of the network's forward pass (tch's panicking
+/// operators) comes back as an error, its device fault classified like any other.
+fn forward(model: &Model, batch: &mut [&mut Trajectory]) -> Result<(), CoreError> {
+    catch_unwind(AssertUnwindSafe(|| {
+        step_trajectories(model, batch)?;
+        if let Some(t) = batch.first() {
+            sync(t.x());
+        }
+        Ok(())
+    }))
+    .unwrap_or_else(|panic| Err(CoreError::from_panic(panic.as_ref())))
 }
 
 /// Waits for the device to finish the work queued on `x` (a no-op on the CPU).
@@ -468,39 +444,23 @@ fn sync(x: &Tensor) {
 fn to_image(x: &Tensor, spec: &SampleSpec) -> Result<GeneratedImage, BatchError> {
     let size = x.size();
     let [c, h, w] = size[..] else {
-        return Err(BatchError::Image(format!("an image of shape {size:?}")));
+        return Err(BatchError::Image(CoreError::Input(format!(
+            "an image of shape {size:?}"
+        ))));
     };
-    let hwc = to_uint8(&x.unsqueeze(0))
-        .squeeze_dim(0)
-        .permute([1, 2, 0])
-        .contiguous(); // [H, W, C]
-    let pixels =
-        Vec::<u8>::try_from(hwc.view([-1])).map_err(|e| BatchError::Image(e.to_string()))?;
+    let pixels = || -> Result<Vec<u8>, CoreError> {
+        let hwc = to_uint8(&x.f_unsqueeze(0)?)?
+            .f_squeeze_dim(0)?
+            .f_permute([1, 2, 0])?
+            .f_contiguous()?; // [H, W, C]
+        Ok(Vec::<u8>::try_from(hwc.f_view([-1])?)?)
+    };
     Ok(GeneratedImage {
         label: spec.label,
         seed: spec.seed,
         width: w as u32,
         height: h as u32,
         channels: c as u8,
-        pixels,
+        pixels: pixels().map_err(BatchError::Image)?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sticky_device_errors_are_told_from_recoverable_ones() {
-        assert!(is_sticky_device_error(
-            "CUDA error: an illegal memory access was encountered"
-        ));
-        assert!(is_sticky_device_error(
-            "Torch(\"CUDA error: device-side assert triggered\")"
-        ));
-        assert!(!is_sticky_device_error(
-            "CUDA out of memory. Tried to allocate 2.00 GiB"
-        ));
-        assert!(!is_sticky_device_error("label 12 is outside 0..=10"));
-    }
 }

@@ -45,8 +45,8 @@ pub enum ValidationError {
     #[error("{0}")]
     Id(String),
     /// More work (images × steps) than the server can finish within its request timeout.
-    #[error("{0}")]
-    TooCostly(String),
+    #[error(transparent)]
+    TooCostly(crate::batcher::TooCostly),
     /// `priority` or `preview_every`.
     #[error("{0}")]
     Streaming(String),
