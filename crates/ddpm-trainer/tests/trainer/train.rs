@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use ddpm_core::checkpoint::load_checkpoint;
 use ddpm_registry::{CheckpointKind, CheckpointStore, RunStatus};
+use ddpm_testkit::both_backends;
 use tch::Device;
 
-use crate::helpers::{both_backends, expected_steps, micro_config, TestEnv};
+use crate::helpers::{expected_steps, micro_config, TestEnv};
 
 const LIMIT: Duration = Duration::from_secs(240);
 
@@ -200,7 +201,7 @@ async fn oversized_images_and_symlink_loops_are_skipped_and_counted(env: TestEnv
     assert!(!log.contains("skipping corrupt image"), "{log}");
 }
 
-both_backends!(train_records_the_run_its_metrics_and_checkpoints);
+both_backends!(crate::helpers::with_env; train_records_the_run_its_metrics_and_checkpoints);
 
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
