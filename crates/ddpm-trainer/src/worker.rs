@@ -11,8 +11,8 @@ use std::{
 };
 
 use ddpm_registry::{
-    CheckpointKind, CheckpointStore, Lease, LeasedRun, NewRun, Registry, RegistryError, Run,
-    RunStatus,
+    CheckpointKind, CheckpointStore, FinalStatus, Lease, LeasedRun, NewRun, Registry,
+    RegistryError, Run,
 };
 use tch::Device;
 use tokio_util::sync::CancellationToken;
@@ -116,7 +116,7 @@ impl Worker {
         let leased = self.registry.leased(Lease::of(&run)?);
         if run.cancel_requested_at.is_some() {
             // Cancelled while its worker was away: nothing to save.
-            return self.end(&leased, RunStatus::Cancelled, None).await;
+            return self.end(&leased, FinalStatus::Cancelled, None).await;
         }
         if run.crashes > self.max_crashes {
             let message = format!(
@@ -126,7 +126,7 @@ impl Worker {
                 run.crashes, run.current_step, self.max_crashes
             );
             tracing::error!(crashes = run.crashes, "run failed: {message}");
-            return self.end(&leased, RunStatus::Failed, Some(&message)).await;
+            return self.end(&leased, FinalStatus::Failed, Some(&message)).await;
         }
         // Heartbeats from the claim on: a dataset scan longer than `stale_after` must not
         // let another worker take the run while this one still prepares it.
@@ -235,16 +235,16 @@ impl Worker {
                     tracing::warn!(error = %e, "retention failed");
                 }
                 tracing::info!(step, "run completed");
-                self.end(&leased, RunStatus::Completed, None).await
+                self.end(&leased, FinalStatus::Completed, None).await
             }
             Ok(LoopEnd::Interrupted { step }) => {
                 let _ = leased.heartbeat(step).await;
                 if cancel.is_cancelled() {
                     tracing::info!(step, "run cancelled; its state at this step is kept");
-                    return self.end(&leased, RunStatus::Cancelled, None).await;
+                    return self.end(&leased, FinalStatus::Cancelled, None).await;
                 }
                 tracing::info!(step, "run interrupted; it resumes from this step");
-                self.end(&leased, RunStatus::Interrupted, None).await
+                self.end(&leased, FinalStatus::Interrupted, None).await
             }
             Ok(LoopEnd::Lost { step }) => {
                 tracing::warn!(step, "run taken over by another worker");
@@ -262,15 +262,15 @@ impl Worker {
     async fn end(
         &self,
         leased: &LeasedRun,
-        status: RunStatus,
+        status: FinalStatus,
         error: Option<&str>,
     ) -> Result<RunEnd> {
         match leased.finish(status, error).await {
             Ok(()) => Ok(match status {
-                RunStatus::Completed => RunEnd::Completed,
-                RunStatus::Cancelled => RunEnd::Cancelled,
-                RunStatus::Failed => RunEnd::Failed(error.unwrap_or_default().to_owned()),
-                _ => RunEnd::Interrupted,
+                FinalStatus::Completed => RunEnd::Completed,
+                FinalStatus::Cancelled => RunEnd::Cancelled,
+                FinalStatus::Failed => RunEnd::Failed(error.unwrap_or_default().to_owned()),
+                FinalStatus::Interrupted => RunEnd::Interrupted,
             }),
             Err(RegistryError::ClaimLost { .. }) => {
                 tracing::warn!(%status, "run taken over by another worker: not ending it");
@@ -290,7 +290,7 @@ impl Worker {
     ) -> Result<RunEnd> {
         let message = e.to_string();
         if !e.is_transient() {
-            return self.end(leased, RunStatus::Failed, Some(&message)).await;
+            return self.end(leased, FinalStatus::Failed, Some(&message)).await;
         }
         let delay = retry_delay(self.retry_backoff, run.attempts);
         tracing::warn!(error = %message, ?delay, "run deferred: the failure may pass; it is retried");
