@@ -10,15 +10,15 @@
 //! [`StateManifest`] with the step and the seed. Random draws during training are seeded
 //! from (seed, step), so (seed, step) *is* the RNG state.
 //!
-//! Files are written atomically (temp file, fsync, rename, fsync of the directory).
-//! Loading never panics: a truncated file, flipped bits, a foreign file or weights of
-//! another shape are each a [`CoreError::Checkpoint`] naming the file and the problem.
+//! This module makes and reads bytes only: where they are kept, and how durably, is the
+//! checkpoint store's job (`ddpm-registry`). The loaders take the bytes with the name they
+//! are known by, for errors. Loading never panics: truncated bytes, flipped bits, a
+//! foreign file or weights of another shape are each a [`CoreError::Checkpoint`] naming
+//! the file and the problem.
 
 use std::{
     collections::HashMap,
-    fs,
-    io::Write,
-    path::{Path, PathBuf},
+    path::Path,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -170,6 +170,23 @@ fn serialize<M: Serialize>(
     .map_err(|e| CoreError::Input(format!("safetensors: {e}")))
 }
 
+/// The manifest in a file's metadata, parsed without reading (nor verifying) the tensors.
+fn manifest_of<M: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<M> {
+    let bad = |m: String| CoreError::checkpoint(path, m);
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
+    let json = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(MANIFEST_KEY))
+        .ok_or_else(|| {
+            bad(format!(
+                "no {MANIFEST_KEY} in its metadata: not a ddpm file"
+            ))
+        })?;
+    serde_json::from_str(json).map_err(|e| bad(format!("unreadable manifest: {e}")))
+}
+
 /// Parses and verifies a file's bytes: its manifest and the tensors by name.
 struct Parsed<'a, M> {
     manifest: M,
@@ -183,19 +200,7 @@ fn parse<'a, M: DeserializeOwned>(
     checksum_of: impl FnOnce(&M) -> (&str, &str),
 ) -> Result<Parsed<'a, M>> {
     let bad = |m: String| CoreError::checkpoint(path, m);
-    let (_, meta) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
-    let json = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(MANIFEST_KEY))
-        .ok_or_else(|| {
-            bad(format!(
-                "no {MANIFEST_KEY} in its metadata: not a ddpm file"
-            ))
-        })?;
-    let manifest: M =
-        serde_json::from_str(json).map_err(|e| bad(format!("unreadable manifest: {e}")))?;
+    let manifest: M = manifest_of(path, bytes)?;
     let (found_format, expected_sum) = checksum_of(&manifest);
     if found_format != format {
         return Err(bad(format!("format {found_format:?}, expected {format:?}")));
@@ -252,36 +257,6 @@ fn copy_into(
     Ok(())
 }
 
-/// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync dir.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(CoreError::io(path, e));
-    }
-    Ok(())
-}
-
-fn read(path: &Path) -> Result<Vec<u8>> {
-    fs::read(path).map_err(|e| CoreError::io(path, e))
-}
-
 /// The servable checkpoint of `model` (the EMA model) as bytes, with its manifest.
 pub fn checkpoint_bytes(model: &Model, info: &CheckpointInfo) -> Result<(Vec<u8>, Manifest)> {
     let cfg = model.config();
@@ -312,34 +287,14 @@ pub fn checkpoint_bytes(model: &Model, info: &CheckpointInfo) -> Result<(Vec<u8>
     Ok((bytes, manifest))
 }
 
-/// Saves `model` as a checkpoint at `path`, atomically.
-pub fn save_checkpoint(path: &Path, model: &Model, info: &CheckpointInfo) -> Result<Manifest> {
-    let (bytes, manifest) = checkpoint_bytes(model, info)?;
-    write_atomic(path, &bytes)?;
-    Ok(manifest)
+/// Reads a checkpoint's manifest from its bytes without loading (nor verifying) its
+/// weights; `path` names the bytes in errors.
+pub fn read_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest> {
+    manifest_of(path, bytes)
 }
 
-/// Reads a checkpoint's manifest without loading (nor verifying) its weights.
-pub fn read_manifest(path: &Path) -> Result<Manifest> {
-    let bytes = read(path)?;
-    let bad = |m: String| CoreError::checkpoint(path, m);
-    let (_, meta) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
-    let json = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(MANIFEST_KEY))
-        .ok_or_else(|| bad("no manifest: not a ddpm checkpoint".into()))?;
-    serde_json::from_str(json).map_err(|e| bad(format!("unreadable manifest: {e}")))
-}
-
-/// Loads and verifies a checkpoint onto `device`.
-pub fn load_checkpoint(path: &Path, device: Device) -> Result<LoadedCheckpoint> {
-    let bytes = read(path)?;
-    load_checkpoint_bytes(path, &bytes, device)
-}
-
-/// [`load_checkpoint`] from bytes already read (`path` names them in errors).
+/// Loads and verifies a checkpoint from its bytes onto `device`; `path` names the bytes
+/// in errors.
 pub fn load_checkpoint_bytes(
     path: &Path,
     bytes: &[u8],
@@ -386,14 +341,14 @@ pub struct StateInfo {
     pub extra: serde_json::Value,
 }
 
-/// Saves the raw model, its EMA and the optimizer's moments at `path`, atomically.
-pub fn save_training_state(
-    path: &Path,
+/// The training state as bytes: the raw model, its EMA and the optimizer's moments,
+/// with its manifest.
+pub fn training_state_bytes(
     model: &Model,
     ema: &Ema,
     optimizer: &AdamW,
     info: &StateInfo,
-) -> Result<StateManifest> {
+) -> Result<(Vec<u8>, StateManifest)> {
     let mut named = Vec::new();
     for (prefix, m) in [("model.", model), ("ema.", ema.model())] {
         for (n, t) in m.named_variables() {
@@ -415,20 +370,20 @@ pub fn save_training_state(
         extra: info.extra.clone(),
     };
     let bytes = serialize(named, &mut manifest, |m, s| m.checksum = s)?;
-    write_atomic(path, &bytes)?;
-    Ok(manifest)
+    Ok((bytes, manifest))
 }
 
-/// Restores a training state into `model`, `ema` and `optimizer` (built from the same
-/// config). Nothing is modified unless the whole file verifies and matches.
-pub fn load_training_state(
+/// Restores a training state from its bytes into `model`, `ema` and `optimizer` (built
+/// from the same config); `path` names the bytes in errors. Nothing is modified unless
+/// the whole state verifies and matches.
+pub fn load_training_state_bytes(
     path: &Path,
+    bytes: &[u8],
     model: &Model,
     ema: &Ema,
     optimizer: &mut AdamW,
 ) -> Result<StateManifest> {
-    let bytes = read(path)?;
-    let parsed: Parsed<StateManifest> = parse(path, &bytes, STATE_FORMAT, |m: &StateManifest| {
+    let parsed: Parsed<StateManifest> = parse(path, bytes, STATE_FORMAT, |m: &StateManifest| {
         (m.format.as_str(), m.checksum.as_str())
     })?;
     let manifest = parsed.manifest;

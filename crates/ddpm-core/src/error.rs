@@ -29,12 +29,6 @@ pub enum CoreError {
     /// not match the model it is loaded into.
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
-    #[error("i/o on {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// What a failure says about the device it happened on.
@@ -110,13 +104,6 @@ impl CoreError {
         CoreError::Checkpoint {
             path: path.into(),
             message: message.into(),
-        }
-    }
-
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        CoreError::Io {
-            path: path.into(),
-            source,
         }
     }
 }

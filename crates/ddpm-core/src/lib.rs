@@ -2,7 +2,7 @@
 //!
 //! Denoising diffusion probabilistic models (Ho et al. 2020) with classifier-free guidance
 //! (Ho & Salimans 2022) and EMA weights, on libtorch through `tch`. The math and the
-//! network only: no I/O beyond checkpoint files, no async. Everything runs on the CPU or
+//! network only: no I/O (checkpoints are bytes in and out), no async. Everything runs on the CPU or
 //! a CUDA GPU, chosen at run time ([`DeviceChoice`]).
 //!
 //! ## Layout
@@ -17,8 +17,8 @@
 //!   built on it.
 //! - [`noise`]: per-sample seeded noise streams.
 //! - [`flat`], [`optim`], [`ema`]: parameters in one flat buffer, AdamW and the EMA over it.
-//! - [`checkpoint`]: EMA checkpoints with a manifest, resumable training states, atomic
-//!   writes and verified loads.
+//! - [`checkpoint`]: EMA checkpoints with a manifest and resumable training states, as
+//!   bytes, and verified loads from bytes.
 //! - [`device`]: run-time device choice.
 //! - [`tile`]: images tiled on a canvas (sample grids).
 

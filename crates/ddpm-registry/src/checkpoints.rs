@@ -258,7 +258,8 @@ pub(crate) async fn delete_by_id<'e>(
 
 impl Registry {
     /// Registers a durable checkpoint file (write it first: see
-    /// [`CheckpointStore::save_and_register`](crate::CheckpointStore::save_and_register)).
+    /// [`CheckpointStore::write_bytes`](crate::CheckpointStore::write_bytes) and
+    /// [`CheckpointStore::register`](crate::CheckpointStore::register)).
     ///
     /// A path registered before is replaced: its old row goes and the new one
     /// gets a new, higher id, so it counts as the newest. On PostgreSQL the

@@ -1,12 +1,6 @@
-//! The crate's one error type.
+//! The crate's one error type. It depends on no other module of the crate, so that every module can use it.
 
 use std::path::PathBuf;
-
-use crate::runs::RunStatus;
-
-/// Boxed error returned by a caller's write closure (see
-/// [`CheckpointStore::write_atomic`](crate::CheckpointStore::write_atomic)).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// `Result` with [`RegistryError`].
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
@@ -33,14 +27,6 @@ pub enum RegistryError {
     /// No checkpoint has this id.
     #[error("checkpoint {0} not found")]
     CheckpointNotFound(i64),
-
-    /// The run's current status does not allow the requested change.
-    #[error("run {id} is {from}, it cannot become {to}")]
-    InvalidTransition {
-        id: i64,
-        from: RunStatus,
-        to: RunStatus,
-    },
 
     /// An operator action the run's state does not allow (deleting a running run,
     /// restarting a completed one without `--from-scratch`, …), with the reason.
@@ -86,13 +72,10 @@ pub enum RegistryError {
         source: std::io::Error,
     },
 
-    /// The caller's closure failed to write a checkpoint's temp file.
-    #[error("writing {} failed: {source}", path.display())]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: BoxError,
-    },
+    /// The checkpoint store holds nothing under this key (a store not mounted, a file
+    /// deleted behind the registry's back).
+    #[error("no object {0:?} in the checkpoint store")]
+    ObjectMissing(String),
 
     /// A path is not a plain relative path inside the store.
     #[error("invalid store path {0:?}: must be relative, non-empty, without `.`/`..`")]

@@ -19,7 +19,7 @@ use crate::checkpoints::{delete_by_id, register_in, validate, CheckpointRecord, 
 use crate::db::Registry;
 use crate::error::{RegistryError, Result};
 use crate::metrics::{delete_metrics_after, record_in, MetricPoint};
-use crate::runs::{Run, RunStatus};
+use crate::runs::{FinalStatus, Run, RunStatus};
 use crate::scores::{upsert_score, ScoreValues};
 
 /// A worker's hold on a running run: granted by a claim, lost to a later claim or the
@@ -215,17 +215,9 @@ impl LeasedRun {
     }
 
     /// Ends the run as `status` (completed, failed with `error`, interrupted or
-    /// cancelled) and sets `finished_at`; the lease ends with it. Fails with
-    /// [`RegistryError::InvalidTransition`] for a status that is not final.
+    /// cancelled) and sets `finished_at`; the lease ends with it.
     #[tracing::instrument(skip(self), fields(id = self.lease.run_id))]
-    pub async fn finish(&self, status: RunStatus, error: Option<&str>) -> Result<()> {
-        if !status.is_final() {
-            return Err(RegistryError::InvalidTransition {
-                id: self.lease.run_id,
-                from: RunStatus::Running,
-                to: status,
-            });
-        }
+    pub async fn finish(&self, status: FinalStatus, error: Option<&str>) -> Result<()> {
         let now = self.registry.backend.now_ms();
         let sql = format!(
             "UPDATE runs SET status = $4, error = $5, finished_at = {now}, updated_at = {now} \
@@ -235,7 +227,7 @@ impl LeasedRun {
             .bind(self.lease.run_id)
             .bind(&self.lease.worker)
             .bind(self.lease.attempt)
-            .bind(status.as_str())
+            .bind(RunStatus::from(status).as_str())
             .bind(error)
             .execute(&self.registry.pool)
             .await?;

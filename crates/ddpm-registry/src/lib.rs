@@ -4,12 +4,14 @@
 //! heartbeat, progress), their metric series and their checkpoints, and is the
 //! run queue that trainers claim work from. It runs on PostgreSQL (deployment)
 //! or SQLite (the zero-configuration default); the connection URL picks which.
-//! The checkpoint store keeps the checkpoint files in a directory, writes them
-//! atomically, and registers them only once they are durable.
+//! The checkpoint store keeps the checkpoint files on a backend behind one small
+//! interface ([`ObjectStore`]: a directory, [`DirStore`], for now), which alone writes,
+//! hashes, publishes and deletes them; they are registered only once durable.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), ddpm_registry::RegistryError> {
-//! use ddpm_registry::{CheckpointKind, CheckpointStore, Lease, NewRun, Registry, RunStatus};
+//! use ddpm_registry::{CheckpointKind, CheckpointStore, FinalStatus, Lease, NewRun, Registry};
+//! use std::path::Path;
 //! use std::time::Duration;
 //!
 //! let registry = Registry::connect("sqlite:data/registry.db").await?;
@@ -26,14 +28,14 @@
 //!     // Every write from here on holds the lease, and fails once another worker has it.
 //!     let leased = registry.leased(Lease::of(&run)?);
 //!     leased.heartbeat(1000).await?;
-//!     let bytes = b"safetensors bytes".to_vec();
+//!     // Blocking: a trainer writes from its training thread.
+//!     let rel = store.path_for(run.id, 1000, CheckpointKind::Ema);
+//!     let file = store.write_bytes(&rel, b"safetensors bytes")?;
 //!     store
-//!         .save_and_register(&leased, run.id, 1000, CheckpointKind::Ema, move |tmp| {
-//!             std::fs::write(tmp, &bytes)
-//!         })
+//!         .register(&leased, run.id, 1000, CheckpointKind::Ema, &file)
 //!         .await?;
 //!     store.apply_retention(&leased, run.id, 3).await?;
-//!     leased.finish(RunStatus::Completed, None).await?;
+//!     leased.finish(FinalStatus::Completed, None).await?;
 //! }
 //! # Ok(())
 //! # }
@@ -45,7 +47,7 @@
 //!   URL, migrations (`migrations/postgres` and `migrations/sqlite` at the
 //!   workspace root, embedded at compile time), the SQL that differs per
 //!   dialect, timestamp conversion.
-//! - `runs`: [`Run`], [`RunStatus`], the queue ([`Registry::claim_next`], ordered by
+//! - `runs`: [`Run`], [`RunStatus`], [`FinalStatus`] (how a run ends), the queue ([`Registry::claim_next`], ordered by
 //!   when a run may next be tried; [`Registry::claim_run`] for a foreground run),
 //!   listing.
 //! - `lease`: [`Lease`] and [`LeasedRun`]: a worker's writes (heartbeat, metrics,
@@ -63,9 +65,14 @@
 //!   when, why), rollback by revocation; what retention must keep for serving.
 //! - `announce`: [`Announcements`], those notifications as a stream
 //!   (`LISTEN`, reconnects), so that no caller needs database code.
-//! - `store`: [`CheckpointStore`]: atomic writes, checksums, verification,
-//!   retention, tidying after crashes; [`CheckpointLedger`], where it records files
-//!   (the registry, or a lease).
+//! - `store`: [`CheckpointStore`]: the layout of a run's files, reads verified against
+//!   their rows, registration, deletion, retention, tidying after crashes, all on an
+//!   [`ObjectStore`]; [`CheckpointLedger`], where it records files (the registry, or a
+//!   lease).
+//! - `object_store`: [`ObjectStore`], what a backend implements (write-and-publish,
+//!   read, delete, list), and [`StoredFile`], what a write returns.
+//! - `dir_store`: [`DirStore`], the directory backend: temp file, fsync, rename,
+//!   directory fsync.
 //! - `relpath`: the one check of a store-relative path, which `checkpoints`
 //!   and `store` share (neither depends on the other's internals).
 //! - `error`: [`RegistryError`], the one error type.
@@ -87,10 +94,12 @@ mod announce;
 mod checkpoints;
 mod control;
 mod db;
+mod dir_store;
 mod error;
 pub mod failpoint;
 mod lease;
 mod metrics;
+mod object_store;
 mod promotions;
 mod relpath;
 mod runs;
@@ -100,10 +109,12 @@ mod store;
 pub use announce::Announcements;
 pub use checkpoints::{CheckpointKind, CheckpointRecord, NewCheckpoint, CHECKPOINT_CHANNEL};
 pub use db::{database_password, redact_password, Backend, Registry};
-pub use error::{BoxError, RegistryError, Result};
+pub use dir_store::DirStore;
+pub use error::{RegistryError, Result};
 pub use lease::{Beat, Lease, LeasedRun};
 pub use metrics::{MetricPoint, MetricSummary};
+pub use object_store::{ObjectStore, StoredFile};
 pub use promotions::Promotion;
-pub use runs::{NewRun, Run, RunStatus};
+pub use runs::{FinalStatus, NewRun, Run, RunStatus};
 pub use scores::{CheckpointScore, ScoreValues};
-pub use store::{CheckpointLedger, CheckpointStore, StoredFile};
+pub use store::{CheckpointLedger, CheckpointStore};

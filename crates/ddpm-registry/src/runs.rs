@@ -65,11 +65,33 @@ impl RunStatus {
             RunStatus::Cancelled => "cancelled",
         }
     }
+}
 
-    /// Whether [`LeasedRun::finish`](crate::LeasedRun::finish) may end a run with this
-    /// status.
-    pub fn is_final(self) -> bool {
-        !matches!(self, RunStatus::Queued | RunStatus::Running)
+/// How a run ends: the statuses [`LeasedRun::finish`](crate::LeasedRun::finish) takes, so
+/// that ending a run as queued or running does not compile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinalStatus {
+    Completed,
+    Failed,
+    Interrupted,
+    Cancelled,
+}
+
+impl From<FinalStatus> for RunStatus {
+    fn from(status: FinalStatus) -> RunStatus {
+        match status {
+            FinalStatus::Completed => RunStatus::Completed,
+            FinalStatus::Failed => RunStatus::Failed,
+            FinalStatus::Interrupted => RunStatus::Interrupted,
+            FinalStatus::Cancelled => RunStatus::Cancelled,
+        }
+    }
+}
+
+impl fmt::Display for FinalStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        RunStatus::from(*self).fmt(f)
     }
 }
 
@@ -454,20 +476,17 @@ mod tests {
     }
 
     #[test]
-    fn only_queued_and_running_are_not_final() {
-        let finals: Vec<_> = RunStatus::ALL
-            .into_iter()
-            .filter(|s| s.is_final())
-            .collect();
-        assert_eq!(
-            finals,
-            [
-                RunStatus::Completed,
-                RunStatus::Failed,
-                RunStatus::Interrupted,
-                RunStatus::Cancelled
-            ]
-        );
+    fn final_statuses_are_the_run_statuses_after_running() {
+        use FinalStatus::{Cancelled, Completed, Failed, Interrupted};
+        let finals = [Completed, Failed, Interrupted, Cancelled].map(RunStatus::from);
+        assert_eq!(finals, RunStatus::ALL[2..]);
+        for status in [Completed, Failed, Interrupted, Cancelled] {
+            assert_eq!(status.to_string(), RunStatus::from(status).as_str());
+            assert_eq!(
+                serde_json::to_string(&status).unwrap(),
+                serde_json::to_string(&RunStatus::from(status)).unwrap()
+            );
+        }
     }
 
     fn row() -> RunRow {

@@ -227,14 +227,9 @@ async fn bench() -> anyhow::Result<()> {
     };
     let (bytes, _) = checkpoint_bytes(&model, &info)?;
     drop(model);
+    let file = store.write_bytes(&store.path_for(run.id, 1, CheckpointKind::Ema), &bytes)?;
     store
-        .save_and_register(
-            &registry,
-            run.id,
-            1,
-            CheckpointKind::Ema,
-            move |tmp: &Path| std::fs::write(tmp, &bytes),
-        )
+        .register(&registry, run.id, 1, CheckpointKind::Ema, &file)
         .await?;
     registry.close().await;
 

@@ -87,7 +87,7 @@ pub async fn run(
     tracing::info!(
         device = %ddpm_core::device::device_name(device),
         backend = ?registry.backend(),
-        checkpoints = %store.root().display(),
+        checkpoints = %store,
         ?pin,
         "starting"
     );

@@ -8,7 +8,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use ddpm_core::{
-    checkpoint::{load_checkpoint, Manifest},
+    checkpoint::{load_checkpoint_bytes, Manifest},
     Model, NoiseSchedule, SamplerConfig,
 };
 use ddpm_registry::{CheckpointRecord, CheckpointStore};
@@ -63,28 +63,22 @@ pub struct ModelInfo {
 }
 
 impl LoadedModel {
-    /// Loads the checkpoint `record` from `store` onto `device`: checks the file against the
-    /// registry's SHA-256, the manifest against the record, loads and verifies the weights,
-    /// and runs one forward pass. Blocking (call it off the async runtime).
+    /// Loads the checkpoint `record` from `store` onto `device`: reads it through the store,
+    /// which checks the bytes against the registry's SHA-256, checks the manifest against
+    /// the record, loads and verifies the weights, and runs one forward pass. Blocking
+    /// (call it off the async runtime).
     pub fn load(
         store: &CheckpointStore,
         record: &CheckpointRecord,
         device: Device,
     ) -> Result<LoadedModel, ServerError> {
-        let path = store.verify(record)?;
-        Self::load_verified(&path, record, device)
-    }
-
-    fn load_verified(
-        path: &Path,
-        record: &CheckpointRecord,
-        device: Device,
-    ) -> Result<LoadedModel, ServerError> {
+        let bytes = store.open(record)?;
         let incompatible = |message: String| ServerError::IncompatibleCheckpoint {
             id: record.id,
             message,
         };
-        let loaded = load_checkpoint(path, device)?;
+        let loaded = load_checkpoint_bytes(Path::new(&record.path), &bytes, device)?;
+        drop(bytes);
         let manifest = loaded.manifest;
         if manifest.run_id.is_some_and(|run| run != record.run_id) {
             return Err(incompatible(format!(

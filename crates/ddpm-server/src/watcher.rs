@@ -120,11 +120,12 @@ fn may_pass(error: &ServerError) -> bool {
     match error {
         // A file that is not there or not readable (yet): a store not mounted, a copy
         // in progress. A checksum mismatch is corruption: for good.
-        ServerError::Registry(RegistryError::Io { .. }) | ServerError::Io(_) => true,
+        ServerError::Registry(RegistryError::Io { .. } | RegistryError::ObjectMissing(_))
+        | ServerError::Io(_) => true,
         ServerError::Registry(e) => e.is_unavailable(),
         // libtorch failing to place the weights (out of memory on the device) may pass;
         // a file that does not parse as a checkpoint does not.
-        ServerError::Core(CoreError::Io { .. } | CoreError::Torch { .. }) => true,
+        ServerError::Core(CoreError::Torch { .. }) => true,
         _ => false,
     }
 }
@@ -464,11 +465,15 @@ mod tests {
 
     #[test]
     fn corruption_is_for_good_and_missing_files_may_pass() {
-        let missing = ServerError::Registry(ddpm_registry::RegistryError::Io {
-            path: "x".into(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        });
+        let missing = ServerError::Registry(ddpm_registry::RegistryError::ObjectMissing(
+            "runs/1/ema-00000001.safetensors".into(),
+        ));
         assert!(may_pass(&missing));
+        let unreadable = ServerError::Registry(ddpm_registry::RegistryError::Io {
+            path: "x".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        });
+        assert!(may_pass(&unreadable));
         let corrupt = ServerError::Registry(ddpm_registry::RegistryError::ChecksumMismatch {
             path: "x".into(),
             expected: "a".into(),

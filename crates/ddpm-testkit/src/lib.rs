@@ -3,6 +3,8 @@
 //! temp dir) or PostgreSQL (a database with a random name on the server that
 //! `DDPM_TEST_POSTGRES_URL` names, dropped afterwards).
 //!
+//! [`both_backends!`] makes one test per backend of each test function.
+//!
 //! PostgreSQL tests never skip: without the variable they fail and say how to get one
 //! (`scripts/test.sh` finds or starts a server and sets it).
 
@@ -18,6 +20,36 @@ pub const POSTGRES_URL_VAR: &str = "DDPM_TEST_POSTGRES_URL";
 pub enum Db {
     Sqlite,
     Postgres,
+}
+
+/// Generates, for each named `async fn(Context)` of the invoking module, a
+/// `sqlite::<name>` and a `postgres::<name>` test. Each awaits `$runner(db, test)`: the
+/// invoking test crate's function that builds its `Context` on a fresh database of `db`
+/// and runs `test` in it.
+///
+/// ```ignore
+/// both_backends!(crate::helpers::run; claims_are_exclusive, leases_expire);
+/// ```
+#[macro_export]
+macro_rules! both_backends {
+    ($runner:path; $($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    $runner($crate::Db::Sqlite, super::$test).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    $runner($crate::Db::Postgres, super::$test).await;
+                }
+            )*
+        }
+    };
 }
 
 /// A database that exists for one test.

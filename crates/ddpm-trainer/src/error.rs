@@ -99,7 +99,7 @@ impl TrainerError {
                 e,
                 ddpm_registry::RegistryError::Database(_)
                     | ddpm_registry::RegistryError::Io { .. }
-                    | ddpm_registry::RegistryError::Write { .. }
+                    | ddpm_registry::RegistryError::ObjectMissing(_)
             ),
             _ => false,
         }

@@ -22,7 +22,8 @@ use std::{
 use chrono::Utc;
 use ddpm_core::{
     checkpoint::{
-        checkpoint_bytes, load_training_state, save_training_state, CheckpointInfo, StateInfo,
+        checkpoint_bytes, load_training_state_bytes, training_state_bytes, CheckpointInfo,
+        StateInfo,
     },
     training::{diffusion_loss, Learner, Objective},
     NoiseSchedule,
@@ -252,8 +253,8 @@ fn build(config: &RunConfig, device: Device) -> Result<Session> {
 fn resume(job: &TrainJob, session: &mut Session) -> Result<i64> {
     let mut corrupt = Vec::new();
     for record in &job.states {
-        let path = match job.store.verify(record) {
-            Ok(path) => path,
+        let bytes = match job.store.open(record) {
+            Ok(bytes) => bytes,
             Err(e @ ddpm_registry::RegistryError::ChecksumMismatch { .. }) => {
                 tracing::warn!(path = %record.path, error = %e, "training state corrupt; trying an older one");
                 corrupt.push(format!("{} (step {}): {e}", record.path, record.step));
@@ -266,8 +267,9 @@ fn resume(job: &TrainJob, session: &mut Session) -> Result<i64> {
                 )))
             }
         };
-        let loaded = load_training_state(
-            &path,
+        let loaded = load_training_state_bytes(
+            std::path::Path::new(&record.path),
+            &bytes,
             &session.learner.model,
             &session.learner.ema,
             &mut session.learner.optimizer,
@@ -668,16 +670,13 @@ fn save(
         seed: cfg.training.seed,
         extra: serde_json::json!({ "run_id": job.run_id, SmoothedLoss::KEY: smoothed }),
     };
-    let state_file = job.store.write_atomic(&state_rel, |tmp| {
-        save_training_state(
-            tmp,
-            &session.learner.model,
-            &session.learner.ema,
-            &session.learner.optimizer,
-            &info,
-        )
-        .map(|_| ())
-    })?;
+    let (bytes, _) = training_state_bytes(
+        &session.learner.model,
+        &session.learner.ema,
+        &session.learner.optimizer,
+        &info,
+    )?;
+    let state_file = job.store.write_bytes(&state_rel, &bytes)?;
     tracing::info!(step = step, seconds = t0.elapsed().as_secs_f64(), path = %ema.path, "checkpoint written");
     let score = quality.and_then(|q| q.score(job, session, step));
     let _ = job.events.send(Event::Checkpoint {

@@ -1,12 +1,12 @@
-//! Checkpoint and training-state round trips; corrupt, truncated and mismatched files are
-//! clear errors, never panics.
+//! Checkpoint and training-state round trips through bytes; corrupt, truncated and
+//! mismatched bytes are clear errors, never panics.
 
-use std::fs;
+use std::path::Path;
 
 use ddpm_core::{
     checkpoint::{
-        load_checkpoint, load_training_state, read_manifest, save_checkpoint, save_training_state,
-        CheckpointInfo, StateInfo,
+        checkpoint_bytes, load_checkpoint_bytes, load_training_state_bytes, read_manifest,
+        training_state_bytes, CheckpointInfo, StateInfo,
     },
     ema::EmaConfig,
     optim::AdamWConfig,
@@ -36,27 +36,20 @@ fn outputs(model: &Model) -> Tensor {
 
 #[test]
 fn checkpoint_round_trip_gives_identical_outputs() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("runs/7/ema.safetensors");
+    let path = Path::new("runs/7/ema.safetensors");
     tch::manual_seed(3);
     let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
-    let saved = save_checkpoint(&path, &model, &info()).unwrap();
+    let (bytes, saved) = checkpoint_bytes(&model, &info()).unwrap();
     assert!(saved.checksum.starts_with("sha256:"));
-    // Only the file itself is left behind: no temp files.
-    let names: Vec<_> = fs::read_dir(path.parent().unwrap())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(names.len(), 1, "{names:?}");
 
-    let manifest = read_manifest(&path).unwrap();
+    let manifest = read_manifest(path, &bytes).unwrap();
     assert_eq!(manifest, saved);
     assert_eq!(manifest.step, 1234);
     assert_eq!(manifest.run_id, Some(7));
     assert_eq!(manifest.class_names, ["red", "green", "blue"]);
     assert_eq!(manifest.model, micro_config(3));
 
-    let loaded = load_checkpoint(&path, Device::Cpu).unwrap();
+    let loaded = load_checkpoint_bytes(path, &bytes, Device::Cpu).unwrap();
     assert_eq!(loaded.manifest, saved);
     let (a, b) = (outputs(&model), outputs(&loaded.model));
     assert!(a.equal(&b), "outputs differ after a round trip");
@@ -78,26 +71,20 @@ fn expect_checkpoint_error(result: Result<impl std::fmt::Debug, CoreError>, need
 #[test]
 fn corrupt_truncated_and_mismatched_checkpoints_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let good = dir.path().join("good.safetensors");
     let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
-    save_checkpoint(&good, &model, &info()).unwrap();
-    let bytes = fs::read(&good).unwrap();
+    let (bytes, _) = checkpoint_bytes(&model, &info()).unwrap();
+    let load =
+        |name: &str, bytes: &[u8]| load_checkpoint_bytes(Path::new(name), bytes, Device::Cpu);
 
-    let truncated = dir.path().join("truncated.safetensors");
-    fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    expect_checkpoint_error(load_checkpoint(&truncated, Device::Cpu), "truncated");
-
-    let header = dir.path().join("header.safetensors");
-    fs::write(&header, &bytes[..5]).unwrap();
-    expect_checkpoint_error(load_checkpoint(&header, Device::Cpu), "safetensors");
+    expect_checkpoint_error(load("truncated", &bytes[..bytes.len() / 2]), "truncated");
+    expect_checkpoint_error(load("header", &bytes[..5]), "safetensors");
+    expect_checkpoint_error(read_manifest(Path::new("header"), &bytes[..5]), "header");
 
     // One flipped bit in the weights: the checksum catches it.
     let mut flipped = bytes.clone();
     let last = flipped.len() - 3;
     flipped[last] ^= 0x10;
-    let corrupt = dir.path().join("corrupt.safetensors");
-    fs::write(&corrupt, &flipped).unwrap();
-    expect_checkpoint_error(load_checkpoint(&corrupt, Device::Cpu), "checksum");
+    expect_checkpoint_error(load("corrupt", &flipped), "checksum");
 
     // A manifest that describes another network than the tensors hold (same-length edit,
     // so the file stays well-formed and the checksum of the tensors still matches).
@@ -108,17 +95,14 @@ fn corrupt_truncated_and_mismatched_checkpoints_are_refused() {
         b"\\\"base_channels\\\":16",
         b"\\\"base_channels\\\":32",
     );
-    let mismatched = dir.path().join("mismatched.safetensors");
-    fs::write(&mismatched, &edited).unwrap();
-    expect_checkpoint_error(load_checkpoint(&mismatched, Device::Cpu), "shape");
+    expect_checkpoint_error(load("mismatched", &edited), "shape");
 
     // A safetensors file that is not ours.
     let foreign = dir.path().join("foreign.safetensors");
     model.vs.save(&foreign).unwrap();
-    expect_checkpoint_error(load_checkpoint(&foreign, Device::Cpu), "not a ddpm");
-
-    let missing = load_checkpoint(&dir.path().join("nope.safetensors"), Device::Cpu);
-    assert!(matches!(missing, Err(CoreError::Io { .. })));
+    let foreign = std::fs::read(&foreign).unwrap();
+    expect_checkpoint_error(load("foreign", &foreign), "not a ddpm");
+    expect_checkpoint_error(read_manifest(Path::new("foreign"), &foreign), "not a ddpm");
 }
 
 fn bytes_replace(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
@@ -164,8 +148,7 @@ fn steps(run: &mut Learner, schedule: &NoiseSchedule, data: &(Tensor, Tensor), f
 #[test]
 fn training_state_resumes_exactly() {
     let _rng = exclusive_rng();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("state.safetensors");
+    let path = Path::new("state.safetensors");
     let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
     let data = colour_dataset(3, 8, 8);
     let config = micro_config(3);
@@ -177,21 +160,23 @@ fn training_state_resumes_exactly() {
         seed: 1000,
         extra: serde_json::json!({"epoch": 1}),
     };
-    save_training_state(
-        &path,
-        &straight.model,
-        &straight.ema,
-        &straight.optimizer,
-        &info,
-    )
-    .unwrap();
+    let (state, saved) =
+        training_state_bytes(&straight.model, &straight.ema, &straight.optimizer, &info).unwrap();
+    assert_eq!(saved.step, 4);
     steps(&mut straight, &schedule, &data, 4, 8);
 
     // A fresh process would rebuild everything from the config, then load the state.
     let mut resumed = new_run(&config);
     tch::manual_seed(99); // different init: the state must overwrite it all
-    let manifest =
-        load_training_state(&path, &resumed.model, &resumed.ema, &mut resumed.optimizer).unwrap();
+    let manifest = load_training_state_bytes(
+        path,
+        &state,
+        &resumed.model,
+        &resumed.ema,
+        &mut resumed.optimizer,
+    )
+    .unwrap();
+    assert_eq!(manifest, saved);
     assert_eq!((manifest.step, manifest.seed), (4, 1000));
     assert_eq!(manifest.extra["epoch"], 1);
     assert_eq!(resumed.optimizer.steps(), 4);
@@ -217,7 +202,8 @@ fn training_state_resumes_exactly() {
     });
     let before = other.optimizer.params().flat().copy();
     let err =
-        load_training_state(&path, &other.model, &other.ema, &mut other.optimizer).unwrap_err();
+        load_training_state_bytes(path, &state, &other.model, &other.ema, &mut other.optimizer)
+            .unwrap_err();
     assert!(err.to_string().contains("config"), "{err}");
     assert!(other.optimizer.params().flat().equal(&before));
 }

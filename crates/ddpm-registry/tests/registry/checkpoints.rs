@@ -1,6 +1,7 @@
 //! Checkpoint rows: registering, finding the newest, listing, deleting.
 
 use ddpm_registry::{CheckpointKind, NewCheckpoint, RegistryError};
+use ddpm_testkit::both_backends;
 
 use crate::helpers::{running_run, TestContext};
 
@@ -221,6 +222,7 @@ async fn deleting_removes_the_row(t: TestContext) {
 }
 
 both_backends!(
+    crate::helpers::run;
     registered_checkpoints_read_back,
     newest_is_the_last_registered_optionally_pinned,
     listing_is_by_step,

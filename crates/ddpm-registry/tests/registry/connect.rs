@@ -1,6 +1,7 @@
 //! Connecting and migrating.
 
 use ddpm_registry::{Backend, Registry, RegistryError};
+use ddpm_testkit::both_backends;
 
 use crate::helpers::{migration_files, new_run, Db, TestContext};
 
@@ -57,6 +58,7 @@ async fn a_closed_registry_reports_errors(t: TestContext) {
 }
 
 both_backends!(
+    crate::helpers::run;
     connecting_again_is_idempotent,
     concurrent_start_ups_all_succeed,
     backend_and_ping,

@@ -5,11 +5,14 @@ use std::time::Duration;
 
 use chrono::Utc;
 use ddpm_registry::{
-    CheckpointKind, CheckpointStore, MetricPoint, NewCheckpoint, Registry, RegistryError, RunStatus,
+    CheckpointKind, CheckpointStore, FinalStatus, MetricPoint, NewCheckpoint, Registry,
+    RegistryError, RunStatus,
 };
+use ddpm_testkit::both_backends;
 
 use crate::helpers::{
-    lease, new_run, queue_runs, running_run, with_database_at_version, TestContext,
+    lease, new_run, objects, objects_of, queue_runs, running_run, save, store,
+    with_database_at_version, TestContext,
 };
 
 fn point(step: i64) -> MetricPoint {
@@ -25,10 +28,6 @@ fn point(step: i64) -> MetricPoint {
     }
 }
 
-fn store(t: &TestContext) -> CheckpointStore {
-    CheckpointStore::new(t.dir.path().join("checkpoints")).unwrap()
-}
-
 fn lost(result: Result<impl std::fmt::Debug, RegistryError>) -> bool {
     matches!(result, Err(RegistryError::ClaimLost { .. }))
 }
@@ -38,10 +37,7 @@ async fn a_lost_lease_writes_nothing(t: TestContext) {
     let first = running_run(&t.registry, "w").await;
     let old = lease(&t.registry, &first);
     old.record_metrics(&[point(10), point(20)]).await.unwrap();
-    store
-        .save_and_register(&old, first.id, 20, CheckpointKind::State, |tmp| {
-            std::fs::write(tmp, b"state")
-        })
+    save(&store, &old, first.id, 20, CheckpointKind::State, b"state")
         .await
         .unwrap();
     // The worker falls silent; the same worker name claims the run again (a new
@@ -71,7 +67,7 @@ async fn a_lost_lease_writes_nothing(t: TestContext) {
             .await
     ));
     assert!(lost(store.apply_retention(&old, first.id, 0).await));
-    assert!(lost(old.finish(RunStatus::Failed, Some("zombie")).await));
+    assert!(lost(old.finish(FinalStatus::Failed, Some("zombie")).await));
     assert!(lost(old.defer("zombie", Duration::ZERO).await));
 
     // Nothing of the old attempt's late writes is there.
@@ -117,7 +113,7 @@ async fn a_lost_lease_writes_nothing(t: TestContext) {
         .await,
         Err(RegistryError::InvalidArgument(_))
     ));
-    new.finish(RunStatus::Completed, None).await.unwrap();
+    new.finish(FinalStatus::Completed, None).await.unwrap();
 }
 
 async fn claims_go_by_when_a_run_may_next_be_tried(t: TestContext) {
@@ -171,11 +167,11 @@ async fn cancel_stops_queued_runs_and_asks_running_ones(t: TestContext) {
     assert!(asked.cancel_requested_at.is_some());
     let held = lease(&t.registry, &running);
     assert!(held.heartbeat(7).await.unwrap().cancel_requested);
-    held.finish(RunStatus::Cancelled, None).await.unwrap();
+    held.finish(FinalStatus::Cancelled, None).await.unwrap();
 
     let done = running_run(&t.registry, "w").await;
     lease(&t.registry, &done)
-        .finish(RunStatus::Completed, None)
+        .finish(FinalStatus::Completed, None)
         .await
         .unwrap();
     assert!(matches!(
@@ -194,13 +190,10 @@ async fn restart_resumes_or_starts_over_explicitly(t: TestContext) {
     let held = lease(&t.registry, &run);
     held.record_metrics(&[point(10), point(20)]).await.unwrap();
     for kind in CheckpointKind::ALL {
-        store
-            .save_and_register(&held, run.id, 20, kind, |tmp| std::fs::write(tmp, b"x"))
-            .await
-            .unwrap();
+        save(&store, &held, run.id, 20, kind, b"x").await.unwrap();
     }
     held.heartbeat(20).await.unwrap();
-    held.finish(RunStatus::Failed, Some("disk on fire"))
+    held.finish(FinalStatus::Failed, Some("disk on fire"))
         .await
         .unwrap();
     // Refused while queued or running, and a completed run needs --from-scratch.
@@ -227,7 +220,7 @@ async fn restart_resumes_or_starts_over_explicitly(t: TestContext) {
         .unwrap();
     assert_eq!(claimed.id, run.id);
     lease(&t.registry, &claimed)
-        .finish(RunStatus::Completed, None)
+        .finish(FinalStatus::Completed, None)
         .await
         .unwrap();
     assert!(matches!(
@@ -237,8 +230,8 @@ async fn restart_resumes_or_starts_over_explicitly(t: TestContext) {
 
     // From scratch: history and files gone, queued at 0, attempts kept (leases stay
     // unique).
-    let dir = store.root().join(format!("runs/{}", run.id));
-    assert!(dir.is_dir());
+    let objects = objects(&t);
+    assert_eq!(objects_of(&*objects, run.id).len(), 2);
     let fresh = t.registry.restart_run(run.id, true, &store).await.unwrap();
     assert_eq!(fresh.status, RunStatus::Queued);
     assert_eq!((fresh.current_step, fresh.attempts), (0, claimed.attempts));
@@ -254,7 +247,7 @@ async fn restart_resumes_or_starts_over_explicitly(t: TestContext) {
         .await
         .unwrap()
         .is_empty());
-    assert!(!dir.exists());
+    assert!(objects_of(&*objects, run.id).is_empty());
 }
 
 async fn delete_removes_rows_and_files_but_not_a_running_run(t: TestContext) {
@@ -262,10 +255,7 @@ async fn delete_removes_rows_and_files_but_not_a_running_run(t: TestContext) {
     let run = running_run(&t.registry, "w").await;
     let held = lease(&t.registry, &run);
     held.record_metrics(&[point(10)]).await.unwrap();
-    store
-        .save_and_register(&held, run.id, 10, CheckpointKind::Ema, |tmp| {
-            std::fs::write(tmp, b"x")
-        })
+    save(&store, &held, run.id, 10, CheckpointKind::Ema, b"x")
         .await
         .unwrap();
     assert!(matches!(
@@ -273,7 +263,7 @@ async fn delete_removes_rows_and_files_but_not_a_running_run(t: TestContext) {
         Err(RegistryError::Refused { .. })
     ));
     assert_eq!(t.registry.list_checkpoints(run.id).await.unwrap().len(), 1);
-    held.finish(RunStatus::Interrupted, None).await.unwrap();
+    held.finish(FinalStatus::Interrupted, None).await.unwrap();
 
     let deleted = t.registry.delete_run(run.id, &store).await.unwrap();
     assert_eq!(deleted.status, RunStatus::Interrupted);
@@ -290,7 +280,7 @@ async fn delete_removes_rows_and_files_but_not_a_running_run(t: TestContext) {
         .await
         .unwrap()
         .is_empty());
-    assert!(!store.root().join(format!("runs/{}", run.id)).exists());
+    assert!(objects_of(&*objects(&t), run.id).is_empty());
     assert!(matches!(
         t.registry.delete_run(run.id, &store).await,
         Err(RegistryError::RunNotFound(_))
@@ -305,10 +295,7 @@ async fn tidying_removes_unregistered_and_temp_files_only(t: TestContext) {
     let run = running_run(&t.registry, "w").await;
     let held = lease(&t.registry, &run);
     for kind in CheckpointKind::ALL {
-        store
-            .save_and_register(&held, run.id, 10, kind, |tmp| std::fs::write(tmp, b"x"))
-            .await
-            .unwrap();
+        save(&store, &held, run.id, 10, kind, b"x").await.unwrap();
     }
     let ema10 = store.path_for(run.id, 10, CheckpointKind::Ema);
     store
@@ -320,13 +307,15 @@ async fn tidying_removes_unregistered_and_temp_files_only(t: TestContext) {
     store
         .write_bytes(&CheckpointStore::grid_path_for(&ema20), b"png")
         .unwrap();
-    let dir = store.root().join(format!("runs/{}", run.id));
-    std::fs::write(dir.join(".state-00000030.safetensors.XyZ123.tmp"), b"torn").unwrap();
-    std::fs::write(dir.join("NOTES.md"), b"mine").unwrap();
+    let objects = objects(&t);
+    let r = |name: &str| format!("runs/{}/{name}", run.id);
+    objects
+        .put(&r(".state-00000030.safetensors.XyZ123.tmp"), b"torn")
+        .unwrap();
+    objects.put(&r("NOTES.md"), b"mine").unwrap();
 
     let registered = t.registry.list_checkpoints(run.id).await.unwrap();
     let removed = store.tidy_run(run.id, &registered).await.unwrap();
-    let r = |name: &str| format!("runs/{}/{name}", run.id);
     assert_eq!(
         removed,
         [
@@ -335,13 +324,8 @@ async fn tidying_removes_unregistered_and_temp_files_only(t: TestContext) {
             r("ema-00000020.safetensors"),
         ]
     );
-    let mut left: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    left.sort();
     assert_eq!(
-        left,
+        objects_of(&*objects, run.id),
         [
             "NOTES.md",
             "ema-00000010.png",
@@ -351,7 +335,7 @@ async fn tidying_removes_unregistered_and_temp_files_only(t: TestContext) {
     );
     // Every registered file is still intact.
     for record in registered {
-        store.verify(&record).unwrap();
+        store.open(&record).unwrap();
     }
 }
 
@@ -422,6 +406,7 @@ async fn upgrading_to_0004_keeps_every_row_and_id(t: TestContext) {
 }
 
 both_backends!(
+    crate::helpers::run;
     a_lost_lease_writes_nothing,
     claims_go_by_when_a_run_may_next_be_tried,
     cancel_stops_queued_runs_and_asks_running_ones,

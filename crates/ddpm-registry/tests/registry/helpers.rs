@@ -5,9 +5,12 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Once;
+use std::sync::{Arc, Once};
 
-use ddpm_registry::{Lease, LeasedRun, NewRun, Registry, Run, RunStatus};
+use ddpm_registry::{
+    CheckpointKind, CheckpointLedger, CheckpointRecord, CheckpointStore, DirStore, Lease,
+    LeasedRun, NewRun, ObjectStore, Registry, RegistryError, Run, RunStatus,
+};
 pub use ddpm_testkit::{Db, FreshDatabase};
 
 /// What a test gets.
@@ -19,29 +22,6 @@ pub struct TestContext {
     /// A scratch directory for checkpoint stores and extra files.
     pub dir: tempfile::TempDir,
     pub db: Db,
-}
-
-/// Generates, for each named `async fn(TestContext)` of the enclosing module,
-/// a `sqlite::<name>` and a `postgres::<name>` test.
-macro_rules! both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    crate::helpers::run(crate::helpers::Db::Sqlite, super::$test).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $test() {
-                    crate::helpers::run(crate::helpers::Db::Postgres, super::$test).await;
-                }
-            )*
-        }
-    };
 }
 
 /// Runs `test` on a fresh database of `db`, then removes the database, also
@@ -140,6 +120,45 @@ where
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }
+}
+
+/// The checkpoint store backend the tests run on, in the test's scratch directory. Every
+/// store test goes through it (or a [`store`] on it), never the file system, so a second
+/// backend runs the same suite by being returned here.
+pub fn objects(t: &TestContext) -> Arc<dyn ObjectStore> {
+    Arc::new(DirStore::new(t.dir.path().join("checkpoints")).expect("create the store"))
+}
+
+/// A checkpoint store on [`objects`].
+pub fn store(t: &TestContext) -> CheckpointStore {
+    CheckpointStore::on(objects(t))
+}
+
+/// The names of the objects in run `run_id`'s folder, sorted.
+pub fn objects_of(objects: &dyn ObjectStore, run_id: i64) -> Vec<String> {
+    let prefix = format!("runs/{run_id}/");
+    let keys = objects.list(&format!("runs/{run_id}")).expect("list a run");
+    keys.iter()
+        .map(|key| {
+            key.strip_prefix(&prefix)
+                .expect("a key in the run")
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Writes `bytes` as checkpoint `kind` of run `run_id` at `step` and registers it
+/// through `ledger`, the way a trainer does.
+pub async fn save(
+    store: &CheckpointStore,
+    ledger: &impl CheckpointLedger,
+    run_id: i64,
+    step: i64,
+    kind: CheckpointKind,
+    bytes: &[u8],
+) -> Result<CheckpointRecord, RegistryError> {
+    let file = store.write_bytes(&store.path_for(run_id, step, kind), bytes)?;
+    store.register(ledger, run_id, step, kind, &file).await
 }
 
 fn init_logging() {

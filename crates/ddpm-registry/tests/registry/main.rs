@@ -1,7 +1,7 @@
 //! The registry's integration tests: one binary; every test in a module that
-//! calls `both_backends!` runs on SQLite and on PostgreSQL (see `helpers`).
+//! calls `both_backends!` (from `ddpm-testkit`) runs on SQLite and on PostgreSQL, each
+//! time in a fresh `helpers::TestContext`.
 
-#[macro_use]
 mod helpers;
 
 mod checkpoints;

@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use ddpm_registry::{MetricPoint, Registry, RegistryError};
+use ddpm_testkit::both_backends;
 
 use crate::helpers::{running_run, with_database_at_version, TestContext};
 
@@ -454,6 +455,7 @@ async fn rows_logged_before_the_detail_columns_read_back_as_none(t: TestContext)
 }
 
 both_backends!(
+    crate::helpers::run;
     recorded_rows_read_back,
     replays_never_duplicate,
     big_batches_span_several_statements,

@@ -3,7 +3,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use ddpm_registry::{RegistryError, RunStatus};
+use ddpm_registry::{FinalStatus, RegistryError, RunStatus};
+use ddpm_testkit::both_backends;
 
 use crate::helpers::{lease, lease_as, queue_runs, running_run, TestContext};
 
@@ -112,7 +113,7 @@ async fn interrupted_runs_are_resumed(t: TestContext) {
     let run = running_run(&t.registry, "old").await;
     lease(&t.registry, &run).heartbeat(400).await.unwrap();
     lease(&t.registry, &run)
-        .finish(RunStatus::Interrupted, Some("SIGTERM"))
+        .finish(FinalStatus::Interrupted, Some("SIGTERM"))
         .await
         .unwrap();
 
@@ -172,12 +173,12 @@ async fn stale_running_runs_are_taken_over(t: TestContext) {
 async fn finished_runs_are_never_claimed(t: TestContext) {
     let completed = running_run(&t.registry, "h").await;
     lease(&t.registry, &completed)
-        .finish(RunStatus::Completed, None)
+        .finish(FinalStatus::Completed, None)
         .await
         .unwrap();
     let failed = running_run(&t.registry, "h").await;
     lease(&t.registry, &failed)
-        .finish(RunStatus::Failed, Some("boom"))
+        .finish(FinalStatus::Failed, Some("boom"))
         .await
         .unwrap();
     let cancelled = t
@@ -198,7 +199,7 @@ async fn racing_resumers_never_share_a_run(t: TestContext) {
     for _ in 0..3 {
         let run = running_run(&t.registry, "h").await;
         lease(&t.registry, &run)
-            .finish(RunStatus::Interrupted, None)
+            .finish(FinalStatus::Interrupted, None)
             .await
             .unwrap();
         ids.insert(run.id);
@@ -259,6 +260,7 @@ async fn deferred_runs_wait_for_their_time_and_hold_up_nothing(t: TestContext) {
 }
 
 both_backends!(
+    crate::helpers::run;
     deferred_runs_wait_for_their_time_and_hold_up_nothing,
     claims_take_the_oldest_queued_run,
     a_run_can_be_claimed_by_id_once,

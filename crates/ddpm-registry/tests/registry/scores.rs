@@ -6,8 +6,11 @@
 use ddpm_registry::{
     CheckpointKind, CheckpointRecord, CheckpointStore, RegistryError, ScoreValues, StoredFile,
 };
+use ddpm_testkit::both_backends;
 
-use crate::helpers::{lease, lease_as, running_run, with_database_at_version, TestContext};
+use crate::helpers::{
+    lease, lease_as, running_run, save, store, with_database_at_version, TestContext,
+};
 
 fn values(kid: f64) -> ScoreValues {
     ScoreValues {
@@ -46,7 +49,7 @@ async fn scored(
 }
 
 async fn a_score_is_registered_with_its_checkpoint(t: TestContext) {
-    let store = CheckpointStore::new(t.dir.path().join("checkpoints")).unwrap();
+    let store = store(&t);
     let run = running_run(&t.registry, "w").await;
     let first = scored(&t, &store, &run, 100, Some(values(0.5))).await;
     scored(&t, &store, &run, 200, None).await;
@@ -91,7 +94,7 @@ async fn a_score_is_registered_with_its_checkpoint(t: TestContext) {
 }
 
 async fn retention_keeps_promoted_and_best_scored_checkpoints(t: TestContext) {
-    let store = CheckpointStore::new(t.dir.path().join("checkpoints")).unwrap();
+    let store = store(&t);
     let run = running_run(&t.registry, "w").await;
     let kids = [0.9, 0.1, 0.5, 0.7, 0.6];
     let mut ids = Vec::new();
@@ -125,7 +128,7 @@ async fn retention_keeps_promoted_and_best_scored_checkpoints(t: TestContext) {
 }
 
 async fn promotions_roll_back_in_order(t: TestContext) {
-    let store = CheckpointStore::new(t.dir.path().join("checkpoints")).unwrap();
+    let store = store(&t);
     let run = running_run(&t.registry, "w").await;
     let a = scored(&t, &store, &run, 100, None).await;
     let b = scored(&t, &store, &run, 200, None).await;
@@ -163,16 +166,16 @@ async fn promotions_roll_back_in_order(t: TestContext) {
         .iter()
         .all(|p| p.revoked_by.as_deref() == Some("carol")));
     // Only EMA checkpoints that exist, with a who and a why.
-    let state = store
-        .save_and_register(
-            &lease(&t.registry, &run),
-            run.id,
-            100,
-            CheckpointKind::State,
-            |tmp| std::fs::write(tmp, b"state"),
-        )
-        .await
-        .unwrap();
+    let state = save(
+        &store,
+        &lease(&t.registry, &run),
+        run.id,
+        100,
+        CheckpointKind::State,
+        b"state",
+    )
+    .await
+    .unwrap();
     for (id, by, reason) in [(state.id, "x", "y"), (a.id, "", "y"), (a.id, "x", " ")] {
         assert!(matches!(
             t.registry.promote_checkpoint(id, by, reason).await,
@@ -186,7 +189,7 @@ async fn promotions_roll_back_in_order(t: TestContext) {
 }
 
 async fn scores_and_promotions_go_with_the_history(t: TestContext) {
-    let store = CheckpointStore::new(t.dir.path().join("checkpoints")).unwrap();
+    let store = store(&t);
     let run = running_run(&t.registry, "w").await;
     let c = scored(&t, &store, &run, 100, Some(values(0.3))).await;
     t.registry
@@ -194,7 +197,7 @@ async fn scores_and_promotions_go_with_the_history(t: TestContext) {
         .await
         .unwrap();
     lease(&t.registry, &run)
-        .finish(ddpm_registry::RunStatus::Failed, Some("test"))
+        .finish(ddpm_registry::FinalStatus::Failed, Some("test"))
         .await
         .unwrap();
     t.registry.restart_run(run.id, true, &store).await.unwrap();
@@ -205,6 +208,7 @@ async fn scores_and_promotions_go_with_the_history(t: TestContext) {
 }
 
 both_backends!(
+    crate::helpers::run;
     a_score_is_registered_with_its_checkpoint,
     retention_keeps_promoted_and_best_scored_checkpoints,
     promotions_roll_back_in_order,

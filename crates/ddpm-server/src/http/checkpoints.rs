@@ -11,7 +11,7 @@ use axum::{
     Json, Router,
 };
 use chrono::{DateTime, Utc};
-use ddpm_registry::{CheckpointKind, CheckpointRecord, CheckpointStore, Promotion};
+use ddpm_registry::{CheckpointKind, CheckpointRecord, CheckpointStore, Promotion, RegistryError};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -105,18 +105,22 @@ pub(super) async fn checkpoint_grid(
             "checkpoint {id} is a training state: only EMA checkpoints have a grid"
         )));
     }
-    let path = state
-        .store
-        .resolve(CheckpointStore::grid_path_for(std::path::Path::new(
-            &record.path,
-        )))?;
-    match tokio::fs::read(&path).await {
-        Ok(bytes) => Ok(([(header::CONTENT_TYPE, "image/png")], bytes).into_response()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ApiError::NotFound(format!(
+    let grid = CheckpointStore::grid_path_for(std::path::Path::new(&record.path));
+    let store = state.store.clone();
+    let read = tokio::task::spawn_blocking(move || store.read(&grid)).await;
+    match read {
+        Ok(Ok(bytes)) => Ok(([(header::CONTENT_TYPE, "image/png")], bytes).into_response()),
+        Ok(Err(RegistryError::ObjectMissing(_))) => Err(ApiError::NotFound(format!(
             "checkpoint {id} has no sample grid"
         ))),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "sample grid unreadable");
+            Err(ApiError::Unavailable(
+                "the checkpoint store is unavailable".into(),
+            ))
+        }
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "sample grid unreadable");
+            tracing::warn!(error = %e, "sample grid read did not finish");
             Err(ApiError::Unavailable(
                 "the checkpoint store is unavailable".into(),
             ))

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use chrono::{Duration as ChronoDuration, Utc};
-use ddpm_registry::{CheckpointStore, Lease, MetricPoint, RunStatus, ScoreValues};
+use ddpm_registry::{CheckpointStore, FinalStatus, Lease, MetricPoint, RunStatus, ScoreValues};
 use fantoccini::actions::{InputSource, MouseActions, PointerAction, MOUSE_BUTTON_LEFT};
 use serde_json::{json, Value};
 
@@ -78,12 +78,12 @@ async fn with_history(app: &TestApp) -> (i64, (u32, u32)) {
         .record_score(ema.run_id, ema.step, ema.id, &values)
         .await
         .unwrap();
-    end_run(app, app.run_id, 1000, RunStatus::Completed, None).await;
+    end_run(app, app.run_id, 1000, FinalStatus::Completed, None).await;
     (ema.id, size)
 }
 
 /// Claims run `id` as a trainer would, reports `step`, and ends it as `status`.
-async fn end_run(app: &TestApp, id: i64, step: i64, status: RunStatus, error: Option<&str>) {
+async fn end_run(app: &TestApp, id: i64, step: i64, status: FinalStatus, error: Option<&str>) {
     let run = app
         .registry
         .claim_run(id, "trainer-a")
@@ -577,7 +577,7 @@ async fn actions_resume_a_failed_run_and_promote_a_checkpoint() {
     })
     .await;
     let failed = app.registry.create_run(&new_run()).await.unwrap().id;
-    end_run(&app, failed, 0, RunStatus::Failed, Some("out of memory")).await;
+    end_run(&app, failed, 0, FinalStatus::Failed, Some("out of memory")).await;
     let browser = Browser::start(DESKTOP.0, DESKTOP.1).await;
     browser.open(&app.url(&format!("/#/runs/{failed}"))).await;
     submit_token(&browser, token).await;

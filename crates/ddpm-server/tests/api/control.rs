@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use chrono::Utc;
-use ddpm_registry::{Lease, MetricPoint, Run, RunStatus};
+use ddpm_registry::{FinalStatus, Lease, MetricPoint, Run, RunStatus};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -51,7 +51,7 @@ async fn running_run(app: &TestApp, worker: &str) -> Run {
 }
 
 /// A new run that ran and ended as `status` (with `error`).
-async fn ended_run(app: &TestApp, status: RunStatus, error: Option<&str>) -> Run {
+async fn ended_run(app: &TestApp, status: FinalStatus, error: Option<&str>) -> Run {
     let run = running_run(app, "trainer-a").await;
     app.registry
         .leased(Lease::of(&run).unwrap())
@@ -59,12 +59,12 @@ async fn ended_run(app: &TestApp, status: RunStatus, error: Option<&str>) -> Run
         .await
         .unwrap();
     let run = app.registry.get_run(run.id).await.unwrap().unwrap();
-    assert_eq!(run.status, status);
+    assert_eq!(run.status, RunStatus::from(status));
     run
 }
 
 fn run_dir(app: &TestApp, id: i64) -> PathBuf {
-    app.store.root().join(format!("runs/{id}"))
+    app.checkpoints.join(format!("runs/{id}"))
 }
 
 /// Files in run `id`'s folder (0 when it does not exist).
@@ -199,7 +199,7 @@ async fn run_control(db: Db) {
     // Its worker stops it as cancelled; then it can be deleted, files and all.
     app.registry
         .leased(Lease::of(&running).unwrap())
-        .finish(RunStatus::Cancelled, None)
+        .finish(FinalStatus::Cancelled, None)
         .await
         .unwrap();
     let path = format!("/v1/runs/{}", running.id);
@@ -231,7 +231,7 @@ async fn run_control(db: Db) {
 
     // A failed run restarts as interrupted (a trainer resumes it), its error cleared;
     // no body and no Content-Type is a plain restart.
-    let failed = ended_run(&app, RunStatus::Failed, Some("x")).await;
+    let failed = ended_run(&app, FinalStatus::Failed, Some("x")).await;
     assert_eq!(failed.error.as_deref(), Some("x"));
     let path = format!("/v1/runs/{}/restart", failed.id);
     let (status, run) = call(&app, Method::POST, &path, t, None).await;
@@ -277,7 +277,7 @@ async fn run_control(db: Db) {
         .unwrap();
     app.registry
         .leased(Lease::of(&completed).unwrap())
-        .finish(RunStatus::Completed, None)
+        .finish(FinalStatus::Completed, None)
         .await
         .unwrap();
     assert_eq!(files_of(&app, completed.id), 1);
@@ -412,7 +412,7 @@ async fn run_control(db: Db) {
     }
 
     // Without the token, or with a wrong one: 401, and nothing changes.
-    let target = ended_run(&app, RunStatus::Failed, Some("boom")).await;
+    let target = ended_run(&app, FinalStatus::Failed, Some("boom")).await;
     let control = [
         (Method::POST, format!("/v1/runs/{}/cancel", target.id)),
         (Method::POST, format!("/v1/runs/{}/restart", target.id)),

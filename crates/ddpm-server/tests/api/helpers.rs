@@ -6,7 +6,7 @@
 
 use std::{
     future::Future,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Once, OnceLock},
     time::Duration,
 };
@@ -67,6 +67,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub registry: Registry,
     pub store: CheckpointStore,
+    /// The store's directory, for tests that damage files behind the registry's back.
+    pub checkpoints: PathBuf,
     /// The run the first checkpoint belongs to.
     pub run_id: i64,
     _dir: tempfile::TempDir,
@@ -84,7 +86,8 @@ pub async fn spawn_app(options: Options) -> TestApp {
     let registry = Registry::connect(&database.url)
         .await
         .expect("connect to the test registry");
-    let store = CheckpointStore::new(dir.path().join("checkpoints")).expect("store");
+    let checkpoints = dir.path().join("checkpoints");
+    let store = CheckpointStore::new(&checkpoints).expect("store");
     let run_id = registry
         .create_run(&new_run())
         .await
@@ -95,7 +98,7 @@ pub async fn spawn_app(options: Options) -> TestApp {
     }
     let mut config = Config::with_data_dir(dir.path());
     config.common.database_url = Some(database.url.clone());
-    config.common.checkpoint_dir = Some(store.root().to_path_buf());
+    config.common.checkpoint_dir = Some(checkpoints.clone());
     config.common.device = "cpu".into();
     config.max_batch = options.max_batch;
     config.queue_capacity = options.queue_capacity;
@@ -120,6 +123,7 @@ pub async fn spawn_app(options: Options) -> TestApp {
         client: reqwest::Client::new(),
         registry,
         store,
+        checkpoints,
         run_id,
         _dir: dir,
         database,
@@ -382,16 +386,14 @@ pub async fn add_checkpoint_bytes(
     step: i64,
     bytes: Vec<u8>,
 ) -> CheckpointRecord {
+    let rel = store.path_for(run_id, step, CheckpointKind::Ema);
+    let file = store
+        .write_bytes(&rel, &bytes)
+        .expect("write the checkpoint");
     store
-        .save_and_register(
-            registry,
-            run_id,
-            step,
-            CheckpointKind::Ema,
-            move |tmp: &Path| std::fs::write(tmp, &bytes),
-        )
+        .register(registry, run_id, step, CheckpointKind::Ema, &file)
         .await
-        .expect("save and register")
+        .expect("register the checkpoint")
 }
 
 /// The trained model as a checkpoint of `run_id` at `step`.

@@ -336,15 +336,12 @@ async fn checkpoints_have_their_score_grid_and_promotion_over_http() {
         .await
         .unwrap();
     assert_eq!(blank.status(), 422);
+    let kind = ddpm_registry::CheckpointKind::State;
+    let rel = app.store.path_for(app.run_id, 100, kind);
+    let file = app.store.write_bytes(&rel, b"state").unwrap();
     let state = app
         .store
-        .save_and_register(
-            &app.registry,
-            app.run_id,
-            100,
-            ddpm_registry::CheckpointKind::State,
-            |tmp: &Path| std::fs::write(tmp, b"state"),
-        )
+        .register(&app.registry, app.run_id, 100, kind, &file)
         .await
         .unwrap();
     let refused = auth(promote(state.id, json!({"reason": "x"})))

@@ -97,7 +97,7 @@ async fn corrupt_or_mismatched_newer_checkpoints_are_ignored() {
     refused(1.0).await;
     // A good file truncated after registration (the checksum no longer matches).
     let truncated = add_checkpoint(&app.registry, &app.store, app.run_id, 300).await;
-    let path = app.store.resolve(&truncated.path).unwrap();
+    let path = app.checkpoints.join(&truncated.path);
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     refused(2.0).await;
@@ -158,8 +158,8 @@ async fn a_checkpoint_whose_file_is_missing_is_tried_again_once_it_appears() {
     .await;
     assert_eq!(app.model_step().await, Some(100), "the old model stays");
     std::fs::rename(
-        app.store.resolve(&staged.path).unwrap(),
-        app.store.resolve(&rel).unwrap(),
+        app.checkpoints.join(&staged.path),
+        app.checkpoints.join(&rel),
     )
     .unwrap();
     // Retried after its backoff (2 s, then 4 s, …), not refused for good.

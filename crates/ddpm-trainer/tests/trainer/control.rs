@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use ddpm_registry::{CheckpointKind, RunStatus};
+use ddpm_testkit::both_backends;
 
-use crate::helpers::{both_backends, expected_steps, micro_config, TestEnv};
+use crate::helpers::{expected_steps, micro_config, TestEnv};
 
 const LIMIT: Duration = Duration::from_secs(300);
 const LOG_EVERY: i64 = 10;
@@ -160,6 +161,7 @@ async fn a_missing_dataset_defers_and_an_empty_one_fails(env: TestEnv) {
 }
 
 both_backends!(
+    crate::helpers::with_env;
     cancel_stops_a_running_run_with_a_state_and_restart_resumes_it,
     restart_from_scratch_and_delete_remove_history_and_files,
     a_missing_dataset_defers_and_an_empty_one_fails,

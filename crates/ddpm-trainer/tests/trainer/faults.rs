@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use ddpm_registry::{CheckpointKind, Run, RunStatus};
+use ddpm_testkit::both_backends;
 
-use crate::helpers::{both_backends, expected_steps, micro_config, TestEnv};
+use crate::helpers::{expected_steps, micro_config, TestEnv};
 
 const LIMIT: Duration = Duration::from_secs(300);
 const TOTAL: i64 = 300;
@@ -182,6 +183,7 @@ async fn a_run_that_keeps_crashing_its_workers_fails(env: TestEnv) {
 }
 
 both_backends!(
+    crate::helpers::with_env;
     an_unmounted_store_defers_the_run_and_never_restarts_it,
     corrupt_states_fail_the_run_and_keep_its_history,
     a_run_that_keeps_crashing_its_workers_fails,

@@ -13,30 +13,6 @@ use ddpm_registry::{CheckpointKind, MetricPoint, Registry, Run};
 pub use ddpm_testkit::{Db, FreshDatabase};
 use ddpm_trainer::demo::{write_demo_dataset, DemoSpec};
 
-/// Generates a `sqlite::<name>` and a `postgres::<name>` test for each
-/// `async fn(TestEnv)` named.
-macro_rules! both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    crate::helpers::with_env(crate::helpers::Db::Sqlite, super::$test).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    crate::helpers::with_env(crate::helpers::Db::Postgres, super::$test).await;
-                }
-            )*
-        }
-    };
-}
-pub(crate) use both_backends;
-
 /// What a test gets: a database, a dataset, a checkpoint directory.
 pub struct TestEnv {
     pub registry: Registry,

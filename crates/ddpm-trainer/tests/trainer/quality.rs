@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use ddpm_registry::CheckpointKind;
+use ddpm_testkit::both_backends;
 use ddpm_testkit_model::{
     exclusive_rng, micro_config as micro_unet, one_torch_thread, train, TrainSpec,
 };
@@ -16,7 +17,7 @@ use ddpm_trainer::{
 };
 use tch::{Device, Tensor};
 
-use crate::helpers::{both_backends, micro_config, TestEnv};
+use crate::helpers::{micro_config, TestEnv};
 
 const LIMIT: Duration = Duration::from_secs(300);
 
@@ -164,7 +165,7 @@ async fn a_scored_run_records_a_score_with_every_checkpoint(env: TestEnv) {
     );
 }
 
-both_backends!(a_scored_run_records_a_score_with_every_checkpoint);
+both_backends!(crate::helpers::with_env; a_scored_run_records_a_score_with_every_checkpoint);
 
 /// The validity check of the issue: on the demo shapes at 8×8, a model trained longer
 /// scores better on every distance, with one probe and one set of seeds.

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use ddpm_registry::RunStatus;
+use ddpm_testkit::both_backends;
 
-use crate::helpers::{both_backends, expected_steps, micro_config, TestEnv};
+use crate::helpers::{expected_steps, micro_config, TestEnv};
 
 const RUNS: usize = 4;
 
@@ -48,4 +49,4 @@ async fn two_daemons_never_run_the_same_run(env: TestEnv) {
     }
 }
 
-both_backends!(two_daemons_never_run_the_same_run);
+both_backends!(crate::helpers::with_env; two_daemons_never_run_the_same_run);

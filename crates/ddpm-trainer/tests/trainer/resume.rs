@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use ddpm_registry::{CheckpointKind, RunStatus};
+use ddpm_testkit::both_backends;
 
-use crate::helpers::{both_backends, expected_steps, micro_config, signal, TestEnv};
+use crate::helpers::{expected_steps, micro_config, signal, TestEnv};
 
 const LIMIT: Duration = Duration::from_secs(300);
 const TOTAL: i64 = 600;
@@ -169,6 +170,7 @@ async fn sigterm_interrupts_and_the_run_resumes(env: TestEnv) {
 }
 
 both_backends!(
+    crate::helpers::with_env;
     sigkill_mid_run_is_resumed_by_a_restarted_daemon,
     sigterm_interrupts_and_the_run_resumes
 );

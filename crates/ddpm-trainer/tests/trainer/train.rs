@@ -2,13 +2,14 @@
 //! EMA checkpoint loads in ddpm-core; corrupt images are skipped and counted, and so are
 //! oversized images and symbolic-link loops.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
-use ddpm_core::checkpoint::load_checkpoint;
+use ddpm_core::checkpoint::load_checkpoint_bytes;
 use ddpm_registry::{CheckpointKind, CheckpointStore, RunStatus};
+use ddpm_testkit::both_backends;
 use tch::Device;
 
-use crate::helpers::{both_backends, expected_steps, micro_config, TestEnv};
+use crate::helpers::{expected_steps, micro_config, TestEnv};
 
 const LIMIT: Duration = Duration::from_secs(240);
 
@@ -70,11 +71,14 @@ async fn train_records_the_run_its_metrics_and_checkpoints(env: TestEnv) {
         .await
         .unwrap()
         .unwrap();
-    let path = store
-        .verify(&newest)
+    let path = Path::new(&newest.path);
+    let bytes = store
+        .open(&newest)
         .expect("the registered checksum matches the file");
-    let grid = CheckpointStore::grid_path_for(&path);
-    let grid = image::open(&grid).unwrap_or_else(|e| panic!("grid {}: {e}", grid.display()));
+    let grid = store
+        .read(&CheckpointStore::grid_path_for(path))
+        .expect("the grid beside the checkpoint");
+    let grid = image::load_from_memory(&grid).expect("the grid is an image");
     assert_eq!(
         (grid.width(), grid.height()),
         (2 + 2 * 10, 2 + 3 * 10),
@@ -91,8 +95,8 @@ async fn train_records_the_run_its_metrics_and_checkpoints(env: TestEnv) {
         "and their grids"
     );
 
-    let loaded =
-        load_checkpoint(&path, Device::Cpu).expect("the EMA checkpoint loads in ddpm-core");
+    let loaded = load_checkpoint_bytes(path, &bytes, Device::Cpu)
+        .expect("the EMA checkpoint loads in ddpm-core");
     assert_eq!(loaded.manifest.step, 60);
     assert_eq!(loaded.manifest.run_id, Some(run.id));
     assert_eq!(loaded.manifest.class_names, ["circle", "square", "stripes"]);
@@ -200,7 +204,7 @@ async fn oversized_images_and_symlink_loops_are_skipped_and_counted(env: TestEnv
     assert!(!log.contains("skipping corrupt image"), "{log}");
 }
 
-both_backends!(train_records_the_run_its_metrics_and_checkpoints);
+both_backends!(crate::helpers::with_env; train_records_the_run_its_metrics_and_checkpoints);
 
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

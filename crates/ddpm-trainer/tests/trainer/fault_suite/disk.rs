@@ -8,8 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use ddpm_registry::{CheckpointKind, RunStatus};
+use ddpm_testkit::both_backends;
 
-use crate::helpers::{both_backends, micro_config, TestEnv};
+use crate::helpers::{micro_config, TestEnv};
 
 const CHECKPOINT_EVERY: i64 = 20;
 const LOG_EVERY: i64 = 5;
@@ -97,4 +98,4 @@ async fn a_full_disk_defers_the_run_with_its_history(env: TestEnv) {
     assert_eq!(steps.len() as i64, 2 * CHECKPOINT_EVERY / LOG_EVERY);
 }
 
-both_backends!(a_full_disk_defers_the_run_with_its_history);
+both_backends!(crate::helpers::with_env; a_full_disk_defers_the_run_with_its_history);

@@ -11,7 +11,8 @@ use ddpm_registry::RunStatus;
 use rand::{Rng, SeedableRng};
 
 use super::audit::{audit, same_final_weights, Audit};
-use crate::helpers::{both_backends, micro_config, signal, TestEnv};
+use crate::helpers::{micro_config, signal, TestEnv};
+use ddpm_testkit::both_backends;
 
 const TOTAL: i64 = 3000;
 const LOG_EVERY: i64 = 5;
@@ -154,4 +155,4 @@ async fn twenty_sigkills_lose_nothing(env: TestEnv) {
     );
 }
 
-both_backends!(twenty_sigkills_lose_nothing);
+both_backends!(crate::helpers::with_env; twenty_sigkills_lose_nothing);

@@ -8,7 +8,8 @@ use std::time::Duration;
 use ddpm_registry::{CheckpointKind, RunStatus};
 
 use super::audit::{audit, Audit};
-use crate::helpers::{both_backends, micro_config, signal, TestEnv};
+use crate::helpers::{micro_config, signal, TestEnv};
+use ddpm_testkit::both_backends;
 
 const TOTAL: i64 = 800;
 const LOG_EVERY: i64 = 5;
@@ -74,4 +75,4 @@ async fn a_paused_daemon_loses_its_run_and_writes_nothing(env: TestEnv) {
     assert_eq!(audit(&env, id, TOTAL, LOG_EVERY).await, Audit::default());
 }
 
-both_backends!(a_paused_daemon_loses_its_run_and_writes_nothing);
+both_backends!(crate::helpers::with_env; a_paused_daemon_loses_its_run_and_writes_nothing);
