@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use ddpm_registry::{CheckpointKind, Lease, RegistryError, Run, RunStatus};
+use ddpm_registry::{CheckpointKind, FinalStatus, Lease, RegistryError, Run};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tracing::Instrument;
 
@@ -175,7 +175,7 @@ impl Attempt<'_> {
                 tracing::error!(error = %e, "run failed");
                 let message = e.to_string();
                 (
-                    RunStatus::Failed,
+                    FinalStatus::Failed,
                     Some(message.clone()),
                     RunEnd::Failed(message),
                 )
@@ -183,19 +183,19 @@ impl Attempt<'_> {
             Ending::Completed { step } => {
                 self.hold.beat(step).await;
                 tracing::info!(step, "run completed");
-                (RunStatus::Completed, None, RunEnd::Completed)
+                (FinalStatus::Completed, None, RunEnd::Completed)
             }
             Ending::Interrupted { step } => {
                 self.hold.beat(step).await;
                 tracing::info!(step, "run interrupted; it resumes from this step");
-                (RunStatus::Interrupted, None, RunEnd::Interrupted)
+                (FinalStatus::Interrupted, None, RunEnd::Interrupted)
             }
             Ending::Cancelled { step } => {
                 if let Some(step) = step {
                     self.hold.beat(step).await;
                 }
                 tracing::info!(step, "run cancelled; its last state is kept");
-                (RunStatus::Cancelled, None, RunEnd::Cancelled)
+                (FinalStatus::Cancelled, None, RunEnd::Cancelled)
             }
         };
         let finished = self.hold.leased().finish(status, error.as_deref()).await;
