@@ -22,7 +22,7 @@ use super::{
     AppState, ControlAllowed,
 };
 use crate::{
-    error::{ApiError, ErrorBody},
+    http::error::{ApiError, ErrorBody},
     validate::ValidationError,
 };
 

@@ -20,7 +20,7 @@ use super::{extract::JsonBody, model::ModelRef, stream, AppState};
 use crate::{
     batcher::{GeneratedImage, StreamSink, Submission},
     encode::{self, Format},
-    error::{ApiError, ErrorBody},
+    http::error::{ApiError, ErrorBody},
     model::ModelInfo,
     validate::{plan, samples::SAMPLERS, Plan, SampleRequest},
 };

@@ -34,7 +34,7 @@ use super::samples::{image_json, ImageContext};
 use crate::{
     batcher::{GeneratedImage, Progress, StreamItem, Ticket},
     encode,
-    error::{ApiError, ErrorBody, ErrorDetail},
+    http::error::{ApiError, ErrorBody, ErrorDetail},
 };
 
 /// Progress events are sent at most this often.

@@ -1,6 +1,6 @@
 //! Request validation, free of HTTP: each raw request type (what deserializes from a body or
 //! a query string, and what the OpenAPI document describes) is checked here and becomes a
-//! validated value or a [`ValidationError`]. [`crate::error`] maps the error to a status
+//! validated value or a [`ValidationError`]. [`crate::http::error`] maps the error to a status
 //! and a code once.
 //!
 //! - [`samples`]: `POST /v1/samples`' body against the model being served and the limits.

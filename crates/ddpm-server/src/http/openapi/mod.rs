@@ -19,7 +19,7 @@ use utoipa::{
 };
 
 use super::{AppState, Settings};
-use crate::{error::ErrorCode, model::LoadedModel};
+use crate::{http::error::ErrorCode, model::LoadedModel};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/openapi.json", get(openapi_json))
