@@ -189,19 +189,25 @@ impl ApiError {
 /// Seconds a client should wait before retrying an overloaded or unavailable server.
 const RETRY_AFTER_SECONDS: &str = "1";
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        if let ApiError::Internal(detail) = &self {
+impl ApiError {
+    /// What the client is sent: the code and the message. An internal error's detail is
+    /// logged here, where it is answered, and never sent.
+    pub fn body(&self) -> ErrorBody {
+        if let ApiError::Internal(detail) = self {
             tracing::error!(%detail, "internal error");
         }
-        let body = Json(ErrorBody {
+        ErrorBody {
             error: ErrorDetail {
                 code: self.code(),
                 message: self.to_string(),
             },
-        });
-        let mut response = (status, body).into_response();
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), Json(self.body())).into_response();
         let headers = response.headers_mut();
         match self {
             ApiError::Overloaded { retry_after, .. } => {

@@ -11,6 +11,7 @@ pub use error::ApiError;
 mod extract;
 pub use extract::BodyReadTimeout;
 mod health;
+mod image;
 mod model;
 pub mod openapi;
 mod runs;
