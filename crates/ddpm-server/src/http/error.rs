@@ -163,7 +163,11 @@ impl ApiError {
                 ValidationError::Status(_) => ErrorCode::InvalidStatus,
                 ValidationError::Id(_) => ErrorCode::InvalidId,
                 ValidationError::TooCostly(_) => ErrorCode::TooCostly,
-                ValidationError::Streaming(_) => ErrorCode::InvalidStreamOption,
+                // One code for the two options a stream's client sets, as before the
+                // variants were told apart.
+                ValidationError::Priority(_) | ValidationError::PreviewEvery(_) => {
+                    ErrorCode::InvalidStreamOption
+                }
             },
             ApiError::MalformedJson(_) => ErrorCode::MalformedJson,
             ApiError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,

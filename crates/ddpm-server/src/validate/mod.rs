@@ -47,7 +47,8 @@ pub enum ValidationError {
     /// More work (images × steps) than the server can finish within its request timeout.
     #[error("{0}")]
     TooCostly(String),
-    /// `priority` or `preview_every`.
     #[error("{0}")]
-    Streaming(String),
+    Priority(String),
+    #[error("{0}")]
+    PreviewEvery(String),
 }
