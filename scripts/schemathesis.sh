@@ -3,10 +3,13 @@
 # binaries (debug), trains a tiny checkpoint, starts ddpm-server on a free 127.0.0.1 port
 # with a bearer token, and runs every schemathesis check against /openapi.json. Fails on
 # any server error, undocumented status code or header, response that breaks its schema,
-# schema-valid request rejected or schema-invalid request accepted.
+# schema-valid request rejected or schema-invalid request accepted. Each run draws a new
+# seed and prints it, so that a failure can be replayed; `schemathesis.toml` beside this
+# script is its configuration (what the schema cannot say).
 #
 #   scripts/schemathesis.sh [extra `schemathesis run` options]
 #
+#   DDPM_SCHEMATHESIS_SEED          replay the run that printed this seed
 #   DDPM_SCHEMATHESIS_BIN           use the binaries of this directory instead of building
 #   DDPM_SCHEMATHESIS_MAX_EXAMPLES  cases per operation and phase (default 100)
 #   DDPM_SCHEMATHESIS_TIMEOUT       seconds the fuzzing may take (default 180; it takes
@@ -97,17 +100,20 @@ done
 curl -fsS "$url/readyz" >/dev/null || die "/readyz never answered 200"
 
 # One worker: the model thread is the bottleneck on 2 cores, and parallel clients would
-# only turn slow requests into 429s. A fixed seed makes a failure reproducible; `timeout`
-# bounds the whole run. Run from the temporary directory, where schemathesis keeps its
-# crash cache.
+# only turn slow requests into 429s. A new seed every run explores more than one lucky
+# one; printed, it replays a failure. `timeout` bounds the whole run. Run from the
+# temporary directory, where schemathesis keeps its crash cache.
+seed=${DDPM_SCHEMATHESIS_SEED:-$(((RANDOM << 15) | RANDOM))}
+say "seed $seed (replay with DDPM_SCHEMATHESIS_SEED=$seed)"
 status=0
-(cd "$work" && timeout "${DDPM_SCHEMATHESIS_TIMEOUT:-180}" "$venv/bin/schemathesis" run "$url/openapi.json" \
+(cd "$work" && timeout "${DDPM_SCHEMATHESIS_TIMEOUT:-180}" "$venv/bin/schemathesis" \
+  --config-file "$repo/scripts/schemathesis.toml" run "$url/openapi.json" \
   --checks all \
   --header "Authorization: Bearer $token" \
   --workers 1 \
   --max-examples "${DDPM_SCHEMATHESIS_MAX_EXAMPLES:-100}" \
   --request-timeout 30 \
-  --seed 1 \
+  --seed "$seed" \
   --generation-database none \
   --no-color \
   "$@") || status=$?
@@ -115,5 +121,5 @@ kill -0 "$server_pid" 2>/dev/null || die "the server died during the run"
 say "what the server answered, by route and status:"
 curl -fsS -H "Authorization: Bearer $token" "$url/metrics" | grep '^ddpm_http_requests_total' | grep -v 'status="405"' >&2 || true
 [ "$status" != 124 ] || die "schemathesis did not finish within ${DDPM_SCHEMATHESIS_TIMEOUT:-180} s"
-[ "$status" = 0 ] || die "schemathesis found failures (exit status $status)"
+[ "$status" = 0 ] || die "schemathesis found failures with seed $seed (exit status $status)"
 say "ok"

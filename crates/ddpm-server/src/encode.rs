@@ -1,8 +1,10 @@
 //! A response's encodings: [`negotiate`] picks one from the request's `Accept`; then one
-//! PNG, a labelled PNG grid, or a ZIP of PNGs (JSON is the handler's).
+//! PNG (or its base64, for JSON), a labelled PNG grid, or a ZIP of PNGs (JSON is the
+//! handler's).
 
 use std::io::{Cursor, Write};
 
+use base64::Engine;
 use ddpm_core::tile::Tiling;
 use image::{codecs::png::PngEncoder, ExtendedColorType, ImageEncoder};
 use zip::{write::SimpleFileOptions, CompressionMethod, ZipWriter};
@@ -69,6 +71,11 @@ pub fn negotiate(accept: Option<&[u8]>) -> Result<Format, NotAcceptable> {
             "cannot answer with {accept:?}: accept application/json, image/png, application/zip or text/event-stream"
         ))
     })
+}
+
+/// One image as a PNG file in base64 (standard alphabet, padded), as JSON carries it.
+pub fn png_base64(image: &GeneratedImage) -> Result<String, EncodeError> {
+    Ok(base64::engine::general_purpose::STANDARD.encode(png(image)?))
 }
 
 /// One image as PNG bytes.

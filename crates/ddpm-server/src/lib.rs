@@ -19,12 +19,13 @@
 //!   by its cost, both pure.
 //! - [`validate`]: requests checked into what the model thread and the registry are asked
 //!   for, free of HTTP; a typed [`validate::ValidationError`].
-//! - [`http`]: the axum router, handlers, extractors, bearer token, and the OpenAPI
-//!   document generated from the request and response types.
+//! - [`http`]: the axum router, handlers, extractors, bearer token, the OpenAPI
+//!   document generated from the request and response types, and [`ApiError`] (what
+//!   clients see: each lower layer's error mapped to a status and an
+//!   [`http::error::ErrorCode`], once).
 //! - [`encode`]: `Accept` negotiation; PNG, labelled PNG grid, ZIP.
 //! - [`metrics`]: Prometheus text exposition.
-//! - [`error`]: [`ServerError`] (the library's) and [`ApiError`] (what clients see: each
-//!   lower layer's error mapped to a status and an [`error::ErrorCode`], once).
+//! - [`error`]: [`ServerError`], the library's error, free of HTTP.
 
 pub mod batcher;
 pub mod config;
@@ -45,7 +46,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, SchedulerPolicy};
-pub use error::{ApiError, ServerError};
+pub use error::ServerError;
+pub use http::ApiError;
 pub use model::{LoadedModel, ModelInfo};
 
 use crate::{

@@ -96,6 +96,18 @@ pub fn passes_gate(candidate: &CheckpointScore, serving: Option<&CheckpointScore
     kid <= serving + candidate.values.kid_std.unwrap_or(0.0)
 }
 
+/// What [`Watcher::check_best`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BestOutcome {
+    /// The candidate run has no scored checkpoint yet: the newest is served instead.
+    Unscored,
+    /// The best checkpoint allowed is served already, or none could be swapped in (there
+    /// is none, the gate refused them, they failed to load).
+    Kept,
+    /// This checkpoint was swapped in.
+    Swapped(i64),
+}
+
 /// Most runs looked at when searching for an older usable checkpoint.
 const FALLBACK_RUNS: i64 = 1000;
 
@@ -185,11 +197,11 @@ impl Watcher {
         if !matches!(self.pin, Pin::Checkpoint(_)) {
             match self.policy {
                 ServePolicy::Newest => {}
-                ServePolicy::Best => {
-                    if let Some(swapped) = self.check_best().await? {
-                        return Ok(swapped);
-                    }
-                }
+                ServePolicy::Best => match self.check_best().await? {
+                    BestOutcome::Unscored => {}
+                    BestOutcome::Kept => return Ok(None),
+                    BestOutcome::Swapped(id) => return Ok(Some(id)),
+                },
                 ServePolicy::Promoted => return self.check_promoted().await,
             }
         }
@@ -234,9 +246,8 @@ impl Watcher {
         Ok(None)
     }
 
-    /// `best`: the ranked candidates, tried in order; `None` when the candidate run has
-    /// no scored checkpoint yet (the caller then serves the newest), else what changed.
-    async fn check_best(&mut self) -> Result<Option<Option<i64>>, ServerError> {
+    /// `best`: the ranked candidates, tried in order.
+    async fn check_best(&mut self) -> Result<BestOutcome, ServerError> {
         let run = match self.pin {
             Pin::Run(run) => Some(run),
             _ => self
@@ -246,7 +257,7 @@ impl Watcher {
                 .map(|c| c.run_id),
         };
         let Some(run) = run else {
-            return Ok(Some(None));
+            return Ok(BestOutcome::Kept);
         };
         let scores = self.registry.scores(run).await?;
         let checkpoints = self.registry.list_checkpoints(run).await?;
@@ -259,7 +270,7 @@ impl Watcher {
             })
             .collect();
         if ranked.is_empty() {
-            return Ok(None);
+            return Ok(BestOutcome::Unscored);
         }
         // Best first; on a tie the newer one.
         ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.id.cmp(&a.1.id)));
@@ -273,7 +284,7 @@ impl Watcher {
         };
         for (_, candidate, score) in ranked {
             if serving.as_ref().map(|m| m.checkpoint.id) == Some(candidate.id) {
-                return Ok(Some(None));
+                return Ok(BestOutcome::Kept);
             }
             if !passes_gate(score, serving_score.as_ref()) {
                 if self.gated != Some(candidate.id) {
@@ -290,10 +301,10 @@ impl Watcher {
             }
             let id = candidate.id;
             if self.may_try(id) && self.try_load(candidate).await {
-                return Ok(Some(Some(id)));
+                return Ok(BestOutcome::Swapped(id));
             }
         }
-        Ok(Some(None))
+        Ok(BestOutcome::Kept)
     }
 
     /// `promoted`: the promotion in force, if it is not what is served.

@@ -22,7 +22,7 @@ use super::{
     AppState, ControlAllowed,
 };
 use crate::{
-    error::{ApiError, ErrorBody},
+    http::error::{ApiError, ErrorBody},
     validate::ValidationError,
 };
 
@@ -128,15 +128,26 @@ pub(super) async fn checkpoint_grid(
     }
 }
 
-/// A promotion's why and who.
+/// A promotion's why and who. "Not blank" is, in the document, a character outside
+/// Unicode's White_Space (the set `str::trim` removes), listed one by one: `\S` would not
+/// do, as JSON Schema's regular expressions are ECMAScript's, whose `\s` is another set
+/// (without U+0085, with U+FEFF).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PromoteRequest {
     /// Why this checkpoint should be served (recorded; not blank).
-    #[schema(min_length = 1, max_length = 1000, pattern = r"\S")]
+    #[schema(
+        min_length = 1,
+        max_length = 1000,
+        pattern = r"[^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+    )]
     pub reason: String,
     /// Who promotes it (recorded; not blank; default `api`).
-    #[schema(min_length = 1, max_length = 1000, pattern = r"\S")]
+    #[schema(
+        min_length = 1,
+        max_length = 1000,
+        pattern = r"[^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+    )]
     pub by: Option<String>,
 }
 
@@ -236,4 +247,50 @@ pub(super) async fn promote_checkpoint(
         .await?;
     tracing::info!(by = %promotion.promoted_by, reason = %promotion.reason, "checkpoint promoted");
     Ok(Json(promotion.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented pattern lists exactly the characters `trim` removes, so a text is
+    /// refused as blank exactly when the document says it does not match.
+    #[test]
+    fn not_blank_is_what_trim_leaves() {
+        let escape = |c: char| match c {
+            '\t' => r"\t".to_string(),
+            '\r' => r"\r".to_string(),
+            ' ' => " ".to_string(),
+            c => format!(r"\u{:04x}", c as u32),
+        };
+        let mut ranges: Vec<(char, char)> = Vec::new();
+        for c in (0..=u32::from(char::MAX)).filter_map(char::from_u32) {
+            if !c.is_whitespace() {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some((_, last)) if u32::from(*last) + 1 == u32::from(c) => *last = c,
+                _ => ranges.push((c, c)),
+            }
+        }
+        let class: String = ranges
+            .into_iter()
+            .map(|(first, last)| match u32::from(last) - u32::from(first) {
+                0 => escape(first),
+                1 => escape(first) + &escape(last),
+                _ => format!("{}-{}", escape(first), escape(last)),
+            })
+            .collect();
+        let schema =
+            serde_json::to_value(<PromoteRequest as utoipa::PartialSchema>::schema()).unwrap();
+        for field in ["reason", "by"] {
+            let pattern = &schema["properties"][field]["pattern"];
+            assert_eq!(
+                pattern.as_str(),
+                Some(format!("[^{class}]").as_str()),
+                "{field}"
+            );
+        }
+        assert!("\u{85}".trim().is_empty());
+    }
 }

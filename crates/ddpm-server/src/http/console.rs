@@ -18,7 +18,7 @@ use axum::{
 };
 
 use super::AppState;
-use crate::error::ApiError;
+use crate::http::ApiError;
 
 /// The page itself: scripts and styles from this origin only; images also from `blob:`
 /// and `data:` URLs (grids fetched with the token, generated PNGs).

@@ -8,8 +8,8 @@ use axum::{
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 
-use super::BODY_LIMIT;
-use crate::{error::ApiError, validate::ValidationError};
+use super::{ApiError, BODY_LIMIT};
+use crate::validate::ValidationError;
 
 /// A JSON body: 415 without `Content-Type: application/json`, 413 above the body limit,
 /// 400 when it is not JSON, 422 when it is JSON of the wrong shape.

@@ -2,13 +2,16 @@
 //! (tracing, metrics, body limit, bearer token); and the web [`console`], a client of it.
 //! Handlers parse (the [`extract`]ors), call ([`crate::validate`], the batcher, the
 //! registry) and map (to the response types each resource module declares, from which
-//! [`openapi`] generates the document).
+//! [`openapi`] generates the document; errors to [`ApiError`], in [`error`]).
 
 mod checkpoints;
 mod console;
+pub mod error;
+pub use error::ApiError;
 mod extract;
 pub use extract::BodyReadTimeout;
 mod health;
+mod image;
 mod model;
 pub mod openapi;
 mod runs;
@@ -27,10 +30,7 @@ use axum::{
 use ddpm_registry::{CheckpointStore, Registry};
 use tower_http::trace::TraceLayer;
 
-use crate::{
-    batcher::Batcher, error::ApiError, metrics::Metrics, model::CurrentModel,
-    validate::SampleDefaults,
-};
+use crate::{batcher::Batcher, metrics::Metrics, model::CurrentModel, validate::SampleDefaults};
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;

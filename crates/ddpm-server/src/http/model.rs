@@ -6,7 +6,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use crate::{
-    error::{ApiError, ErrorBody},
+    http::error::{ApiError, ErrorBody},
     model::ModelInfo,
 };
 

@@ -8,7 +8,6 @@ use axum::{
     routing::{delete, post},
     Json, Router,
 };
-use base64::Engine;
 use ddpm_core::{SamplerConfig, SamplerKind};
 use serde::Serialize;
 use utoipa::{
@@ -16,11 +15,16 @@ use utoipa::{
     ToSchema,
 };
 
-use super::{extract::JsonBody, model::ModelRef, stream, AppState};
+use super::{
+    extract::JsonBody,
+    image::{ImageContext, ImageJson},
+    model::ModelRef,
+    stream, AppState,
+};
 use crate::{
     batcher::{GeneratedImage, StreamSink, Submission},
     encode::{self, Format},
-    error::{ApiError, ErrorBody},
+    http::error::{ApiError, ErrorBody},
     model::ModelInfo,
     validate::{plan, samples::SAMPLERS, Plan, SampleRequest},
 };
@@ -53,34 +57,6 @@ fn client_request_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(id.to_owned()))
 }
 
-/// What an image's JSON needs besides its pixels.
-#[derive(Debug, Clone)]
-pub struct ImageContext {
-    /// The class name (or `None`, unconditional) of each image, by index.
-    pub class_names: Vec<Option<String>>,
-    pub info: ModelInfo,
-}
-
-/// One image as an entry of the JSON response (and as a streamed `image` event).
-pub fn image_json(
-    index: usize,
-    image: &GeneratedImage,
-    context: &ImageContext,
-) -> Result<ImageJson, ApiError> {
-    Ok(ImageJson {
-        index,
-        class: context.class_names.get(index).cloned().flatten(),
-        class_index: image.label,
-        seed: image.seed,
-        width: image.width,
-        height: image.height,
-        run_id: context.info.run_id,
-        step: context.info.step,
-        png_base64: base64::engine::general_purpose::STANDARD
-            .encode(encode::png(image).map_err(ApiError::internal)?),
-    })
-}
-
 /// The JSON response.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SampleResponse {
@@ -97,22 +73,6 @@ pub struct SamplerUsed {
     pub kind: SamplerKind,
     pub steps: usize,
     pub eta: f64,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ImageJson {
-    pub index: usize,
-    /// The class name; null for an unconditional image.
-    pub class: Option<String>,
-    pub class_index: Option<i64>,
-    pub seed: u64,
-    pub width: u32,
-    pub height: u32,
-    pub run_id: i64,
-    pub step: i64,
-    /// The PNG file, base64 (standard alphabet, padded).
-    #[schema(content_encoding = "base64", content_media_type = "image/png")]
-    pub png_base64: String,
 }
 
 fn sampler_kind_schema() -> ObjectBuilder {
@@ -377,7 +337,7 @@ fn encode_response(
             let items = images
                 .iter()
                 .enumerate()
-                .map(|(index, image)| image_json(index, image, &context))
+                .map(|(index, image)| context.image_json(index, image))
                 .collect::<Result<Vec<_>, ApiError>>()?;
             Json(SampleResponse {
                 model: ModelRef::from(info),

@@ -26,15 +26,14 @@ use axum::response::{
     sse::{Event, KeepAlive, Sse},
     IntoResponse, Response,
 };
-use base64::Engine;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
-use super::samples::{image_json, ImageContext};
+use super::image::ImageContext;
 use crate::{
-    batcher::{GeneratedImage, Progress, StreamItem, Ticket},
+    batcher::{Progress, StreamItem, Ticket},
     encode,
-    error::{ApiError, ErrorBody, ErrorDetail},
+    http::ApiError,
 };
 
 /// Progress events are sent at most this often.
@@ -92,22 +91,7 @@ fn event<T: Serialize>(name: &str, data: &T) -> Event {
 }
 
 fn error_event(error: ApiError) -> Event {
-    if let ApiError::Internal(detail) = &error {
-        tracing::error!(%detail, "internal error in a stream");
-    }
-    event(
-        "error",
-        &ErrorBody {
-            error: ErrorDetail {
-                code: error.code(),
-                message: error.to_string(),
-            },
-        },
-    )
-}
-
-fn png_base64(image: &GeneratedImage) -> Result<String, encode::EncodeError> {
-    Ok(base64::engine::general_purpose::STANDARD.encode(encode::png(image)?))
+    event("error", &error.body())
 }
 
 /// Sends the request's events until it is answered or the client goes away (then it
@@ -150,14 +134,14 @@ async fn produce(
     let item_event = |item: StreamItem| -> Result<Event, ApiError> {
         Ok(match item {
             StreamItem::Image { index, image } => {
-                event("image", &image_json(index, &image, &context)?)
+                event("image", &context.image_json(index, &image)?)
             }
             StreamItem::Preview { index, step, image } => event(
                 "preview",
                 &Preview {
                     index,
                     step,
-                    png_base64: png_base64(&image).map_err(ApiError::internal)?,
+                    png_base64: encode::png_base64(&image).map_err(ApiError::internal)?,
                 },
             ),
         })

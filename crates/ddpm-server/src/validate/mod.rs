@@ -1,6 +1,6 @@
 //! Request validation, free of HTTP: each raw request type (what deserializes from a body or
 //! a query string, and what the OpenAPI document describes) is checked here and becomes a
-//! validated value or a [`ValidationError`]. [`crate::error`] maps the error to a status
+//! validated value or a [`ValidationError`]. [`crate::http::error`] maps the error to a status
 //! and a code once.
 //!
 //! - [`samples`]: `POST /v1/samples`' body against the model being served and the limits.
@@ -47,7 +47,10 @@ pub enum ValidationError {
     /// More work (images × steps) than the server can finish within its request timeout.
     #[error(transparent)]
     TooCostly(crate::batcher::TooCostly),
-    /// `priority` or `preview_every`.
+    /// `priority` names no priority.
     #[error("{0}")]
-    Streaming(String),
+    Priority(String),
+    /// `preview_every` is out of its bounds.
+    #[error("{0}")]
+    PreviewEvery(String),
 }

@@ -6,7 +6,10 @@
 //! `http::openapi` from the same [`SampleDefaults`] and model.
 
 use ddpm_core::{SampleSpec, SamplerConfig, SamplerKind};
-use serde::Deserialize;
+use serde::{
+    de::{value::StrDeserializer, DeserializeOwned, IntoDeserializer},
+    Deserialize,
+};
 use utoipa::{
     openapi::{schema::SchemaType, ObjectBuilder, OneOfBuilder, RefOr, Schema, Type},
     PartialSchema, ToSchema,
@@ -107,6 +110,36 @@ impl<'de> Deserialize<'de> for ClassRef {
     }
 }
 
+/// A choice among a type's names (`sampler`, `priority`): a JSON string, read in any case
+/// by the type's own serde names. A string that names none is kept as given, so that
+/// [`plan`] refuses it with the field's own code (`invalid_sampler`) where serde would
+/// refuse the whole body (`invalid_request`); any other JSON type does not match the schema.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Named<T> {
+    Known(T),
+    Unknown(String),
+}
+
+impl<T: Copy> Named<T> {
+    /// The choice, or `refuse` of the name that is none.
+    fn known(&self, refuse: impl FnOnce(&str) -> ValidationError) -> Result<T, ValidationError> {
+        match self {
+            Named::Known(value) => Ok(*value),
+            Named::Unknown(name) => Err(refuse(name)),
+        }
+    }
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Named<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        let lower = name.to_ascii_lowercase();
+        let named: StrDeserializer<'_, serde::de::value::Error> =
+            lower.as_str().into_deserializer();
+        Ok(T::deserialize(named).map_or(Named::Unknown(name), Named::Known))
+    }
+}
+
 /// The request body. A request names one `class` (for all `n` images), or lists `classes`
 /// (one image each), or neither (unconditional images).
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -129,7 +162,7 @@ pub struct SampleRequest {
     pub guidance_scale: Option<serde_json::Value>,
     /// Default: the server's --default-sampler.
     #[schema(schema_with = sampler_schema)]
-    pub sampler: Option<String>,
+    pub sampler: Option<Named<SamplerKind>>,
     /// Network evaluations, at most the model's T (`timesteps` in `GET /v1/model`);
     /// default: the server's --default-steps.
     #[serde(default, deserialize_with = "integral::body::i64")]
@@ -147,7 +180,7 @@ pub struct SampleRequest {
     /// work left first, a high request counting as 4× shorter and a low one as 4× longer;
     /// every request gains standing as it waits, so none starves.
     #[schema(schema_with = priority_schema)]
-    pub priority: Option<String>,
+    pub priority: Option<Named<Priority>>,
     /// With `Accept: text/event-stream` only: send each image's current x̂₀ (the model's
     /// guess of the final image) as a `preview` event every this many of its steps.
     #[serde(default, deserialize_with = "integral::body::i64")]
@@ -259,9 +292,9 @@ pub fn plan(
     defaults: &SampleDefaults,
 ) -> Result<Plan, ValidationError> {
     let labels = labels(request, model, conditional, defaults.max_images_per_request)?;
-    let kind = match request.sampler.as_deref() {
+    let kind = match &request.sampler {
         None => defaults.default_sampler,
-        Some(s) => s.to_ascii_lowercase().parse::<SamplerKind>().map_err(|_| {
+        Some(named) => named.known(|s| {
             ValidationError::Sampler(format!(
                 "unknown sampler {s:?}: use \"ddpm\", \"ddim\" or \"dpmpp_2m\""
             ))
@@ -308,20 +341,19 @@ pub fn plan(
         .iter()
         .map(|l| l.and_then(|i| model.classes.get(i as usize).cloned()))
         .collect();
-    let priority = match request.priority.as_deref() {
+    let priority = match &request.priority {
         None => Priority::Normal,
-        Some(p) => serde_json::from_value(serde_json::Value::from(p.to_ascii_lowercase()))
-            .map_err(|_| {
-                ValidationError::Streaming(format!(
-                    "unknown priority {p:?}: use \"low\", \"normal\" or \"high\""
-                ))
-            })?,
+        Some(named) => named.known(|p| {
+            ValidationError::Priority(format!(
+                "unknown priority {p:?}: use \"low\", \"normal\" or \"high\""
+            ))
+        })?,
     };
     let preview_every = match request.preview_every {
         None => None,
         Some(k) if k >= 1 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
         Some(k) => {
-            return Err(ValidationError::Streaming(format!(
+            return Err(ValidationError::PreviewEvery(format!(
                 "preview_every must be at least 1, got {k}"
             )))
         }
@@ -490,12 +522,13 @@ mod tests {
         assert_eq!(p.specs[0].sampler, SamplerConfig::ddim(20));
         assert_eq!(p.class_names[0].as_deref(), Some("green"));
         let p = plan(
-            &request(json!({"classes": [0, "blue"], "sampler": "DDPM", "steps": 1000})),
+            &request(json!({"classes": [0, "blue"], "sampler": "DDPM", "steps": 1000, "priority": "High"})),
             &info(),
             true,
             &defaults(),
         )
         .unwrap();
+        assert_eq!(p.priority, Priority::High, "names are read in any case");
         assert_eq!(
             p.specs.iter().map(|s| s.label).collect::<Vec<_>>(),
             [Some(0), Some(2)]
@@ -503,6 +536,7 @@ mod tests {
         assert_eq!(p.specs[0].sampler.kind, SamplerKind::Ddpm);
         let p = plan(&request(json!({})), &info(), true, &defaults()).unwrap();
         assert_eq!(p.specs[0].label, None);
+        assert_eq!((p.priority, p.preview_every), (Priority::Normal, None));
         // JSON null is the field's absence, as the document's nullable types say.
         let p = plan(
             &request(json!({"guidance_scale": null, "steps": null, "seed": u64::MAX, "n": 2})),
@@ -528,6 +562,8 @@ mod tests {
             json!({"class": 1.5}),
             json!({"class": true}),
             json!({"n": "2"}),
+            json!({"sampler": 1}),
+            json!({"priority": ["high"]}),
         ] {
             assert!(
                 serde_json::from_value::<SampleRequest>(bad.clone()).is_err(),
@@ -558,6 +594,12 @@ mod tests {
         is(json!({"steps": 0}), |e| matches!(e, E::Steps(_)));
         is(json!({"steps": 1001}), |e| matches!(e, E::Steps(_)));
         is(json!({"sampler": "euler"}), |e| matches!(e, E::Sampler(_)));
+        is(json!({"priority": "urgent"}), |e| {
+            matches!(e, E::Priority(_))
+        });
+        is(json!({"preview_every": 0}), |e| {
+            matches!(e, E::PreviewEvery(_))
+        });
         is(json!({"eta": 1.5}), |e| matches!(e, E::Eta(_)));
         is(json!({"sampler": "ddpm", "eta": 0.5}), |e| {
             matches!(e, E::Eta(_))

@@ -18,6 +18,9 @@ async fn every_kind_of_bad_input_is_a_4xx_with_a_stable_code() {
         (json!({"steps": 0}), 422, "invalid_steps"),
         (json!({"steps": 5000}), 422, "invalid_steps"),
         (json!({"sampler": "euler"}), 422, "invalid_sampler"),
+        (json!({"sampler": 2}), 422, "invalid_request"),
+        (json!({"priority": "urgent"}), 422, "invalid_stream_option"),
+        (json!({"preview_every": 0}), 422, "invalid_stream_option"),
         (json!({"eta": 2.0}), 422, "invalid_eta"),
         (
             json!({"guidance_scale": "NaN"}),

@@ -5,17 +5,15 @@
 //! - `n` and the length of `classes`: at most --max-images-per-request;
 //! - `steps`: at most the model's T;
 //! - `ClassRef`: the model's class indices and names (no `class` or `classes` at all for an
-//!   unconditional model);
-//! - rules between fields: `class` or `classes`, not both; `n` with `classes` only as its
-//!   length; η only with the ddim sampler (named, or the server's default).
+//!   unconditional model).
 //!
-//! utoipa models no `not` and no `if`/`then`; its schema extensions are written inline into
-//! the schema object, so the rules between fields travel there as plain JSON Schema
-//! (OpenAPI 3.1 schemas are JSON Schema 2020-12).
+//! The body stays a plain object of typed, bounded properties. The rules between fields
+//! (`class` or `classes`, not both; `n` with `classes` only as its length; η only with the
+//! ddim sampler) are not stated here: JSON Schema can say them only with `not`, `allOf` and
+//! `if`/`then` around the object, which fuzzers and client generators read badly or not at
+//! all. `plan` enforces them, answering 422 with a message that names the fields.
 
-use ddpm_core::SamplerKind;
-use serde_json::{json, Value};
-use utoipa::openapi::{extensions::Extensions, Object, OpenApi as Document, RefOr, Schema};
+use utoipa::openapi::{Object, OpenApi as Document, RefOr, Schema};
 
 use crate::{
     model::ModelInfo,
@@ -62,54 +60,6 @@ pub(super) fn apply(
         request.properties.remove("class");
         request.properties.remove("classes");
     }
-    let rules = request.extensions.get_or_insert_with(Extensions::default);
-    rules.insert("not".into(), class_with_classes());
-    rules.insert(
-        "allOf".into(),
-        json!([
-            n_with_classes(max_n),
-            eta_with_ddpm(defaults.default_sampler)
-        ]),
-    );
-}
-
-/// `class` and `classes` both given (null is absent).
-fn class_with_classes() -> Value {
-    json!({
-        "required": ["class", "classes"],
-        "properties": {
-            "class": { "type": ["integer", "string"] },
-            "classes": { "type": "array" },
-        },
-    })
-}
-
-/// `n` and `classes` both given: then `n` is the length of `classes` (JSON Schema has no
-/// "equals the length of", so each possible length is listed).
-fn n_with_classes(max_n: usize) -> Value {
-    let lengths: Vec<Value> = (1..=max_n)
-        .map(|k| json!({ "properties": { "n": { "const": k }, "classes": { "minItems": k, "maxItems": k } } }))
-        .collect();
-    json!({
-        "if": {
-            "required": ["n", "classes"],
-            "properties": { "n": { "type": "integer" }, "classes": { "type": "array" } },
-        },
-        "then": { "anyOf": lengths },
-    })
-}
-
-/// A request that samples with DDPM (it names ddpm, or names no sampler and ddpm is the
-/// default) has no η, or η = 0.
-fn eta_with_ddpm(default: SamplerKind) -> Value {
-    let ddpm = match default {
-        SamplerKind::Ddpm => json!({ "properties": { "sampler": { "enum": ["ddpm", null] } } }),
-        SamplerKind::Ddim | SamplerKind::DpmPp2m => json!({
-            "properties": { "sampler": { "const": "ddpm" } },
-            "required": ["sampler"],
-        }),
-    };
-    json!({ "if": ddpm, "then": { "properties": { "eta": { "enum": [0, null] } } } })
 }
 
 fn property<'a>(object: &'a mut Object, name: &str) -> Option<&'a mut Schema> {
@@ -125,6 +75,8 @@ fn property<'a>(object: &'a mut Object, name: &str) -> Option<&'a mut Schema> {
 #[cfg(test)]
 mod tests {
     use chrono::Utc;
+    use ddpm_core::SamplerKind;
+    use serde_json::{json, Value};
     use utoipa::OpenApi;
 
     use super::*;
@@ -198,24 +150,43 @@ mod tests {
         assert!(checked(json!({"class": "green"})).is_ok());
     }
 
+    /// The body's schema is its properties, nothing around them; the rules between fields
+    /// are `plan`'s, and each refusal names the fields it is about.
     #[test]
-    fn the_rules_between_fields_are_stated() {
-        let s = schemas(&defaults(SamplerKind::Ddim), None);
-        let request = &s["SampleRequest"];
-        assert_eq!(request["additionalProperties"], false);
-        assert_eq!(request["not"]["required"], json!(["class", "classes"]));
-        let [n, eta] = [&request["allOf"][0], &request["allOf"][1]];
-        assert_eq!(n["if"]["required"], json!(["n", "classes"]));
-        assert_eq!(n["then"]["anyOf"].as_array().unwrap().len(), 4);
-        assert_eq!(n["then"]["anyOf"][3]["properties"]["n"]["const"], 4);
-        assert_eq!(eta["if"]["required"], json!(["sampler"]));
-        assert_eq!(eta["then"]["properties"]["eta"]["enum"], json!([0, null]));
-        let ddpm_default = schemas(&defaults(SamplerKind::Ddpm), None);
-        assert_eq!(
-            ddpm_default["SampleRequest"]["allOf"][1]["if"]["properties"]["sampler"]["enum"],
-            json!(["ddpm", null])
-        );
-        assert!(request["properties"].get("steps").is_some());
+    fn the_rules_between_fields_are_plans_and_name_the_fields() {
+        let info = info(&["red", "green"]);
+        for default in [SamplerKind::Ddim, SamplerKind::Ddpm] {
+            let defaults = defaults(default);
+            let s = schemas(&defaults, Some((&info, true)));
+            let request = s["SampleRequest"].as_object().unwrap();
+            assert_eq!(request["type"], "object");
+            assert_eq!(request["additionalProperties"], false);
+            for keyword in ["not", "allOf", "anyOf", "oneOf", "if", "then"] {
+                assert!(!request.contains_key(keyword), "{keyword}");
+            }
+            let refused = |body: Value, fields: &[&str]| {
+                let request: SampleRequest = serde_json::from_value(body.clone()).unwrap();
+                let message = plan(&request, &info, true, &defaults)
+                    .unwrap_err()
+                    .to_string();
+                for field in fields {
+                    assert!(
+                        message.contains(field),
+                        "{body}: {message:?} names no {field}"
+                    );
+                }
+            };
+            refused(
+                json!({"class": 0, "classes": [1]}),
+                &["`class`", "`classes`"],
+            );
+            refused(json!({"classes": [0, 1], "n": 3}), &["n = ", "`classes`"]);
+            refused(json!({"sampler": "ddpm", "eta": 0.5}), &["eta", "ddpm"]);
+        }
+        // η with the server's default sampler, when that is ddpm.
+        let request: SampleRequest = serde_json::from_value(json!({"eta": 0.5})).unwrap();
+        assert!(plan(&request, &info, true, &defaults(SamplerKind::Ddpm)).is_err());
+        assert!(plan(&request, &info, true, &defaults(SamplerKind::Ddim)).is_ok());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use super::{RunBody, RunIdParam};
 use crate::{
-    error::{ApiError, ErrorBody},
+    http::error::{ApiError, ErrorBody},
     http::{
         extract::{OptionalJsonBody, PathId},
         AppState, ControlAllowed,

@@ -19,7 +19,7 @@ use super::{
     AppState,
 };
 use crate::{
-    error::{ApiError, ErrorBody},
+    http::error::{ApiError, ErrorBody},
     validate::{MetricsQuery, RunsQuery},
 };
 
