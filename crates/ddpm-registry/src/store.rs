@@ -264,9 +264,10 @@ impl CheckpointStore {
     }
 }
 
+/// Where the store is, as its backend says (the directory's path), for logs.
 impl fmt::Display for CheckpointStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.objects.fmt(f)
+        fmt::Display::fmt(&*self.objects, f)
     }
 }
 
@@ -409,6 +410,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::new(dir.path().join("store")).unwrap();
         assert!(dir.path().join("store").is_dir());
+        // Logs name the directory.
+        assert_eq!(
+            store.to_string(),
+            dir.path().join("store").display().to_string()
+        );
         assert_eq!(
             store.path_for(3, 1000, CheckpointKind::Ema),
             Path::new("runs/3/ema-00001000.safetensors")

@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use ddpm_registry::{
-    CheckpointKind, CheckpointStore, DirStore, FinalStatus, ObjectStore, RegistryError,
+    CheckpointKind, CheckpointRecord, CheckpointStore, DirStore, FinalStatus, ObjectStore,
+    RegistryError,
 };
 use ddpm_testkit::both_backends;
 use sha2::{Digest, Sha256};
@@ -20,6 +21,20 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// Deterministic content of a checkpoint at `step`.
 fn content(step: i64) -> Vec<u8> {
     (0..4096u32).map(|i| (i as i64 * 31 + step) as u8).collect()
+}
+
+/// The EMA checkpoint of run `run_id` at step 100, saved and registered.
+async fn ema_at_100(t: &TestContext, store: &CheckpointStore, run_id: i64) -> CheckpointRecord {
+    save(
+        store,
+        &t.registry,
+        run_id,
+        100,
+        CheckpointKind::Ema,
+        &content(100),
+    )
+    .await
+    .unwrap()
 }
 
 async fn saved_checkpoints_are_durable_and_registered(t: TestContext) {
@@ -61,16 +76,7 @@ async fn saved_checkpoints_are_durable_and_registered(t: TestContext) {
 async fn a_changed_file_fails_verification(t: TestContext) {
     let (store, objects) = (store(&t), objects(&t));
     let run = running_run(&t.registry, "h").await;
-    let record = save(
-        &store,
-        &t.registry,
-        run.id,
-        100,
-        CheckpointKind::Ema,
-        &content(100),
-    )
-    .await
-    .unwrap();
+    let record = ema_at_100(&t, &store, run.id).await;
     let mut bytes = objects.get(&record.path).unwrap();
     bytes[7] ^= 1;
     objects.put(&record.path, &bytes).unwrap();
@@ -101,16 +107,7 @@ async fn deleting_removes_row_file_and_grid(t: TestContext) {
     store
         .write_bytes(&CheckpointStore::grid_path_for(&rel), b"png")
         .unwrap();
-    let record = save(
-        &store,
-        &t.registry,
-        run.id,
-        100,
-        CheckpointKind::Ema,
-        &content(100),
-    )
-    .await
-    .unwrap();
+    let record = ema_at_100(&t, &store, run.id).await;
     assert_eq!(objects_of(&*objects, run.id).len(), 2);
     store.delete(&t.registry, &record).await.unwrap();
     assert!(objects_of(&*objects, run.id).is_empty());
