@@ -132,7 +132,8 @@ assert any(v["target"] == "/datasets" and v.get("read_only") for v in c["trainer
 step "3. lint"
 "$hadolint" --no-color --failure-threshold style docker/Dockerfile || die "hadolint docker/Dockerfile"
 "$shellcheck" docker/healthcheck.sh scripts/build-release.sh scripts/check-deploy.sh \
-  scripts/gen-env-docs.sh scripts/smoke-runtime.sh scripts/schemathesis.sh || die "shellcheck"
+  scripts/gen-env-docs.sh scripts/smoke-runtime.sh scripts/schemathesis.sh scripts/test.sh ||
+  die "shellcheck"
 pinned=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
 grep -q "^ARG RUST_VERSION=$pinned\$" docker/Dockerfile ||
   die "docker/Dockerfile's RUST_VERSION is not rust-toolchain.toml's $pinned"
@@ -177,7 +178,7 @@ if [ $quick = 1 ]; then
   step "4-5. skipped (--quick): debug binaries for the env checks"
   scripts/setup-libtorch.sh >/dev/null
   cargo build --locked --quiet -p ddpm-trainer -p ddpm-server
-  bin_dir=target/debug
+  bin_dir=${CARGO_TARGET_DIR:-target}/debug
 else
   if [ $build = 1 ]; then
     step "4. release build (scripts/build-release.sh build $stage)"
