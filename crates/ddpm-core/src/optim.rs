@@ -96,10 +96,30 @@ impl AdamW {
     /// the gradients and returns the gradient norm before clipping as a 0-d tensor (read it
     /// only when logging: reading syncs with the GPU).
     pub fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Tensor {
+        match self.step_with(
+            lr,
+            max_grad_norm,
+            |_| Ok::<(), std::convert::Infallible>(()),
+        ) {
+            Ok(norm) => norm,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`AdamW::step`] with `reduce` applied in place to the flat gradient first: the
+    /// tensor the update reads, which before every variable has a gradient is a fresh
+    /// copy (see [`FlatParams::flat_grad`]), so reducing anything else would be lost.
+    pub fn step_with<E>(
+        &mut self,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+        reduce: impl FnOnce(&mut Tensor) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Tensor, E> {
         let _guard = tch::no_grad_guard();
         // Once bound this is the gradient buffer itself: clipping scales it in place, which
         // is fine as it is zeroed at the end of the step.
         let mut grad = self.params.flat_grad(); // [N]
+        reduce(&mut grad)?;
         let norm = grad.norm(); // the norm before clipping, what users compare across runs
         if let Some(max) = max_grad_norm {
             // min(1, max / (‖g‖ + 1e-6)), computed on the device: no host sync per step.
@@ -118,6 +138,6 @@ impl AdamW {
         let denom = self.exp_avg_sq.sqrt() / bias2.sqrt() + c.eps;
         flat -= (&self.exp_avg / denom) * (lr / bias1);
         self.params.zero_grad();
-        norm
+        Ok(norm)
     }
 }

@@ -57,8 +57,20 @@ impl Learner {
     /// `max_grad_norm`), then the EMA update. Returns the gradient norm before clipping as
     /// a 0-d tensor (reading it syncs with the GPU).
     pub fn update(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<Tensor> {
+        self.update_with(lr, max_grad_norm, |_| Ok::<(), CoreError>(()))
+    }
+
+    /// [`Learner::update`] with `reduce` applied to the flat gradient first, in place
+    /// (data parallelism averages it over the ranks there); clipping, AdamW and the EMA
+    /// then see the reduced gradient.
+    pub fn update_with<E: From<CoreError>>(
+        &mut self,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+        reduce: impl FnOnce(&mut Tensor) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Tensor, E> {
         let updates_done = self.optimizer.steps();
-        let grad_norm = self.optimizer.step(lr, max_grad_norm);
+        let grad_norm = self.optimizer.step_with(lr, max_grad_norm, reduce)?;
         self.ema.update(self.optimizer.params(), updates_done)?;
         Ok(grad_norm)
     }
@@ -152,6 +164,40 @@ impl StepDraws {
         let dropped = (label_dropout > 0.0)
             .then(|| Tensor::rand([b], (Kind::Float, device)).lt(label_dropout));
         StepDraws { t, noise, dropped }
+    }
+
+    /// The draws of samples `share` of a global batch of `global` samples shaped like
+    /// `x0_share` (the share's images): everything is drawn for the whole global batch
+    /// in [`StepDraws::sample`]'s order and then sliced, so a sample's draws depend on
+    /// its index in the global batch, never on which rank computes it. With the whole
+    /// batch as the share this is exactly [`StepDraws::sample`].
+    pub fn sample_share(
+        schedule: &NoiseSchedule,
+        x0_share: &Tensor,
+        global: i64,
+        share: std::ops::Range<i64>,
+        label_dropout: f64,
+    ) -> Result<StepDraws> {
+        let size = x0_share.size();
+        let len = share.end - share.start;
+        if size.first() != Some(&len) || share.start < 0 || share.end > global {
+            return Err(CoreError::Input(format!(
+                "a share {share:?} of a global batch of {global} does not match images of shape {size:?}"
+            )));
+        }
+        let device = x0_share.device();
+        let mut shape = size.clone();
+        shape[0] = global;
+        let t = Tensor::randint(schedule.timesteps() as i64, [global], (Kind::Int64, device));
+        let noise = Tensor::randn(shape.as_slice(), (x0_share.kind(), device));
+        let dropped = (label_dropout > 0.0)
+            .then(|| Tensor::rand([global], (Kind::Float, device)).lt(label_dropout));
+        let slice = |x: Tensor| x.narrow(0, share.start, len);
+        Ok(StepDraws {
+            t: slice(t),
+            noise: slice(noise),
+            dropped: dropped.map(slice),
+        })
     }
 }
 
@@ -328,5 +374,31 @@ mod tests {
         assert!((cos.lr_at(2.0, 10, 110, 60) - 1.0).abs() < 1e-12);
         assert!(cos.lr_at(2.0, 10, 110, 110).abs() < 1e-12);
         assert!(cos.lr_at(2.0, 10, 110, 200).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_shares_draws_are_its_slice_of_the_global_batchs() {
+        let schedule =
+            NoiseSchedule::new(crate::schedule::ScheduleConfig::default(), Device::Cpu).unwrap();
+        let x0 = Tensor::zeros([6, 3, 4, 4], (Kind::Float, Device::Cpu));
+        tch::manual_seed(11);
+        let whole = StepDraws::sample(&schedule, &x0, 0.5);
+        let mut parts = Vec::new();
+        for share in [0..2, 2..4, 4..6] {
+            tch::manual_seed(11);
+            let x = x0.narrow(0, share.start, 2);
+            parts.push(StepDraws::sample_share(&schedule, &x, 6, share, 0.5).unwrap());
+        }
+        let cat = |f: &dyn Fn(&StepDraws) -> Tensor| {
+            Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0)
+        };
+        assert!(cat(&|d| d.t.shallow_clone()).equal(&whole.t));
+        assert!(cat(&|d| d.noise.shallow_clone()).equal(&whole.noise));
+        let dropped = cat(&|d| d.dropped.as_ref().unwrap().shallow_clone());
+        assert!(dropped.equal(whole.dropped.as_ref().unwrap()));
+        // A share that does not match its images is refused.
+        let x = x0.narrow(0, 0, 3);
+        assert!(StepDraws::sample_share(&schedule, &x, 6, 0..2, 0.5).is_err());
+        assert!(StepDraws::sample_share(&schedule, &x, 6, 4..7, 0.5).is_err());
     }
 }

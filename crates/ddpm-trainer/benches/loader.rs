@@ -34,7 +34,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// Images/s of a loader over `batches` batches (after one to start the pipeline).
 fn loader_rate(source: Arc<ImageSource>, batches: usize) -> f64 {
-    let loader = DataLoader::start(source, 0, BATCH, 0, 4);
+    let loader = DataLoader::start(source, 0, BATCH, 0..BATCH, 0, 4);
     let _ = loader.next_batch().expect("first batch");
     let t0 = Instant::now();
     for _ in 0..batches {

@@ -44,6 +44,33 @@ pub struct GlobalOptions {
     /// this many times fails when next taken over, instead of being trained again.
     #[arg(long, env = "DDPM_MAX_CRASHES", default_value_t = 3, value_parser = clap::value_parser!(i64).range(1..), global = true)]
     pub max_crashes: i64,
+    /// How long a data-parallel rank waits for the others: to reach the rendezvous store
+    /// and meet at start, and at each step for the slowest (a rank that dies is noticed
+    /// at once; this bounds one that hangs or never comes).
+    #[arg(long, env = "DDPM_RANK_TIMEOUT", default_value = "60s", value_parser = parse_duration, global = true)]
+    pub rank_timeout: Duration,
+}
+
+/// How many ranks `--nproc-per-node` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NprocPerNode {
+    /// One per visible GPU (one rank on a host without).
+    Auto,
+    Count(usize),
+}
+
+impl std::str::FromStr for NprocPerNode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "auto" => Ok(NprocPerNode::Auto),
+            n => match n.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(NprocPerNode::Count(n)),
+                _ => Err(format!("{s:?}: use a number of ranks (1 or more) or auto")),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -71,6 +98,10 @@ pub enum Command {
         config: PathBuf,
         #[command(flatten)]
         overrides: Overrides,
+        /// Data-parallel ranks on this host (`auto`: one per visible GPU), this process
+        /// rank 0. Under torchrun leave it at 1: torchrun starts the ranks.
+        #[arg(long, env = "DDPM_NPROC_PER_NODE", default_value = "1")]
+        nproc_per_node: NprocPerNode,
     },
     /// Queue a run for a daemon.
     Submit {
@@ -91,7 +122,15 @@ pub enum Command {
         /// A running run whose heartbeat is older than this lost its worker and is resumed.
         #[arg(long, env = "DDPM_STALE_AFTER", default_value = "60s", value_parser = parse_duration)]
         stale_after: Duration,
+        /// Data-parallel ranks on this host for every run (`auto`: one per visible GPU),
+        /// this process rank 0.
+        #[arg(long, env = "DDPM_NPROC_PER_NODE", default_value = "1")]
+        nproc_per_node: NprocPerNode,
     },
+    /// One rank (not 0) of a data-parallel run, as `--nproc-per-node` starts it; reads
+    /// RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT like a torchrun worker.
+    #[command(hide = true)]
+    Rank,
     /// Run history.
     Runs {
         #[command(subcommand)]

@@ -68,6 +68,20 @@ pub enum TrainerError {
         max_crashes: i64,
     },
 
+    /// A collective or the rendezvous failed: a rank died or hung past the rank timeout,
+    /// or could not reach the others. The attempt ends interrupted and counts as a
+    /// crash (see [`crate::attempt`]).
+    #[error("data-parallel ranks: {0}")]
+    Collective(#[from] ddpm_dist::DistError),
+
+    /// A rank process could not be started, or its job could not be handed over.
+    #[error("rank: {0}")]
+    Rank(String),
+
+    /// The loss of some rank was not finite: every rank stopped at this step.
+    #[error("the loss became non-finite at step {step}: training stopped; the states saved before it are kept")]
+    NonFinite { step: i64 },
+
     /// The training thread panicked (a bug, or libtorch aborting an op).
     #[error("training thread: {0}")]
     Thread(String),

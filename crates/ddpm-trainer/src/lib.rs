@@ -49,6 +49,7 @@ pub mod grid;
 pub mod history;
 pub mod lease;
 pub mod loader;
+pub mod parallel;
 pub mod probe;
 pub mod quality;
 pub mod recorder;
@@ -86,9 +87,11 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
             };
             commands::demo_data(&out_dir, &spec)
         }
-        Command::Train { config, overrides } => {
-            commands::train(global, &config, &overrides, shutdown).await
-        }
+        Command::Train {
+            config,
+            overrides,
+            nproc_per_node,
+        } => commands::train(global, &config, &overrides, nproc_per_node, shutdown).await,
         Command::Submit { config, overrides } => {
             commands::submit(global, &config, &overrides).await
         }
@@ -96,7 +99,17 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
             once,
             poll_interval,
             stale_after,
-        } => commands::daemon(global, poll_interval, stale_after, once, shutdown).await,
+            nproc_per_node,
+        } => {
+            let settings = commands::DaemonSettings {
+                poll_interval,
+                stale_after,
+                once,
+                nproc_per_node,
+            };
+            commands::daemon(global, &settings, shutdown).await
+        }
+        Command::Rank => commands::rank(global, shutdown).await,
         Command::Runs { command } => match command {
             RunsCommand::List { status, limit } => commands::runs_list(global, status, limit).await,
             RunsCommand::Show { id } => commands::runs_show(global, id).await,

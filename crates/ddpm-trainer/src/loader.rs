@@ -7,6 +7,7 @@
 //! uninterrupted one yields from batch k on, which is what a resume needs.
 
 use std::{
+    ops::Range,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -50,18 +51,20 @@ fn permutation(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     order
 }
 
-/// Makes batch `index` of the stream.
+/// Makes samples `share` of batch `index` of a stream of `batch_size`-sample batches (a
+/// rank's share of the global batch; `0..batch_size` for the whole batch).
 pub fn make_batch(
     source: &ImageSource,
     seed: u64,
     batch_size: usize,
+    share: Range<usize>,
     index: u64,
     order: &mut (u64, Vec<usize>),
 ) -> Result<Batch> {
     let n = source.len() as u64;
     let len = source.transform().sample_len();
     // Which image each sample is: the permutations are computed once per epoch.
-    let positions: Vec<(u64, usize)> = (0..batch_size as u64)
+    let positions: Vec<(u64, usize)> = (share.start as u64..share.end as u64)
         .map(|j| {
             let g = index * batch_size as u64 + j;
             let (epoch, pos) = (g / n, (g % n) as usize);
@@ -71,7 +74,7 @@ pub fn make_batch(
             (g, order.1[pos])
         })
         .collect();
-    let mut images = vec![0f32; batch_size * len];
+    let mut images = vec![0f32; positions.len() * len];
     let labels: Vec<Option<i64>> = images
         .par_chunks_mut(len)
         .zip(positions.par_iter())
@@ -91,12 +94,13 @@ pub fn make_batch(
 }
 
 impl DataLoader {
-    /// Starts producing batches `first_batch, first_batch + 1, …`, keeping up to
-    /// `prefetch` ready.
+    /// Starts producing samples `share` of batches `first_batch, first_batch + 1, …` of
+    /// `batch_size` samples each, keeping up to `prefetch` ready.
     pub fn start(
         source: Arc<ImageSource>,
         seed: u64,
         batch_size: usize,
+        share: Range<usize>,
         first_batch: u64,
         prefetch: usize,
     ) -> DataLoader {
@@ -111,7 +115,8 @@ impl DataLoader {
                 let mut order = (u64::MAX, Vec::new());
                 let mut index = first_batch;
                 while !stop_flag.load(Ordering::Relaxed) {
-                    let batch = make_batch(&source, seed, batch_size, index, &mut order);
+                    let batch =
+                        make_batch(&source, seed, batch_size, share.clone(), index, &mut order);
                     let failed = batch.is_err();
                     if tx.send(batch).is_err() || failed {
                         break;
@@ -206,10 +211,10 @@ mod tests {
     #[test]
     fn a_loader_started_later_replays_the_same_stream() {
         let (_dir, src) = source(7);
-        let full = DataLoader::start(src.clone(), 5, 4, 0, 2);
+        let full = DataLoader::start(src.clone(), 5, 4, 0..4, 0, 2);
         let batches: Vec<Batch> = (0..6).map(|_| full.next_batch().unwrap()).collect();
         drop(full);
-        let resumed = DataLoader::start(src, 5, 4, 3, 2);
+        let resumed = DataLoader::start(src, 5, 4, 0..4, 3, 2);
         for expected in &batches[3..] {
             let b = resumed.next_batch().unwrap();
             assert_eq!(b.index, expected.index);
@@ -222,12 +227,30 @@ mod tests {
     #[test]
     fn every_epoch_visits_every_image_once() {
         let (_dir, src) = source(6);
-        let loader = DataLoader::start(src, 1, 3, 0, 1);
+        let loader = DataLoader::start(src, 1, 3, 0..3, 0, 1);
         // Two batches of 3 = one epoch of 6: labels 0,1,2 twice each.
         let mut labels: Vec<i64> = (0..2)
             .flat_map(|_| loader.next_batch().unwrap().labels)
             .collect();
         labels.sort();
         assert_eq!(labels, [0, 0, 1, 1, 2, 2]);
+    }
+
+    #[test]
+    fn the_shares_of_a_batch_are_its_slices() {
+        let (_dir, src) = source(7);
+        let whole = DataLoader::start(src.clone(), 5, 4, 0..4, 2, 1);
+        let low = DataLoader::start(src.clone(), 5, 4, 0..2, 2, 1);
+        let high = DataLoader::start(src, 5, 4, 2..4, 2, 1);
+        for _ in 0..3 {
+            let (w, l, h) = (
+                whole.next_batch().unwrap(),
+                low.next_batch().unwrap(),
+                high.next_batch().unwrap(),
+            );
+            assert_eq!((l.index, h.index), (w.index, w.index));
+            assert_eq!([l.labels, h.labels].concat(), w.labels);
+            assert_eq!([l.images, h.images].concat(), w.images);
+        }
     }
 }

@@ -25,7 +25,7 @@ use ddpm_core::{
         checkpoint_bytes, load_training_state_bytes, training_state_bytes, CheckpointInfo,
         StateInfo,
     },
-    training::{diffusion_loss, Learner, Objective},
+    training::{diffusion_loss_with, Learner, Objective, StepDraws},
     NoiseSchedule,
 };
 use ddpm_registry::{
@@ -42,6 +42,7 @@ use crate::{
     error::{Result, TrainerError},
     grid::{png_bytes, sample_grid, GridSpec},
     loader::DataLoader,
+    parallel::{Control, RankJob, World, CHECKPOINT_WAIT},
     quality::{split_items, Scorer, Split, PROBE_TRUSTED},
     ImageSource,
 };
@@ -170,6 +171,15 @@ impl Window {
             .index_add_(0, &bucket, &per_sample.ones_like());
         self.steps += 1;
     }
+
+    /// Makes the sums the world's: the loss (a mean per step) averaged over the ranks,
+    /// the per-quarter sums and counts added up. The grad norm is already the same on
+    /// every rank (it is taken after the gradient all-reduce).
+    fn reduce(&mut self, world: &World) -> Result<()> {
+        world.mean_(&mut self.loss)?;
+        world.sum_(&mut self.bucket_loss)?;
+        world.sum_(&mut self.bucket_count)
+    }
 }
 
 /// An exponential moving average of the per-step loss with Adam's bias correction, so
@@ -191,10 +201,15 @@ impl SmoothedLoss {
     }
 }
 
-/// The smoothed loss kept on the device, updated every step without a sync.
+/// The smoothed loss kept on the device, updated every step without a sync. With
+/// several ranks each keeps it over its own losses; being linear in them, the mean over
+/// the ranks is the smoothed loss of the global batch, taken when it is read.
 struct DeviceSmoothedLoss {
     raw: Tensor,
     steps: i64,
+    /// Already the world's mean since the last step (reading twice must not average
+    /// twice: it is not exact for every world size).
+    reduced: bool,
 }
 
 impl DeviceSmoothedLoss {
@@ -204,6 +219,7 @@ impl DeviceSmoothedLoss {
                 .to_kind(Kind::Double)
                 .to_device(device),
             steps: from.steps,
+            reduced: true,
         }
     }
 
@@ -211,14 +227,20 @@ impl DeviceSmoothedLoss {
         self.raw *= LOSS_SMOOTHING;
         self.raw += loss.to_kind(Kind::Double) * (1.0 - LOSS_SMOOTHING);
         self.steps += 1;
+        self.reduced = false;
     }
 
-    /// Reads the state (a host sync: only when logging or saving).
-    fn read(&self) -> SmoothedLoss {
-        SmoothedLoss {
+    /// Reads the world's state (a host sync: only when logging or saving; every rank
+    /// calls it at the same steps).
+    fn read(&mut self, world: &World) -> Result<SmoothedLoss> {
+        if !self.reduced {
+            world.mean_(&mut self.raw)?;
+            self.reduced = true;
+        }
+        Ok(SmoothedLoss {
             raw: self.raw.double_value(&[]),
             steps: self.steps,
-        }
+        })
     }
 }
 
@@ -298,8 +320,7 @@ fn resume(job: &TrainJob, session: &mut Session) -> Result<i64> {
     }
 }
 
-fn make_source(job: &TrainJob, items: Vec<Item>) -> Arc<ImageSource> {
-    let cfg = &job.config;
+fn make_source(cfg: &RunConfig, items: Vec<Item>) -> Arc<ImageSource> {
     let transform = Transform {
         image_size: cfg.model.image_size as u32,
         augment: cfg.dataset.augment,
@@ -331,41 +352,132 @@ fn make_source(job: &TrainJob, items: Vec<Item>) -> Arc<ImageSource> {
     source
 }
 
-/// Trains the run to its last step or until stopped. Blocking: call on its own thread.
-pub fn train(job: TrainJob) -> Result<LoopEnd> {
+/// Trains the run to its last step or until stopped, as rank 0 of `world` (the whole
+/// world when it is one process). Blocking: call on its own thread.
+pub fn train(job: TrainJob, world: World) -> Result<LoopEnd> {
     let cfg = job.config.clone();
-    let training = &cfg.training;
-    let bf16 = training.bf16 && job.device.is_cuda();
-    if bf16 {
-        use_bf16_autocast();
-    } else if training.bf16 {
-        tracing::warn!("training.bf16 applies to CUDA only: training in f32 on this device");
-    }
+    world.check_batch(cfg.training.batch_size)?;
+    let bf16 = autocast_dtype(&cfg, job.device);
     let mut session = build(&cfg, job.device)?;
     let start = resume(&job, &mut session)?;
+    let quality = Quality::new(&job);
+    let train_items = match &quality.split {
+        Some(split) => split.train.clone(),
+        None => job.items.clone(),
+    };
+    if world.size() > 1 {
+        world.publish_job(&RankJob {
+            run_id: job.run_id,
+            config: cfg.clone(),
+            class_names: job.class_names.clone(),
+            items: train_items.clone(),
+        })?;
+    }
+    let start = share_start(&world, &mut session, start)?;
     job.step.store(start, Ordering::Relaxed);
     let _ = job.events.send(Event::Started { step: start });
-    if start >= training.steps {
+    if start >= cfg.training.steps {
         return Ok(LoopEnd::Completed { step: start });
     }
     tracing::info!(
         parameters = session.learner.model.parameter_count(),
         device = ?job.device,
+        world_size = world.size(),
         start,
-        steps = training.steps,
+        steps = cfg.training.steps,
         "training"
     );
+    let source = make_source(&cfg, train_items);
+    let leader = Leader { job: &job, quality };
+    run_steps(&cfg, &world, session, source, start, bf16, Some(leader))
+}
 
-    let mut quality = Quality::new(&job);
-    let train_items = match &quality.split {
-        Some(split) => split.train.clone(),
-        None => job.items.clone(),
+/// Trains rank `world.rank()` (> 0) of a data-parallel run on its share of each global
+/// batch, until rank 0's loop ends: the same steps and the same decisions as rank 0,
+/// with nothing recorded or written.
+pub fn train_follower(job: RankJob, world: World) -> Result<LoopEnd> {
+    let cfg = job.config;
+    world.check_batch(cfg.training.batch_size)?;
+    let bf16 = autocast_dtype(&cfg, world.device());
+    let mut session = build(&cfg, world.device())?;
+    let start = share_start(&world, &mut session, 0)?;
+    if start >= cfg.training.steps {
+        return Ok(LoopEnd::Completed { step: start });
+    }
+    tracing::info!(run = job.run_id, start, "training as a follower rank");
+    let source = make_source(&cfg, job.items);
+    run_steps(&cfg, &world, session, source, start, bf16, None)
+}
+
+/// Whether to train in bf16 autocast (CUDA only), switching it on for this thread.
+fn autocast_dtype(cfg: &RunConfig, device: Device) -> bool {
+    let bf16 = cfg.training.bf16 && device.is_cuda();
+    if bf16 {
+        use_bf16_autocast();
+    } else if cfg.training.bf16 {
+        tracing::warn!("training.bf16 applies to CUDA only: training in f32 on this device");
+    }
+    bf16
+}
+
+/// Makes every rank start where rank 0 does: its step, weights, EMA, AdamW moments and
+/// smoothed loss are broadcast to the others. Returns the start step.
+fn share_start(world: &World, session: &mut Session, start: i64) -> Result<i64> {
+    if world.size() == 1 {
+        return Ok(start);
+    }
+    let _guard = tch::no_grad_guard();
+    let learner = &mut session.learner;
+    let mut meta = Tensor::from_slice(&[
+        start as f64,
+        learner.optimizer.steps() as f64,
+        session.smoothed.raw,
+        session.smoothed.steps as f64,
+    ]);
+    world.broadcast_(&mut meta)?;
+    let meta = Vec::<f64>::try_from(&meta)?;
+    let (m, v) = learner.optimizer.moments();
+    let (mut m, mut v) = (m.shallow_clone(), v.shallow_clone());
+    for t in [
+        &mut learner.optimizer.params().flat().shallow_clone(),
+        &mut learner.ema.flat().flat().shallow_clone(),
+        &mut m,
+        &mut v,
+    ] {
+        world.broadcast_(t)?;
+    }
+    learner.optimizer.restore(&m, &v, meta[1] as i64)?;
+    session.smoothed = SmoothedLoss {
+        raw: meta[2],
+        steps: meta[3] as i64,
     };
-    let source = make_source(&job, train_items);
+    Ok(meta[0] as i64)
+}
+
+/// What only rank 0 does in the loop: heed stops and the lease, record, save.
+struct Leader<'j> {
+    job: &'j TrainJob,
+    quality: Quality,
+}
+
+/// The step loop every rank runs, from step `start` + 1.
+fn run_steps(
+    cfg: &RunConfig,
+    world: &World,
+    session: Session,
+    source: Arc<ImageSource>,
+    start: i64,
+    bf16: bool,
+    mut leader: Option<Leader>,
+) -> Result<LoopEnd> {
+    let training = &cfg.training;
+    let device = world.device();
+    let share = world.share(training.batch_size);
     let loader = DataLoader::start(
         source.clone(),
         training.seed,
         training.batch_size as usize,
+        share.start as usize..share.end as usize,
         start as u64,
         PREFETCH_BATCHES,
     );
@@ -374,17 +486,38 @@ pub fn train(job: TrainJob) -> Result<LoopEnd> {
     let conditional = cfg.model.num_classes.is_some();
     let objective: Objective = cfg.objective();
     let timesteps = session.schedule.timesteps() as i64;
-    let bar = job.progress.then(|| progress_bar(training.steps, start));
+    let bar = leader
+        .as_ref()
+        .filter(|l| l.job.progress)
+        .map(|_| progress_bar(training.steps, start));
+    let mut session = session;
 
-    let mut window = Window::new(job.device);
-    let mut smoothed = DeviceSmoothedLoss::new(session.smoothed, job.device);
+    let mut window = Window::new(device);
+    let mut smoothed = DeviceSmoothedLoss::new(session.smoothed, device);
     let mut step = start;
     let mut saved = start;
+    // Rank 0 found the lease gone at a checkpoint: the ranks stop at the next agreement.
+    let mut lost_at_checkpoint = false;
+    let mut last_loss: Option<Tensor> = None;
+    let mut wait = world_timeout(world);
     while step < training.steps {
-        if job.lost.load(Ordering::Relaxed) {
+        let mine = Control {
+            stop: leader.as_ref().is_some_and(|l| l.job.stop.is_cancelled()),
+            lost: lost_at_checkpoint
+                || leader
+                    .as_ref()
+                    .is_some_and(|l| l.job.lost.load(Ordering::Relaxed)),
+            non_finite: false,
+        };
+        let control = world.agree(mine, last_loss.as_ref(), wait)?;
+        wait = world_timeout(world);
+        if control.lost {
             return Ok(LoopEnd::Lost { step });
         }
-        if job.stop.is_cancelled() {
+        if control.non_finite {
+            return Err(TrainerError::NonFinite { step });
+        }
+        if control.stop {
             break;
         }
         // The step this iteration takes (1-based); `step` counts the steps done.
@@ -394,50 +527,77 @@ pub fn train(job: TrainJob) -> Result<LoopEnd> {
         let batch = loader.next_batch()?;
         window.waited += waiting.elapsed();
         let x0 = Tensor::f_from_slice(&batch.images)?
-            .f_view([training.batch_size, 3, size, size])? // [B, 3, S, S]
-            .f_to_device(job.device)?;
-        let labels = conditional.then(|| Tensor::from_slice(&batch.labels).to_device(job.device)); // [B]
+            .f_view([share.end - share.start, 3, size, size])? // [b, 3, S, S]
+            .f_to_device(device)?;
+        let labels = conditional.then(|| Tensor::from_slice(&batch.labels).to_device(device)); // [b]
+        let draws = StepDraws::sample_share(
+            &session.schedule,
+            &x0,
+            training.batch_size,
+            share.clone(),
+            objective.label_dropout,
+        )?;
         let lr = cfg.lr_at(this_step);
         let loss = tch::autocast(bf16, || {
-            diffusion_loss(
+            diffusion_loss_with(
                 &session.learner.model,
                 &session.schedule,
                 &x0,
                 labels.as_ref(),
-                &objective,
+                &draws,
+                objective.weighting,
             )
         })?;
         loss.loss.f_backward()?;
-        let grad_norm = session.learner.update(lr, clip)?;
+        let grad_norm = session
+            .learner
+            .update_with(lr, clip, |grad| world.mean_(grad))?;
         window.add(&loss.per_sample, &loss.t, timesteps, &grad_norm);
-        smoothed.add(&loss.per_sample.mean(Kind::Float));
+        let step_loss = loss.per_sample.mean(Kind::Float);
+        smoothed.add(&step_loss);
+        last_loss = Some(step_loss);
         step = this_step;
-        job.step.store(this_step, Ordering::Relaxed);
+        if let Some(l) = &leader {
+            l.job.step.store(this_step, Ordering::Relaxed);
+        }
         ddpm_registry::failpoint::hit("train.step");
         if let Some(bar) = &bar {
             bar.set_position(this_step as u64);
         }
 
         if this_step % training.log_every == 0 || this_step == training.steps {
-            let point =
-                window_metrics(&window, smoothed.read(), this_step, lr, training.batch_size);
-            report(&point, &window, bar.as_ref());
-            let _ = job.events.send(Event::Metrics(point));
-            window = Window::new(job.device);
+            window.reduce(world)?;
+            let smoothed_now = smoothed.read(world)?;
+            if let Some(l) = &leader {
+                let point =
+                    window_metrics(&window, smoothed_now, this_step, lr, training.batch_size);
+                report(&point, &window, bar.as_ref());
+                let _ = l.job.events.send(Event::Metrics(point));
+            }
+            window = Window::new(device);
         }
         if this_step % training.checkpoint_every == 0 || this_step == training.steps {
-            if !(job.holds_lease)(this_step) {
-                return Ok(LoopEnd::Lost { step });
+            let smoothed_now = smoothed.read(world)?;
+            if let Some(l) = &mut leader {
+                if (l.job.holds_lease)(this_step) {
+                    save(
+                        l.job,
+                        &session,
+                        smoothed_now,
+                        this_step,
+                        Some(&mut l.quality),
+                    )?;
+                } else {
+                    lost_at_checkpoint = true;
+                }
             }
-            save(
-                &job,
-                &session,
-                smoothed.read(),
-                this_step,
-                Some(&mut quality),
-            )?;
             saved = this_step;
+            // The others wait for rank 0's checkpoint in the next agreement.
+            wait = CHECKPOINT_WAIT;
         }
+    }
+    if lost_at_checkpoint {
+        return Ok(LoopEnd::Lost { step });
     }
     if let Some(bar) = &bar {
         bar.finish_and_clear();
@@ -452,14 +612,22 @@ pub fn train(job: TrainJob) -> Result<LoopEnd> {
         return Ok(LoopEnd::Completed { step });
     }
     if step > saved {
-        if !(job.holds_lease)(step) {
-            return Ok(LoopEnd::Lost { step });
+        let smoothed_now = smoothed.read(world)?;
+        if let Some(l) = &leader {
+            if !(l.job.holds_lease)(step) {
+                return Ok(LoopEnd::Lost { step });
+            }
+            // Not scored: a stop should not wait for sampling (nor for the probe).
+            save(l.job, &session, smoothed_now, step, None)?;
         }
-        // Not scored: a stop should not wait for sampling (nor for the probe).
-        save(&job, &session, smoothed.read(), step, None)?;
     }
     tracing::info!(step, "stopped on request; training state saved");
     Ok(LoopEnd::Interrupted { step })
+}
+
+/// How long a collective waits for the slowest rank outside checkpoints.
+fn world_timeout(world: &World) -> Duration {
+    world.timeout().unwrap_or(Duration::MAX)
 }
 
 fn window_metrics(

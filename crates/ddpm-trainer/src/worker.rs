@@ -9,7 +9,7 @@ use ddpm_service::LogFormat;
 use tch::Device;
 use tokio_util::sync::CancellationToken;
 
-use crate::{cli::GlobalOptions, error::Result, train::stderr_is_terminal};
+use crate::{cli::GlobalOptions, error::Result, parallel::Ranks, train::stderr_is_terminal};
 
 /// A trainer process as the registry knows it.
 #[derive(Clone)]
@@ -25,6 +25,9 @@ pub struct Worker {
     /// A run with more crashes than this is failed when claimed, not executed.
     pub max_crashes: i64,
     pub progress: bool,
+    /// Where each attempt's ranks come from: one process unless `--nproc-per-node` or a
+    /// launcher says otherwise (the commands set it).
+    pub ranks: Ranks,
     /// Cancelled by `shutdown`: the attempt in progress saves, ends interrupted, and no
     /// other is started.
     pub shutdown: CancellationToken,
@@ -60,6 +63,7 @@ impl Worker {
             retry_backoff: global.retry_backoff,
             max_crashes: global.max_crashes,
             progress: stderr_is_terminal() && global.common.log_format == LogFormat::Pretty,
+            ranks: Ranks::Single,
             shutdown: token,
         };
         tracing::info!(

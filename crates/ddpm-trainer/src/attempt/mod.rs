@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use ddpm_registry::{CheckpointKind, FinalStatus, Lease, RegistryError, Run};
+use ddpm_registry::{CheckpointKind, FinalStatus, Lease, RegistryError, Run, RunWorld};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tracing::Instrument;
 
@@ -53,6 +53,9 @@ enum Ending {
     Failed(TrainerError),
     /// Another worker holds the run: nothing more is written.
     Lost,
+    /// A rank of a data-parallel attempt died or hung: interrupted, resumed like any
+    /// interrupted run, and counted as a crash.
+    Crashed(TrainerError),
 }
 
 /// One attempt at a run this worker has claimed.
@@ -108,8 +111,14 @@ impl Attempt<'_> {
             keep_last: job.config.training.keep_last,
         };
         let recorder = tokio::spawn(record(sink, events_rx).in_current_span());
-        let outcome = match Training::start(job) {
-            Ok(training) => training.finished().await,
+        let (joined_tx, joined) = tokio::sync::oneshot::channel();
+        let outcome = match Training::start(job, self.worker.ranks.clone(), joined_tx) {
+            Ok(training) => {
+                let world = tokio::spawn(self.record_world(joined).in_current_span());
+                let outcome = training.finished().await;
+                let _ = world.await;
+                outcome
+            }
             Err(e) => Err(e),
         };
         // The training part has dropped its sender: the recorder writes what is left.
@@ -121,6 +130,26 @@ impl Attempt<'_> {
             "recorder finished"
         );
         conclude(outcome, self.hold.is_lost(), self.hold.is_cancelled())
+    }
+
+    /// Records the attempt's world (size and each rank's device) once its ranks have
+    /// met; a failure to record it is logged, never worth the attempt.
+    fn record_world(
+        &self,
+        joined: tokio::sync::oneshot::Receiver<training::Joined>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let leased = self.hold.leased().clone();
+        async move {
+            let Ok(world) = joined.await else { return };
+            tracing::info!(size = world.size, devices = ?world.devices, "ranks joined");
+            let world = RunWorld {
+                size: world.size as i64,
+                devices: world.devices,
+            };
+            if let Err(e) = leased.record_world(&world).await {
+                tracing::warn!(error = %e, "the attempt's world was not recorded");
+            }
+        }
     }
 
     /// The training part's job: the run's config and dataset (checked against what was
@@ -171,6 +200,12 @@ impl Attempt<'_> {
                 return Ok(RunEnd::Lost);
             }
             Ending::Failed(e) if e.is_transient() => return self.defer(&e).await,
+            Ending::Crashed(e) => {
+                let message = e.to_string();
+                tracing::warn!(error = %message, "a rank failed: the run is interrupted and resumes; this counts as a crash");
+                let crashed = self.hold.leased().crashed(&message).await;
+                return self.recorded(crashed, RunEnd::Interrupted);
+            }
             Ending::Failed(e) => {
                 tracing::error!(error = %e, "run failed");
                 let message = e.to_string();
@@ -247,6 +282,7 @@ fn conclude(outcome: Result<LoopEnd>, lost: bool, cancelled: bool) -> Ending {
         Ok(LoopEnd::Completed { step }) => Ending::Completed { step },
         Ok(LoopEnd::Interrupted { step }) if cancelled => Ending::Cancelled { step: Some(step) },
         Ok(LoopEnd::Interrupted { step }) => Ending::Interrupted { step },
+        Err(e @ TrainerError::Collective(_)) => Ending::Crashed(e),
         Err(e) => Ending::Failed(e),
     }
 }
@@ -309,6 +345,14 @@ mod tests {
         ));
         let completed = conclude(Ok(LoopEnd::Completed { step: 9 }), false, true);
         assert!(matches!(completed, Ending::Completed { step: 9 }));
+        let crashed = conclude(
+            Err(TrainerError::Collective(ddpm_dist::DistError::Launch(
+                "x".into(),
+            ))),
+            false,
+            false,
+        );
+        assert!(matches!(crashed, Ending::Crashed(_)));
         let failed = conclude(stopped_by_error(), false, true);
         assert!(matches!(failed, Ending::Failed(TrainerError::Loader(_))));
     }

@@ -55,7 +55,7 @@ pub use self::{decode::*, limits::*};
 const LISTED_SKIPS: usize = 20;
 
 /// One training image.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Item {
     pub path: PathBuf,
     /// Class id (0 for an unconditional dataset).

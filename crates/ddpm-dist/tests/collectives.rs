@@ -1,0 +1,154 @@
+//! The collectives for real: two ranks (threads of this process) meet through a
+//! TCPStore on loopback and reduce and broadcast over Gloo, as two processes would.
+
+use std::time::{Duration, Instant};
+
+use ddpm_dist::{GlooInterface, Launch, ProcessGroup, Store};
+use tch::{Device, Kind, Tensor};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs `body(rank, group)` on two ranks and returns what each returned.
+fn two_ranks<T: Send + 'static>(
+    body: impl Fn(usize, &ProcessGroup, &Store) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    tch::set_num_threads(1);
+    let server = Store::serve("127.0.0.1", 0, 2, TIMEOUT).unwrap();
+    let port = server.port();
+    assert!(port > 0, "the store bound a port");
+    let body = std::sync::Arc::new(body);
+    let other = {
+        let body = body.clone();
+        std::thread::spawn(move || {
+            let store = Store::connect("127.0.0.1", port, 2, TIMEOUT).unwrap();
+            let group = ProcessGroup::new(
+                &store,
+                1,
+                2,
+                Device::Cpu,
+                &GlooInterface::Hostname("127.0.0.1".into()),
+                TIMEOUT,
+            )
+            .unwrap();
+            body(1, &group, &store)
+        })
+    };
+    let group = ProcessGroup::new(
+        &server,
+        0,
+        2,
+        Device::Cpu,
+        &GlooInterface::Hostname("127.0.0.1".into()),
+        TIMEOUT,
+    )
+    .unwrap();
+    let mine = body(0, &group, &server);
+    vec![mine, other.join().unwrap()]
+}
+
+#[test]
+fn all_reduce_sums_every_ranks_tensor_in_place() {
+    let results = two_ranks(|rank, group, _| {
+        // Rank r holds (r + 1) · [1, 2, 3, 4]: the sum is 3 · [1, 2, 3, 4] on both.
+        let mut t = Tensor::from_slice(&[1f32, 2., 3., 4.]) * (rank as f64 + 1.0);
+        group.all_reduce_sum(&mut t).unwrap();
+        Vec::<f32>::try_from(&t).unwrap()
+    });
+    assert_eq!(results[0], vec![3., 6., 9., 12.]);
+    assert_eq!(results[1], results[0]);
+}
+
+#[test]
+fn broadcast_gives_every_rank_the_roots_tensor() {
+    let results = two_ranks(|rank, group, _| {
+        let mut t = Tensor::full(
+            [1000],
+            rank as f64 * 10.0 + 7.0,
+            (Kind::Double, Device::Cpu),
+        );
+        group.broadcast(&mut t, 0).unwrap();
+        let mut u = Tensor::full([3], rank as f64, (Kind::Int64, Device::Cpu));
+        group.broadcast(&mut u, 1).unwrap();
+        (
+            t.sum(Kind::Double).double_value(&[]),
+            Vec::<i64>::try_from(&u).unwrap(),
+        )
+    });
+    for (sum, u) in results {
+        assert_eq!(sum, 7000.0);
+        assert_eq!(u, vec![1, 1, 1]);
+    }
+}
+
+#[test]
+fn the_store_carries_bytes_between_ranks_under_a_prefix() {
+    let results = two_ranks(|rank, _, store| {
+        let view = store.prefixed("attempt_3").unwrap();
+        if rank == 0 {
+            view.set("job", b"{\"run\":7}").unwrap();
+            view.set("empty", b"").unwrap();
+        }
+        (view.get("job").unwrap(), view.get("empty").unwrap())
+    });
+    for (job, empty) in results {
+        assert_eq!(job, b"{\"run\":7}");
+        assert!(empty.is_empty());
+    }
+}
+
+#[test]
+fn a_collective_on_a_tensor_of_another_device_or_layout_is_refused() {
+    let results = two_ranks(|_, group, _| {
+        let mut strided = Tensor::zeros([4, 4], (Kind::Float, Device::Cpu)).tr();
+        let err = group.all_reduce_sum(&mut strided).unwrap_err().to_string();
+        // Both ranks refuse before calling into c10d: the group is still usable.
+        let mut ok = Tensor::ones([2], (Kind::Float, Device::Cpu));
+        group.all_reduce_sum(&mut ok).unwrap();
+        (err, Vec::<f32>::try_from(&ok).unwrap())
+    });
+    for (err, ok) in results {
+        assert!(err.contains("contiguous"), "{err}");
+        assert_eq!(ok, vec![2., 2.]);
+    }
+}
+
+#[test]
+fn a_store_nobody_serves_is_a_clear_error_within_the_timeout() {
+    // A port nobody listens on: bind one, note it, close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = Instant::now();
+    let err = Store::connect("127.0.0.1", port, 2, Duration::from_secs(2)).unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        err.to_string()
+            .contains("connecting to the rendezvous store"),
+        "{err}"
+    );
+    assert!(waited < Duration::from_secs(15), "gave up after {waited:?}");
+}
+
+#[test]
+fn a_rank_that_never_comes_is_a_clear_error_within_the_timeout() {
+    tch::set_num_threads(1);
+    let launch = Launch::local(0, 2, 0);
+    let store = Store::serve(&launch.master_addr, 0, 2, Duration::from_secs(2)).unwrap();
+    let started = Instant::now();
+    let err = ProcessGroup::new(
+        &store,
+        0,
+        2,
+        Device::Cpu,
+        &launch.gloo_interface(),
+        Duration::from_secs(2),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("joining the process group"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
