@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Installs libtorch (the torch==2.11.0 wheel from PyPI, the version tch 0.24 binds) once
-# into a cache outside the clone and points the clone's `.libtorch` symlink at it.
-# Idempotent: a second run only checks the cache and the link.
+# into a cache outside the clone and points the clone's `.libtorch` symlink at it, with
+# what crates/ddpm-dist compiles its c10d shim against: gloo's headers (Debian's
+# libgloo-dev; gloo itself is inside libtorch_cpu.so) and, for the NCCL path, CUDA's C
+# runtime and CCCL headers (PyPI nvidia-cuda-crt / nvidia-cuda-cccl, matching the
+# wheel's CUDA 13.0; NCCL's own headers come with the wheel).
+# Idempotent: a second run only checks the cache, the headers and the link.
 #
 #   DDPM_CACHE   cache root (default: $XDG_CACHE_HOME/ddpm or ~/.cache/ddpm)
 #   PYTHON       interpreter used to create the cache's venv (default: python3)
@@ -33,6 +37,30 @@ if ! dir=$(torch_dir); then
   # The venv's scripts hard-code its path; rewrite them after the move.
   sed -i "s#$venv.partial#$venv#g" "$venv"/bin/* 2>/dev/null || true
   dir=$(torch_dir) || { echo "setup-libtorch: torch import failed after install" >&2; exit 1; }
+fi
+
+# CUDA headers for the NCCL shim: added to the cache's venv (also to an older cache).
+if [ ! -f "$dir/../nvidia/cu13/include/crt/host_config.h" ] ||
+  [ ! -f "$dir/../nvidia/cu13/include/cccl/cuda/std/version" ]; then
+  echo "setup-libtorch: installing CUDA 13.0 headers (nvidia-cuda-crt, nvidia-cuda-cccl)" >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check --progress-bar off \
+    "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*"
+fi
+
+# gloo's headers (DDPM_GLOO_INCLUDE points the build elsewhere).
+gloo_include=${DDPM_GLOO_INCLUDE:-/usr/include}
+if [ ! -f "$gloo_include/gloo/algorithm.h" ]; then
+  if ! command -v apt-get >/dev/null; then
+    echo "setup-libtorch: gloo's headers are missing and there is no apt-get: install" \
+      "gloo's headers (Debian: libgloo-dev) and set DDPM_GLOO_INCLUDE" >&2
+    exit 1
+  fi
+  sudo=
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "setup-libtorch: installing gloo's headers (libgloo-dev, one time)" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    libgloo-dev >/dev/null
 fi
 
 ln -sfn "$dir" "$repo/.libtorch"

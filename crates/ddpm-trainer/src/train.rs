@@ -874,7 +874,7 @@ mod tests {
         for loss in [2.0, 1.0, 0.5] {
             device.add(&Tensor::from(loss));
         }
-        let read = device.read();
+        let read = device.read(&World::single(Device::Cpu)).unwrap();
         let expected = (2.0 * 0.99 * 0.99 + 1.0 * 0.99 + 0.5) * 0.01 / (1.0 - 0.99f64.powi(3));
         assert!((read.value().unwrap() - expected).abs() < 1e-12);
         let json = serde_json::to_value(read).unwrap();

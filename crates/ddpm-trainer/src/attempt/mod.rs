@@ -37,6 +37,9 @@ pub enum RunEnd {
     Deferred(String),
     /// Stopped by an operator (`runs cancel`), its state saved.
     Cancelled,
+    /// A rank of a data-parallel attempt died or hung: the run is interrupted (it
+    /// resumes from its last state) and the attempt counts as a crash.
+    Crashed(String),
 }
 
 /// How an attempt ended, decided before anything is written.
@@ -204,7 +207,7 @@ impl Attempt<'_> {
                 let message = e.to_string();
                 tracing::warn!(error = %message, "a rank failed: the run is interrupted and resumes; this counts as a crash");
                 let crashed = self.hold.leased().crashed(&message).await;
-                return self.recorded(crashed, RunEnd::Interrupted);
+                return self.recorded(crashed, RunEnd::Crashed(message));
             }
             Ending::Failed(e) => {
                 tracing::error!(error = %e, "run failed");

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     error::{Result, TrainerError},
-    parallel::{LocalRanks, Ranks, World},
+    parallel::{check_global_batch, LocalRanks, Ranks, World},
     train::{train, LoopEnd, TrainJob},
 };
 
@@ -55,6 +55,8 @@ fn run(job: TrainJob, ranks: Ranks, joined: oneshot::Sender<Joined>) -> Result<L
     let (world, local) = match ranks {
         Ranks::Single => (World::single(job.device), None),
         Ranks::Local { n, options } => {
+            // Refused before any rank is started.
+            check_global_batch(job.config.training.batch_size, n)?;
             let timeout = options.rank_timeout;
             let (world, local) = World::serve_local(n, job.device, timeout, |port| {
                 LocalRanks::spawn(n, port, job.device, &options)

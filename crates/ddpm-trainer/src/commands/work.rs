@@ -76,6 +76,9 @@ pub async fn train(
         RunEnd::Deferred(message) => format!("deferred, a daemon retries it: {message}"),
         RunEnd::Failed(message) => message,
         RunEnd::Lost => "taken over by another worker".into(),
+        RunEnd::Crashed(message) => {
+            format!("a rank failed; the run is interrupted and a daemon resumes it: {message}")
+        }
     };
     Err(TrainerError::Run { id, message })
 }

@@ -178,17 +178,7 @@ impl World {
 
     /// Refuses a global batch the ranks cannot split evenly, before any work.
     pub fn check_batch(&self, global: i64) -> Result<()> {
-        let w = self.size() as i64;
-        if global % w != 0 {
-            return Err(TrainerError::config(
-                "training.batch_size",
-                format!(
-                    "the global batch {global} does not divide by the world size {w}: \
-                     use a multiple of {w}"
-                ),
-            ));
-        }
-        Ok(())
+        check_global_batch(global, self.size())
     }
 
     /// In place: `t` becomes the mean of every rank's.
@@ -238,7 +228,7 @@ impl World {
                 .logical_not()
                 .to_kind(Kind::Float)
                 .to_device(j.comm_device);
-            let _ = flags.narrow(0, 2, 1).copy_(&bad.reshape([1]));
+            flags.narrow(0, 2, 1).copy_(&bad.reshape([1]));
         }
         j.reduce(&mut flags, wait)?;
         let v = Vec::<f32>::try_from(&flags.to_device(Device::Cpu))?;
@@ -304,6 +294,22 @@ impl Joined {
         t.copy_(&staged);
         Ok(())
     }
+}
+
+/// Refuses a global batch of `global` samples that `world_size` ranks cannot split
+/// evenly, naming the fix.
+pub fn check_global_batch(global: i64, world_size: usize) -> Result<()> {
+    let w = world_size as i64;
+    if global % w != 0 {
+        return Err(TrainerError::config(
+            "training.batch_size",
+            format!(
+                "the global batch {global} does not divide by the world size {w}: use a \
+                 multiple of {w}"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether a store error is a wait that ran out (retry) rather than a store that is gone.

@@ -9,6 +9,7 @@ mod faults;
 mod fault_suite;
 mod helpers;
 mod linkage;
+mod parallel;
 mod quality;
 mod queue;
 mod resume;
