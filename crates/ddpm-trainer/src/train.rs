@@ -144,6 +144,9 @@ struct Window {
     steps: i64,
     started: Instant,
     waited: Duration,
+    /// Time spent in the gradient all-reduce (0 for one rank): what data parallelism
+    /// costs per step. For NCCL this is the enqueue, not the transfer.
+    all_reduce: Duration,
 }
 
 impl Window {
@@ -156,6 +159,7 @@ impl Window {
             steps: 0,
             started: Instant::now(),
             waited: Duration::ZERO,
+            all_reduce: Duration::ZERO,
         }
     }
 
@@ -549,9 +553,12 @@ fn run_steps(
             )
         })?;
         loss.loss.f_backward()?;
-        let grad_norm = session
-            .learner
-            .update_with(lr, clip, |grad| world.mean_(grad))?;
+        let grad_norm = session.learner.update_with(lr, clip, |grad| {
+            let reducing = Instant::now();
+            let reduced = world.mean_(grad);
+            window.all_reduce += reducing.elapsed();
+            reduced
+        })?;
         window.add(&loss.per_sample, &loss.t, timesteps, &grad_norm);
         let step_loss = loss.per_sample.mean(Kind::Float);
         smoothed.add(&step_loss);
@@ -669,6 +676,8 @@ fn report(p: &MetricPoint, window: &Window, bar: Option<&ProgressBar>) {
             grad_norm = p.grad_norm.unwrap_or(f64::NAN),
             images_per_sec = ips,
             loader_wait_s = window.waited.as_secs_f64(),
+            all_reduce_ms_per_step =
+                window.all_reduce.as_secs_f64() * 1e3 / window.steps.max(1) as f64,
             "train"
         ),
     }
