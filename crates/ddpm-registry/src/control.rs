@@ -158,7 +158,8 @@ impl Registry {
         let queue = format!(
             "UPDATE runs SET status = 'queued', current_step = 0, host = NULL, error = NULL, \
                  started_at = NULL, finished_at = NULL, heartbeat_at = NULL, retry_at = NULL, \
-                 crashes = 0, cancel_requested_at = NULL, updated_at = {now} \
+                 crashes = 0, cancel_requested_at = NULL, world_size = NULL, rank_devices = NULL, \
+                 updated_at = {now} \
              WHERE id = $1 AND status = 'cancelled'"
         );
         // `attempts` stays: leases stay unique across the restart.

@@ -3,7 +3,8 @@
 //! A claim names the worker in `runs.host` and raises `runs.attempts`; that pair, with
 //! the run still `running`, is the lease. Each write through [`LeasedRun`] opens with an
 //! `UPDATE runs … WHERE id AND host AND attempts AND status = 'running'` in the write's
-//! own transaction (a heartbeat, a finish and a deferral are that one statement). Once
+//! own transaction (a heartbeat, the attempt's world, a finish, a deferral and a crash
+//! are that one statement). Once
 //! another worker has claimed the run (this one's heartbeat went stale) or the run was
 //! ended, the condition matches no row: nothing is written and the call fails with
 //! [`RegistryError::ClaimLost`], and the worker must stop. On PostgreSQL the opening
@@ -19,7 +20,7 @@ use crate::checkpoints::{delete_by_id, register_in, validate, CheckpointRecord, 
 use crate::db::Registry;
 use crate::error::{RegistryError, Result};
 use crate::metrics::{delete_metrics_after, record_in, MetricPoint};
-use crate::runs::{FinalStatus, Run, RunStatus};
+use crate::runs::{FinalStatus, Run, RunStatus, RunWorld};
 use crate::scores::{upsert_score, ScoreValues};
 
 /// A worker's hold on a running run: granted by a claim, lost to a later claim or the
@@ -144,6 +145,29 @@ impl LeasedRun {
         }
     }
 
+    /// Records the world this attempt trains on (its rank processes and their devices),
+    /// replacing the previous attempt's: the run shows the current attempt's world, not a
+    /// history. Called once at the attempt's start (a claim clears the old one).
+    /// `InvalidArgument` for a world without one device per rank.
+    #[tracing::instrument(skip(self), fields(id = self.lease.run_id))]
+    pub async fn record_world(&self, world: &RunWorld) -> Result<()> {
+        world.validate()?;
+        let now = self.registry.backend.now_ms();
+        let sql = format!(
+            "UPDATE runs SET world_size = $4, rank_devices = $5, updated_at = {now} \
+             WHERE {HELD}"
+        );
+        let done = sqlx::query(&sql)
+            .bind(self.lease.run_id)
+            .bind(&self.lease.worker)
+            .bind(self.lease.attempt)
+            .bind(world.size)
+            .bind(serde_json::to_string(&world.devices)?)
+            .execute(&self.registry.pool)
+            .await?;
+        self.held_if(done.rows_affected()).await
+    }
+
     /// [`Registry::record_metrics`] under the lease.
     #[tracing::instrument(skip_all, fields(id = self.lease.run_id, rows = rows.len()))]
     pub async fn record_metrics(&self, rows: &[MetricPoint]) -> Result<()> {
@@ -253,6 +277,29 @@ impl LeasedRun {
             .bind(self.lease.attempt)
             .bind(reason)
             .bind(delay_ms)
+            .execute(&self.registry.pool)
+            .await?;
+        self.held_if(done.rows_affected()).await
+    }
+
+    /// Ends an attempt whose training died under it (a rank process killed or crashed):
+    /// the run becomes interrupted (history untouched) with `reason` as its error, may be
+    /// claimed again at once (no retry delay), and the crash counts: `crashes` goes up by
+    /// one, as when a claim takes a run from a silent worker, so a run that keeps killing
+    /// its processes meets the crash cap instead of being resumed forever.
+    #[tracing::instrument(skip(self), fields(id = self.lease.run_id))]
+    pub async fn crashed(&self, reason: &str) -> Result<()> {
+        let now = self.registry.backend.now_ms();
+        let sql = format!(
+            "UPDATE runs SET status = 'interrupted', error = $4, retry_at = NULL, \
+                 crashes = crashes + 1, finished_at = {now}, updated_at = {now} \
+             WHERE {HELD}"
+        );
+        let done = sqlx::query(&sql)
+            .bind(self.lease.run_id)
+            .bind(&self.lease.worker)
+            .bind(self.lease.attempt)
+            .bind(reason)
             .execute(&self.registry.pool)
             .await?;
         self.held_if(done.rows_affected()).await

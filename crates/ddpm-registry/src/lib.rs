@@ -47,11 +47,13 @@
 //!   URL, migrations (`migrations/postgres` and `migrations/sqlite` at the
 //!   workspace root, embedded at compile time), the SQL that differs per
 //!   dialect, timestamp conversion.
-//! - `runs`: [`Run`], [`RunStatus`], [`FinalStatus`] (how a run ends), the queue ([`Registry::claim_next`], ordered by
-//!   when a run may next be tried; [`Registry::claim_run`] for a foreground run),
-//!   listing.
-//! - `lease`: [`Lease`] and [`LeasedRun`]: a worker's writes (heartbeat, metrics,
-//!   checkpoints, retention, finishing, deferring), each conditional on still
+//! - `runs`: [`Run`], [`RunStatus`], [`FinalStatus`] (how a run ends), [`RunWorld`] (an
+//!   attempt's rank processes), the queue ([`Registry::claim_next`], ordered by
+//!   when a run may next be tried; [`Registry::claim_run`] for a foreground run;
+//!   [`Registry::find_or_create_launched_run`] and [`Registry::claim_relaunched`] for a
+//!   launcher's run), listing.
+//! - `lease`: [`Lease`] and [`LeasedRun`]: a worker's writes (heartbeat, the attempt's
+//!   world, metrics, checkpoints, retention, finishing, deferring, crashing), each conditional on still
 //!   holding the run, in the same statement or transaction.
 //! - `control`: the operator's [`Registry::cancel_run`], [`Registry::restart_run`]
 //!   and [`Registry::delete_run`].
@@ -115,6 +117,6 @@ pub use lease::{Beat, Lease, LeasedRun};
 pub use metrics::{MetricPoint, MetricSummary};
 pub use object_store::{ObjectStore, StoredFile};
 pub use promotions::Promotion;
-pub use runs::{FinalStatus, NewRun, Run, RunStatus};
+pub use runs::{FinalStatus, NewRun, Run, RunStatus, RunWorld};
 pub use scores::{CheckpointScore, ScoreValues};
 pub use store::{CheckpointLedger, CheckpointStore};

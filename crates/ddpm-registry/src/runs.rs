@@ -10,6 +10,10 @@
 //!   └── restart --from-scratch (operator; `restart` alone makes it interrupted)
 //! ```
 //!
+//! A launcher that starts rank processes itself finds or creates its run by a launch key
+//! ([`Registry::find_or_create_launched_run`]) and, when it restarts them, takes the run
+//! back at once ([`Registry::claim_relaunched`]): it killed the old holder itself.
+//!
 //! Claims hand out a [`Lease`](crate::Lease); everything the worker writes afterwards
 //! goes through [`LeasedRun`](crate::LeasedRun) and is refused once the lease is gone.
 //! The operator's commands (cancel, restart, delete) are in `control.rs`.
@@ -123,6 +127,50 @@ pub struct NewRun {
     pub total_steps: i64,
 }
 
+/// The processes an attempt trains on: `size` rank processes, rank r on `devices[r]`
+/// (`"cuda:0"`, `"cpu"`, …). One process training alone is a world of one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunWorld {
+    /// How many rank processes (≥ 1).
+    pub size: i64,
+    /// Each rank's device, by rank: exactly `size` of them.
+    pub devices: Vec<String>,
+}
+
+impl RunWorld {
+    /// Refuses a world that is empty or whose device list does not have one entry per
+    /// rank: the registry stores only worlds it can show as they are.
+    pub fn validate(&self) -> Result<()> {
+        let ranks = usize::try_from(self.size).ok().filter(|&n| n > 0);
+        match ranks {
+            Some(n) if n == self.devices.len() => Ok(()),
+            _ => Err(RegistryError::InvalidArgument(format!(
+                "a world of {} ranks needs one device per rank, got {}",
+                self.size,
+                self.devices.len()
+            ))),
+        }
+    }
+
+    /// The stored columns (`world_size`, `rank_devices`) read back; both NULL is no
+    /// world. Anything else that is not a valid world is the reason it is corrupt.
+    fn from_columns(
+        size: Option<i64>,
+        devices: Option<&str>,
+    ) -> std::result::Result<Option<RunWorld>, String> {
+        let (size, devices) = match (size, devices) {
+            (None, None) => return Ok(None),
+            (Some(size), Some(devices)) => (size, devices),
+            _ => return Err("world_size and rank_devices must be set together".into()),
+        };
+        let devices: Vec<String> = serde_json::from_str(devices)
+            .map_err(|e| format!("rank_devices is not a JSON array of strings: {e}"))?;
+        let world = RunWorld { size, devices };
+        world.validate().map_err(|e| e.to_string())?;
+        Ok(Some(world))
+    }
+}
+
 /// A run as the registry records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Run {
@@ -160,12 +208,19 @@ pub struct Run {
     /// When an operator asked this running run to stop (`runs cancel`); its worker
     /// then saves a state and ends it as cancelled. Cleared by a restart.
     pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// The world (rank processes and their devices) of the newest attempt, recorded by
+    /// that attempt ([`LeasedRun::record_world`](crate::LeasedRun::record_world)); `None`
+    /// before it has, and from each claim until the new attempt records its own.
+    pub world: Option<RunWorld>,
+    /// The key a launcher created the run under
+    /// ([`Registry::find_or_create_launched_run`]); `None` for a run queued by hand.
+    pub launch_key: Option<String>,
 }
 
 /// The columns of `runs`, in [`RunRow`]'s order.
 pub(crate) const RUN_COLUMNS: &str = "id, status, config, dataset, total_steps, current_step, host, \
      attempts, error, created_at, started_at, finished_at, updated_at, heartbeat_at, retry_at, crashes, \
-     cancel_requested_at";
+     cancel_requested_at, world_size, rank_devices, launch_key";
 
 /// A `runs` row as stored (portable types).
 #[derive(sqlx::FromRow)]
@@ -187,6 +242,9 @@ pub(crate) struct RunRow {
     retry_at: Option<i64>,
     crashes: i64,
     cancel_requested_at: Option<i64>,
+    world_size: Option<i64>,
+    rank_devices: Option<String>,
+    launch_key: Option<String>,
 }
 
 impl TryFrom<RunRow> for Run {
@@ -219,6 +277,9 @@ impl TryFrom<RunRow> for Run {
             retry_at: from_millis_opt("runs", id, row.retry_at)?,
             crashes: row.crashes,
             cancel_requested_at: from_millis_opt("runs", id, row.cancel_requested_at)?,
+            world: RunWorld::from_columns(row.world_size, row.rank_devices.as_deref())
+                .map_err(corrupt)?,
+            launch_key: row.launch_key,
         })
     }
 }
@@ -234,12 +295,15 @@ pub(crate) fn to_runs(rows: Vec<RunRow>) -> Result<Vec<Run>> {
     rows.into_iter().map(Run::try_from).collect()
 }
 
-/// Inserts a queued run.
+/// Inserts a queued run, under `launch_key` if given. With a key another run already
+/// has, nothing is inserted and `None` comes back (the unique index decides, so racing
+/// inserts of one key leave one row on either backend).
 pub(crate) async fn insert_run<'e>(
     ex: impl Executor<'e, Database = Any>,
     backend: Backend,
     new: &NewRun,
-) -> Result<Run> {
+    launch_key: Option<&str>,
+) -> Result<Option<Run>> {
     if new.total_steps <= 0 {
         return Err(RegistryError::InvalidArgument(format!(
             "total_steps must be positive, got {}",
@@ -247,17 +311,50 @@ pub(crate) async fn insert_run<'e>(
         )));
     }
     let now = backend.now_ms();
+    // DO NOTHING rather than catching the violation: on PostgreSQL a second inserter
+    // waits for the first to commit and then inserts nothing, without an error.
     let sql = format!(
-        "INSERT INTO runs (status, config, dataset, total_steps, created_at, updated_at) \
-         VALUES ('queued', $1, $2, $3, {now}, {now}) RETURNING {RUN_COLUMNS}"
+        "INSERT INTO runs (status, config, dataset, total_steps, launch_key, created_at, updated_at) \
+         VALUES ('queued', $1, $2, $3, $4, {now}, {now}) \
+         ON CONFLICT (launch_key) DO NOTHING RETURNING {RUN_COLUMNS}"
     );
-    let row: RunRow = sqlx::query_as(&sql)
+    let row: Option<RunRow> = sqlx::query_as(&sql)
         .bind(serde_json::to_string(&new.config)?)
         .bind(serde_json::to_string(&new.dataset)?)
         .bind(new.total_steps)
-        .fetch_one(ex)
+        .bind(launch_key)
+        .fetch_optional(ex)
         .await?;
-    row.try_into()
+    row.map(Run::try_from).transpose()
+}
+
+/// The run created under `launch_key`, if any.
+pub(crate) async fn select_launched<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    launch_key: &str,
+) -> Result<Option<Run>> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE launch_key = $1");
+    let row: Option<RunRow> = sqlx::query_as(&sql)
+        .bind(launch_key)
+        .fetch_optional(ex)
+        .await?;
+    row.map(Run::try_from).transpose()
+}
+
+/// The `SET` of every claim (`$1` is the claiming worker): the run becomes running for
+/// it with a fresh heartbeat and a new attempt (the lease's); what the last attempt left
+/// (finished_at, error, retry delay, world) is cleared, and taking a run that is still
+/// `running` from its worker counts as a crash. The `CASE` reads the row as it was
+/// before the update, on both backends.
+fn claim_set(backend: Backend) -> String {
+    let now = backend.now_ms();
+    format!(
+        "status = 'running', host = $1, attempts = attempts + 1, \
+         started_at = COALESCE(started_at, {now}), heartbeat_at = {now}, updated_at = {now}, \
+         finished_at = NULL, error = NULL, retry_at = NULL, \
+         world_size = NULL, rank_devices = NULL, \
+         crashes = crashes + CASE WHEN status = 'running' THEN 1 ELSE 0 END"
+    )
 }
 
 /// Moves the oldest queued run to running for `host`.
@@ -266,18 +363,38 @@ pub(crate) async fn claim_queued<'e>(
     backend: Backend,
     host: &str,
 ) -> Result<Option<Run>> {
-    let (now, lock) = (backend.now_ms(), backend.skip_locked());
+    let (set, lock) = (claim_set(backend), backend.skip_locked());
     // PostgreSQL: SKIP LOCKED lets concurrent claimers each lock a different
     // row instead of queueing behind (and then missing) the same one.
     // SQLite: the UPDATE holds the write lock from before its subquery reads.
     let sql = format!(
-        "UPDATE runs SET status = 'running', host = $1, attempts = attempts + 1, \
-             started_at = COALESCE(started_at, {now}), heartbeat_at = {now}, updated_at = {now} \
+        "UPDATE runs SET {set} \
          WHERE status = 'queued' AND id = ( \
              SELECT id FROM runs WHERE status = 'queued' ORDER BY id LIMIT 1 {lock}) \
          RETURNING {RUN_COLUMNS}"
     );
     let row: Option<RunRow> = sqlx::query_as(&sql).bind(host).fetch_optional(ex).await?;
+    row.map(Run::try_from).transpose()
+}
+
+/// Moves run `id` to running for `host` if its status is one of `statuses` (SQL string
+/// literals, comma-separated); `None` when it is not (any more), or does not exist.
+async fn claim_by_id<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    backend: Backend,
+    id: i64,
+    host: &str,
+    statuses: &str,
+) -> Result<Option<Run>> {
+    let set = claim_set(backend);
+    let sql = format!(
+        "UPDATE runs SET {set} WHERE id = $2 AND status IN ({statuses}) RETURNING {RUN_COLUMNS}"
+    );
+    let row: Option<RunRow> = sqlx::query_as(&sql)
+        .bind(host)
+        .bind(id)
+        .fetch_optional(ex)
+        .await?;
     row.map(Run::try_from).transpose()
 }
 
@@ -289,20 +406,24 @@ pub(crate) async fn claim_run<'e>(
     id: i64,
     host: &str,
 ) -> Result<Option<Run>> {
-    let now = backend.now_ms();
-    let sql = format!(
-        "UPDATE runs SET status = 'running', host = $1, attempts = attempts + 1, \
-             started_at = COALESCE(started_at, {now}), heartbeat_at = {now}, updated_at = {now} \
-         WHERE id = $2 AND status = 'queued' \
-         RETURNING {RUN_COLUMNS}"
-    );
-    let row: Option<RunRow> = sqlx::query_as(&sql)
-        .bind(host)
-        .bind(id)
-        .fetch_optional(ex)
-        .await?;
-    row.map(Run::try_from).transpose()
+    claim_by_id(ex, backend, id, host, "'queued'").await
 }
+
+/// Moves run `id` to running for `host` whatever its heartbeat's age, when it is
+/// queued, interrupted (deferred or not) or running; `None` when it has ended for good
+/// (completed, failed, cancelled) or does not exist.
+pub(crate) async fn claim_relaunched<'e>(
+    ex: impl Executor<'e, Database = Any>,
+    backend: Backend,
+    id: i64,
+    host: &str,
+) -> Result<Option<Run>> {
+    claim_by_id(ex, backend, id, host, "'queued', 'interrupted', 'running'").await
+}
+
+/// How many times [`Registry::find_or_create_launched_run`] reads and inserts before it
+/// gives up: a second round only follows a run deleted while another caller created it.
+const LAUNCH_ROUNDS: usize = 3;
 
 /// When a claimable run may next be tried, as SQL over a `runs` row (`$2` is the
 /// staleness limit in ms): a queued run, or one interrupted cleanly, at its place in
@@ -321,17 +442,14 @@ pub(crate) async fn claim_next<'e>(
     host: &str,
     stale_after_ms: i64,
 ) -> Result<Option<Run>> {
-    let (now, lock) = (backend.now_ms(), backend.skip_locked());
+    let (now, set, lock) = (backend.now_ms(), claim_set(backend), backend.skip_locked());
     let claimable = format!(
         "(status = 'queued' \
            OR (status = 'interrupted' AND (retry_at IS NULL OR retry_at <= {now})) \
            OR (status = 'running' AND COALESCE(heartbeat_at, updated_at) < {now} - $2))"
     );
     let sql = format!(
-        "UPDATE runs SET status = 'running', host = $1, attempts = attempts + 1, \
-             started_at = COALESCE(started_at, {now}), heartbeat_at = {now}, updated_at = {now}, \
-             finished_at = NULL, error = NULL, retry_at = NULL, \
-             crashes = crashes + CASE WHEN status = 'running' THEN 1 ELSE 0 END \
+        "UPDATE runs SET {set} \
          WHERE {claimable} AND id = ( \
              SELECT id FROM runs WHERE {claimable} ORDER BY {NEXT_TRY}, id LIMIT 1 {lock}) \
          RETURNING {RUN_COLUMNS}"
@@ -396,7 +514,41 @@ impl Registry {
     /// Queues a run (status [`RunStatus::Queued`]).
     #[tracing::instrument(skip_all)]
     pub async fn create_run(&self, new: &NewRun) -> Result<Run> {
-        insert_run(&self.pool, self.backend, new).await
+        insert_run(&self.pool, self.backend, new, None)
+            .await?
+            // NULL keys never conflict: the insert always returns its row.
+            .ok_or(RegistryError::Database(sqlx::Error::RowNotFound))
+    }
+
+    /// The run a launcher created under `launch_key` (its job id), queuing it from `new`
+    /// when there is none yet; `true` with a run this call created. Every rank process of
+    /// a launch, and every restart of them, may call it: racing callers, on any hosts,
+    /// end with one run, which all of them get. An existing run is returned as it is,
+    /// whatever `new` says now (compare its config to refuse a changed one), and whatever
+    /// its status.
+    #[tracing::instrument(skip(self, new))]
+    pub async fn find_or_create_launched_run(
+        &self,
+        new: &NewRun,
+        launch_key: &str,
+    ) -> Result<(Run, bool)> {
+        if launch_key.is_empty() {
+            return Err(RegistryError::InvalidArgument(
+                "a launch key must not be empty".into(),
+            ));
+        }
+        // Read first: the common case (every rank after the first, every restart) is a
+        // run that exists. An insert that meets the key was beaten by another caller:
+        // read again. Only a run deleted in that instant sends us round once more.
+        for _ in 0..LAUNCH_ROUNDS {
+            if let Some(run) = select_launched(&self.pool, launch_key).await? {
+                return Ok((run, false));
+            }
+            if let Some(run) = insert_run(&self.pool, self.backend, new, Some(launch_key)).await? {
+                return Ok((run, true));
+            }
+        }
+        Err(RegistryError::Database(sqlx::Error::RowNotFound))
     }
 
     /// Atomically moves the oldest queued run to running for `host`, with a
@@ -430,6 +582,23 @@ impl Registry {
     #[tracing::instrument(skip(self))]
     pub async fn claim_run(&self, id: i64, host: &str) -> Result<Option<Run>> {
         claim_run(&self.pool, self.backend, id, host).await
+    }
+
+    /// Claims run `id` for `host` for a launcher's restart of its rank processes: unlike
+    /// [`claim_next`](Self::claim_next), whatever the age of its heartbeat. A launcher
+    /// restarts its workers only after killing every old one, so the holder of a run
+    /// still `running` is known to be dead: the run is taken from it at once, which
+    /// counts as a crash (`crashes + 1`, checked against the crash cap like any other);
+    /// a queued or interrupted run (a deferred one too, its `retry_at` ignored) is
+    /// claimed without one. `attempts` goes up by one and the last attempt's
+    /// `finished_at`, `error`, `retry_at` and world are cleared, as in every claim.
+    /// `None` for a completed, failed or cancelled run, or no such run.
+    ///
+    /// Only one process per launch may call it: a second call takes the run from the
+    /// first (a new lease, and a crash).
+    #[tracing::instrument(skip(self))]
+    pub async fn claim_relaunched(&self, id: i64, host: &str) -> Result<Option<Run>> {
+        claim_relaunched(&self.pool, self.backend, id, host).await
     }
 
     /// One run, if it exists.
@@ -508,6 +677,9 @@ mod tests {
             retry_at: None,
             crashes: 0,
             cancel_requested_at: None,
+            world_size: Some(2),
+            rank_devices: Some(r#"["cuda:0","cuda:1"]"#.into()),
+            launch_key: Some("job-1".into()),
         }
     }
 
@@ -521,6 +693,65 @@ mod tests {
             1_700_000_000_500
         );
         assert_eq!(run.finished_at, None);
+        assert_eq!(
+            run.world,
+            Some(RunWorld {
+                size: 2,
+                devices: vec!["cuda:0".into(), "cuda:1".into()],
+            })
+        );
+        assert_eq!(run.launch_key.as_deref(), Some("job-1"));
+        let unrecorded = RunRow {
+            world_size: None,
+            rank_devices: None,
+            ..row()
+        };
+        assert_eq!(Run::try_from(unrecorded).unwrap().world, None);
+    }
+
+    #[test]
+    fn worlds_need_one_device_per_rank() {
+        let world = |size, devices: &[&str]| RunWorld {
+            size,
+            devices: devices.iter().map(|d| d.to_string()).collect(),
+        };
+        world(1, &["cpu"]).validate().unwrap();
+        world(2, &["cpu", "cpu"]).validate().unwrap();
+        for bad in [world(0, &[]), world(2, &["cuda:0"]), world(-1, &["cpu"])] {
+            assert!(
+                matches!(bad.validate(), Err(RegistryError::InvalidArgument(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn corrupt_worlds_are_reported_not_panicked_on() {
+        let corrupt = |world_size: Option<i64>, rank_devices: Option<&str>| {
+            let row = RunRow {
+                world_size,
+                rank_devices: rank_devices.map(String::from),
+                ..row()
+            };
+            matches!(
+                Run::try_from(row),
+                Err(RegistryError::CorruptRow {
+                    table: "runs",
+                    id: 7,
+                    ..
+                })
+            )
+        };
+        assert!(corrupt(Some(2), Some("cuda:0,cuda:1")), "not JSON");
+        assert!(corrupt(Some(2), Some(r#"{"0":"cpu"}"#)), "not an array");
+        assert!(corrupt(Some(2), Some("[0, 1]")), "not strings");
+        assert!(
+            corrupt(Some(3), Some(r#"["cpu","cpu"]"#)),
+            "one device short"
+        );
+        assert!(corrupt(Some(2), None), "a size without devices");
+        assert!(corrupt(None, Some(r#"["cpu"]"#)), "devices without a size");
+        assert!(!corrupt(Some(1), Some(r#"["cpu"]"#)));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::Utc;
 use ddpm_registry::{
     CheckpointKind, CheckpointStore, FinalStatus, MetricPoint, NewCheckpoint, Registry,
-    RegistryError, RunStatus,
+    RegistryError, RunStatus, RunWorld,
 };
 use ddpm_testkit::both_backends;
 
@@ -69,6 +69,12 @@ async fn a_lost_lease_writes_nothing(t: TestContext) {
     assert!(lost(store.apply_retention(&old, first.id, 0).await));
     assert!(lost(old.finish(FinalStatus::Failed, Some("zombie")).await));
     assert!(lost(old.defer("zombie", Duration::ZERO).await));
+    assert!(lost(old.crashed("zombie").await));
+    let zombie_world = RunWorld {
+        size: 1,
+        devices: vec!["cpu".into()],
+    };
+    assert!(lost(old.record_world(&zombie_world).await));
 
     // Nothing of the old attempt's late writes is there.
     let run = t.registry.get_run(first.id).await.unwrap().unwrap();
@@ -76,6 +82,7 @@ async fn a_lost_lease_writes_nothing(t: TestContext) {
         (run.status, run.current_step, run.error),
         (RunStatus::Running, 0, None)
     );
+    assert_eq!((run.crashes, run.world), (1, None));
     let steps: Vec<i64> = t
         .registry
         .metrics(first.id, None, None, 100)
@@ -219,6 +226,14 @@ async fn restart_resumes_or_starts_over_explicitly(t: TestContext) {
         .unwrap()
         .unwrap();
     assert_eq!(claimed.id, run.id);
+    let world = RunWorld {
+        size: 2,
+        devices: vec!["cuda:0".into(), "cuda:1".into()],
+    };
+    lease(&t.registry, &claimed)
+        .record_world(&world)
+        .await
+        .unwrap();
     lease(&t.registry, &claimed)
         .finish(FinalStatus::Completed, None)
         .await
@@ -235,6 +250,10 @@ async fn restart_resumes_or_starts_over_explicitly(t: TestContext) {
     let fresh = t.registry.restart_run(run.id, true, &store).await.unwrap();
     assert_eq!(fresh.status, RunStatus::Queued);
     assert_eq!((fresh.current_step, fresh.attempts), (0, claimed.attempts));
+    assert_eq!(
+        fresh.world, None,
+        "no attempt of the new start has recorded one"
+    );
     assert!(t
         .registry
         .list_checkpoints(run.id)

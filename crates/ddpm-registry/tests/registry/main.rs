@@ -12,3 +12,4 @@ mod queue;
 mod runs;
 mod scores;
 mod store;
+mod world;
