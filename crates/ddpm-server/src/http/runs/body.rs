@@ -43,7 +43,8 @@ pub struct RunBody {
     pub heartbeat_at: Option<DateTime<Utc>>,
     /// A deferred run is not resumed before this (null: no delay).
     pub retry_at: Option<DateTime<Utc>>,
-    /// Times the run was taken over from a worker that stopped heartbeating.
+    /// Times an attempt died: the run was taken over from a worker that stopped
+    /// heartbeating (or that a launcher restarted), or a rank process of it died.
     pub crashes: i64,
     /// When an operator asked this running run to stop; its worker saves a state and
     /// ends it as cancelled.
