@@ -202,8 +202,10 @@ pub struct Run {
     /// A deferred run (see [`LeasedRun::defer`](crate::LeasedRun::defer)) is not claimed before this;
     /// `None` once claimed again.
     pub retry_at: Option<DateTime<Utc>>,
-    /// How many times the run was taken over from a worker whose heartbeat went
-    /// stale (a crash); clean interrupts and deferrals do not count.
+    /// How many times an attempt died: the run was taken over from a worker whose
+    /// heartbeat went stale or that a launcher killed ([`Registry::claim_relaunched`]), or
+    /// the attempt ended itself as [`crashed`](crate::LeasedRun::crashed) when a rank
+    /// process died. Clean interrupts and deferrals do not count.
     pub crashes: i64,
     /// When an operator asked this running run to stop (`runs cancel`); its worker
     /// then saves a state and ends it as cancelled. Cleared by a restart.

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use ddpm_registry::{CheckpointScore, MetricPoint, Registry, Run, RunStatus};
+use ddpm_registry::{CheckpointScore, MetricPoint, Registry, Run, RunStatus, RunWorld};
 
 use crate::{
     cli::CheckpointsCommand,
@@ -72,6 +72,10 @@ pub async fn show(registry: &Registry, id: i64) -> Result<String> {
         run.attempts, run.crashes
     );
     let _ = writeln!(out, "  host        {}", run.host.as_deref().unwrap_or("-"));
+    let _ = writeln!(out, "  world       {}", world_text(run.world.as_ref()));
+    if let Some(key) = &run.launch_key {
+        let _ = writeln!(out, "  launch key  {key}");
+    }
     let _ = writeln!(out, "  created     {}", run.created_at);
     let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
         t.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
@@ -293,6 +297,16 @@ fn metric_line(p: &MetricPoint) -> String {
     )
 }
 
+/// The newest attempt's rank processes, as the console shows them too: `2 ranks (cuda:0,
+/// cuda:1)`; `-` before an attempt has recorded them.
+fn world_text(world: Option<&RunWorld>) -> String {
+    let Some(world) = world else {
+        return "-".into();
+    };
+    let ranks = if world.size == 1 { "rank" } else { "ranks" };
+    format!("{} {ranks} ({})", world.size, world.devices.join(", "))
+}
+
 fn fmt_opt(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into())
 }
@@ -343,6 +357,58 @@ mod tests {
         };
         let s = sparkline(&[p(1, 1.0), p(2, 0.5), p(3, f64::NAN), p(4, 0.0)]);
         assert_eq!(s, "█▅·▁");
+    }
+
+    #[test]
+    fn worlds_name_their_ranks_and_devices() {
+        let world = |devices: &[&str]| RunWorld {
+            size: devices.len() as i64,
+            devices: devices.iter().map(|d| d.to_string()).collect(),
+        };
+        assert_eq!(
+            world_text(Some(&world(&["cpu", "cpu"]))),
+            "2 ranks (cpu, cpu)"
+        );
+        assert_eq!(world_text(Some(&world(&["cuda:0"]))), "1 rank (cuda:0)");
+        assert_eq!(world_text(None), "-");
+    }
+
+    /// `runs show` on a real registry: the world the attempt recorded and the launch key.
+    #[tokio::test]
+    async fn show_names_the_world_and_the_launch_key() {
+        let registry = Registry::connect("sqlite::memory:").await.unwrap();
+        let new = ddpm_registry::NewRun {
+            config: serde_json::json!({ "preset": "tiny" }),
+            dataset: serde_json::json!({ "path": "data/demo", "image_count": 3 }),
+            total_steps: 10,
+        };
+        let (run, _) = registry
+            .find_or_create_launched_run(&new, "job-42")
+            .await
+            .unwrap();
+        let before = show(&registry, run.id).await.unwrap();
+        assert!(before.contains("\n  world       -\n"), "{before}");
+        assert!(before.contains("\n  launch key  job-42\n"), "{before}");
+
+        let claimed = registry.claim_run(run.id, "rank0").await.unwrap().unwrap();
+        let world = RunWorld {
+            size: 2,
+            devices: vec!["cpu".into(), "cpu".into()],
+        };
+        registry
+            .leased(ddpm_registry::Lease::of(&claimed).unwrap())
+            .record_world(&world)
+            .await
+            .unwrap();
+        let after = show(&registry, run.id).await.unwrap();
+        assert!(
+            after.contains("\n  world       2 ranks (cpu, cpu)\n"),
+            "{after}"
+        );
+
+        let plain = registry.create_run(&new).await.unwrap();
+        let plain = show(&registry, plain.id).await.unwrap();
+        assert!(!plain.contains("launch key"), "{plain}");
     }
 
     #[test]

@@ -13,6 +13,13 @@ import {
 const REFRESH_MS = 5000;
 const ACTIVE = new Set(['queued', 'running']);
 
+// The newest attempt's rank processes as `ddpm-trainer runs show` writes them:
+// "2 ranks (cuda:0, cuda:1)"; null (no attempt has recorded one) shows as '–'.
+function worldText(world) {
+  if (!world) return null;
+  return `${world.size} ${world.size === 1 ? 'rank' : 'ranks'} (${world.devices.join(', ')})`;
+}
+
 export function render(container, { id }) {
   const head = h('div', { class: 'page-head' });
   const summary = h('section', { class: 'card', id: 'run-summary' });
@@ -72,6 +79,8 @@ export function render(container, { id }) {
         ['Started', time(run.started_at)],
         ['Finished', time(run.finished_at)],
         ['Worker', run.host ? `${run.host} (attempt ${run.attempts}${run.crashes ? `, ${run.crashes} crash take-overs` : ''})` : '–'],
+        ['World', worldText(run.world)],
+        run.launch_key ? ['Launch key', h('code', {}, run.launch_key)] : null,
         run.error ? ['Error', h('span', { class: 'error-text' }, run.error)] : null,
         run.retry_at ? ['Retry at', time(run.retry_at)] : null,
       ]),

@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use chrono::{Duration as ChronoDuration, Utc};
-use ddpm_registry::{CheckpointStore, FinalStatus, Lease, MetricPoint, RunStatus, ScoreValues};
+use ddpm_registry::{
+    CheckpointStore, FinalStatus, Lease, MetricPoint, RunStatus, RunWorld, ScoreValues,
+};
 use fantoccini::actions::{InputSource, MouseActions, PointerAction, MOUSE_BUTTON_LEFT};
 use serde_json::{json, Value};
 
@@ -78,19 +80,44 @@ async fn with_history(app: &TestApp) -> (i64, (u32, u32)) {
         .record_score(ema.run_id, ema.step, ema.id, &values)
         .await
         .unwrap();
-    end_run(app, app.run_id, 1000, FinalStatus::Completed, None).await;
+    let run = claim(app, app.run_id).await;
+    // Trained on two rank processes, as data-parallel training records it.
+    app.registry
+        .leased(Lease::of(&run).unwrap())
+        .record_world(&RunWorld {
+            size: 2,
+            devices: vec!["cuda:0".into(), "cuda:1".into()],
+        })
+        .await
+        .unwrap();
+    end_claimed(app, &run, 1000, FinalStatus::Completed, None).await;
     (ema.id, size)
+}
+
+/// Claims run `id` as a trainer would.
+async fn claim(app: &TestApp, id: i64) -> ddpm_registry::Run {
+    app.registry
+        .claim_run(id, "trainer-a")
+        .await
+        .unwrap()
+        .expect("the run to be claimable")
 }
 
 /// Claims run `id` as a trainer would, reports `step`, and ends it as `status`.
 async fn end_run(app: &TestApp, id: i64, step: i64, status: FinalStatus, error: Option<&str>) {
-    let run = app
-        .registry
-        .claim_run(id, "trainer-a")
-        .await
-        .unwrap()
-        .expect("the run to be claimable");
-    let lease = app.registry.leased(Lease::of(&run).unwrap());
+    let run = claim(app, id).await;
+    end_claimed(app, &run, step, status, error).await;
+}
+
+/// Reports `step` for the claimed `run` and ends it as `status`.
+async fn end_claimed(
+    app: &TestApp,
+    run: &ddpm_registry::Run,
+    step: i64,
+    status: FinalStatus,
+    error: Option<&str>,
+) {
+    let lease = app.registry.leased(Lease::of(run).unwrap());
     lease.heartbeat(step).await.unwrap();
     lease.finish(status, error).await.unwrap();
 }
@@ -233,6 +260,11 @@ async fn run_page_draws_the_loss_chart_and_the_checkpoint_grid() {
     assert!(served.contains(&format!("#{checkpoint_id}")), "{served}");
     let config = browser.text("#run-config").await;
     assert!(config.contains("Skipped"), "{config}");
+    let summary = browser.text("#run-summary").await;
+    assert!(
+        summary.contains("World") && summary.contains("2 ranks (cuda:0, cuda:1)"),
+        "the world its attempt recorded: {summary}"
+    );
     browser.screenshot("run").await;
     assert_no_page_error(&browser).await;
 
@@ -583,6 +615,11 @@ async fn actions_resume_a_failed_run_and_promote_a_checkpoint() {
     submit_token(&browser, token).await;
     let error = browser.text("#run-summary").await;
     assert!(error.contains("out of memory"), "{error}");
+    // Its attempt recorded no world: none is shown, and no stale one.
+    assert!(
+        error.contains("World") && !error.contains("rank"),
+        "{error}"
+    );
 
     browser.wait_for("#resume-run").await.click().await.unwrap();
     browser

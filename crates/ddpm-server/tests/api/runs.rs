@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use chrono::Utc;
-use ddpm_registry::{MetricPoint, RunStatus};
+use ddpm_registry::{Lease, MetricPoint, RunStatus, RunWorld};
 use serde_json::{json, Value};
 
 use crate::helpers::{add_checkpoint, new_run, spawn_app, Db, Options};
@@ -108,10 +108,48 @@ async fn run_history(db: Db) {
     assert_eq!(page["runs"][0]["id"], running.id);
     assert_eq!(page["runs"][0]["status"], RunStatus::Running.as_str());
 
+    // Before its attempt records a world, the run has none; then it has that world.
+    let (_, run) = app.get_json(&format!("/v1/runs/{}", running.id)).await;
+    assert_eq!(
+        (&run["world"], &run["launch_key"]),
+        (&Value::Null, &Value::Null)
+    );
+    registry
+        .leased(Lease::of(&running).unwrap())
+        .record_world(&RunWorld {
+            size: 2,
+            devices: vec!["cuda:0".into(), "cuda:1".into()],
+        })
+        .await
+        .unwrap();
     let (status, run) = app.get_json(&format!("/v1/runs/{}", running.id)).await;
     assert_eq!(status, 200);
     assert_eq!(run["host"], "trainer-a");
     assert_eq!(run["dataset"]["class_names"][0], "red");
+    assert_eq!(
+        run["world"],
+        json!({"size": 2, "devices": ["cuda:0", "cuda:1"]})
+    );
+    // A launcher's run carries its key, in the list too.
+    let (launched, _) = registry
+        .find_or_create_launched_run(&new_run(), "job-7")
+        .await
+        .unwrap();
+    let (_, page) = app.get_json("/v1/runs?limit=1").await;
+    assert_eq!(page["runs"][0]["id"], launched.id);
+    assert_eq!(page["runs"][0]["launch_key"], "job-7");
+    assert_eq!(page["runs"][0]["world"], Value::Null);
+    // The OpenAPI document describes exactly the fields a run and its world have.
+    let (_, doc) = app.get_json("/openapi.json").await;
+    let schemas = &doc["components"]["schemas"];
+    let keys = |v: &Value| -> BTreeSet<String> {
+        v.as_object().expect("an object").keys().cloned().collect()
+    };
+    assert_eq!(keys(&run), keys(&schemas["Run"]["properties"]));
+    assert_eq!(
+        keys(&run["world"]),
+        keys(&schemas["RunWorld"]["properties"])
+    );
 
     let (status, series) = app
         .get_json(&format!(

@@ -4,7 +4,8 @@
 
 use chrono::{DateTime, Utc};
 use ddpm_registry::{
-    CheckpointKind, CheckpointRecord, CheckpointScore, MetricPoint, Run, RunStatus, ScoreValues,
+    CheckpointKind, CheckpointRecord, CheckpointScore, MetricPoint, Run, RunStatus, RunWorld,
+    ScoreValues,
 };
 use serde::Serialize;
 use utoipa::{
@@ -42,11 +43,36 @@ pub struct RunBody {
     pub heartbeat_at: Option<DateTime<Utc>>,
     /// A deferred run is not resumed before this (null: no delay).
     pub retry_at: Option<DateTime<Utc>>,
-    /// Times the run was taken over from a worker that stopped heartbeating.
+    /// Times an attempt died: the run was taken over from a worker that stopped
+    /// heartbeating (or that a launcher restarted), or a rank process of it died.
     pub crashes: i64,
     /// When an operator asked this running run to stop; its worker saves a state and
     /// ends it as cancelled.
     pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// The rank processes the newest attempt trains on; null until that attempt has
+    /// recorded them.
+    pub world: Option<WorldBody>,
+    /// The key a launcher created the run under (one run per launch); null for a run
+    /// queued by hand.
+    pub launch_key: Option<String>,
+}
+
+/// The processes an attempt trains on (data-parallel training: one per rank).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = RunWorld)]
+pub struct WorldBody {
+    /// How many rank processes.
+    #[schema(minimum = 1)]
+    pub size: i64,
+    /// Each rank's device, by rank (`cuda:0`, `cpu`, …): `size` of them.
+    pub devices: Vec<String>,
+}
+
+impl From<RunWorld> for WorldBody {
+    fn from(world: RunWorld) -> Self {
+        let RunWorld { size, devices } = world;
+        WorldBody { size, devices }
+    }
 }
 
 impl From<Run> for RunBody {
@@ -69,6 +95,8 @@ impl From<Run> for RunBody {
             retry_at,
             crashes,
             cancel_requested_at,
+            world,
+            launch_key,
         } = run;
         RunBody {
             id,
@@ -88,6 +116,8 @@ impl From<Run> for RunBody {
             retry_at,
             crashes,
             cancel_requested_at,
+            world: world.map(WorldBody::from),
+            launch_key,
         }
     }
 }
