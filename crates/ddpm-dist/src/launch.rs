@@ -73,13 +73,15 @@ impl Launch {
         };
         let rank = number(vars::RANK, required(vars::RANK)?)? as usize;
         let world_size = number(vars::WORLD_SIZE, required(vars::WORLD_SIZE)?)? as usize;
+        // Without them (a PyTorchJob pod running one rank, no torchrun) a rank is alone on
+        // its host: local rank 0 of 1, so it takes the pod's one GPU.
         let local_rank = match var(vars::LOCAL_RANK) {
             Some(v) => number(vars::LOCAL_RANK, v)? as usize,
-            None => rank,
+            None => 0,
         };
         let local_world_size = match var(vars::LOCAL_WORLD_SIZE) {
             Some(v) => number(vars::LOCAL_WORLD_SIZE, v)? as usize,
-            None => world_size,
+            None => 1,
         };
         let master_addr = required(vars::MASTER_ADDR)?;
         let port = number(vars::MASTER_PORT, required(vars::MASTER_PORT)?)?;
@@ -240,6 +242,22 @@ mod tests {
         assert!(launch.agent_store);
         assert!(!launch.is_loopback());
         assert_eq!(launch.gloo_interface(), GlooInterface::Default);
+    }
+
+    #[test]
+    fn a_rank_without_local_variables_is_alone_on_its_host() {
+        // A PyTorchJob pod that runs the binary itself: RANK is the pod's index.
+        let launch = read(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "4"),
+            ("MASTER_ADDR", "job-master-0"),
+            ("MASTER_PORT", "23456"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!((launch.local_rank, launch.local_world_size), (0, 1));
+        assert_eq!((launch.restart_count, launch.run_id), (0, None));
+        assert!(!launch.agent_store);
     }
 
     #[test]

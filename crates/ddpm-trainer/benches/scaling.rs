@@ -2,7 +2,7 @@
 //! 1 torch thread against W = 1 × 1 thread and W = 1 × 2 threads, in one run, on the
 //! same data, model and global batch, with the gradient all-reduce's time per step.
 //!
-//! `cargo bench -p ddpm-trainer --bench scaling` writes the demo dataset (16×16, 4
+//! `cargo bench -p ddpm-trainer --bench scaling` writes the demo dataset (32×32, 4
 //! classes), then for each configuration trains a run (SQLite registry, a temp
 //! checkpoint directory, no scoring or grids) and reads rank 0's `train` log lines: the
 //! images/s and all-reduce ms/step of every logging window after the first (warm-up:
@@ -10,9 +10,11 @@
 //! each with the whole machine. Rounds alternate the order (W=1×1, W=1×2, W=2×1, then
 //! reversed) so drift in the machine's speed does not favour one.
 //!
-//! Settings: `DDPM_BENCH_STEPS` (steps per run, 240), `DDPM_BENCH_ROUNDS` (2),
+//! Settings: `DDPM_BENCH_STEPS` (steps per run, 100), `DDPM_BENCH_ROUNDS` (2),
 //! `DDPM_BENCH_WIDTH` (base channels, 32), `DDPM_BENCH_BATCH` (global batch, 32),
-//! `DDPM_BENCH_SIZE` (image side, 16).
+//! `DDPM_BENCH_SIZE` (image side, 32). The fixed costs of a step (the all-reduce, and
+//! AdamW and the EMA, which every rank runs over all parameters) weigh more the less
+//! work a step has: BENCHMARKS.md has the figures at 16×16 too.
 
 use std::{path::Path, process::Command};
 
@@ -128,11 +130,11 @@ fn run(dir: &Path, config: &Path, layout: Layout, index: usize) -> Measured {
 }
 
 fn main() {
-    let steps = setting("DDPM_BENCH_STEPS", 240);
+    let steps = setting("DDPM_BENCH_STEPS", 100);
     let rounds = setting("DDPM_BENCH_ROUNDS", 2) as usize;
     let width = setting("DDPM_BENCH_WIDTH", 32);
     let batch = setting("DDPM_BENCH_BATCH", 32);
-    let size = setting("DDPM_BENCH_SIZE", 16);
+    let size = setting("DDPM_BENCH_SIZE", 32);
     let dir = tempfile::tempdir().expect("temp dir");
     let dataset = dir.path().join("dataset");
     let spec = DemoSpec {
@@ -178,9 +180,8 @@ fn main() {
             index += 1;
         }
     }
-    let mean = |ms: &[Measured], f: fn(&Measured) -> f64| {
-        ms.iter().map(f).sum::<f64>() / ms.len() as f64
-    };
+    let mean =
+        |ms: &[Measured], f: fn(&Measured) -> f64| ms.iter().map(f).sum::<f64>() / ms.len() as f64;
     let base = mean(&results[0], |m| m.images_per_sec);
     println!(
         "scaling: {size}×{size} images, base width {width}, global batch {batch}, {steps} steps \

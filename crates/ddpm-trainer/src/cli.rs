@@ -102,6 +102,11 @@ pub enum Command {
         /// rank 0. Under torchrun leave it at 1: torchrun starts the ranks.
         #[arg(long, env = "DDPM_NPROC_PER_NODE", default_value = "1")]
         nproc_per_node: NprocPerNode,
+        /// A key naming this launch: the first `train` with it creates the run, every
+        /// later one (a restarted pod or worker) resumes that run instead of starting a
+        /// new one [default: torchrun's rendezvous id, TORCHELASTIC_RUN_ID].
+        #[arg(long, env = "DDPM_LAUNCH_ID")]
+        launch_id: Option<String>,
     },
     /// Queue a run for a daemon.
     Submit {

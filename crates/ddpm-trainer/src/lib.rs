@@ -91,7 +91,14 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
             config,
             overrides,
             nproc_per_node,
-        } => commands::train(global, &config, &overrides, nproc_per_node, shutdown).await,
+            launch_id,
+        } => {
+            let launch = commands::TrainLaunch {
+                nproc_per_node,
+                launch_id,
+            };
+            commands::train(global, &config, &overrides, launch, shutdown).await
+        }
         Command::Submit { config, overrides } => {
             commands::submit(global, &config, &overrides).await
         }

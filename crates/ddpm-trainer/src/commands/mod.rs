@@ -11,7 +11,7 @@ use std::path::Path;
 use ddpm_registry::Registry;
 
 pub use runs::{checkpoints, runs_cancel, runs_delete, runs_list, runs_restart, runs_show};
-pub use work::{daemon, rank, train, DaemonSettings};
+pub use work::{daemon, rank, train, DaemonSettings, TrainLaunch};
 
 use crate::{
     cli::GlobalOptions,

@@ -21,23 +21,32 @@ use crate::{
     worker::Worker,
 };
 
+/// How `train` is launched, besides its config.
+#[derive(Debug, Clone)]
+pub struct TrainLaunch {
+    pub nproc_per_node: NprocPerNode,
+    /// `--launch-id`: the key of the run this launch trains.
+    pub launch_id: Option<String>,
+}
+
 /// `train`: creates the run a config file describes, claims it ahead of older queued
 /// runs (which stay for the daemons) and executes it here. A run that did not end
 /// completed, interrupted or cancelled is an error.
 ///
-/// Under a launcher (RANK set), ranks other than 0 follow rank 0; rank 0 keys the run by
-/// the launcher's run id, so when torchrun restarts the workers (or a PyTorchJob its
-/// pods, with the same id) rank 0 resumes the run the first attempt created.
+/// Under a launcher (RANK set), ranks other than 0 follow rank 0. With a launch key
+/// (`--launch-id`, else torchrun's rendezvous id) rank 0 trains the run created under
+/// that key, creating it the first time: when torchrun restarts the workers, or a
+/// PyTorchJob a pod, rank 0 resumes that run.
 pub async fn train(
     global: &GlobalOptions,
     config: &Path,
     overrides: &Overrides,
-    nproc: NprocPerNode,
+    how: TrainLaunch,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let launch = Launch::from_env()?;
     if let Some(launch) = &launch {
-        if nproc != NprocPerNode::Count(1) {
+        if how.nproc_per_node != NprocPerNode::Count(1) {
             return Err(TrainerError::config(
                 "nproc-per-node",
                 "a launcher already started the ranks (RANK and WORLD_SIZE are set): leave \
@@ -48,23 +57,45 @@ pub async fn train(
             return follow(global, launch.clone(), shutdown).await;
         }
     }
+    let key = how.launch_id.clone().or_else(|| {
+        launch
+            .as_ref()
+            .and_then(|l| l.run_id.clone())
+            // torchrun's default id when none is given: it names no launch.
+            .filter(|id| id != "none")
+    });
+    if key.is_none() && launch.as_ref().is_some_and(|l| l.restart_count > 0) {
+        return Err(TrainerError::Rank(
+            "torchrun restarted the workers but names no launch (no --rdzv-id, no \
+             --launch-id): refusing to start the run over; give torchrun --rdzv-id (or \
+             --standalone) or ddpm --launch-id"
+                .into(),
+        ));
+    }
     let mut worker = Worker::start(global, shutdown).await?;
     let new = resolve::new_run(config, overrides).await?;
-    let claimed = match &launch {
+    match &launch {
         Some(launch) => {
             worker.device = rank_device(worker.device, launch.local_rank);
             let world = join(launch, worker.device, global.rank_timeout).await?;
             worker.ranks = Ranks::Launched(Arc::new(std::sync::Mutex::new(Some(world))));
-            claim_launched(&worker, &new, launch).await?
         }
+        None => worker.ranks = local_ranks(global, how.nproc_per_node, &mut worker)?,
+    }
+    let (id, run) = match &key {
+        Some(key) => match claim_keyed(&worker, &new, key).await? {
+            Keyed::Claimed(id, run) => (id, run.map(|run| *run)),
+            Keyed::AlreadyCompleted(id) => {
+                tracing::info!(id, launch = %key, "the launch's run is already completed");
+                return Ok(());
+            }
+        },
         None => {
-            worker.ranks = local_ranks(global, nproc, &mut worker)?;
             let id = worker.registry.create_run(&new).await?.id;
             tracing::info!(id, "run created");
             (id, worker.registry.claim_run(id, &worker.name).await?)
         }
     };
-    let (id, run) = claimed;
     let Some(run) = run else {
         return Err(TrainerError::Run {
             id,
@@ -83,27 +114,16 @@ pub async fn train(
     Err(TrainerError::Run { id, message })
 }
 
-/// Rank 0 under a launcher: the run its launch id names (created by the first attempt),
-/// claimed even from a worker that is still marked running (the launcher restarts
-/// workers only after stopping every old one); a new run without an id.
-async fn claim_launched(
-    worker: &Worker,
-    new: &ddpm_registry::NewRun,
-    launch: &Launch,
-) -> Result<(i64, Option<ddpm_registry::Run>)> {
-    let Some(key) = launch.run_id.as_deref().filter(|id| *id != "none") else {
-        if launch.restart_count > 0 {
-            return Err(TrainerError::Rank(
-                "torchrun restarted the workers but names no rendezvous id \
-                 (TORCHELASTIC_RUN_ID): give torchrun --rdzv-id (or --standalone) so the \
-                 restarted rank 0 resumes the run instead of starting a new one"
-                    .into(),
-            ));
-        }
-        let id = worker.registry.create_run(new).await?.id;
-        tracing::info!(id, "run created (the launcher names no run id)");
-        return Ok((id, worker.registry.claim_run(id, &worker.name).await?));
-    };
+/// What a launch key leads to.
+enum Keyed {
+    Claimed(i64, Option<Box<ddpm_registry::Run>>),
+    AlreadyCompleted(i64),
+}
+
+/// The run created under `key`, created now the first time, and claimed even from a
+/// worker still marked running (a launcher restarts workers only after stopping every
+/// old one; a second launch with the same key takes the run over, as a crash).
+async fn claim_keyed(worker: &Worker, new: &ddpm_registry::NewRun, key: &str) -> Result<Keyed> {
     let (run, created) = worker
         .registry
         .find_or_create_launched_run(new, key)
@@ -111,19 +131,26 @@ async fn claim_launched(
     let id = run.id;
     if created {
         tracing::info!(id, launch = key, "run created");
-        Ok((id, worker.registry.claim_run(id, &worker.name).await?))
-    } else {
-        tracing::info!(
-            id,
-            launch = key,
-            restart = launch.restart_count,
-            "resuming the launch's run"
-        );
-        Ok((
-            id,
-            worker.registry.claim_relaunched(id, &worker.name).await?,
-        ))
+        let run = worker.registry.claim_run(id, &worker.name).await?;
+        return Ok(Keyed::Claimed(id, run.map(Box::new)));
     }
+    match run.status {
+        ddpm_registry::RunStatus::Completed => return Ok(Keyed::AlreadyCompleted(id)),
+        ddpm_registry::RunStatus::Failed | ddpm_registry::RunStatus::Cancelled => {
+            return Err(TrainerError::Run {
+                id,
+                message: format!(
+                    "launch {key:?} names this run, which is {}: restart it \
+                     (`runs restart`) or use another launch id",
+                    run.status.as_str()
+                ),
+            })
+        }
+        _ => {}
+    }
+    tracing::info!(id, launch = key, "resuming the launch's run");
+    let run = worker.registry.claim_relaunched(id, &worker.name).await?;
+    Ok(Keyed::Claimed(id, run.map(Box::new)))
 }
 
 /// Joins a launcher's world (blocking: on a thread of its own).

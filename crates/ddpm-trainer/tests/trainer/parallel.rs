@@ -530,3 +530,44 @@ async fn torchrun_launches_and_restarts_the_ranks(env: TestEnv) {
 async fn torchrun_launches_train() {
     with_env(Db::Sqlite, torchrun_launches_and_restarts_the_ranks).await;
 }
+
+/// `--launch-id` (what a PyTorchJob pod passes, from its job's name) names one run: a
+/// restarted `train` with the same id resumes it rather than starting over, and once it
+/// is completed another start with the id trains nothing.
+async fn a_launch_id_names_one_run_across_restarts(env: TestEnv) {
+    const STEPS: i64 = 200;
+    let config = config(&env, "run.toml", STEPS, 10, 50);
+    let args = ["train", config.to_str().unwrap(), "--launch-id", "job-1"];
+    let child = env.spawn("first", &args);
+    wait_for_rows(&env, "first", 1, 60).await;
+    signal(&child, "TERM");
+    assert!(
+        env.wait(child, "first", LIMIT).await.success(),
+        "{}",
+        env.log("first")
+    );
+    assert_eq!(env.run(1).await.status, RunStatus::Interrupted);
+
+    for log in ["restarted", "again"] {
+        let status = env.run_to_end(log, &args, LIMIT).await;
+        assert!(status.success(), "{}", env.log(log));
+    }
+    let runs = env.registry.list_runs(None, 10, 0).await.unwrap();
+    assert_eq!(runs.len(), 1, "one run for the launch");
+    assert_eq!(runs[0].launch_key.as_deref(), Some("job-1"));
+    assert_eq!(
+        (runs[0].status, runs[0].attempts),
+        (RunStatus::Completed, 2)
+    );
+    assert_eq!(env.metric_steps(1).await, expected_steps(STEPS, 10));
+    assert!(
+        env.log("again").contains("already completed"),
+        "{}",
+        env.log("again")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_launch_id_resumes_its_run() {
+    with_env(Db::Sqlite, a_launch_id_names_one_run_across_restarts).await;
+}
