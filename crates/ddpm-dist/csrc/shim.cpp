@@ -139,18 +139,22 @@ int ddpm_store_get(void* store, const char* key, uint8_t** data, size_t* len, ch
 
 void ddpm_dist_free_bytes(uint8_t* data) { std::free(data); }
 
-// A Gloo process group over loopback or the interface that reaches `hostname`
-// (`GLOO_SOCKET_IFNAME` is honoured by torch's own helper when `hostname` is empty).
+// A Gloo process group bound to the network interface `interface` (e.g. "eth0") if given,
+// else to the address of `hostname` if given, else to torch's default (this machine's
+// hostname, or loopback when it does not resolve).
 void* ddpm_group_gloo(void* store, int rank, int world_size, const char* hostname,
-                      int64_t timeout_ms, char** err) {
+                      const char* interface, int64_t timeout_ms, char** err) {
   GroupBox* out = nullptr;
   guarded(err, [&] {
     auto opts = c10d::ProcessGroupGloo::Options::create(millis(timeout_ms));
     std::string host(hostname);
-    if (host.empty()) {
-      opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-    } else {
+    std::string iface(interface);
+    if (!iface.empty()) {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
+    } else if (!host.empty()) {
       opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
+    } else {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     }
     opts->threads = 1;  // one collective at a time: more threads only compete for cores
     auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(

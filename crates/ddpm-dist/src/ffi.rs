@@ -46,6 +46,7 @@ extern "C" {
         rank: c_int,
         world_size: c_int,
         hostname: *const c_char,
+        interface: *const c_char,
         timeout_ms: i64,
         err: *mut *mut c_char,
     ) -> *mut c_void;

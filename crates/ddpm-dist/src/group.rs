@@ -44,7 +44,9 @@ impl Backend {
 pub enum GlooInterface {
     /// The address of this hostname (e.g. `127.0.0.1` for ranks on one host).
     Hostname(String),
-    /// torch's default: `GLOO_SOCKET_IFNAME` if set, else this machine's hostname.
+    /// A network interface by name (`eth0`), as `GLOO_SOCKET_IFNAME` names it.
+    Interface(String),
+    /// torch's default: the address this machine's hostname resolves to.
     Default,
 }
 
@@ -89,19 +91,24 @@ impl ProcessGroup {
         let mut err = ptr::null_mut();
         let raw = match backend {
             Backend::Gloo => {
-                let host = match interface {
-                    GlooInterface::Hostname(h) => h.as_str(),
-                    GlooInterface::Default => "",
+                let (host, iface) = match interface {
+                    GlooInterface::Hostname(h) => (h.as_str(), ""),
+                    GlooInterface::Interface(i) => ("", i.as_str()),
+                    GlooInterface::Default => ("", ""),
                 };
-                let host = std::ffi::CString::new(host)
-                    .map_err(|_| DistError::Input("hostname contains a NUL byte".into()))?;
-                // SAFETY: live store, valid C string; the shim catches every exception.
+                let c = |s: &str| {
+                    std::ffi::CString::new(s)
+                        .map_err(|_| DistError::Input(format!("{s:?} contains a NUL byte")))
+                };
+                let (host, iface) = (c(host)?, c(iface)?);
+                // SAFETY: live store, valid C strings; the shim catches every exception.
                 unsafe {
                     ffi::ddpm_group_gloo(
                         store.raw(),
                         rank_c,
                         size_c,
                         host.as_ptr(),
+                        iface.as_ptr(),
                         millis(timeout),
                         &mut err,
                     )

@@ -169,13 +169,20 @@ impl Launch {
         self.master_addr == "localhost" || self.master_addr.starts_with("127.")
     }
 
-    /// Where Gloo binds: loopback for a one-host launch on loopback, torch's default
-    /// (`GLOO_SOCKET_IFNAME`, else the hostname's address) across hosts.
+    /// Where Gloo binds: loopback for a one-host launch on loopback; across hosts the
+    /// interface `GLOO_SOCKET_IFNAME` names (torch's convention), else the address of this
+    /// machine's hostname.
     pub fn gloo_interface(&self) -> GlooInterface {
+        self.gloo_interface_with(std::env::var("GLOO_SOCKET_IFNAME").ok())
+    }
+
+    fn gloo_interface_with(&self, ifname: Option<String>) -> GlooInterface {
         if self.is_loopback() {
-            GlooInterface::Hostname("127.0.0.1".into())
-        } else {
-            GlooInterface::Default
+            return GlooInterface::Hostname("127.0.0.1".into());
+        }
+        match ifname.filter(|name| !name.is_empty()) {
+            Some(name) => GlooInterface::Interface(name),
+            None => GlooInterface::Default,
         }
     }
 
@@ -241,7 +248,11 @@ mod tests {
         assert_eq!(launch.run_id.as_deref(), Some("job-7"));
         assert!(launch.agent_store);
         assert!(!launch.is_loopback());
-        assert_eq!(launch.gloo_interface(), GlooInterface::Default);
+        assert_eq!(launch.gloo_interface_with(None), GlooInterface::Default);
+        assert_eq!(
+            launch.gloo_interface_with(Some("eth1".into())),
+            GlooInterface::Interface("eth1".into())
+        );
     }
 
     #[test]

@@ -152,3 +152,42 @@ fn a_rank_that_never_comes_is_a_clear_error_within_the_timeout() {
     );
     assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+#[test]
+fn a_gloo_rank_binds_the_interface_it_is_given() {
+    // Loopback by interface name, as GLOO_SOCKET_IFNAME=lo would ask: a world of two
+    // that meets over it.
+    tch::set_num_threads(1);
+    let server = Store::serve("127.0.0.1", 0, 2, TIMEOUT).unwrap();
+    let port = server.port();
+    let lo = GlooInterface::Interface("lo".into());
+    let other = {
+        let lo = lo.clone();
+        std::thread::spawn(move || {
+            let store = Store::connect("127.0.0.1", port, 2, TIMEOUT).unwrap();
+            let group = ProcessGroup::new(&store, 1, 2, Device::Cpu, &lo, TIMEOUT).unwrap();
+            let mut t = Tensor::from_slice(&[2f32]);
+            group.all_reduce_sum(&mut t).unwrap();
+            t.double_value(&[0])
+        })
+    };
+    let group = ProcessGroup::new(&server, 0, 2, Device::Cpu, &lo, TIMEOUT).unwrap();
+    let mut t = Tensor::from_slice(&[1f32]);
+    group.all_reduce_sum(&mut t).unwrap();
+    assert_eq!((t.double_value(&[0]), other.join().unwrap()), (3.0, 3.0));
+    // An interface that does not exist is an error, not a crash.
+    let store = Store::serve("127.0.0.1", 0, 2, Duration::from_secs(2)).unwrap();
+    let err = ProcessGroup::new(
+        &store,
+        0,
+        2,
+        Device::Cpu,
+        &GlooInterface::Interface("no-such-if0".into()),
+        Duration::from_secs(2),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("joining the process group"),
+        "{err}"
+    );
+}

@@ -16,8 +16,9 @@ use crate::{
     cli::{GlobalOptions, NprocPerNode},
     config::Overrides,
     error::{Result, TrainerError},
-    parallel::{follower, rank_device, RankOptions, Ranks, World},
+    parallel::{rank_device, RankOptions, Ranks, World},
     resolve,
+    train::train_follower,
     worker::Worker,
 };
 
@@ -216,7 +217,10 @@ async fn follow(
     let span = tracing::info_span!("rank", rank = launch.rank);
     let end = tokio::task::spawn_blocking(move || {
         let _span = span.entered();
-        follower::run(&launch, device, timeout)
+        let world = World::join(&launch, device, timeout)?;
+        let job = world.receive_job()?;
+        tracing::info!(run = job.run_id, "job received from rank 0");
+        train_follower(job, world)
     })
     .await
     .map_err(|e| TrainerError::Thread(format!("rank thread: {e}")))??;

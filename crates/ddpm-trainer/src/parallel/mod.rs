@@ -16,10 +16,10 @@
 //!   ranks stop at the same step. A rank that dies closes its connections and the others'
 //!   next collective fails at once; one that hangs is given up on after the rank timeout.
 //! - [`launcher`]: `--nproc-per-node N` starts local ranks 1..N−1 as child processes of
-//!   rank 0 with the environment torchrun would set; [`follower`] is what such a rank
-//!   (or a torchrun-launched rank other than 0) runs.
+//!   rank 0 with the environment torchrun would set. Such a rank (or a torchrun-launched
+//!   rank other than 0) joins the world, takes the job and runs `train_follower`
+//!   (`commands/work.rs`).
 
-pub mod follower;
 pub mod job;
 pub mod launcher;
 
