@@ -584,6 +584,14 @@ fn run_steps(
             window = Window::new(device);
         }
         if this_step % training.checkpoint_every == 0 || this_step == training.steps {
+            // With several ranks the step's loss is checked before anything is written
+            // (one process logs a non-finite loss and keeps going, as it always has).
+            if world.size() > 1 {
+                let control = world.agree(Control::default(), last_loss.as_ref(), wait)?;
+                if control.non_finite {
+                    return Err(TrainerError::NonFinite { step: this_step });
+                }
+            }
             let smoothed_now = smoothed.read(world)?;
             if let Some(l) = &mut leader {
                 if (l.job.holds_lease)(this_step) {

@@ -571,3 +571,38 @@ async fn a_launch_id_names_one_run_across_restarts(env: TestEnv) {
 async fn a_launch_id_resumes_its_run() {
     with_env(Db::Sqlite, a_launch_id_names_one_run_across_restarts).await;
 }
+
+/// A loss that turns non-finite on a checkpoint step: every rank stops at that step,
+/// nothing is written from the broken weights, and the run fails saying why.
+async fn a_non_finite_loss_stops_every_rank_before_a_checkpoint(env: TestEnv) {
+    // A learning rate of 1e12 (1e11 in the first warm-up step) breaks the weights at
+    // step 1; step 2's loss is NaN, and step 2 is a checkpoint step.
+    let text = micro_config(&env.dataset, 50, 1, 2).replace("lr = 1e-3", "lr = 1e12");
+    let config = env.write_config("run.toml", &text);
+    let args = with_timeout(&["train", config.to_str().unwrap(), "--nproc-per-node", "2"]);
+    let status = env.run_to_end("train", &args, LIMIT).await;
+    assert!(!status.success());
+    let run = env.run(1).await;
+    assert_eq!(run.status, RunStatus::Failed);
+    let error = run.error.unwrap_or_default();
+    assert!(error.contains("non-finite at step 2"), "{error}");
+    assert_eq!(
+        env.newest_step(1, CheckpointKind::State).await,
+        None,
+        "nothing saved"
+    );
+    assert_eq!(
+        env.metric_steps(1).await,
+        [1, 2],
+        "rows up to the step that broke"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_non_finite_loss_stops_every_rank() {
+    with_env(
+        Db::Sqlite,
+        a_non_finite_loss_stops_every_rank_before_a_checkpoint,
+    )
+    .await;
+}
