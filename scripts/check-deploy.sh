@@ -132,7 +132,9 @@ assert any(v["target"] == "/datasets" and v.get("read_only") for v in c["trainer
 step "3. lint"
 "$hadolint" --no-color --failure-threshold style docker/Dockerfile || die "hadolint docker/Dockerfile"
 "$shellcheck" docker/healthcheck.sh scripts/build-release.sh scripts/check-deploy.sh \
-  scripts/gen-env-docs.sh scripts/smoke-runtime.sh scripts/schemathesis.sh scripts/test.sh ||
+  scripts/gen-env-docs.sh scripts/smoke-runtime.sh scripts/schemathesis.sh scripts/test.sh \
+  scripts/setup-libtorch.sh scripts/setup-browser.sh scripts/apt-install.sh \
+  scripts/gpu-check.sh ||
   die "shellcheck"
 pinned=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
 grep -q "^ARG RUST_VERSION=$pinned\$" docker/Dockerfile ||

@@ -11,15 +11,7 @@ chromedriver=${DDPM_CHROMEDRIVER:-chromedriver}
 if [ -x "$chromium" ] && command -v "$chromedriver" >/dev/null; then
   exit 0
 fi
-if ! command -v apt-get >/dev/null; then
-  echo "setup-browser: no apt-get here: install Chromium and chromedriver, then set" \
-    "DDPM_CHROMIUM and DDPM_CHROMEDRIVER" >&2
-  exit 1
-fi
-sudo=
-[ "$(id -u)" = 0 ] || sudo=sudo
-echo "setup-browser: installing chromium and chromium-driver (one time)" >&2
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-  chromium chromium-driver fonts-dejavu-core >/dev/null
+"$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" setup-browser \
+  "install Chromium and chromedriver, then set DDPM_CHROMIUM and DDPM_CHROMEDRIVER" \
+  chromium chromium-driver fonts-dejavu-core
 "$chromium" --version >&2

@@ -50,17 +50,8 @@ fi
 # gloo's headers (DDPM_GLOO_INCLUDE points the build elsewhere).
 gloo_include=${DDPM_GLOO_INCLUDE:-/usr/include}
 if [ ! -f "$gloo_include/gloo/algorithm.h" ]; then
-  if ! command -v apt-get >/dev/null; then
-    echo "setup-libtorch: gloo's headers are missing and there is no apt-get: install" \
-      "gloo's headers (Debian: libgloo-dev) and set DDPM_GLOO_INCLUDE" >&2
-    exit 1
-  fi
-  sudo=
-  [ "$(id -u)" = 0 ] || sudo=sudo
-  echo "setup-libtorch: installing gloo's headers (libgloo-dev, one time)" >&2
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-    libgloo-dev >/dev/null
+  "$repo/scripts/apt-install.sh" setup-libtorch \
+    "install gloo's headers (Debian: libgloo-dev) and set DDPM_GLOO_INCLUDE" libgloo-dev
 fi
 
 ln -sfn "$dir" "$repo/.libtorch"

@@ -8,8 +8,17 @@ use tch::{Device, Kind, Tensor};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Runs `body(rank, group)` on two ranks and returns what each returned.
+/// Runs `body(rank, group, store)` on two ranks over loopback and returns what each
+/// returned.
 fn two_ranks<T: Send + 'static>(
+    body: impl Fn(usize, &ProcessGroup, &Store) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    two_ranks_on(GlooInterface::Hostname("127.0.0.1".into()), body)
+}
+
+/// [`two_ranks`] with Gloo bound to `interface`.
+fn two_ranks_on<T: Send + 'static>(
+    interface: GlooInterface,
     body: impl Fn(usize, &ProcessGroup, &Store) -> T + Send + Sync + 'static,
 ) -> Vec<T> {
     tch::set_num_threads(1);
@@ -17,31 +26,18 @@ fn two_ranks<T: Send + 'static>(
     let port = server.port();
     assert!(port > 0, "the store bound a port");
     let body = std::sync::Arc::new(body);
+    let join = |store: &Store, rank: usize, interface: &GlooInterface| {
+        ProcessGroup::new(store, rank, 2, Device::Cpu, interface, TIMEOUT).unwrap()
+    };
     let other = {
-        let body = body.clone();
+        let (body, interface) = (body.clone(), interface.clone());
         std::thread::spawn(move || {
             let store = Store::connect("127.0.0.1", port, 2, TIMEOUT).unwrap();
-            let group = ProcessGroup::new(
-                &store,
-                1,
-                2,
-                Device::Cpu,
-                &GlooInterface::Hostname("127.0.0.1".into()),
-                TIMEOUT,
-            )
-            .unwrap();
+            let group = join(&store, 1, &interface);
             body(1, &group, &store)
         })
     };
-    let group = ProcessGroup::new(
-        &server,
-        0,
-        2,
-        Device::Cpu,
-        &GlooInterface::Hostname("127.0.0.1".into()),
-        TIMEOUT,
-    )
-    .unwrap();
+    let group = join(&server, 0, &interface);
     let mine = body(0, &group, &server);
     vec![mine, other.join().unwrap()]
 }
@@ -155,26 +151,13 @@ fn a_rank_that_never_comes_is_a_clear_error_within_the_timeout() {
 
 #[test]
 fn a_gloo_rank_binds_the_interface_it_is_given() {
-    // Loopback by interface name, as GLOO_SOCKET_IFNAME=lo would ask: a world of two
-    // that meets over it.
-    tch::set_num_threads(1);
-    let server = Store::serve("127.0.0.1", 0, 2, TIMEOUT).unwrap();
-    let port = server.port();
-    let lo = GlooInterface::Interface("lo".into());
-    let other = {
-        let lo = lo.clone();
-        std::thread::spawn(move || {
-            let store = Store::connect("127.0.0.1", port, 2, TIMEOUT).unwrap();
-            let group = ProcessGroup::new(&store, 1, 2, Device::Cpu, &lo, TIMEOUT).unwrap();
-            let mut t = Tensor::from_slice(&[2f32]);
-            group.all_reduce_sum(&mut t).unwrap();
-            t.double_value(&[0])
-        })
-    };
-    let group = ProcessGroup::new(&server, 0, 2, Device::Cpu, &lo, TIMEOUT).unwrap();
-    let mut t = Tensor::from_slice(&[1f32]);
-    group.all_reduce_sum(&mut t).unwrap();
-    assert_eq!((t.double_value(&[0]), other.join().unwrap()), (3.0, 3.0));
+    // Loopback by interface name, as GLOO_SOCKET_IFNAME=lo would ask.
+    let sums = two_ranks_on(GlooInterface::Interface("lo".into()), |rank, group, _| {
+        let mut t = Tensor::from_slice(&[rank as f32 + 1.0]);
+        group.all_reduce_sum(&mut t).unwrap();
+        t.double_value(&[0])
+    });
+    assert_eq!(sums, [3.0, 3.0]);
     // An interface that does not exist is an error, not a crash.
     let store = Store::serve("127.0.0.1", 0, 2, Duration::from_secs(2)).unwrap();
     let err = ProcessGroup::new(
