@@ -115,25 +115,35 @@ pub trait Sampler {
     }
 }
 
-/// Which timesteps a trajectory of n < T steps visits (diffusers' `timestep_spacing`).
+/// Which timesteps a trajectory of n < T steps visits (diffusers' `timestep_spacing`,
+/// with `steps_offset = 0`). Diffusers' schedulers do not agree on two of the names, so
+/// each sampler follows the scheduler it ports ([`TimestepSpacing::timesteps_for`]):
+/// `leading` of DPM-Solver++ and `linspace` of DDPM and DDIM differ from the
+/// definitions of [`TimestepSpacing::timesteps`] (the other samplers').
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestepSpacing {
-    /// `k·⌊T/n⌋` for k = n−1…0: starts below T−1 (DDIM paper, diffusers' default).
+    /// `k·⌊T/n⌋` for k = n−1…0: starts below T−1 (DDIM paper, diffusers' default). For
+    /// DPM-Solver++ `k·⌊T/(n+1)⌋` for k = n…1 (its scheduler's).
     Leading,
     /// `round(T − k·T/n) − 1` for k = 0…n−1: always starts at T−1, from pure noise
-    /// (Lin et al. 2024 show this is the better choice for few steps).
+    /// (Lin et al. 2024 show this is the better choice for few steps). Rounds halves away
+    /// from zero where numpy (diffusers) rounds them to even: the two differ by one at the
+    /// timesteps where k·T/n falls on a half (n = 16, 48, 64, … for T = 1000).
     #[default]
     Trailing,
     /// `round(k·(T−1)/n)` for k = n…1, ties to even (numpy's `linspace(0, T−1, n+1)`
     /// rounded, without its 0): starts at T−1 and ends near (T−1)/n. Diffusers' default
     /// for DPM-Solver++. For n ≥ T, where that repeats a timestep (and diffusers' second
-    /// order step divides by a zero step in λ), every timestep T−1…0.
+    /// order step divides by a zero step in λ), every timestep T−1…0. For DDPM and DDIM
+    /// `round(k·(T−1)/(n−1))` for k = n−1…0 (their schedulers' `linspace(0, T−1, n)`,
+    /// which ends at t = 0).
     Linspace,
 }
 
 impl TimestepSpacing {
-    /// The descending timesteps of an n-step trajectory over T.
+    /// The descending timesteps of an n-step trajectory over T (DDPM's and DDIM's
+    /// `leading` and `trailing`, DPM-Solver++'s `trailing` and `linspace`).
     pub fn timesteps(self, t_max: usize, steps: usize) -> Vec<i64> {
         let (t_max_i, n) = (t_max as i64, steps as i64);
         match self {
@@ -158,6 +168,43 @@ impl TimestepSpacing {
             }
         }
     }
+
+    /// The descending timesteps of an n-step trajectory of `kind` over T, as diffusers'
+    /// scheduler that the sampler ports defines them (see the variants).
+    pub fn timesteps_for(self, kind: SamplerKind, t_max: usize, steps: usize) -> Vec<i64> {
+        let n = steps as i64;
+        match (kind, self) {
+            (SamplerKind::DpmPp2m, TimestepSpacing::Leading) if steps >= t_max => {
+                (0..t_max as i64).rev().collect()
+            }
+            (SamplerKind::DpmPp2m, TimestepSpacing::Leading) => {
+                let ratio = t_max as i64 / (n + 1);
+                (1..=n).rev().map(|k| k * ratio).collect()
+            }
+            (SamplerKind::Ddpm | SamplerKind::Ddim, TimestepSpacing::Linspace) if n > 1 => {
+                // numpy: linspace(0, T − 1, n) = k·step with step = (T − 1)/(n − 1).
+                let step = (t_max - 1) as f64 / (n - 1) as f64;
+                (0..n)
+                    .rev()
+                    .map(|k| (k as f64 * step).round_ties_even() as i64)
+                    .collect()
+            }
+            (SamplerKind::Ddpm | SamplerKind::Ddim, TimestepSpacing::Linspace) => vec![0],
+            _ => self.timesteps(t_max, steps),
+        }
+    }
+}
+
+/// σ² of the noise an ancestral DDPM step t → s adds (diffusers' `variance_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AncestralVariance {
+    /// σ² = β̃ = (1−ᾱ_s)/(1−ᾱ_t)·β', the posterior variance (the lower bound of Ho et al.).
+    #[default]
+    FixedSmall,
+    /// σ² = β' = 1 − ᾱ_t/ᾱ_s (β_t for consecutive steps): the upper bound, what the seed
+    /// and the PyTorch reference use.
+    FixedLarge,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,6 +260,9 @@ pub struct SamplerConfig {
     /// with it (for DDIM not diffusers' `clip_sample`: see the module's doc).
     #[serde(default = "default_clip")]
     pub clip_denoised: bool,
+    /// DDPM's σ²: β̃ (default) or β; only DDPM reads it.
+    #[serde(default)]
+    pub variance: AncestralVariance,
 }
 
 fn default_clip() -> bool {
@@ -228,6 +278,7 @@ impl SamplerConfig {
             eta: 0.0,
             spacing: TimestepSpacing::Trailing,
             clip_denoised: true,
+            variance: AncestralVariance::FixedSmall,
         }
     }
 
@@ -239,6 +290,7 @@ impl SamplerConfig {
             eta: 0.0,
             spacing: TimestepSpacing::Trailing,
             clip_denoised: true,
+            variance: AncestralVariance::FixedSmall,
         }
     }
 
@@ -250,6 +302,7 @@ impl SamplerConfig {
             eta: 0.0,
             spacing: SamplerKind::DpmPp2m.default_spacing(),
             clip_denoised: true,
+            variance: AncestralVariance::FixedSmall,
         }
     }
 
@@ -274,11 +327,15 @@ impl SamplerConfig {
     pub fn plan(&self, schedule: &NoiseSchedule) -> Result<Vec<PlannedStep>> {
         self.validate(schedule)?;
         let sampler: Box<dyn Sampler> = match self.kind {
-            SamplerKind::Ddpm => Box::new(Ddpm),
+            SamplerKind::Ddpm => Box::new(Ddpm {
+                variance: self.variance,
+            }),
             SamplerKind::Ddim => Box::new(Ddim { eta: self.eta }),
             SamplerKind::DpmPp2m => Box::new(DpmSolverPp2m),
         };
-        let ts = self.spacing.timesteps(schedule.timesteps(), self.steps);
+        let ts = self
+            .spacing
+            .timesteps_for(self.kind, schedule.timesteps(), self.steps);
         let mut plan: Vec<PlannedStep> = ts
             .iter()
             .enumerate()
@@ -805,6 +862,7 @@ mod tests {
                 eta: 0.0,
                 spacing: TimestepSpacing::Leading,
                 clip_denoised: false,
+                variance: AncestralVariance::FixedLarge,
             },
             SamplerConfig::dpmpp_2m(1),
             SamplerConfig::dpmpp_2m(2),

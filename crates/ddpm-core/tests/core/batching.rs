@@ -63,6 +63,7 @@ fn an_image_depends_only_on_its_own_seed_and_settings() {
         eta: 0.0,
         spacing: TimestepSpacing::Leading,
         clip_denoised: true,
+        variance: Default::default(),
     };
     let stochastic_ddim = SamplerConfig {
         eta: 1.0,

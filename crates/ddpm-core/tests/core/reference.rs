@@ -1,6 +1,8 @@
 //! Numbers checked against independent implementations. The vectors and the scripts that
 //! produced them sit in `tests/reference/` (see the scripts' headers to regenerate):
-//! - `scheduler_vectors.json`: Hugging Face diffusers' `DDPMScheduler`/`DDIMScheduler`;
+//! - `scheduler_vectors.json`: Hugging Face diffusers' `DDPMScheduler`/`DDIMScheduler`
+//!   (steps, σ² = β̃ and β) and the three `timestep_spacing`s of those and of
+//!   `DPMSolverMultistepScheduler`;
 //! - `dpmpp_vectors.json`: diffusers' `DPMSolverMultistepScheduler` (DPM-Solver++(2M)):
 //!   timesteps, single steps and whole trajectories under a fake ε, unclipped and clipped;
 //! - `seed_unet_state_dict.json`: the seed's PyTorch `UNet_conditional(num_classes=10)`;
@@ -13,8 +15,8 @@
 use ddpm_core::{
     noise::SampleRng,
     sampler::{
-        sample, step_trajectories, Ddim, Ddpm, PlannedStep, Sampler, SamplerKind, TimestepSpacing,
-        Trajectory,
+        sample, step_trajectories, AncestralVariance, Ddim, Ddpm, PlannedStep, Sampler,
+        SamplerKind, TimestepSpacing, Trajectory,
     },
     Model, NoiseSchedule, SampleSpec, SamplerConfig, ScheduleConfig, UNetConfig,
 };
@@ -109,14 +111,23 @@ fn ddpm_steps_match_diffusers() {
         floats(&v["inputs"]["z"]),
     );
     let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let mut large = 0;
     for case in v["ddpm"]["cases"].as_array().unwrap() {
         let (t, prev) = (
             case["t"].as_i64().unwrap(),
             case["prev_t"].as_i64().unwrap(),
         );
-        let ours = step(Ddpm.coefficients(&s, t, prev), &x, &eps, &z);
+        let variance = match case["variance_type"].as_str().unwrap() {
+            "fixed_small" => AncestralVariance::FixedSmall,
+            "fixed_large" => {
+                large += 1;
+                AncestralVariance::FixedLarge
+            }
+            other => panic!("variance_type {other}"),
+        };
+        let ours = step(Ddpm { variance }.coefficients(&s, t, prev), &x, &eps, &z);
         assert_close(
-            &format!("ddpm t={t}→{prev}"),
+            &format!("ddpm {variance:?} t={t}→{prev}"),
             &ours,
             &floats(&case["prev_sample"]),
             1e-9,
@@ -130,7 +141,9 @@ fn ddpm_steps_match_diffusers() {
         eta: 0.0,
         spacing: TimestepSpacing::Leading,
         clip_denoised: false,
+        variance: AncestralVariance::FixedSmall,
     };
+    assert!(large >= 5, "fixed_large cases: {large}");
     let plan: Vec<i64> = cfg.plan(&s).unwrap().iter().map(|p| p.timestep).collect();
     let expected: Vec<i64> = v["ddpm"]["set_timesteps_50"]
         .as_array()
@@ -678,4 +691,88 @@ fn tiny_forward_matches_pytorch_numerically() {
     let eps = tch::no_grad(|| model.net.forward(&x, &t, Some(&y)));
     let diff = (&eps - &expected).abs().max().double_value(&[]);
     assert!(diff < 1e-4, "max |Δ| vs PyTorch = {diff}");
+}
+
+/// Every spacing of every sampler visits diffusers' timesteps for its scheduler (DDPM →
+/// `DDPMScheduler`, DDIM → `DDIMScheduler`, DPM-Solver++(2M) → `DPMSolverMultistepScheduler`),
+/// except trailing's documented rounding of halves (away from zero here, to even there).
+#[test]
+fn spacings_match_diffusers_schedulers() {
+    let v = json("scheduler_vectors.json");
+    let spacings = v["spacings"].as_object().unwrap();
+    assert_eq!(spacings.len(), 9, "three schedulers × three spacings");
+    let mut halves = 0;
+    for (name, runs) in spacings {
+        let (scheduler, spacing) = name.split_once('_').unwrap();
+        let kind = match scheduler {
+            "ddpm" => SamplerKind::Ddpm,
+            "ddim" => SamplerKind::Ddim,
+            "dpmsolver" => SamplerKind::DpmPp2m,
+            other => panic!("scheduler {other}"),
+        };
+        let spacing: TimestepSpacing = serde_json::from_value(Value::from(spacing)).unwrap();
+        for (n, expected) in runs.as_object().unwrap() {
+            let n: usize = n.parse().unwrap();
+            let expected = ints(expected);
+            let ours = spacing.timesteps_for(kind, 1000, n);
+            assert_eq!(ours.len(), expected.len(), "{name} n={n}");
+            for (k, (a, e)) in ours.iter().zip(&expected).enumerate() {
+                let half = (k as f64 * 1000.0 / n as f64).fract() == 0.5;
+                if spacing == TimestepSpacing::Trailing && half && a != e {
+                    assert_eq!(*a, e + 1, "{name} n={n} k={k}: half rounded away from 0");
+                    halves += 1;
+                } else {
+                    assert_eq!(a, e, "{name} n={n} k={k}: {ours:?} vs {expected:?}");
+                }
+            }
+            // The plan visits them too.
+            let plan = SamplerConfig {
+                kind,
+                steps: n,
+                eta: 0.0,
+                spacing,
+                clip_denoised: true,
+                variance: AncestralVariance::FixedSmall,
+            }
+            .plan(&NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap())
+            .unwrap();
+            let visited: Vec<i64> = plan.iter().map(|p| p.timestep).collect();
+            assert_eq!(visited, ours, "{name} n={n}");
+        }
+    }
+    assert!(halves > 0, "the rounding difference is exercised");
+}
+
+/// A config that does not name the new options (as stored configs and requests written
+/// before them) samples bit-identically to one that names their defaults, for every
+/// sampler.
+#[test]
+fn unset_options_sample_as_their_explicit_defaults() {
+    let _rng = exclusive_rng();
+    let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
+    let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    for (kind, spacing) in [
+        ("ddpm", "trailing"),
+        ("ddim", "trailing"),
+        ("dpmpp_2m", "linspace"),
+    ] {
+        let implicit: SamplerConfig = serde_json::from_value(serde_json::json!({
+            "kind": kind, "steps": 8, "spacing": spacing,
+        }))
+        .unwrap();
+        let explicit: SamplerConfig = serde_json::from_value(serde_json::json!({
+            "kind": kind, "steps": 8, "spacing": spacing, "eta": 0.0,
+            "clip_denoised": true, "variance": "fixed_small",
+        }))
+        .unwrap();
+        let spec = |sampler| SampleSpec {
+            label: Some(1),
+            guidance_scale: 2.0,
+            seed: 5,
+            sampler,
+        };
+        let a = sample(&model, &s, &[spec(implicit)], 4).unwrap();
+        let b = sample(&model, &s, &[spec(explicit)], 4).unwrap();
+        assert!(a.equal(&b), "{kind}: not bit-identical");
+    }
 }
