@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use ddpm_core::SamplerKind;
+use ddpm_core::{AncestralVariance, SamplerKind, TimestepSpacing};
 use ddpm_service::{parse_duration, CommonOptions};
 
 use crate::watcher::{BestMetric, ServePolicy};
@@ -24,6 +24,49 @@ impl From<DefaultSampler> for SamplerKind {
             DefaultSampler::Ddpm => SamplerKind::Ddpm,
             DefaultSampler::Ddim => SamplerKind::Ddim,
             DefaultSampler::DpmPp2m => SamplerKind::DpmPp2m,
+        }
+    }
+}
+
+/// The timestep spacing of requests that name none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum DefaultSpacing {
+    /// Each sampler's own: trailing for ddpm and ddim, linspace for dpmpp_2m.
+    #[default]
+    Sampler,
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+impl From<DefaultSpacing> for Option<TimestepSpacing> {
+    fn from(s: DefaultSpacing) -> Self {
+        match s {
+            DefaultSpacing::Sampler => None,
+            DefaultSpacing::Leading => Some(TimestepSpacing::Leading),
+            DefaultSpacing::Trailing => Some(TimestepSpacing::Trailing),
+            DefaultSpacing::Linspace => Some(TimestepSpacing::Linspace),
+        }
+    }
+}
+
+/// The ddpm sampler's σ² for requests that name none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum DefaultVariance {
+    /// β̃, the posterior variance.
+    #[default]
+    #[value(name = "fixed_small")]
+    FixedSmall,
+    /// β, the seed's.
+    #[value(name = "fixed_large")]
+    FixedLarge,
+}
+
+impl From<DefaultVariance> for AncestralVariance {
+    fn from(v: DefaultVariance) -> Self {
+        match v {
+            DefaultVariance::FixedSmall => AncestralVariance::FixedSmall,
+            DefaultVariance::FixedLarge => AncestralVariance::FixedLarge,
         }
     }
 }
@@ -88,6 +131,27 @@ pub struct Config {
     /// Steps of requests that give none (whatever their sampler).
     #[arg(long, env = "DDPM_DEFAULT_STEPS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     pub default_steps: u32,
+
+    /// Timestep spacing of requests that name none: `sampler` (each sampler's own,
+    /// trailing for ddpm and ddim, linspace for dpmpp_2m), `leading`, `trailing` or
+    /// `linspace`.
+    #[arg(
+        long,
+        env = "DDPM_DEFAULT_TIMESTEP_SPACING",
+        value_enum,
+        default_value = "sampler"
+    )]
+    pub default_timestep_spacing: DefaultSpacing,
+
+    /// The ddpm sampler's σ² for requests that name none: `fixed_small` (β̃, the
+    /// posterior variance) or `fixed_large` (β).
+    #[arg(
+        long,
+        env = "DDPM_DEFAULT_VARIANCE_TYPE",
+        value_enum,
+        default_value = "fixed_small"
+    )]
+    pub default_variance_type: DefaultVariance,
 
     /// How often the registry is asked for a newer checkpoint (PostgreSQL also notifies).
     #[arg(long, env = "DDPM_POLL_INTERVAL", default_value = "10s", value_parser = parse_duration)]
@@ -206,6 +270,8 @@ impl Default for Config {
             max_images_per_request: 64,
             default_sampler: DefaultSampler::Ddpm,
             default_steps: 50,
+            default_timestep_spacing: DefaultSpacing::Sampler,
+            default_variance_type: DefaultVariance::FixedSmall,
             poll_interval: Duration::from_secs(10),
             request_timeout: Duration::from_secs(120),
             header_read_timeout: Duration::from_secs(15),
@@ -237,6 +303,8 @@ impl std::fmt::Debug for Config {
             .field("max_images_per_request", &self.max_images_per_request)
             .field("default_sampler", &self.default_sampler)
             .field("default_steps", &self.default_steps)
+            .field("default_timestep_spacing", &self.default_timestep_spacing)
+            .field("default_variance_type", &self.default_variance_type)
             .field("poll_interval", &self.poll_interval)
             .field("request_timeout", &self.request_timeout)
             .field("header_read_timeout", &self.header_read_timeout)

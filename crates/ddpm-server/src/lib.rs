@@ -136,6 +136,8 @@ pub async fn run(
                 max_images_per_request: config.max_images_per_request as usize,
                 default_sampler: config.default_sampler.into(),
                 default_steps: config.default_steps as usize,
+                default_timestep_spacing: config.default_timestep_spacing.into(),
+                default_variance_type: config.default_variance_type.into(),
             },
             request_timeout: config.request_timeout,
             api_token: config.api_token.clone().filter(|t| !t.is_empty()),

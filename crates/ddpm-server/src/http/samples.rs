@@ -8,7 +8,7 @@ use axum::{
     routing::{delete, post},
     Json, Router,
 };
-use ddpm_core::{SamplerConfig, SamplerKind};
+use ddpm_core::{AncestralVariance, SamplerConfig, SamplerKind, TimestepSpacing};
 use serde::Serialize;
 use utoipa::{
     openapi::{ObjectBuilder, Type},
@@ -26,7 +26,11 @@ use crate::{
     encode::{self, Format},
     http::error::{ApiError, ErrorBody},
     model::ModelInfo,
-    validate::{plan, samples::SAMPLERS, Plan, SampleRequest},
+    validate::{
+        plan,
+        samples::{SAMPLERS, SPACINGS, VARIANCES},
+        Plan, SampleRequest,
+    },
 };
 
 pub fn router() -> Router<AppState> {
@@ -73,6 +77,28 @@ pub struct SamplerUsed {
     pub kind: SamplerKind,
     pub steps: usize,
     pub eta: f64,
+    #[schema(schema_with = timestep_spacing_schema)]
+    pub timestep_spacing: TimestepSpacing,
+    /// The ddpm sampler's σ² (fixed_small for the others, which do not read it).
+    #[schema(schema_with = variance_type_schema)]
+    pub variance_type: AncestralVariance,
+}
+
+fn timestep_spacing_schema() -> ObjectBuilder {
+    names_schema(&SPACINGS)
+}
+
+fn variance_type_schema() -> ObjectBuilder {
+    names_schema(&VARIANCES)
+}
+
+/// A string naming one of `values` (by their serde names).
+fn names_schema<T: Serialize>(values: &[T]) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(
+            values.iter().filter_map(|v| serde_json::to_value(v).ok()),
+        ))
 }
 
 fn sampler_kind_schema() -> ObjectBuilder {
@@ -345,6 +371,8 @@ fn encode_response(
                     kind: sampler.kind,
                     steps: sampler.steps,
                     eta: sampler.eta,
+                    timestep_spacing: sampler.spacing,
+                    variance_type: sampler.variance,
                 },
                 guidance_scale,
                 images: items,

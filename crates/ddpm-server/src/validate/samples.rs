@@ -5,7 +5,7 @@
 //! below; those that do (n, the classes, steps) are filled into the served document by
 //! `http::openapi` from the same [`SampleDefaults`] and model.
 
-use ddpm_core::{SampleSpec, SamplerConfig, SamplerKind};
+use ddpm_core::{AncestralVariance, SampleSpec, SamplerConfig, SamplerKind, TimestepSpacing};
 use serde::{
     de::{value::StrDeserializer, DeserializeOwned, IntoDeserializer},
     Deserialize,
@@ -24,6 +24,15 @@ pub const MAX_GUIDANCE_SCALE: f64 = 50.0;
 pub const DEFAULT_GUIDANCE_SCALE: f64 = 3.0;
 /// Every sampler a request can name, as it names them.
 pub const SAMPLERS: [SamplerKind; 3] = [SamplerKind::Ddpm, SamplerKind::Ddim, SamplerKind::DpmPp2m];
+/// Every timestep spacing a request can name.
+pub const SPACINGS: [TimestepSpacing; 3] = [
+    TimestepSpacing::Leading,
+    TimestepSpacing::Trailing,
+    TimestepSpacing::Linspace,
+];
+/// Every DDPM noise variance a request can name.
+pub const VARIANCES: [AncestralVariance; 2] =
+    [AncestralVariance::FixedSmall, AncestralVariance::FixedLarge];
 
 /// A class by index or by name.
 #[derive(Debug, Clone, PartialEq)]
@@ -171,6 +180,17 @@ pub struct SampleRequest {
     /// DDIM's η in [0, 1] (0: deterministic). Only with the ddim sampler.
     #[schema(minimum = 0.0, maximum = 1.0, default = 0.0)]
     pub eta: Option<f64>,
+    /// Which timesteps the `steps` visit (diffusers' `timestep_spacing`): `leading`,
+    /// `trailing` or `linspace`, each as the sampler's diffusers scheduler defines it.
+    /// Default: the server's --default-timestep-spacing; unless that is set, the
+    /// sampler's own (trailing for ddpm and ddim, linspace for dpmpp_2m).
+    #[schema(schema_with = timestep_spacing_schema)]
+    pub timestep_spacing: Option<Named<TimestepSpacing>>,
+    /// The ddpm sampler's σ² (diffusers' `variance_type`): `fixed_small` (β̃, the
+    /// posterior variance) or `fixed_large` (β). Only with the ddpm sampler; default:
+    /// the server's --default-variance-type.
+    #[schema(schema_with = variance_type_schema)]
+    pub variance_type: Option<Named<AncestralVariance>>,
     /// Image i uses seed + i (wrapping); the same seed and settings give the same image,
     /// alone or batched. Random when absent.
     #[serde(default, deserialize_with = "integral::body::u64")]
@@ -232,6 +252,35 @@ fn sampler_schema() -> ObjectBuilder {
         .description(Some("Default: the server's --default-sampler."))
 }
 
+/// A nullable string naming one of `values` (by their serde names).
+fn names_schema<T: serde::Serialize>(values: &[T], description: &str) -> ObjectBuilder {
+    let names = values
+        .iter()
+        .filter_map(|v| serde_json::to_value(v).ok())
+        .chain([serde_json::Value::Null]);
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .enum_values(Some(names))
+        .description(Some(description))
+}
+
+fn timestep_spacing_schema() -> ObjectBuilder {
+    names_schema(
+        &SPACINGS,
+        "Which timesteps the steps visit (diffusers' `timestep_spacing`). Default: the \
+         server's --default-timestep-spacing, else the sampler's own (trailing for ddpm \
+         and ddim, linspace for dpmpp_2m).",
+    )
+}
+
+fn variance_type_schema() -> ObjectBuilder {
+    names_schema(
+        &VARIANCES,
+        "ddpm only: σ² = β̃ (`fixed_small`) or β (`fixed_large`), diffusers' \
+         `variance_type`. Default: the server's --default-variance-type.",
+    )
+}
+
 fn priority_schema() -> ObjectBuilder {
     ObjectBuilder::new()
         .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
@@ -272,6 +321,10 @@ pub struct SampleDefaults {
     pub max_images_per_request: usize,
     pub default_sampler: SamplerKind,
     pub default_steps: usize,
+    /// `None`: each sampler's own ([`SamplerKind::default_spacing`]).
+    pub default_timestep_spacing: Option<TimestepSpacing>,
+    /// For the ddpm sampler.
+    pub default_variance_type: AncestralVariance,
 }
 
 /// A validated request: one spec per image, plus what the response reports.
@@ -319,12 +372,38 @@ pub fn plan(
         ));
     }
     let guidance_scale = guidance_scale(request.guidance_scale.as_ref())?;
+    let spacing = match &request.timestep_spacing {
+        None => defaults
+            .default_timestep_spacing
+            .unwrap_or_else(|| kind.default_spacing()),
+        Some(named) => named.known(|s| {
+            ValidationError::SamplerOption(format!(
+                "unknown timestep_spacing {s:?}: use \"leading\", \"trailing\" or \"linspace\""
+            ))
+        })?,
+    };
+    let variance = match &request.variance_type {
+        None if kind == SamplerKind::Ddpm => defaults.default_variance_type,
+        None => AncestralVariance::FixedSmall,
+        Some(named) => named.known(|v| {
+            ValidationError::SamplerOption(format!(
+                "unknown variance_type {v:?}: use \"fixed_small\" or \"fixed_large\""
+            ))
+        })?,
+    };
+    // Like η with ddpm: the value that changes nothing is accepted with any sampler.
+    if variance != AncestralVariance::FixedSmall && kind != SamplerKind::Ddpm {
+        return Err(ValidationError::SamplerOption(
+            "variance_type fixed_large applies to the ddpm sampler only".into(),
+        ));
+    }
     let sampler = SamplerConfig {
         kind,
         steps: steps as usize,
         eta,
-        spacing: kind.default_spacing(),
+        spacing,
         clip_denoised: true,
+        variance,
     };
     let seed = request.seed.unwrap_or_else(rand::random);
     let specs = labels
@@ -473,6 +552,8 @@ mod tests {
             max_images_per_request: 8,
             default_sampler: SamplerKind::Ddim,
             default_steps: 20,
+            default_timestep_spacing: None,
+            default_variance_type: AncestralVariance::FixedSmall,
         }
     }
 
@@ -572,6 +653,53 @@ mod tests {
         }
     }
 
+    /// Unset options take the server's defaults, which are today's behaviour unless set.
+    #[test]
+    fn sampler_options_and_their_defaults() {
+        let sampler = |body: serde_json::Value, defaults: &SampleDefaults| {
+            plan(&request(body), &info(), true, defaults).unwrap().specs[0].sampler
+        };
+        let d = defaults();
+        for kind in SAMPLERS {
+            let name = serde_json::to_value(kind).unwrap();
+            let unset = sampler(json!({ "sampler": name }), &d);
+            assert_eq!(unset.spacing, kind.default_spacing());
+            assert_eq!(unset.variance, AncestralVariance::FixedSmall);
+            let explicit = sampler(
+                json!({ "sampler": name, "timestep_spacing": kind.default_spacing() }),
+                &d,
+            );
+            assert_eq!(unset, explicit, "{kind:?}");
+        }
+        let s = sampler(
+            json!({"sampler": "ddpm", "timestep_spacing": "LEADING", "variance_type": "fixed_large"}),
+            &d,
+        );
+        assert_eq!(
+            (s.spacing, s.variance),
+            (TimestepSpacing::Leading, AncestralVariance::FixedLarge)
+        );
+        let server = SampleDefaults {
+            default_timestep_spacing: Some(TimestepSpacing::Leading),
+            default_variance_type: AncestralVariance::FixedLarge,
+            ..defaults()
+        };
+        let s = sampler(json!({"sampler": "ddpm"}), &server);
+        assert_eq!(
+            (s.spacing, s.variance),
+            (TimestepSpacing::Leading, AncestralVariance::FixedLarge)
+        );
+        let s = sampler(
+            json!({"sampler": "ddim", "timestep_spacing": "linspace"}),
+            &server,
+        );
+        assert_eq!(
+            (s.spacing, s.variance),
+            (TimestepSpacing::Linspace, AncestralVariance::FixedSmall),
+            "the request's own spacing; ddim ignores the variance"
+        );
+    }
+
     #[test]
     fn every_invalid_field_has_its_variant() {
         use ValidationError as E;
@@ -604,6 +732,17 @@ mod tests {
         is(json!({"sampler": "ddpm", "eta": 0.5}), |e| {
             matches!(e, E::Eta(_))
         });
+        is(json!({"timestep_spacing": "uniform"}), |e| {
+            matches!(e, E::SamplerOption(_))
+        });
+        is(
+            json!({"sampler": "ddpm", "variance_type": "learned"}),
+            |e| matches!(e, E::SamplerOption(_)),
+        );
+        is(
+            json!({"sampler": "ddim", "variance_type": "fixed_large"}),
+            |e| matches!(e, E::SamplerOption(_)),
+        );
         for w in [
             json!("NaN"),
             json!("2.5"),

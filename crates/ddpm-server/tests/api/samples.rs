@@ -159,3 +159,61 @@ async fn the_same_seed_gives_the_same_image_alone_and_inside_a_batch() {
     );
     app.stop().await.unwrap();
 }
+
+/// A request that leaves the sampler options unset gets exactly the image of one that sets
+/// them to their defaults, for every sampler; a non-default option changes the image, is
+/// reported back, and batches with other requests like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unset_sampler_options_equal_their_explicit_defaults() {
+    let app = spawn_app(Options::default()).await;
+    for (sampler, spacing) in [
+        ("ddpm", "trailing"),
+        ("ddim", "trailing"),
+        ("dpmpp_2m", "linspace"),
+    ] {
+        let base = json!({"class": "green", "seed": 31, "sampler": sampler, "steps": 6});
+        let mut explicit = base.clone();
+        explicit.as_object_mut().unwrap().extend(
+            json!({"timestep_spacing": spacing, "variance_type": "fixed_small", "eta": 0.0})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        let unset = app.sample_json(base).await;
+        let set = app.sample_json(explicit).await;
+        assert_eq!(json_png(&unset, 0), json_png(&set, 0), "{sampler}");
+        assert_eq!(unset["sampler"]["timestep_spacing"], spacing);
+        assert_eq!(unset["sampler"]["variance_type"], "fixed_small");
+    }
+
+    let options = json!({"class": "red", "seed": 5, "sampler": "ddpm", "steps": 8,
+        "timestep_spacing": "leading", "variance_type": "fixed_large"});
+    let alone = app.sample_json(options.clone()).await;
+    assert_eq!(alone["sampler"]["timestep_spacing"], "leading");
+    assert_eq!(alone["sampler"]["variance_type"], "fixed_large");
+    let plain = app
+        .sample_json(json!({"class": "red", "seed": 5, "sampler": "ddpm", "steps": 8}))
+        .await;
+    assert_ne!(json_png(&alone, 0), json_png(&plain, 0), "the options act");
+    // With other samplers and options in the same forward passes.
+    let others = [
+        ("ddim", "linspace"),
+        ("dpmpp_2m", "leading"),
+        ("ddpm", "trailing"),
+    ]
+    .into_iter()
+    .zip(0..)
+    .map(|((sampler, spacing), k)| {
+        app.sample_json(
+            json!({"class": k, "n": 2, "seed": 70 + k, "steps": 5 + 3 * k,
+                "sampler": sampler, "timestep_spacing": spacing}),
+        )
+    });
+    let (batched, _) = tokio::join!(app.sample_json(options), futures::future::join_all(others));
+    let d = max_level_difference(
+        &decode_png(&json_png(&alone, 0)).2,
+        &decode_png(&json_png(&batched, 0)).2,
+    );
+    assert!(d <= 1, "the batched image differs by {d} levels");
+    app.stop().await.unwrap();
+}

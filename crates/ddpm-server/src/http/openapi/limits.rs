@@ -90,6 +90,8 @@ mod tests {
             max_images_per_request: 4,
             default_sampler,
             default_steps: 10,
+            default_timestep_spacing: None,
+            default_variance_type: Default::default(),
         }
     }
 

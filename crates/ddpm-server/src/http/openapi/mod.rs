@@ -185,6 +185,8 @@ mod tests {
                 max_images_per_request: 4,
                 default_sampler: SamplerKind::Ddim,
                 default_steps: 10,
+                default_timestep_spacing: None,
+                default_variance_type: Default::default(),
             },
             request_timeout: Duration::from_secs(5),
             api_token: token.map(str::to_owned),
