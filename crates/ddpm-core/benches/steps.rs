@@ -107,6 +107,7 @@ fn ours(config: &UNetConfig, batch: i64, device: Device, iters: usize, warmup: u
                 coefficients: &coefficients,
                 clips: &clips,
                 keep_x0: &clips,
+                thresholds: &[],
                 noise: None,
                 prev_x0: None,
             },

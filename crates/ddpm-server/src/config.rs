@@ -6,7 +6,10 @@ use clap::{Parser, ValueEnum};
 use ddpm_core::{AncestralVariance, SamplerKind, TimestepSpacing};
 use ddpm_service::{parse_duration, CommonOptions};
 
-use crate::watcher::{BestMetric, ServePolicy};
+use crate::{
+    validate::samples::{Thresholding, MAX_SAMPLE_MAX_VALUE},
+    watcher::{BestMetric, ServePolicy},
+};
 
 /// The default sampler of requests that name none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -67,6 +70,27 @@ impl From<DefaultVariance> for AncestralVariance {
         match v {
             DefaultVariance::FixedSmall => AncestralVariance::FixedSmall,
             DefaultVariance::FixedLarge => AncestralVariance::FixedLarge,
+        }
+    }
+}
+
+/// How x̂₀ is kept in range for requests that name no `thresholding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum DefaultThresholding {
+    None,
+    /// Clamped to [−1, 1].
+    #[default]
+    Static,
+    /// Imagen's dynamic thresholding.
+    Dynamic,
+}
+
+impl From<DefaultThresholding> for Thresholding {
+    fn from(t: DefaultThresholding) -> Self {
+        match t {
+            DefaultThresholding::None => Thresholding::None,
+            DefaultThresholding::Static => Thresholding::Static,
+            DefaultThresholding::Dynamic => Thresholding::Dynamic,
         }
     }
 }
@@ -153,6 +177,24 @@ pub struct Config {
     )]
     pub default_variance_type: DefaultVariance,
 
+    /// How x̂₀ is kept in range for requests that name no `thresholding`: `none`,
+    /// `static` (clamped to [−1, 1]) or `dynamic` (Imagen's).
+    #[arg(
+        long,
+        env = "DDPM_DEFAULT_THRESHOLDING",
+        value_enum,
+        default_value = "static"
+    )]
+    pub default_thresholding: DefaultThresholding,
+
+    /// Dynamic thresholding's quantile of |x̂₀| for requests that give none, in (0, 1].
+    #[arg(long, env = "DDPM_DEFAULT_DYNAMIC_THRESHOLDING_RATIO", default_value_t = 0.995, value_parser = parse_ratio)]
+    pub default_dynamic_thresholding_ratio: f64,
+
+    /// Dynamic thresholding's largest bound for requests that give none, in [1, 1000].
+    #[arg(long, env = "DDPM_DEFAULT_SAMPLE_MAX_VALUE", default_value_t = 1.0, value_parser = parse_sample_max_value)]
+    pub default_sample_max_value: f64,
+
     /// How often the registry is asked for a newer checkpoint (PostgreSQL also notifies).
     #[arg(long, env = "DDPM_POLL_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub poll_interval: Duration,
@@ -206,6 +248,22 @@ fn parse_stretch(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && (1.0..=100.0).contains(&v) => Ok(v),
         _ => Err(format!("{s:?} is not a number in [1, 100]")),
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number in (0, 1]")),
+    }
+}
+
+fn parse_sample_max_value(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (1.0..=MAX_SAMPLE_MAX_VALUE).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number in [1, {MAX_SAMPLE_MAX_VALUE}]"
+        )),
     }
 }
 
@@ -272,6 +330,9 @@ impl Default for Config {
             default_steps: 50,
             default_timestep_spacing: DefaultSpacing::Sampler,
             default_variance_type: DefaultVariance::FixedSmall,
+            default_thresholding: DefaultThresholding::Static,
+            default_dynamic_thresholding_ratio: 0.995,
+            default_sample_max_value: 1.0,
             poll_interval: Duration::from_secs(10),
             request_timeout: Duration::from_secs(120),
             header_read_timeout: Duration::from_secs(15),
@@ -305,6 +366,12 @@ impl std::fmt::Debug for Config {
             .field("default_steps", &self.default_steps)
             .field("default_timestep_spacing", &self.default_timestep_spacing)
             .field("default_variance_type", &self.default_variance_type)
+            .field("default_thresholding", &self.default_thresholding)
+            .field(
+                "default_dynamic_thresholding_ratio",
+                &self.default_dynamic_thresholding_ratio,
+            )
+            .field("default_sample_max_value", &self.default_sample_max_value)
             .field("poll_interval", &self.poll_interval)
             .field("request_timeout", &self.request_timeout)
             .field("header_read_timeout", &self.header_read_timeout)

@@ -32,6 +32,11 @@
 //! x̂₀ and x_t only). Our definition is checked against a computation by hand in
 //! `tests/core/reference.rs` (`clipped_ddim_follows_our_definition_not_diffusers`).
 //!
+//! With [`SamplerConfig::dynamic_thresholding`] x̂₀ is thresholded as Imagen does
+//! ([`DynamicThresholding`], diffusers' `thresholding`) instead of clamped, per sample,
+//! and ε̃ replaced the same way; for DDPM and DPM-Solver++ that is diffusers' step with
+//! `thresholding=True` (checked against it for DDPM in `tests/core/reference.rs`).
+//!
 //! DPM-Solver++(2M) clamps its x̂₀ the same way; as its update depends on x_t and x̂₀ only,
 //! there the clamp is diffusers' thresholding hook with a plain clamp (see `dpmpp`).
 //!
@@ -93,6 +98,62 @@ pub struct PlannedStep {
     /// `Some` when the next step uses this step's x̂₀ (its `prev_x0` is not 0): the
     /// trajectory keeps it (clamped if `clip` is).
     pub keep_x0: Option<Clip>,
+    /// `Some` (only where `clip` is) when x̂₀ is thresholded dynamically instead of
+    /// clamped to [−1, 1].
+    pub threshold: Option<DynamicThresholding>,
+}
+
+/// Imagen's dynamic thresholding of x̂₀ (Saharia et al. 2022; diffusers' `thresholding`
+/// with `dynamic_thresholding_ratio` and `sample_max_value`): per sample,
+/// s = clamp(quantile(|x̂₀|, ratio), 1, max_value) and x̂₀ ← clamp(x̂₀, −s, s)/s. With
+/// `max_value = 1` it is the static clamp to [−1, 1].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DynamicThresholding {
+    /// The quantile of |x̂₀| taken as s, in (0, 1] (diffusers' default 0.995).
+    pub ratio: f64,
+    /// The largest s, ≥ 1 (diffusers' `sample_max_value`, default 1).
+    pub max_value: f64,
+}
+
+/// [`DynamicThresholding`] of each row of `x0` (`[B, …]`) with its own setting; rows
+/// with `None` are clamped to [−1, 1]. s is torch's `quantile` with linear interpolation.
+pub fn threshold_x0(x0: &Tensor, settings: &[Option<DynamicThresholding>]) -> Result<Tensor> {
+    let size = x0.size();
+    let b = size.first().copied().unwrap_or(0);
+    if settings.len() as i64 != b {
+        return Err(CoreError::Input(format!(
+            "{} thresholding settings for a batch of {b}",
+            settings.len()
+        )));
+    }
+    let device = x0.device();
+    let column = |f: &dyn Fn(&DynamicThresholding) -> f64, absent: f64| -> Result<Tensor> {
+        let values: Vec<f64> = settings
+            .iter()
+            .map(|s| s.as_ref().map_or(absent, f))
+            .collect();
+        Ok(Tensor::f_from_slice(&values)?
+            .f_to_kind(x0.kind())?
+            .f_to_device(device)?
+            .f_view([b, 1])?) // [B, 1]
+    };
+    let flat = x0.f_reshape([b, -1])?; // [B, N]
+    let n = flat.size()[1];
+    let (sorted, _) = flat.f_abs()?.f_sort(1, false)?; // [B, N]
+                                                       // torch.quantile, "linear": position ratio·(N − 1) between its two neighbours.
+    let position = column(&|s| s.ratio, 1.0)?.f_mul_scalar((n - 1) as f64)?; // [B, 1]
+    let below = position.f_floor()?;
+    let fraction = position.f_sub(&below)?;
+    let below = below.f_to_kind(Kind::Int64)?;
+    let above = below.f_add_scalar(1)?.f_clamp_max(n - 1)?;
+    let low = sorted.f_gather(1, &below, false)?;
+    let high = sorted.f_gather(1, &above, false)?;
+    let quantile = low.f_add(&high.f_sub(&low)?.f_mul(&fraction)?)?; // [B, 1]
+    let s = quantile
+        .f_clamp_min(1.0)?
+        .f_minimum(&column(&|s| s.max_value, 1.0)?)?;
+    let thresholded = flat.f_maximum(&s.f_neg()?)?.f_minimum(&s)?.f_div(&s)?;
+    Ok(thresholded.f_reshape(size.as_slice())?)
 }
 
 /// A reverse-process sampler: the coefficients of one step t → s.
@@ -260,6 +321,9 @@ pub struct SamplerConfig {
     /// with it (for DDIM not diffusers' `clip_sample`: see the module's doc).
     #[serde(default = "default_clip")]
     pub clip_denoised: bool,
+    /// Threshold x̂₀ dynamically instead of clamping it (only with `clip_denoised`).
+    #[serde(default)]
+    pub dynamic_thresholding: Option<DynamicThresholding>,
     /// DDPM's σ²: β̃ (default) or β; only DDPM reads it.
     #[serde(default)]
     pub variance: AncestralVariance,
@@ -278,6 +342,7 @@ impl SamplerConfig {
             eta: 0.0,
             spacing: TimestepSpacing::Trailing,
             clip_denoised: true,
+            dynamic_thresholding: None,
             variance: AncestralVariance::FixedSmall,
         }
     }
@@ -290,6 +355,7 @@ impl SamplerConfig {
             eta: 0.0,
             spacing: TimestepSpacing::Trailing,
             clip_denoised: true,
+            dynamic_thresholding: None,
             variance: AncestralVariance::FixedSmall,
         }
     }
@@ -302,6 +368,7 @@ impl SamplerConfig {
             eta: 0.0,
             spacing: SamplerKind::DpmPp2m.default_spacing(),
             clip_denoised: true,
+            dynamic_thresholding: None,
             variance: AncestralVariance::FixedSmall,
         }
     }
@@ -319,6 +386,18 @@ impl SamplerConfig {
                 "eta",
                 format!("must be in [0, 1], got {}", self.eta),
             ));
+        }
+        if let Some(d) = self.dynamic_thresholding {
+            let valid = d.ratio > 0.0 && d.ratio <= 1.0 && (1.0..=f64::MAX).contains(&d.max_value);
+            if !valid {
+                return Err(CoreError::config(
+                    "dynamic_thresholding",
+                    format!(
+                        "ratio must be in (0, 1] and max_value a finite number ≥ 1, got {} and {}",
+                        d.ratio, d.max_value
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -350,6 +429,7 @@ impl SamplerConfig {
                     coefficients: sampler.multistep_coefficients(schedule, before, t, prev),
                     clip: self.clip_denoised.then(|| Clip::at(schedule, t)),
                     keep_x0: None,
+                    threshold: self.dynamic_thresholding.filter(|_| self.clip_denoised),
                 }
             })
             .collect();
@@ -386,6 +466,9 @@ pub struct DenoiseBatch<'a> {
     pub clips: &'a [Option<Clip>],
     /// Per sample: return its x̂₀ too (for a multistep sampler's next step), or not.
     pub keep_x0: &'a [Option<Clip>],
+    /// Per sample: threshold x̂₀ dynamically where it clips, or (`None`) clamp it. May be
+    /// empty when no sample does.
+    pub thresholds: &'a [Option<DynamicThresholding>],
     /// `[B, C, H, W]` standard-normal z; may be `None` when every `coefficients.noise` is 0.
     pub noise: Option<&'a Tensor>,
     /// `[B, C, H, W]` x̂₀ of each sample's previous step (any finite value where
@@ -455,7 +538,11 @@ pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Denoised> {
         // x̂₀ [B, C, H, W]
         let mut predicted = batch.x.f_sub(&eps.f_mul(&sigma)?)?.f_div(&sqrt_ab)?;
         if clips {
-            let clipped = predicted.f_clamp(-1.0, 1.0)?;
+            let clipped = if batch.thresholds.iter().any(Option::is_some) {
+                threshold_x0(&predicted, batch.thresholds)?
+            } else {
+                predicted.f_clamp(-1.0, 1.0)?
+            };
             let eps_hat = batch.x.f_sub(&clipped.f_mul(&sqrt_ab)?)?.f_div(&sigma)?;
             let mask = per_sample(
                 batch
@@ -661,6 +748,8 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
     let coefficients: Vec<StepCoefficients> =
         batch.iter().map(|t| t.current().coefficients).collect();
     let clips: Vec<Option<Clip>> = batch.iter().map(|t| t.current().clip).collect();
+    let thresholds: Vec<Option<DynamicThresholding>> =
+        batch.iter().map(|t| t.current().threshold).collect();
     let keep_x0: Vec<Option<Clip>> = batch.iter().map(|t| t.keeps_x0()).collect();
     let prev_x0 = if coefficients.iter().any(|c| c.prev_x0 != 0.0) {
         let rows = batch
@@ -699,6 +788,7 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
             coefficients: &coefficients,
             clips: &clips,
             keep_x0: &keep_x0,
+            thresholds: &thresholds,
             noise: noise.as_ref(),
             prev_x0: prev_x0.as_ref(),
         },
@@ -862,6 +952,7 @@ mod tests {
                 eta: 0.0,
                 spacing: TimestepSpacing::Leading,
                 clip_denoised: false,
+                dynamic_thresholding: None,
                 variance: AncestralVariance::FixedLarge,
             },
             SamplerConfig::dpmpp_2m(1),
@@ -894,6 +985,11 @@ mod tests {
         c.steps = 10;
         c.eta = f64::NAN;
         assert!(c.plan(&s).unwrap_err().to_string().contains("eta"));
+        c.eta = 0.0;
+        for (ratio, max_value) in [(0.0, 1.0), (1.5, 1.0), (0.9, 0.5), (0.9, f64::INFINITY)] {
+            c.dynamic_thresholding = Some(DynamicThresholding { ratio, max_value });
+            assert!(c.plan(&s).is_err(), "{ratio} {max_value}");
+        }
         assert!("euler".parse::<SamplerKind>().is_err());
     }
 }

@@ -63,6 +63,7 @@ fn an_image_depends_only_on_its_own_seed_and_settings() {
         eta: 0.0,
         spacing: TimestepSpacing::Leading,
         clip_denoised: true,
+        dynamic_thresholding: None,
         variance: Default::default(),
     };
     let stochastic_ddim = SamplerConfig {
@@ -226,4 +227,47 @@ fn tracking_x0_exposes_the_prediction_without_changing_the_sample() {
         .rows_per_step(),
         1
     );
+}
+
+/// A dynamically thresholded sample is the same alone and batched with samples that clamp
+/// or do not clip at all; with `max_value = 1` it is the static clamp, bit for bit.
+#[test]
+fn dynamic_thresholding_is_per_sample() {
+    use ddpm_core::sampler::DynamicThresholding;
+    let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
+    let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let dynamic = |ratio, max_value| SamplerConfig {
+        dynamic_thresholding: Some(DynamicThresholding { ratio, max_value }),
+        ..SamplerConfig::ddpm(12)
+    };
+    let spec = |seed, sampler| SampleSpec {
+        label: Some(2),
+        guidance_scale: 4.0,
+        seed,
+        sampler,
+    };
+    let target = spec(9, dynamic(0.9, 1.5));
+    let alone = sample(&model, &schedule, &[target], 1).unwrap();
+    let unclipped = SamplerConfig {
+        clip_denoised: false,
+        ..SamplerConfig::ddim(7)
+    };
+    let batched = sample(
+        &model,
+        &schedule,
+        &[
+            spec(1, SamplerConfig::ddpm(12)),
+            target,
+            spec(2, unclipped),
+            spec(3, dynamic(0.5, 3.0)),
+        ],
+        4,
+    )
+    .unwrap();
+    let d = f64::try_from(alone.get(0).f_sub(&batched.get(1)).unwrap().abs().max()).unwrap();
+    assert!(d < 1e-5, "batched differs by {d}");
+    let plain = sample(&model, &schedule, &[spec(9, SamplerConfig::ddpm(12))], 1).unwrap();
+    assert!(!plain.equal(&alone), "the thresholding acts");
+    let unit = sample(&model, &schedule, &[spec(9, dynamic(0.7, 1.0))], 1).unwrap();
+    assert!(plain.equal(&unit), "max_value 1 is the static clamp");
 }

@@ -1,7 +1,7 @@
 //! Numbers checked against independent implementations. The vectors and the scripts that
 //! produced them sit in `tests/reference/` (see the scripts' headers to regenerate):
 //! - `scheduler_vectors.json`: Hugging Face diffusers' `DDPMScheduler`/`DDIMScheduler`
-//!   (steps, σ² = β̃ and β) and the three `timestep_spacing`s of those and of
+//!   (steps, σ² = β̃ and β, dynamic thresholding) and the three `timestep_spacing`s of those and of
 //!   `DPMSolverMultistepScheduler`;
 //! - `dpmpp_vectors.json`: diffusers' `DPMSolverMultistepScheduler` (DPM-Solver++(2M)):
 //!   timesteps, single steps and whole trajectories under a fake ε, unclipped and clipped;
@@ -15,8 +15,8 @@
 use ddpm_core::{
     noise::SampleRng,
     sampler::{
-        sample, step_trajectories, AncestralVariance, Ddim, Ddpm, PlannedStep, Sampler,
-        SamplerKind, TimestepSpacing, Trajectory,
+        sample, step_trajectories, threshold_x0, AncestralVariance, Ddim, Ddpm,
+        DynamicThresholding, PlannedStep, Sampler, SamplerKind, TimestepSpacing, Trajectory,
     },
     Model, NoiseSchedule, SampleSpec, SamplerConfig, ScheduleConfig, UNetConfig,
 };
@@ -111,7 +111,7 @@ fn ddpm_steps_match_diffusers() {
         floats(&v["inputs"]["z"]),
     );
     let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
-    let mut large = 0;
+    let (mut large, mut thresholded) = (0, 0);
     for case in v["ddpm"]["cases"].as_array().unwrap() {
         let (t, prev) = (
             case["t"].as_i64().unwrap(),
@@ -124,6 +124,37 @@ fn ddpm_steps_match_diffusers() {
                 AncestralVariance::FixedLarge
             }
             other => panic!("variance_type {other}"),
+        };
+        // Thresholded: the step from x_t and the ε consistent with the thresholded x̂₀.
+        let eps = match case["thresholding"].as_array() {
+            None => eps.clone(),
+            Some(setting) => {
+                thresholded += 1;
+                let setting = DynamicThresholding {
+                    ratio: setting[0].as_f64().unwrap(),
+                    max_value: setting[1].as_f64().unwrap(),
+                };
+                let ab = s.alpha_cumprod(t);
+                let x0: Vec<f64> = x
+                    .iter()
+                    .zip(&eps)
+                    .map(|(x, e)| (x - (1.0 - ab).sqrt() * e) / ab.sqrt())
+                    .collect();
+                let x0 = Tensor::from_slice(&x0).view([2, -1]); // [B, C·H·W]
+                let x0 = threshold_x0(&x0, &[Some(setting); 2]).unwrap();
+                let x0 = Vec::<f64>::try_from(x0.flatten(0, -1)).unwrap();
+                assert_close(
+                    &format!("thresholded x̂₀ t={t} {setting:?}"),
+                    &x0,
+                    &floats(&case["pred_original_sample"]),
+                    1e-12,
+                    1e-12,
+                );
+                x.iter()
+                    .zip(&x0)
+                    .map(|(x, x0)| (x - ab.sqrt() * x0) / (1.0 - ab).sqrt())
+                    .collect()
+            }
         };
         let ours = step(Ddpm { variance }.coefficients(&s, t, prev), &x, &eps, &z);
         assert_close(
@@ -141,9 +172,11 @@ fn ddpm_steps_match_diffusers() {
         eta: 0.0,
         spacing: TimestepSpacing::Leading,
         clip_denoised: false,
+        dynamic_thresholding: None,
         variance: AncestralVariance::FixedSmall,
     };
     assert!(large >= 5, "fixed_large cases: {large}");
+    assert!(thresholded >= 12, "thresholded cases: {thresholded}");
     let plan: Vec<i64> = cfg.plan(&s).unwrap().iter().map(|p| p.timestep).collect();
     let expected: Vec<i64> = v["ddpm"]["set_timesteps_50"]
         .as_array()
@@ -732,6 +765,7 @@ fn spacings_match_diffusers_schedulers() {
                 eta: 0.0,
                 spacing,
                 clip_denoised: true,
+                dynamic_thresholding: None,
                 variance: AncestralVariance::FixedSmall,
             }
             .plan(&NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap())
@@ -762,7 +796,7 @@ fn unset_options_sample_as_their_explicit_defaults() {
         .unwrap();
         let explicit: SamplerConfig = serde_json::from_value(serde_json::json!({
             "kind": kind, "steps": 8, "spacing": spacing, "eta": 0.0,
-            "clip_denoised": true, "variance": "fixed_small",
+            "clip_denoised": true, "variance": "fixed_small", "dynamic_thresholding": null,
         }))
         .unwrap();
         let spec = |sampler| SampleSpec {

@@ -191,12 +191,15 @@ for name, diff_name, betas64 in [
 # ----------------------------------------------------------------------------
 # 2. DDPM single steps (linear schedule)
 # ----------------------------------------------------------------------------
-def ddpm_case(num_inference_steps, t, tag, variance_type="fixed_small"):
+def ddpm_case(num_inference_steps, t, tag, variance_type="fixed_small", thresholding=None):
     kw = dict(num_train_timesteps=T, beta_start=BETA_START, beta_end=BETA_END,
               beta_schedule="linear", clip_sample=False, variance_type=variance_type,
               prediction_type="epsilon")
+    if thresholding is not None:
+        ratio, max_value = thresholding
+        kw.update(thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=max_value)
     out = {"tag": tag, "num_inference_steps": num_inference_steps, "t": int(t),
-           "variance_type": variance_type}
+           "variance_type": variance_type, "thresholding": thresholding}
     for key, sched in [("", to_f64_tables(DDPMScheduler(**kw), linear_betas_f64())),
                        ("_diffusers", DDPMScheduler(**kw))]:
         if num_inference_steps is not None:
@@ -225,6 +228,12 @@ for t in [999, 500, 10, 1, 0]:
     ddpm_cases.append(ddpm_case(None, t, "full_schedule", "fixed_large"))
 for t in [ddpm50_timesteps[0], ddpm50_timesteps[len(ddpm50_timesteps) // 2]]:
     ddpm_cases.append(ddpm_case(50, t, "set_timesteps_50", "fixed_large"))
+# Imagen's dynamic thresholding of x0 (diffusers' thresholding=True): per sample,
+# s = clamp(quantile(|x0|, ratio), 1, sample_max_value), x0 <- clamp(x0, -s, s) / s.
+# With sample_max_value = 1 it is the static clip to [-1, 1].
+for t in [999, 500, 10, 1]:
+    for thr in [(0.995, 1.0), (0.9, 2.5), (0.6, 100.0)]:
+        ddpm_cases.append(ddpm_case(None, t, "full_schedule", "fixed_small", list(thr)))
 
 
 # ----------------------------------------------------------------------------

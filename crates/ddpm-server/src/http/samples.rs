@@ -28,7 +28,7 @@ use crate::{
     model::ModelInfo,
     validate::{
         plan,
-        samples::{SAMPLERS, SPACINGS, VARIANCES},
+        samples::{Thresholding, SAMPLERS, SPACINGS, THRESHOLDINGS, VARIANCES},
         Plan, SampleRequest,
     },
 };
@@ -82,6 +82,14 @@ pub struct SamplerUsed {
     /// The ddpm sampler's σ² (fixed_small for the others, which do not read it).
     #[schema(schema_with = variance_type_schema)]
     pub variance_type: AncestralVariance,
+    #[schema(schema_with = thresholding_schema)]
+    pub thresholding: Thresholding,
+    /// With dynamic thresholding only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamic_thresholding_ratio: Option<f64>,
+    /// With dynamic thresholding only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_max_value: Option<f64>,
 }
 
 fn timestep_spacing_schema() -> ObjectBuilder {
@@ -90,6 +98,10 @@ fn timestep_spacing_schema() -> ObjectBuilder {
 
 fn variance_type_schema() -> ObjectBuilder {
     names_schema(&VARIANCES)
+}
+
+fn thresholding_schema() -> ObjectBuilder {
+    names_schema(&THRESHOLDINGS)
 }
 
 /// A string naming one of `values` (by their serde names).
@@ -373,6 +385,13 @@ fn encode_response(
                     eta: sampler.eta,
                     timestep_spacing: sampler.spacing,
                     variance_type: sampler.variance,
+                    thresholding: match (sampler.clip_denoised, sampler.dynamic_thresholding) {
+                        (false, _) => Thresholding::None,
+                        (true, None) => Thresholding::Static,
+                        (true, Some(_)) => Thresholding::Dynamic,
+                    },
+                    dynamic_thresholding_ratio: sampler.dynamic_thresholding.map(|d| d.ratio),
+                    sample_max_value: sampler.dynamic_thresholding.map(|d| d.max_value),
                 },
                 guidance_scale,
                 images: items,

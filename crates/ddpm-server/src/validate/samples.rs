@@ -5,7 +5,10 @@
 //! below; those that do (n, the classes, steps) are filled into the served document by
 //! `http::openapi` from the same [`SampleDefaults`] and model.
 
-use ddpm_core::{AncestralVariance, SampleSpec, SamplerConfig, SamplerKind, TimestepSpacing};
+use ddpm_core::{
+    sampler::DynamicThresholding, AncestralVariance, SampleSpec, SamplerConfig, SamplerKind,
+    TimestepSpacing,
+};
 use serde::{
     de::{value::StrDeserializer, DeserializeOwned, IntoDeserializer},
     Deserialize,
@@ -30,6 +33,32 @@ pub const SPACINGS: [TimestepSpacing; 3] = [
     TimestepSpacing::Trailing,
     TimestepSpacing::Linspace,
 ];
+/// How x̂₀ is kept in range at each step (`thresholding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Thresholding {
+    /// x̂₀ as the network predicts it.
+    None,
+    /// Clamped to [−1, 1] (today's behaviour).
+    Static,
+    /// Imagen's dynamic thresholding (`dynamic_thresholding_ratio`, `sample_max_value`).
+    Dynamic,
+}
+
+/// Every `thresholding` a request can name.
+pub const THRESHOLDINGS: [Thresholding; 3] = [
+    Thresholding::None,
+    Thresholding::Static,
+    Thresholding::Dynamic,
+];
+/// Diffusers' `dynamic_thresholding_ratio` and `sample_max_value` defaults.
+pub const DEFAULT_DYNAMIC_THRESHOLDING: DynamicThresholding = DynamicThresholding {
+    ratio: 0.995,
+    max_value: 1.0,
+};
+/// `sample_max_value` above this is refused (s is then never reached: a typo).
+pub const MAX_SAMPLE_MAX_VALUE: f64 = 1000.0;
+
 /// Every DDPM noise variance a request can name.
 pub const VARIANCES: [AncestralVariance; 2] =
     [AncestralVariance::FixedSmall, AncestralVariance::FixedLarge];
@@ -191,6 +220,19 @@ pub struct SampleRequest {
     /// the server's --default-variance-type.
     #[schema(schema_with = variance_type_schema)]
     pub variance_type: Option<Named<AncestralVariance>>,
+    /// How x̂₀ is kept in range at each step: `none`, `static` (clamped to [−1, 1]) or
+    /// `dynamic` (Imagen's, diffusers' `thresholding`). Default: the server's
+    /// --default-thresholding (static).
+    #[schema(schema_with = thresholding_schema)]
+    pub thresholding: Option<Named<Thresholding>>,
+    /// With `dynamic` thresholding: the quantile of |x̂₀| taken as its bound s, in (0, 1].
+    /// Default: the server's --default-dynamic-thresholding-ratio (0.995).
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub dynamic_thresholding_ratio: Option<f64>,
+    /// With `dynamic` thresholding: the largest s, in [1, 1000]. Default: the server's
+    /// --default-sample-max-value (1, which makes it the static clamp).
+    #[schema(minimum = 1.0, maximum = 1000.0)]
+    pub sample_max_value: Option<f64>,
     /// Image i uses seed + i (wrapping); the same seed and settings give the same image,
     /// alone or batched. Random when absent.
     #[serde(default, deserialize_with = "integral::body::u64")]
@@ -281,6 +323,14 @@ fn variance_type_schema() -> ObjectBuilder {
     )
 }
 
+fn thresholding_schema() -> ObjectBuilder {
+    names_schema(
+        &THRESHOLDINGS,
+        "How x̂₀ is kept in range at each step: none, static (clamped to [−1, 1]) or \
+         dynamic (Imagen's). Default: the server's --default-thresholding.",
+    )
+}
+
 fn priority_schema() -> ObjectBuilder {
     ObjectBuilder::new()
         .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
@@ -325,6 +375,9 @@ pub struct SampleDefaults {
     pub default_timestep_spacing: Option<TimestepSpacing>,
     /// For the ddpm sampler.
     pub default_variance_type: AncestralVariance,
+    pub default_thresholding: Thresholding,
+    /// The `dynamic_thresholding_ratio` and `sample_max_value` of requests that give none.
+    pub default_dynamic_thresholding: DynamicThresholding,
 }
 
 /// A validated request: one spec per image, plus what the response reports.
@@ -397,12 +450,30 @@ pub fn plan(
             "variance_type fixed_large applies to the ddpm sampler only".into(),
         ));
     }
+    let thresholding = match &request.thresholding {
+        None => defaults.default_thresholding,
+        Some(named) => named.known(|t| {
+            ValidationError::SamplerOption(format!(
+                "unknown thresholding {t:?}: use \"none\", \"static\" or \"dynamic\""
+            ))
+        })?,
+    };
+    let dynamic = dynamic_thresholding(request, defaults.default_dynamic_thresholding)?;
+    let dynamic_given =
+        request.dynamic_thresholding_ratio.is_some() || request.sample_max_value.is_some();
+    if dynamic_given && thresholding != Thresholding::Dynamic {
+        return Err(ValidationError::SamplerOption(
+            "dynamic_thresholding_ratio and sample_max_value apply to \"dynamic\" thresholding only"
+                .into(),
+        ));
+    }
     let sampler = SamplerConfig {
         kind,
         steps: steps as usize,
         eta,
         spacing,
-        clip_denoised: true,
+        clip_denoised: thresholding != Thresholding::None,
+        dynamic_thresholding: (thresholding == Thresholding::Dynamic).then_some(dynamic),
         variance,
     };
     let seed = request.seed.unwrap_or_else(rand::random);
@@ -521,6 +592,26 @@ fn resolve_class(
     }
 }
 
+/// The request's dynamic thresholding settings, the defaults filled in.
+fn dynamic_thresholding(
+    request: &SampleRequest,
+    defaults: DynamicThresholding,
+) -> Result<DynamicThresholding, ValidationError> {
+    let ratio = request.dynamic_thresholding_ratio.unwrap_or(defaults.ratio);
+    if !(ratio > 0.0 && ratio <= 1.0) {
+        return Err(ValidationError::SamplerOption(format!(
+            "dynamic_thresholding_ratio must be in (0, 1], got {ratio}"
+        )));
+    }
+    let max_value = request.sample_max_value.unwrap_or(defaults.max_value);
+    if !(1.0..=MAX_SAMPLE_MAX_VALUE).contains(&max_value) {
+        return Err(ValidationError::SamplerOption(format!(
+            "sample_max_value must be in [1, {MAX_SAMPLE_MAX_VALUE}], got {max_value}"
+        )));
+    }
+    Ok(DynamicThresholding { ratio, max_value })
+}
+
 /// w from the request: a JSON number in [0, [`MAX_GUIDANCE_SCALE`]]. A string such as
 /// "2.5" is refused like any other non-number: the document says number.
 fn guidance_scale(value: Option<&serde_json::Value>) -> Result<f64, ValidationError> {
@@ -554,6 +645,8 @@ mod tests {
             default_steps: 20,
             default_timestep_spacing: None,
             default_variance_type: AncestralVariance::FixedSmall,
+            default_thresholding: Thresholding::Static,
+            default_dynamic_thresholding: DEFAULT_DYNAMIC_THRESHOLDING,
         }
     }
 
@@ -665,6 +758,7 @@ mod tests {
             let unset = sampler(json!({ "sampler": name }), &d);
             assert_eq!(unset.spacing, kind.default_spacing());
             assert_eq!(unset.variance, AncestralVariance::FixedSmall);
+            assert!(unset.clip_denoised && unset.dynamic_thresholding.is_none());
             let explicit = sampler(
                 json!({ "sampler": name, "timestep_spacing": kind.default_spacing() }),
                 &d,
@@ -688,6 +782,20 @@ mod tests {
         assert_eq!(
             (s.spacing, s.variance),
             (TimestepSpacing::Leading, AncestralVariance::FixedLarge)
+        );
+        let s = sampler(json!({"thresholding": "none"}), &d);
+        assert!(!s.clip_denoised && s.dynamic_thresholding.is_none());
+        let s = sampler(
+            json!({"thresholding": "dynamic", "sample_max_value": 2.0}),
+            &d,
+        );
+        assert!(s.clip_denoised);
+        assert_eq!(
+            s.dynamic_thresholding,
+            Some(DynamicThresholding {
+                ratio: 0.995,
+                max_value: 2.0
+            })
         );
         let s = sampler(
             json!({"sampler": "ddim", "timestep_spacing": "linspace"}),
@@ -732,6 +840,17 @@ mod tests {
         is(json!({"sampler": "ddpm", "eta": 0.5}), |e| {
             matches!(e, E::Eta(_))
         });
+        for bad in [
+            json!({"thresholding": "clip"}),
+            json!({"thresholding": "dynamic", "dynamic_thresholding_ratio": 0.0}),
+            json!({"thresholding": "dynamic", "dynamic_thresholding_ratio": 1.5}),
+            json!({"thresholding": "dynamic", "sample_max_value": 0.5}),
+            json!({"thresholding": "dynamic", "sample_max_value": 1e9}),
+            json!({"sample_max_value": 2.0}),
+            json!({"thresholding": "none", "dynamic_thresholding_ratio": 0.9}),
+        ] {
+            is(bad, |e| matches!(e, E::SamplerOption(_)));
+        }
         is(json!({"timestep_spacing": "uniform"}), |e| {
             matches!(e, E::SamplerOption(_))
         });

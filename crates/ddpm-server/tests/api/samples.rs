@@ -174,39 +174,44 @@ async fn unset_sampler_options_equal_their_explicit_defaults() {
         let base = json!({"class": "green", "seed": 31, "sampler": sampler, "steps": 6});
         let mut explicit = base.clone();
         explicit.as_object_mut().unwrap().extend(
-            json!({"timestep_spacing": spacing, "variance_type": "fixed_small", "eta": 0.0})
-                .as_object()
-                .unwrap()
-                .clone(),
+            json!({"timestep_spacing": spacing, "variance_type": "fixed_small", "eta": 0.0,
+                "thresholding": "static"})
+            .as_object()
+            .unwrap()
+            .clone(),
         );
         let unset = app.sample_json(base).await;
         let set = app.sample_json(explicit).await;
         assert_eq!(json_png(&unset, 0), json_png(&set, 0), "{sampler}");
         assert_eq!(unset["sampler"]["timestep_spacing"], spacing);
         assert_eq!(unset["sampler"]["variance_type"], "fixed_small");
+        assert_eq!(unset["sampler"]["thresholding"], "static");
     }
 
     let options = json!({"class": "red", "seed": 5, "sampler": "ddpm", "steps": 8,
-        "timestep_spacing": "leading", "variance_type": "fixed_large"});
+        "timestep_spacing": "leading", "variance_type": "fixed_large",
+        "thresholding": "dynamic", "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5});
     let alone = app.sample_json(options.clone()).await;
     assert_eq!(alone["sampler"]["timestep_spacing"], "leading");
     assert_eq!(alone["sampler"]["variance_type"], "fixed_large");
+    assert_eq!(alone["sampler"]["thresholding"], "dynamic");
+    assert_eq!(alone["sampler"]["sample_max_value"], 1.5);
     let plain = app
         .sample_json(json!({"class": "red", "seed": 5, "sampler": "ddpm", "steps": 8}))
         .await;
     assert_ne!(json_png(&alone, 0), json_png(&plain, 0), "the options act");
     // With other samplers and options in the same forward passes.
     let others = [
-        ("ddim", "linspace"),
-        ("dpmpp_2m", "leading"),
-        ("ddpm", "trailing"),
+        ("ddim", "linspace", "none"),
+        ("dpmpp_2m", "leading", "static"),
+        ("ddpm", "trailing", "dynamic"),
     ]
     .into_iter()
     .zip(0..)
-    .map(|((sampler, spacing), k)| {
+    .map(|((sampler, spacing, thresholding), k)| {
         app.sample_json(
             json!({"class": k, "n": 2, "seed": 70 + k, "steps": 5 + 3 * k,
-                "sampler": sampler, "timestep_spacing": spacing}),
+                "sampler": sampler, "timestep_spacing": spacing, "thresholding": thresholding}),
         )
     });
     let (batched, _) = tokio::join!(app.sample_json(options), futures::future::join_all(others));

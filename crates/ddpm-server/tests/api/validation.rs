@@ -54,6 +54,26 @@ async fn every_kind_of_bad_input_is_a_4xx_with_a_stable_code() {
         ),
         (json!({"timestep_spacing": 1}), 422, "invalid_request"),
         (
+            json!({"thresholding": "clip"}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"thresholding": "dynamic", "dynamic_thresholding_ratio": 0}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"thresholding": "dynamic", "sample_max_value": 0.5}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"sample_max_value": 2}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
             json!({"sampler": "ddpm", "variance_type": "learned"}),
             422,
             "invalid_sampler_option",

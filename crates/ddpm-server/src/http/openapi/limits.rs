@@ -92,6 +92,8 @@ mod tests {
             default_steps: 10,
             default_timestep_spacing: None,
             default_variance_type: Default::default(),
+            default_thresholding: crate::validate::samples::Thresholding::Static,
+            default_dynamic_thresholding: crate::validate::samples::DEFAULT_DYNAMIC_THRESHOLDING,
         }
     }
 

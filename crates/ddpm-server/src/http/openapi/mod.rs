@@ -177,7 +177,10 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::validate::SampleDefaults;
+    use crate::validate::{
+        samples::{Thresholding, DEFAULT_DYNAMIC_THRESHOLDING},
+        SampleDefaults,
+    };
 
     fn settings(token: Option<&str>) -> Settings {
         Settings {
@@ -187,6 +190,8 @@ mod tests {
                 default_steps: 10,
                 default_timestep_spacing: None,
                 default_variance_type: Default::default(),
+                default_thresholding: Thresholding::Static,
+                default_dynamic_thresholding: DEFAULT_DYNAMIC_THRESHOLDING,
             },
             request_timeout: Duration::from_secs(5),
             api_token: token.map(str::to_owned),
