@@ -108,6 +108,7 @@ fn ours(config: &UNetConfig, batch: i64, device: Device, iters: usize, warmup: u
                 clips: &clips,
                 keep_x0: &clips,
                 thresholds: &[],
+                guidance_rescales: &[],
                 noise: None,
                 prev_x0: None,
             },

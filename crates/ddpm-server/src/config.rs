@@ -195,6 +195,16 @@ pub struct Config {
     #[arg(long, env = "DDPM_DEFAULT_SAMPLE_MAX_VALUE", default_value_t = 1.0, value_parser = parse_sample_max_value)]
     pub default_sample_max_value: f64,
 
+    /// Guidance rescale φ in [0, 1] for requests that give none (0: none).
+    #[arg(long, env = "DDPM_DEFAULT_GUIDANCE_RESCALE", default_value_t = 0.0, value_parser = parse_unit)]
+    pub default_guidance_rescale: f64,
+
+    /// `LO,HI`: guide only at the timesteps LO ≤ t ≤ HI for requests that give no
+    /// `guidance_interval` (unset: every step). Ignored for a model whose T is not above
+    /// HI.
+    #[arg(long, env = "DDPM_DEFAULT_GUIDANCE_INTERVAL", value_parser = parse_interval)]
+    pub default_guidance_interval: Option<(i64, i64)>,
+
     /// How often the registry is asked for a newer checkpoint (PostgreSQL also notifies).
     #[arg(long, env = "DDPM_POLL_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub poll_interval: Duration,
@@ -255,6 +265,23 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
         _ => Err(format!("{s:?} is not a number in (0, 1]")),
+    }
+}
+
+fn parse_unit(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number in [0, 1]")),
+    }
+}
+
+fn parse_interval(s: &str) -> Result<(i64, i64), String> {
+    let parsed = s
+        .split_once(',')
+        .and_then(|(lo, hi)| Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?)));
+    match parsed {
+        Some((lo, hi)) if 0 <= lo && lo <= hi => Ok((lo, hi)),
+        _ => Err(format!("{s:?} is not LO,HI with 0 ≤ LO ≤ HI")),
     }
 }
 
@@ -333,6 +360,8 @@ impl Default for Config {
             default_thresholding: DefaultThresholding::Static,
             default_dynamic_thresholding_ratio: 0.995,
             default_sample_max_value: 1.0,
+            default_guidance_rescale: 0.0,
+            default_guidance_interval: None,
             poll_interval: Duration::from_secs(10),
             request_timeout: Duration::from_secs(120),
             header_read_timeout: Duration::from_secs(15),
@@ -372,6 +401,8 @@ impl std::fmt::Debug for Config {
                 &self.default_dynamic_thresholding_ratio,
             )
             .field("default_sample_max_value", &self.default_sample_max_value)
+            .field("default_guidance_rescale", &self.default_guidance_rescale)
+            .field("default_guidance_interval", &self.default_guidance_interval)
             .field("poll_interval", &self.poll_interval)
             .field("request_timeout", &self.request_timeout)
             .field("header_read_timeout", &self.header_read_timeout)

@@ -143,6 +143,8 @@ pub async fn run(
                     ratio: config.default_dynamic_thresholding_ratio,
                     max_value: config.default_sample_max_value,
                 },
+                default_guidance_rescale: config.default_guidance_rescale,
+                default_guidance_interval: config.default_guidance_interval,
             },
             request_timeout: config.request_timeout,
             api_token: config.api_token.clone().filter(|t| !t.is_empty()),

@@ -101,6 +101,9 @@ pub struct PlannedStep {
     /// `Some` (only where `clip` is) when x̂₀ is thresholded dynamically instead of
     /// clamped to [−1, 1].
     pub threshold: Option<DynamicThresholding>,
+    /// Whether classifier-free guidance applies at this step (outside the plan's guidance
+    /// interval the conditional prediction is used alone, as with w = 1).
+    pub guided: bool,
 }
 
 /// Imagen's dynamic thresholding of x̂₀ (Saharia et al. 2022; diffusers' `thresholding`
@@ -324,6 +327,15 @@ pub struct SamplerConfig {
     /// Threshold x̂₀ dynamically instead of clamping it (only with `clip_denoised`).
     #[serde(default)]
     pub dynamic_thresholding: Option<DynamicThresholding>,
+    /// Guidance rescale φ in [0, 1] (Lin et al. 2024, diffusers' `guidance_rescale`);
+    /// 0: none.
+    #[serde(default)]
+    pub guidance_rescale: f64,
+    /// Guidance only at the timesteps t_lo ≤ t ≤ t_hi (Kynkäänniemi et al. 2024); at the
+    /// others the conditional prediction alone, which saves its unconditional evaluation.
+    /// `None`: at every step.
+    #[serde(default)]
+    pub guidance_interval: Option<(i64, i64)>,
     /// DDPM's σ²: β̃ (default) or β; only DDPM reads it.
     #[serde(default)]
     pub variance: AncestralVariance,
@@ -343,6 +355,8 @@ impl SamplerConfig {
             spacing: TimestepSpacing::Trailing,
             clip_denoised: true,
             dynamic_thresholding: None,
+            guidance_rescale: 0.0,
+            guidance_interval: None,
             variance: AncestralVariance::FixedSmall,
         }
     }
@@ -356,6 +370,8 @@ impl SamplerConfig {
             spacing: TimestepSpacing::Trailing,
             clip_denoised: true,
             dynamic_thresholding: None,
+            guidance_rescale: 0.0,
+            guidance_interval: None,
             variance: AncestralVariance::FixedSmall,
         }
     }
@@ -369,6 +385,8 @@ impl SamplerConfig {
             spacing: SamplerKind::DpmPp2m.default_spacing(),
             clip_denoised: true,
             dynamic_thresholding: None,
+            guidance_rescale: 0.0,
+            guidance_interval: None,
             variance: AncestralVariance::FixedSmall,
         }
     }
@@ -386,6 +404,20 @@ impl SamplerConfig {
                 "eta",
                 format!("must be in [0, 1], got {}", self.eta),
             ));
+        }
+        if !(0.0..=1.0).contains(&self.guidance_rescale) {
+            return Err(CoreError::config(
+                "guidance_rescale",
+                format!("must be in [0, 1], got {}", self.guidance_rescale),
+            ));
+        }
+        if let Some((lo, hi)) = self.guidance_interval {
+            if !(0 <= lo && lo <= hi && hi < t_max as i64) {
+                return Err(CoreError::config(
+                    "guidance_interval",
+                    format!("must be timesteps 0 ≤ lo ≤ hi < {t_max}, got [{lo}, {hi}]"),
+                ));
+            }
         }
         if let Some(d) = self.dynamic_thresholding {
             let valid = d.ratio > 0.0 && d.ratio <= 1.0 && (1.0..=f64::MAX).contains(&d.max_value);
@@ -430,6 +462,9 @@ impl SamplerConfig {
                     clip: self.clip_denoised.then(|| Clip::at(schedule, t)),
                     keep_x0: None,
                     threshold: self.dynamic_thresholding.filter(|_| self.clip_denoised),
+                    guided: self
+                        .guidance_interval
+                        .is_none_or(|(lo, hi)| (lo..=hi).contains(&t)),
                 }
             })
             .collect();
@@ -469,6 +504,8 @@ pub struct DenoiseBatch<'a> {
     /// Per sample: threshold x̂₀ dynamically where it clips, or (`None`) clamp it. May be
     /// empty when no sample does.
     pub thresholds: &'a [Option<DynamicThresholding>],
+    /// Per sample: guidance rescale φ. May be empty when every φ is 0.
+    pub guidance_rescales: &'a [f64],
     /// `[B, C, H, W]` standard-normal z; may be `None` when every `coefficients.noise` is 0.
     pub noise: Option<&'a Tensor>,
     /// `[B, C, H, W]` x̂₀ of each sample's previous step (any finite value where
@@ -507,7 +544,14 @@ pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Denoised> {
     let device = batch.x.device();
     let _guard = tch::no_grad_guard();
     let t = timestep_tensor(batch.timesteps, device)?;
-    let mut eps = guided_epsilon(model, batch.x, &t, batch.labels, batch.guidance_scales)?;
+    let mut eps = guided_epsilon(
+        model,
+        batch.x,
+        &t,
+        batch.labels,
+        batch.guidance_scales,
+        batch.guidance_rescales,
+    )?;
     let per_sample = |v: Vec<f32>| -> Result<Tensor> {
         Ok(Tensor::f_from_slice(&v)?
             .f_to_device(device)?
@@ -591,7 +635,8 @@ impl SampleSpec {
     /// Network evaluations (batch rows) one step of this sample costs: 2 for a guided
     /// conditional sample (its conditional and unconditional halves), else 1. Mirrors
     /// [`crate::guidance::guided_epsilon`], which adds the unconditional row exactly when
-    /// a class is given and w ≠ 1.
+    /// a class is given and w ≠ 1. With a guidance interval it is an upper bound: the
+    /// steps outside the interval cost 1.
     pub fn rows_per_step(&self) -> usize {
         if self.label.is_some() && self.guidance_scale != 1.0 {
             2
@@ -744,7 +789,21 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
     let x = Tensor::f_stack(&xs, 0)?; // [B, C, H, W]
     let timesteps: Vec<i64> = batch.iter().map(|t| t.current().timestep).collect();
     let labels: Vec<i64> = batch.iter().map(|t| t.label).collect();
-    let guidance: Vec<f64> = batch.iter().map(|t| t.spec.guidance_scale).collect();
+    // Outside its guidance interval a sample is conditional only (w = 1: one row).
+    let guidance: Vec<f64> = batch
+        .iter()
+        .map(|t| {
+            if t.current().guided {
+                t.spec.guidance_scale
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let rescales: Vec<f64> = batch
+        .iter()
+        .map(|t| t.spec.sampler.guidance_rescale)
+        .collect();
     let coefficients: Vec<StepCoefficients> =
         batch.iter().map(|t| t.current().coefficients).collect();
     let clips: Vec<Option<Clip>> = batch.iter().map(|t| t.current().clip).collect();
@@ -789,6 +848,7 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
             clips: &clips,
             keep_x0: &keep_x0,
             thresholds: &thresholds,
+            guidance_rescales: &rescales,
             noise: noise.as_ref(),
             prev_x0: prev_x0.as_ref(),
         },
@@ -953,6 +1013,8 @@ mod tests {
                 spacing: TimestepSpacing::Leading,
                 clip_denoised: false,
                 dynamic_thresholding: None,
+                guidance_rescale: 0.0,
+                guidance_interval: None,
                 variance: AncestralVariance::FixedLarge,
             },
             SamplerConfig::dpmpp_2m(1),
@@ -990,6 +1052,25 @@ mod tests {
             c.dynamic_thresholding = Some(DynamicThresholding { ratio, max_value });
             assert!(c.plan(&s).is_err(), "{ratio} {max_value}");
         }
+        c.dynamic_thresholding = None;
+        c.guidance_rescale = 1.5;
+        assert!(c
+            .plan(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("guidance_rescale"));
+        c.guidance_rescale = 0.5;
+        for interval in [(-1, 10), (10, 5), (0, 1000)] {
+            c.guidance_interval = Some(interval);
+            assert!(c.plan(&s).is_err(), "{interval:?}");
+        }
+        c.guidance_interval = Some((0, 500));
+        let guided: Vec<bool> = c.plan(&s).unwrap().iter().map(|p| p.guided).collect();
+        assert_eq!(
+            guided,
+            [[false; 5], [true; 5]].concat(),
+            "999…99: guided at ≤ 500"
+        );
         assert!("euler".parse::<SamplerKind>().is_err());
     }
 }

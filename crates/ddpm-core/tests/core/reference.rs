@@ -173,6 +173,8 @@ fn ddpm_steps_match_diffusers() {
         spacing: TimestepSpacing::Leading,
         clip_denoised: false,
         dynamic_thresholding: None,
+        guidance_rescale: 0.0,
+        guidance_interval: None,
         variance: AncestralVariance::FixedSmall,
     };
     assert!(large >= 5, "fixed_large cases: {large}");
@@ -766,6 +768,8 @@ fn spacings_match_diffusers_schedulers() {
                 spacing,
                 clip_denoised: true,
                 dynamic_thresholding: None,
+                guidance_rescale: 0.0,
+                guidance_interval: None,
                 variance: AncestralVariance::FixedSmall,
             }
             .plan(&NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap())
@@ -796,7 +800,7 @@ fn unset_options_sample_as_their_explicit_defaults() {
         .unwrap();
         let explicit: SamplerConfig = serde_json::from_value(serde_json::json!({
             "kind": kind, "steps": 8, "spacing": spacing, "eta": 0.0,
-            "clip_denoised": true, "variance": "fixed_small", "dynamic_thresholding": null,
+            "clip_denoised": true, "variance": "fixed_small", "dynamic_thresholding": null, "guidance_rescale": 0.0, "guidance_interval": null,
         }))
         .unwrap();
         let spec = |sampler| SampleSpec {
@@ -808,5 +812,35 @@ fn unset_options_sample_as_their_explicit_defaults() {
         let a = sample(&model, &s, &[spec(implicit)], 4).unwrap();
         let b = sample(&model, &s, &[spec(explicit)], 4).unwrap();
         assert!(a.equal(&b), "{kind}: not bit-identical");
+    }
+}
+
+/// Guidance rescale against diffusers' `rescale_noise_cfg`, each row with its own φ.
+#[test]
+fn guidance_rescale_matches_diffusers() {
+    let v = json("scheduler_vectors.json");
+    let r = &v["guidance_rescale"];
+    let guided = Tensor::from_slice(&floats(&r["guided"])).view([2, 3, 4, 4]);
+    let cond = Tensor::from_slice(&floats(&v["inputs"]["eps"])).view([2, 3, 4, 4]);
+    let cases = r["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    let phi = |c: &Value| c["guidance_rescale"].as_f64().unwrap();
+    let rows = |c: &Value| floats(&c["rescaled"]);
+    for (a, b) in [(0, 0), (1, 1), (2, 3), (3, 1)] {
+        let ours = ddpm_core::guidance::rescale_guidance(
+            &guided,
+            &cond,
+            &[phi(&cases[a]), phi(&cases[b])],
+        )
+        .unwrap();
+        let ours = Vec::<f64>::try_from(ours.flatten(0, -1)).unwrap();
+        let expected = [&rows(&cases[a])[..48], &rows(&cases[b])[48..]].concat();
+        assert_close(
+            &format!("rescale φ = {}, {}", phi(&cases[a]), phi(&cases[b])),
+            &ours,
+            &expected,
+            1e-12,
+            1e-12,
+        );
     }
 }

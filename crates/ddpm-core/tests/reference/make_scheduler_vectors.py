@@ -296,6 +296,25 @@ for spacing in ["leading", "trailing"]:
 
 
 # ----------------------------------------------------------------------------
+# 4. guidance rescale (diffusers' rescale_noise_cfg, Lin et al. 2024 sec. 3.4) of the
+#    guided eps = uncond + w (cond - uncond) with cond = eps, uncond = z, w = 3
+# ----------------------------------------------------------------------------
+from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+W_RESCALE = 3.0
+guided = z + W_RESCALE * (eps - z)
+guidance_rescale = {
+    "guidance_scale": W_RESCALE,
+    "cond": "inputs.eps",
+    "uncond": "inputs.z",
+    "guided": flist(guided),
+    "cases": [{"guidance_rescale": phi,
+               "rescaled": flist(rescale_noise_cfg(guided.clone(), eps.clone(), guidance_rescale=phi))}
+              for phi in [0.0, 0.3, 0.7, 1.0]],
+}
+
+
+# ----------------------------------------------------------------------------
 # write
 # ----------------------------------------------------------------------------
 doc = {
@@ -333,6 +352,7 @@ doc = {
         "cases": ddpm_cases,
     },
     "spacings": spacings,
+    "guidance_rescale": guidance_rescale,
     "ddim": {
         "config": {"beta_schedule": "linear", "clip_sample": False, "set_alpha_to_one": True,
                    "steps_offset": 0, "prediction_type": "epsilon"},

@@ -90,6 +90,11 @@ pub struct SamplerUsed {
     /// With dynamic thresholding only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sample_max_value: Option<f64>,
+    pub guidance_rescale: f64,
+    /// `[lo, hi]`; absent: guidance at every step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<i64>>, min_items = 2, max_items = 2)]
+    pub guidance_interval: Option<[i64; 2]>,
 }
 
 fn timestep_spacing_schema() -> ObjectBuilder {
@@ -392,6 +397,8 @@ fn encode_response(
                     },
                     dynamic_thresholding_ratio: sampler.dynamic_thresholding.map(|d| d.ratio),
                     sample_max_value: sampler.dynamic_thresholding.map(|d| d.max_value),
+                    guidance_rescale: sampler.guidance_rescale,
+                    guidance_interval: sampler.guidance_interval.map(|(lo, hi)| [lo, hi]),
                 },
                 guidance_scale,
                 images: items,

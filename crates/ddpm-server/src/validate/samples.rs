@@ -233,6 +233,17 @@ pub struct SampleRequest {
     /// --default-sample-max-value (1, which makes it the static clamp).
     #[schema(minimum = 1.0, maximum = 1000.0)]
     pub sample_max_value: Option<f64>,
+    /// Guidance rescale φ in [0, 1] (Lin et al. 2024, diffusers' `guidance_rescale`): the
+    /// guided ε̃ is rescaled to the standard deviation of the conditional one and mixed
+    /// with itself by φ. Default: the server's --default-guidance-rescale (0: none).
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub guidance_rescale: Option<f64>,
+    /// `[lo, hi]`: guidance only at the timesteps lo ≤ t ≤ hi (Kynkäänniemi et al. 2024),
+    /// the conditional prediction alone (one network evaluation) at the others; t counts
+    /// the model's T noise levels down to 0. Default: the server's
+    /// --default-guidance-interval (none: every step).
+    #[schema(schema_with = guidance_interval_schema)]
+    pub guidance_interval: Option<Vec<i64>>,
     /// Image i uses seed + i (wrapping); the same seed and settings give the same image,
     /// alone or batched. Random when absent.
     #[serde(default, deserialize_with = "integral::body::u64")]
@@ -331,6 +342,24 @@ fn thresholding_schema() -> ObjectBuilder {
     )
 }
 
+fn guidance_interval_schema() -> utoipa::openapi::schema::ArrayBuilder {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Array, Type::Null]))
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(0))
+                .maximum(Some(i64::MAX)),
+        )
+        .min_items(Some(2))
+        .max_items(Some(2))
+        .description(Some(
+            "[lo, hi]: guidance only at the timesteps lo ≤ t ≤ hi (hi below the model's \
+             T), the conditional prediction alone at the others. Default: the server's \
+             --default-guidance-interval (every step).",
+        ))
+}
+
 fn priority_schema() -> ObjectBuilder {
     ObjectBuilder::new()
         .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
@@ -378,6 +407,9 @@ pub struct SampleDefaults {
     pub default_thresholding: Thresholding,
     /// The `dynamic_thresholding_ratio` and `sample_max_value` of requests that give none.
     pub default_dynamic_thresholding: DynamicThresholding,
+    pub default_guidance_rescale: f64,
+    /// `None`: guidance at every step.
+    pub default_guidance_interval: Option<(i64, i64)>,
 }
 
 /// A validated request: one spec per image, plus what the response reports.
@@ -467,6 +499,26 @@ pub fn plan(
                 .into(),
         ));
     }
+    let guidance_rescale = request
+        .guidance_rescale
+        .unwrap_or(defaults.default_guidance_rescale);
+    if !(0.0..=1.0).contains(&guidance_rescale) {
+        return Err(ValidationError::SamplerOption(format!(
+            "guidance_rescale must be in [0, 1], got {guidance_rescale}"
+        )));
+    }
+    let guidance_interval = match request.guidance_interval.as_deref() {
+        None => defaults
+            .default_guidance_interval
+            .filter(|&(_, hi)| hi < t_max),
+        Some(&[lo, hi]) if 0 <= lo && lo <= hi && hi < t_max => Some((lo, hi)),
+        Some(other) => {
+            return Err(ValidationError::SamplerOption(format!(
+                "guidance_interval must be [lo, hi] with 0 ≤ lo ≤ hi ≤ {}, got {other:?}",
+                t_max - 1
+            )))
+        }
+    };
     let sampler = SamplerConfig {
         kind,
         steps: steps as usize,
@@ -474,6 +526,8 @@ pub fn plan(
         spacing,
         clip_denoised: thresholding != Thresholding::None,
         dynamic_thresholding: (thresholding == Thresholding::Dynamic).then_some(dynamic),
+        guidance_rescale,
+        guidance_interval,
         variance,
     };
     let seed = request.seed.unwrap_or_else(rand::random);
@@ -647,6 +701,8 @@ mod tests {
             default_variance_type: AncestralVariance::FixedSmall,
             default_thresholding: Thresholding::Static,
             default_dynamic_thresholding: DEFAULT_DYNAMIC_THRESHOLDING,
+            default_guidance_rescale: 0.0,
+            default_guidance_interval: None,
         }
     }
 
@@ -759,6 +815,10 @@ mod tests {
             assert_eq!(unset.spacing, kind.default_spacing());
             assert_eq!(unset.variance, AncestralVariance::FixedSmall);
             assert!(unset.clip_denoised && unset.dynamic_thresholding.is_none());
+            assert_eq!(
+                (unset.guidance_rescale, unset.guidance_interval),
+                (0.0, None)
+            );
             let explicit = sampler(
                 json!({ "sampler": name, "timestep_spacing": kind.default_spacing() }),
                 &d,
@@ -782,6 +842,14 @@ mod tests {
         assert_eq!(
             (s.spacing, s.variance),
             (TimestepSpacing::Leading, AncestralVariance::FixedLarge)
+        );
+        let s = sampler(
+            json!({"guidance_rescale": 0.7, "guidance_interval": [100, 700]}),
+            &d,
+        );
+        assert_eq!(
+            (s.guidance_rescale, s.guidance_interval),
+            (0.7, Some((100, 700)))
         );
         let s = sampler(json!({"thresholding": "none"}), &d);
         assert!(!s.clip_denoised && s.dynamic_thresholding.is_none());
@@ -848,6 +916,13 @@ mod tests {
             json!({"thresholding": "dynamic", "sample_max_value": 1e9}),
             json!({"sample_max_value": 2.0}),
             json!({"thresholding": "none", "dynamic_thresholding_ratio": 0.9}),
+            json!({"guidance_rescale": 1.5}),
+            json!({"guidance_rescale": -0.1}),
+            json!({"guidance_interval": [500]}),
+            json!({"guidance_interval": [600, 500]}),
+            json!({"guidance_interval": [-1, 500]}),
+            json!({"guidance_interval": [0, 1000]}),
+            json!({"guidance_interval": [0, 1, 2]}),
         ] {
             is(bad, |e| matches!(e, E::SamplerOption(_)));
         }

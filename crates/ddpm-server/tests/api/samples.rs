@@ -175,7 +175,7 @@ async fn unset_sampler_options_equal_their_explicit_defaults() {
         let mut explicit = base.clone();
         explicit.as_object_mut().unwrap().extend(
             json!({"timestep_spacing": spacing, "variance_type": "fixed_small", "eta": 0.0,
-                "thresholding": "static"})
+                "thresholding": "static", "guidance_rescale": 0.0, "guidance_interval": null})
             .as_object()
             .unwrap()
             .clone(),
@@ -186,16 +186,21 @@ async fn unset_sampler_options_equal_their_explicit_defaults() {
         assert_eq!(unset["sampler"]["timestep_spacing"], spacing);
         assert_eq!(unset["sampler"]["variance_type"], "fixed_small");
         assert_eq!(unset["sampler"]["thresholding"], "static");
+        assert_eq!(unset["sampler"]["guidance_rescale"], 0.0);
+        assert!(unset["sampler"].get("guidance_interval").is_none());
     }
 
     let options = json!({"class": "red", "seed": 5, "sampler": "ddpm", "steps": 8,
         "timestep_spacing": "leading", "variance_type": "fixed_large",
-        "thresholding": "dynamic", "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5});
+        "thresholding": "dynamic", "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5,
+        "guidance_rescale": 0.7, "guidance_interval": [100, 700]});
     let alone = app.sample_json(options.clone()).await;
     assert_eq!(alone["sampler"]["timestep_spacing"], "leading");
     assert_eq!(alone["sampler"]["variance_type"], "fixed_large");
     assert_eq!(alone["sampler"]["thresholding"], "dynamic");
     assert_eq!(alone["sampler"]["sample_max_value"], 1.5);
+    assert_eq!(alone["sampler"]["guidance_rescale"], 0.7);
+    assert_eq!(alone["sampler"]["guidance_interval"], json!([100, 700]));
     let plain = app
         .sample_json(json!({"class": "red", "seed": 5, "sampler": "ddpm", "steps": 8}))
         .await;
@@ -211,7 +216,8 @@ async fn unset_sampler_options_equal_their_explicit_defaults() {
     .map(|((sampler, spacing, thresholding), k)| {
         app.sample_json(
             json!({"class": k, "n": 2, "seed": 70 + k, "steps": 5 + 3 * k,
-                "sampler": sampler, "timestep_spacing": spacing, "thresholding": thresholding}),
+                "sampler": sampler, "timestep_spacing": spacing, "thresholding": thresholding,
+                "guidance_interval": [0, 300 * k + 100]}),
         )
     });
     let (batched, _) = tokio::join!(app.sample_json(options), futures::future::join_all(others));

@@ -74,6 +74,26 @@ async fn every_kind_of_bad_input_is_a_4xx_with_a_stable_code() {
             "invalid_sampler_option",
         ),
         (
+            json!({"guidance_rescale": 2}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"guidance_interval": [900, 100]}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"guidance_interval": [0, 1000]}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"guidance_interval": "0-500"}),
+            422,
+            "invalid_request",
+        ),
+        (
             json!({"sampler": "ddpm", "variance_type": "learned"}),
             422,
             "invalid_sampler_option",

@@ -94,6 +94,8 @@ mod tests {
             default_variance_type: Default::default(),
             default_thresholding: crate::validate::samples::Thresholding::Static,
             default_dynamic_thresholding: crate::validate::samples::DEFAULT_DYNAMIC_THRESHOLDING,
+            default_guidance_rescale: 0.0,
+            default_guidance_interval: None,
         }
     }
 

@@ -192,6 +192,8 @@ mod tests {
                 default_variance_type: Default::default(),
                 default_thresholding: Thresholding::Static,
                 default_dynamic_thresholding: DEFAULT_DYNAMIC_THRESHOLDING,
+                default_guidance_rescale: 0.0,
+                default_guidance_interval: None,
             },
             request_timeout: Duration::from_secs(5),
             api_token: token.map(str::to_owned),
