@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use ddpm_core::{AncestralVariance, SamplerKind, TimestepSpacing};
+use ddpm_core::{sampler::DpmSolverAlgorithm, AncestralVariance, SamplerKind, TimestepSpacing};
 use ddpm_service::{parse_duration, CommonOptions};
 
 use crate::{
@@ -70,6 +70,27 @@ impl From<DefaultVariance> for AncestralVariance {
         match v {
             DefaultVariance::FixedSmall => AncestralVariance::FixedSmall,
             DefaultVariance::FixedLarge => AncestralVariance::FixedLarge,
+        }
+    }
+}
+
+/// The dpmpp_2m sampler's solver for requests that name none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum DefaultAlgorithm {
+    /// The ODE's, deterministic.
+    #[default]
+    #[value(name = "dpmsolver++")]
+    DpmSolverPp,
+    /// The SDE's, fresh noise at every step.
+    #[value(name = "sde-dpmsolver++")]
+    SdeDpmSolverPp,
+}
+
+impl From<DefaultAlgorithm> for DpmSolverAlgorithm {
+    fn from(a: DefaultAlgorithm) -> Self {
+        match a {
+            DefaultAlgorithm::DpmSolverPp => DpmSolverAlgorithm::DpmSolverPp,
+            DefaultAlgorithm::SdeDpmSolverPp => DpmSolverAlgorithm::SdeDpmSolverPp,
         }
     }
 }
@@ -176,6 +197,16 @@ pub struct Config {
         default_value = "fixed_small"
     )]
     pub default_variance_type: DefaultVariance,
+
+    /// The dpmpp_2m sampler's solver for requests that name none: `dpmsolver++` (the
+    /// ODE's) or `sde-dpmsolver++` (the SDE's).
+    #[arg(
+        long,
+        env = "DDPM_DEFAULT_ALGORITHM_TYPE",
+        value_enum,
+        default_value = "dpmsolver++"
+    )]
+    pub default_algorithm_type: DefaultAlgorithm,
 
     /// How x̂₀ is kept in range for requests that name no `thresholding`: `none`,
     /// `static` (clamped to [−1, 1]) or `dynamic` (Imagen's).
@@ -357,6 +388,7 @@ impl Default for Config {
             default_steps: 50,
             default_timestep_spacing: DefaultSpacing::Sampler,
             default_variance_type: DefaultVariance::FixedSmall,
+            default_algorithm_type: DefaultAlgorithm::DpmSolverPp,
             default_thresholding: DefaultThresholding::Static,
             default_dynamic_thresholding_ratio: 0.995,
             default_sample_max_value: 1.0,
@@ -395,6 +427,7 @@ impl std::fmt::Debug for Config {
             .field("default_steps", &self.default_steps)
             .field("default_timestep_spacing", &self.default_timestep_spacing)
             .field("default_variance_type", &self.default_variance_type)
+            .field("default_algorithm_type", &self.default_algorithm_type)
             .field("default_thresholding", &self.default_thresholding)
             .field(
                 "default_dynamic_thresholding_ratio",

@@ -138,6 +138,7 @@ pub async fn run(
                 default_steps: config.default_steps as usize,
                 default_timestep_spacing: config.default_timestep_spacing.into(),
                 default_variance_type: config.default_variance_type.into(),
+                default_algorithm_type: config.default_algorithm_type.into(),
                 default_thresholding: config.default_thresholding.into(),
                 default_dynamic_thresholding: ddpm_core::sampler::DynamicThresholding {
                     ratio: config.default_dynamic_thresholding_ratio,

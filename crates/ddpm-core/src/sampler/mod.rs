@@ -259,6 +259,18 @@ impl TimestepSpacing {
     }
 }
 
+/// Which DPM-Solver++(2M) (diffusers' `algorithm_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum DpmSolverAlgorithm {
+    /// The diffusion ODE's solver, deterministic.
+    #[default]
+    #[serde(rename = "dpmsolver++")]
+    DpmSolverPp,
+    /// The stochastic one (Lu et al. 2022 §5): fresh noise at every step.
+    #[serde(rename = "sde-dpmsolver++")]
+    SdeDpmSolverPp,
+}
+
 /// σ² of the noise an ancestral DDPM step t → s adds (diffusers' `variance_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -336,6 +348,9 @@ pub struct SamplerConfig {
     /// `None`: at every step.
     #[serde(default)]
     pub guidance_interval: Option<(i64, i64)>,
+    /// DPM-Solver++(2M)'s ODE (default) or SDE solver; only DPM-Solver++ reads it.
+    #[serde(default)]
+    pub dpm_solver: DpmSolverAlgorithm,
     /// DDPM's σ²: β̃ (default) or β; only DDPM reads it.
     #[serde(default)]
     pub variance: AncestralVariance,
@@ -357,6 +372,7 @@ impl SamplerConfig {
             dynamic_thresholding: None,
             guidance_rescale: 0.0,
             guidance_interval: None,
+            dpm_solver: DpmSolverAlgorithm::DpmSolverPp,
             variance: AncestralVariance::FixedSmall,
         }
     }
@@ -372,6 +388,7 @@ impl SamplerConfig {
             dynamic_thresholding: None,
             guidance_rescale: 0.0,
             guidance_interval: None,
+            dpm_solver: DpmSolverAlgorithm::DpmSolverPp,
             variance: AncestralVariance::FixedSmall,
         }
     }
@@ -387,6 +404,7 @@ impl SamplerConfig {
             dynamic_thresholding: None,
             guidance_rescale: 0.0,
             guidance_interval: None,
+            dpm_solver: DpmSolverAlgorithm::DpmSolverPp,
             variance: AncestralVariance::FixedSmall,
         }
     }
@@ -442,7 +460,9 @@ impl SamplerConfig {
                 variance: self.variance,
             }),
             SamplerKind::Ddim => Box::new(Ddim { eta: self.eta }),
-            SamplerKind::DpmPp2m => Box::new(DpmSolverPp2m),
+            SamplerKind::DpmPp2m => Box::new(DpmSolverPp2m {
+                sde: self.dpm_solver == DpmSolverAlgorithm::SdeDpmSolverPp,
+            }),
         };
         let ts = self
             .spacing
@@ -1015,6 +1035,7 @@ mod tests {
                 dynamic_thresholding: None,
                 guidance_rescale: 0.0,
                 guidance_interval: None,
+                dpm_solver: DpmSolverAlgorithm::DpmSolverPp,
                 variance: AncestralVariance::FixedLarge,
             },
             SamplerConfig::dpmpp_2m(1),
@@ -1023,6 +1044,10 @@ mod tests {
             SamplerConfig {
                 spacing: TimestepSpacing::Trailing,
                 ..SamplerConfig::dpmpp_2m(7)
+            },
+            SamplerConfig {
+                dpm_solver: DpmSolverAlgorithm::SdeDpmSolverPp,
+                ..SamplerConfig::dpmpp_2m(9)
             },
         ] {
             let mut x = 1.3; // x_T

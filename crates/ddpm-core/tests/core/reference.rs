@@ -4,7 +4,8 @@
 //!   (steps, σ² = β̃ and β, dynamic thresholding) and the three `timestep_spacing`s of those and of
 //!   `DPMSolverMultistepScheduler`;
 //! - `dpmpp_vectors.json`: diffusers' `DPMSolverMultistepScheduler` (DPM-Solver++(2M)):
-//!   timesteps, single steps and whole trajectories under a fake ε, unclipped and clipped;
+//!   timesteps, single steps and whole trajectories under a fake ε, unclipped and clipped,
+//!   and of its `sde-dpmsolver++` with the noise given;
 //! - `seed_unet_state_dict.json`: the seed's PyTorch `UNet_conditional(num_classes=10)`;
 //! - `tiny_state_dict.json`, `tiny_forward.safetensors`: the generalised PyTorch UNet at
 //!   the tiny config, its (float16-exact) weights, inputs and float32 output;
@@ -15,7 +16,7 @@
 use ddpm_core::{
     noise::SampleRng,
     sampler::{
-        sample, step_trajectories, threshold_x0, AncestralVariance, Ddim, Ddpm,
+        sample, step_trajectories, threshold_x0, AncestralVariance, Ddim, Ddpm, DpmSolverAlgorithm,
         DynamicThresholding, PlannedStep, Sampler, SamplerKind, TimestepSpacing, Trajectory,
     },
     Model, NoiseSchedule, SampleSpec, SamplerConfig, ScheduleConfig, UNetConfig,
@@ -175,6 +176,7 @@ fn ddpm_steps_match_diffusers() {
         dynamic_thresholding: None,
         guidance_rescale: 0.0,
         guidance_interval: None,
+        dpm_solver: Default::default(),
         variance: AncestralVariance::FixedSmall,
     };
     assert!(large >= 5, "fixed_large cases: {large}");
@@ -770,6 +772,7 @@ fn spacings_match_diffusers_schedulers() {
                 dynamic_thresholding: None,
                 guidance_rescale: 0.0,
                 guidance_interval: None,
+                dpm_solver: Default::default(),
                 variance: AncestralVariance::FixedSmall,
             }
             .plan(&NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap())
@@ -800,7 +803,7 @@ fn unset_options_sample_as_their_explicit_defaults() {
         .unwrap();
         let explicit: SamplerConfig = serde_json::from_value(serde_json::json!({
             "kind": kind, "steps": 8, "spacing": spacing, "eta": 0.0,
-            "clip_denoised": true, "variance": "fixed_small", "dynamic_thresholding": null, "guidance_rescale": 0.0, "guidance_interval": null,
+            "clip_denoised": true, "variance": "fixed_small", "dynamic_thresholding": null, "guidance_rescale": 0.0, "guidance_interval": null, "dpm_solver": "dpmsolver++",
         }))
         .unwrap();
         let spec = |sampler| SampleSpec {
@@ -843,4 +846,53 @@ fn guidance_rescale_matches_diffusers() {
             1e-12,
         );
     }
+}
+
+/// The SDE solver (diffusers' `algorithm_type="sde-dpmsolver++"`) as whole trajectories
+/// under the fake ε with the same noise fed to both sides: each step's z is the
+/// vectors' `noises[k]`, unclipped and clipped.
+#[test]
+fn dpmpp_2m_sde_trajectories_match_diffusers() {
+    let v = json("dpmpp_vectors.json");
+    let (x_t, e) = (floats(&v["inputs"]["x"]), floats(&v["inputs"]["eps"]));
+    let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let runs = v["sde_trajectories"].as_object().unwrap();
+    assert!(runs.len() >= 6);
+    let mut worst: f64 = 0.0;
+    for (name, run) in runs {
+        let n = run["num_inference_steps"].as_u64().unwrap() as usize;
+        let plan = SamplerConfig {
+            clip_denoised: run["clip"].as_bool().unwrap(),
+            dpm_solver: DpmSolverAlgorithm::SdeDpmSolverPp,
+            ..SamplerConfig::dpmpp_2m(n)
+        }
+        .plan(&s)
+        .unwrap();
+        let timesteps: Vec<i64> = plan.iter().map(|p| p.timestep).collect();
+        assert_eq!(timesteps, ints(&run["timesteps"]), "{name}");
+        let samples = run["samples"].as_array().unwrap();
+        let noises = run["noises"].as_array().unwrap();
+        assert_eq!(samples.len(), n);
+        let (mut x, mut prev_x0) = (x_t.clone(), vec![0.0; x_t.len()]);
+        for (i, step) in plan.iter().enumerate() {
+            let (x0, eps) = predicted_x0(&s, step, &x, &fake_eps(&x, step.timestep, &e));
+            let z = floats(&noises[i]);
+            let c = step.coefficients;
+            assert_eq!(
+                c.noise == 0.0,
+                i + 1 == n,
+                "{name} step {i}: noise but on the last"
+            );
+            x = (0..x.len())
+                .map(|j| c.x * x[j] + c.eps * eps[j] + c.noise * z[j] + c.prev_x0 * prev_x0[j])
+                .collect();
+            if step.keep_x0.is_some() {
+                prev_x0 = x0;
+            }
+            let expected = floats(&samples[i]);
+            assert_close(&format!("{name} step {i}"), &x, &expected, 1e-9, 1e-10);
+            worst = worst.max(max_abs_diff(&x, &expected));
+        }
+    }
+    eprintln!("sde-dpmsolver++ trajectories: max |Δ| vs diffusers (float64) = {worst:e}");
 }

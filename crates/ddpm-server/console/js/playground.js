@@ -64,6 +64,7 @@ async function limits() {
     info,
     spacings: names('timestep_spacing', ['leading', 'trailing', 'linspace']),
     variances: names('variance_type', ['fixed_small', 'fixed_large']),
+    algorithms: names('algorithm_type', ['dpmsolver++', 'sde-dpmsolver++']),
     thresholdings: names('thresholding', ['none', 'static', 'dynamic']),
     samplers: samplers.filter((s) => typeof s === 'string').length ? samplers.filter((s) => typeof s === 'string') : ['ddim', 'ddpm', 'dpmpp_2m'],
     maxN: Number.isFinite(props.n?.maximum) ? props.n.maximum : 16,
@@ -80,7 +81,7 @@ export function render(container) {
       e.status === 503 ? 'No model is loaded yet: the server serves one once a checkpoint is registered.' : errorText(e)));
   });
 
-  function build({ info, samplers, spacings, variances, thresholdings, maxN }) {
+  function build({ info, samplers, spacings, variances, algorithms, thresholdings, maxN }) {
     const field = (label, input, hint) => h('label', { class: 'field' }, h('span', {}, label), input, hint ? h('small', { class: 'muted' }, hint) : null);
     const classSelect = h('select', { name: 'class', id: 'pg-class' },
       info.classes.length ? info.classes.map((c, i) => h('option', { value: String(i) }, c)) : h('option', { value: '' }, 'unconditional'));
@@ -98,6 +99,7 @@ export function render(container) {
       h('option', { value: '' }, 'server default'), values.map((v) => h('option', { value: v }, v)));
     const spacing = choice('timestep_spacing', 'pg-spacing', spacings);
     const variance = choice('variance_type', 'pg-variance', variances);
+    const algorithm = choice('algorithm_type', 'pg-algorithm', algorithms);
     const thresholding = choice('thresholding', 'pg-thresholding', thresholdings);
     const number = (name, id, attrs) => h('input', { name, id, type: 'number', placeholder: 'server default', ...attrs });
     const ratio = number('dynamic_thresholding_ratio', 'pg-threshold-ratio', { min: '0.01', max: '1', step: '0.005' });
@@ -120,6 +122,7 @@ export function render(container) {
       eta.disabled = sampler.value !== 'ddim';
       // The variance is ddpm's (the server's default sampler may be ddpm).
       variance.disabled = sampler.value !== 'ddpm' && sampler.value !== '';
+      algorithm.disabled = sampler.value !== 'dpmpp_2m' && sampler.value !== '';
       ratio.disabled = maxValue.disabled = thresholding.value !== 'dynamic';
     };
     sampler.addEventListener('change', syncEta);
@@ -135,6 +138,7 @@ export function render(container) {
       if (sampler.value === 'ddim') b.eta = Number(eta.value);
       if (spacing.value) b.timestep_spacing = spacing.value;
       if (variance.value && !variance.disabled) b.variance_type = variance.value;
+      if (algorithm.value && !algorithm.disabled) b.algorithm_type = algorithm.value;
       if (thresholding.value) b.thresholding = thresholding.value;
       if (thresholding.value === 'dynamic' && ratio.value !== '') b.dynamic_thresholding_ratio = Number(ratio.value);
       if (thresholding.value === 'dynamic' && maxValue.value !== '') b.sample_max_value = Number(maxValue.value);
@@ -225,6 +229,7 @@ export function render(container) {
         field('η (DDIM)', eta, '0: deterministic'),
         field('Timestep spacing', spacing, 'diffusers’ timestep_spacing'),
         field('Variance (DDPM)', variance, 'σ²: fixed_small = β̃, fixed_large = β'),
+        field('Solver (DPM++)', algorithm, 'sde-dpmsolver++: stochastic'),
         field('x̂₀ thresholding', thresholding, 'static: clamp to [−1, 1]'),
         field('Dynamic ratio', ratio, 'quantile of |x̂₀|, (0, 1]'),
         field('Dynamic max', maxValue, 'largest bound, ≥ 1'),

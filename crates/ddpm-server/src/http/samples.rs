@@ -8,7 +8,9 @@ use axum::{
     routing::{delete, post},
     Json, Router,
 };
-use ddpm_core::{AncestralVariance, SamplerConfig, SamplerKind, TimestepSpacing};
+use ddpm_core::{
+    sampler::DpmSolverAlgorithm, AncestralVariance, SamplerConfig, SamplerKind, TimestepSpacing,
+};
 use serde::Serialize;
 use utoipa::{
     openapi::{ObjectBuilder, Type},
@@ -28,7 +30,7 @@ use crate::{
     model::ModelInfo,
     validate::{
         plan,
-        samples::{Thresholding, SAMPLERS, SPACINGS, THRESHOLDINGS, VARIANCES},
+        samples::{Thresholding, DPM_ALGORITHMS, SAMPLERS, SPACINGS, THRESHOLDINGS, VARIANCES},
         Plan, SampleRequest,
     },
 };
@@ -82,6 +84,9 @@ pub struct SamplerUsed {
     /// The ddpm sampler's σ² (fixed_small for the others, which do not read it).
     #[schema(schema_with = variance_type_schema)]
     pub variance_type: AncestralVariance,
+    /// dpmpp_2m's solver (dpmsolver++ for the others, which do not read it).
+    #[schema(schema_with = algorithm_type_schema)]
+    pub algorithm_type: DpmSolverAlgorithm,
     #[schema(schema_with = thresholding_schema)]
     pub thresholding: Thresholding,
     /// With dynamic thresholding only.
@@ -107,6 +112,10 @@ fn variance_type_schema() -> ObjectBuilder {
 
 fn thresholding_schema() -> ObjectBuilder {
     names_schema(&THRESHOLDINGS)
+}
+
+fn algorithm_type_schema() -> ObjectBuilder {
+    names_schema(&DPM_ALGORITHMS)
 }
 
 /// A string naming one of `values` (by their serde names).
@@ -390,6 +399,7 @@ fn encode_response(
                     eta: sampler.eta,
                     timestep_spacing: sampler.spacing,
                     variance_type: sampler.variance,
+                    algorithm_type: sampler.dpm_solver,
                     thresholding: match (sampler.clip_denoised, sampler.dynamic_thresholding) {
                         (false, _) => Thresholding::None,
                         (true, None) => Thresholding::Static,

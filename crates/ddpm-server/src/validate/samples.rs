@@ -6,8 +6,8 @@
 //! `http::openapi` from the same [`SampleDefaults`] and model.
 
 use ddpm_core::{
-    sampler::DynamicThresholding, AncestralVariance, SampleSpec, SamplerConfig, SamplerKind,
-    TimestepSpacing,
+    sampler::{DpmSolverAlgorithm, DynamicThresholding},
+    AncestralVariance, SampleSpec, SamplerConfig, SamplerKind, TimestepSpacing,
 };
 use serde::{
     de::{value::StrDeserializer, DeserializeOwned, IntoDeserializer},
@@ -59,6 +59,11 @@ pub const DEFAULT_DYNAMIC_THRESHOLDING: DynamicThresholding = DynamicThresholdin
 /// `sample_max_value` above this is refused (s is then never reached: a typo).
 pub const MAX_SAMPLE_MAX_VALUE: f64 = 1000.0;
 
+/// Every DPM-Solver++ algorithm a request can name.
+pub const DPM_ALGORITHMS: [DpmSolverAlgorithm; 2] = [
+    DpmSolverAlgorithm::DpmSolverPp,
+    DpmSolverAlgorithm::SdeDpmSolverPp,
+];
 /// Every DDPM noise variance a request can name.
 pub const VARIANCES: [AncestralVariance; 2] =
     [AncestralVariance::FixedSmall, AncestralVariance::FixedLarge];
@@ -220,6 +225,11 @@ pub struct SampleRequest {
     /// the server's --default-variance-type.
     #[schema(schema_with = variance_type_schema)]
     pub variance_type: Option<Named<AncestralVariance>>,
+    /// The dpmpp_2m sampler's solver (diffusers' `algorithm_type`): `dpmsolver++` (the
+    /// ODE's, deterministic) or `sde-dpmsolver++` (stochastic, fresh noise every step).
+    /// Only with the dpmpp_2m sampler; default: the server's --default-algorithm-type.
+    #[schema(schema_with = algorithm_type_schema)]
+    pub algorithm_type: Option<Named<DpmSolverAlgorithm>>,
     /// How x̂₀ is kept in range at each step: `none`, `static` (clamped to [−1, 1]) or
     /// `dynamic` (Imagen's, diffusers' `thresholding`). Default: the server's
     /// --default-thresholding (static).
@@ -334,6 +344,14 @@ fn variance_type_schema() -> ObjectBuilder {
     )
 }
 
+fn algorithm_type_schema() -> ObjectBuilder {
+    names_schema(
+        &DPM_ALGORITHMS,
+        "dpmpp_2m only: its solver, diffusers' `algorithm_type`: dpmsolver++ (ODE) or \
+         sde-dpmsolver++ (SDE). Default: the server's --default-algorithm-type.",
+    )
+}
+
 fn thresholding_schema() -> ObjectBuilder {
     names_schema(
         &THRESHOLDINGS,
@@ -404,6 +422,8 @@ pub struct SampleDefaults {
     pub default_timestep_spacing: Option<TimestepSpacing>,
     /// For the ddpm sampler.
     pub default_variance_type: AncestralVariance,
+    /// For the dpmpp_2m sampler.
+    pub default_algorithm_type: DpmSolverAlgorithm,
     pub default_thresholding: Thresholding,
     /// The `dynamic_thresholding_ratio` and `sample_max_value` of requests that give none.
     pub default_dynamic_thresholding: DynamicThresholding,
@@ -482,6 +502,20 @@ pub fn plan(
             "variance_type fixed_large applies to the ddpm sampler only".into(),
         ));
     }
+    let dpm_solver = match &request.algorithm_type {
+        None if kind == SamplerKind::DpmPp2m => defaults.default_algorithm_type,
+        None => DpmSolverAlgorithm::DpmSolverPp,
+        Some(named) => named.known(|a| {
+            ValidationError::SamplerOption(format!(
+                "unknown algorithm_type {a:?}: use \"dpmsolver++\" or \"sde-dpmsolver++\""
+            ))
+        })?,
+    };
+    if dpm_solver != DpmSolverAlgorithm::DpmSolverPp && kind != SamplerKind::DpmPp2m {
+        return Err(ValidationError::SamplerOption(
+            "algorithm_type sde-dpmsolver++ applies to the dpmpp_2m sampler only".into(),
+        ));
+    }
     let thresholding = match &request.thresholding {
         None => defaults.default_thresholding,
         Some(named) => named.known(|t| {
@@ -528,6 +562,7 @@ pub fn plan(
         dynamic_thresholding: (thresholding == Thresholding::Dynamic).then_some(dynamic),
         guidance_rescale,
         guidance_interval,
+        dpm_solver,
         variance,
     };
     let seed = request.seed.unwrap_or_else(rand::random);
@@ -699,6 +734,7 @@ mod tests {
             default_steps: 20,
             default_timestep_spacing: None,
             default_variance_type: AncestralVariance::FixedSmall,
+            default_algorithm_type: DpmSolverAlgorithm::DpmSolverPp,
             default_thresholding: Thresholding::Static,
             default_dynamic_thresholding: DEFAULT_DYNAMIC_THRESHOLDING,
             default_guidance_rescale: 0.0,
@@ -851,6 +887,11 @@ mod tests {
             (s.guidance_rescale, s.guidance_interval),
             (0.7, Some((100, 700)))
         );
+        let s = sampler(
+            json!({"sampler": "dpmpp_2m", "algorithm_type": "SDE-DPMSolver++"}),
+            &d,
+        );
+        assert_eq!(s.dpm_solver, DpmSolverAlgorithm::SdeDpmSolverPp);
         let s = sampler(json!({"thresholding": "none"}), &d);
         assert!(!s.clip_denoised && s.dynamic_thresholding.is_none());
         let s = sampler(
@@ -923,6 +964,8 @@ mod tests {
             json!({"guidance_interval": [-1, 500]}),
             json!({"guidance_interval": [0, 1000]}),
             json!({"guidance_interval": [0, 1, 2]}),
+            json!({"sampler": "dpmpp_2m", "algorithm_type": "dpmsolver"}),
+            json!({"sampler": "ddim", "algorithm_type": "sde-dpmsolver++"}),
         ] {
             is(bad, |e| matches!(e, E::SamplerOption(_)));
         }

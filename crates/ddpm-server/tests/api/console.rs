@@ -466,7 +466,7 @@ async fn playground_shows_images_of_the_requested_size_and_the_guidance_strip() 
     assert_eq!(sent["dynamic_thresholding_ratio"], 0.9, "{sent}");
     assert_eq!(sent["guidance_rescale"], 0.5, "{sent}");
     assert_eq!(sent["guidance_interval"], json!([100, 800]), "{sent}");
-    for unset in ["variance_type", "sample_max_value"] {
+    for unset in ["variance_type", "algorithm_type", "sample_max_value"] {
         assert!(sent.get(unset).is_none(), "{unset}: {sent}");
     }
 

@@ -175,7 +175,8 @@ async fn unset_sampler_options_equal_their_explicit_defaults() {
         let mut explicit = base.clone();
         explicit.as_object_mut().unwrap().extend(
             json!({"timestep_spacing": spacing, "variance_type": "fixed_small", "eta": 0.0,
-                "thresholding": "static", "guidance_rescale": 0.0, "guidance_interval": null})
+                "thresholding": "static", "guidance_rescale": 0.0, "guidance_interval": null,
+                "algorithm_type": "dpmsolver++"})
             .as_object()
             .unwrap()
             .clone(),
@@ -205,6 +206,20 @@ async fn unset_sampler_options_equal_their_explicit_defaults() {
         .sample_json(json!({"class": "red", "seed": 5, "sampler": "ddpm", "steps": 8}))
         .await;
     assert_ne!(json_png(&alone, 0), json_png(&plain, 0), "the options act");
+    // The SDE solver: seeded like the others, and not the ODE's image.
+    let sde = json!({"class": "blue", "seed": 8, "sampler": "dpmpp_2m", "steps": 6,
+        "algorithm_type": "sde-dpmsolver++"});
+    let sde_image = app.sample_json(sde.clone()).await;
+    assert_eq!(sde_image["sampler"]["algorithm_type"], "sde-dpmsolver++");
+    assert_eq!(
+        json_png(&sde_image, 0),
+        json_png(&app.sample_json(sde.clone()).await, 0),
+        "the same seed, the same SDE sample"
+    );
+    let ode = app
+        .sample_json(json!({"class": "blue", "seed": 8, "sampler": "dpmpp_2m", "steps": 6}))
+        .await;
+    assert_ne!(json_png(&sde_image, 0), json_png(&ode, 0));
     // With other samplers and options in the same forward passes.
     let others = [
         ("ddim", "linspace", "none"),
@@ -220,7 +235,16 @@ async fn unset_sampler_options_equal_their_explicit_defaults() {
                 "guidance_interval": [0, 300 * k + 100]}),
         )
     });
-    let (batched, _) = tokio::join!(app.sample_json(options), futures::future::join_all(others));
+    let (batched, sde_batched, _) = tokio::join!(
+        app.sample_json(options),
+        app.sample_json(sde),
+        futures::future::join_all(others)
+    );
+    let d = max_level_difference(
+        &decode_png(&json_png(&sde_image, 0)).2,
+        &decode_png(&json_png(&sde_batched, 0)).2,
+    );
+    assert!(d <= 1, "the batched SDE image differs by {d} levels");
     let d = max_level_difference(
         &decode_png(&json_png(&alone, 0)).2,
         &decode_png(&json_png(&batched, 0)).2,

@@ -74,6 +74,11 @@ async fn every_kind_of_bad_input_is_a_4xx_with_a_stable_code() {
             "invalid_sampler_option",
         ),
         (
+            json!({"sampler": "ddpm", "algorithm_type": "sde-dpmsolver++"}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
             json!({"guidance_rescale": 2}),
             422,
             "invalid_sampler_option",

@@ -92,6 +92,7 @@ mod tests {
             default_steps: 10,
             default_timestep_spacing: None,
             default_variance_type: Default::default(),
+            default_algorithm_type: Default::default(),
             default_thresholding: crate::validate::samples::Thresholding::Static,
             default_dynamic_thresholding: crate::validate::samples::DEFAULT_DYNAMIC_THRESHOLDING,
             default_guidance_rescale: 0.0,

@@ -190,6 +190,7 @@ mod tests {
                 default_steps: 10,
                 default_timestep_spacing: None,
                 default_variance_type: Default::default(),
+                default_algorithm_type: Default::default(),
                 default_thresholding: Thresholding::Static,
                 default_dynamic_thresholding: DEFAULT_DYNAMIC_THRESHOLDING,
                 default_guidance_rescale: 0.0,
