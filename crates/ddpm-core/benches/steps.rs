@@ -107,6 +107,8 @@ fn ours(config: &UNetConfig, batch: i64, device: Device, iters: usize, warmup: u
                 coefficients: &coefficients,
                 clips: &clips,
                 keep_x0: &clips,
+                thresholds: &[],
+                guidance_rescales: &[],
                 noise: None,
                 prev_x0: None,
             },

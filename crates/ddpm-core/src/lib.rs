@@ -38,7 +38,7 @@ pub mod unet;
 
 pub use device::{device_arg, set_cpu_threads, DeviceChoice};
 pub use error::{CoreError, DeviceFault, Result};
-pub use sampler::{SampleSpec, SamplerConfig, SamplerKind};
+pub use sampler::{AncestralVariance, SampleSpec, SamplerConfig, SamplerKind, TimestepSpacing};
 pub use schedule::{NoiseSchedule, ScheduleConfig};
 pub use unet::{Model, UNetConfig};
 

@@ -3,10 +3,13 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use ddpm_core::SamplerKind;
+use ddpm_core::{sampler::DpmSolverAlgorithm, AncestralVariance, SamplerKind, TimestepSpacing};
 use ddpm_service::{parse_duration, CommonOptions};
 
-use crate::watcher::{BestMetric, ServePolicy};
+use crate::{
+    validate::samples::{Thresholding, MAX_SAMPLE_MAX_VALUE},
+    watcher::{BestMetric, ServePolicy},
+};
 
 /// The default sampler of requests that name none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -24,6 +27,91 @@ impl From<DefaultSampler> for SamplerKind {
             DefaultSampler::Ddpm => SamplerKind::Ddpm,
             DefaultSampler::Ddim => SamplerKind::Ddim,
             DefaultSampler::DpmPp2m => SamplerKind::DpmPp2m,
+        }
+    }
+}
+
+/// The timestep spacing of requests that name none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum DefaultSpacing {
+    /// Each sampler's own: trailing for ddpm and ddim, linspace for dpmpp_2m.
+    #[default]
+    Sampler,
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+impl From<DefaultSpacing> for Option<TimestepSpacing> {
+    fn from(s: DefaultSpacing) -> Self {
+        match s {
+            DefaultSpacing::Sampler => None,
+            DefaultSpacing::Leading => Some(TimestepSpacing::Leading),
+            DefaultSpacing::Trailing => Some(TimestepSpacing::Trailing),
+            DefaultSpacing::Linspace => Some(TimestepSpacing::Linspace),
+        }
+    }
+}
+
+/// The ddpm sampler's σ² for requests that name none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum DefaultVariance {
+    /// β̃, the posterior variance.
+    #[default]
+    #[value(name = "fixed_small")]
+    FixedSmall,
+    /// β, the seed's.
+    #[value(name = "fixed_large")]
+    FixedLarge,
+}
+
+impl From<DefaultVariance> for AncestralVariance {
+    fn from(v: DefaultVariance) -> Self {
+        match v {
+            DefaultVariance::FixedSmall => AncestralVariance::FixedSmall,
+            DefaultVariance::FixedLarge => AncestralVariance::FixedLarge,
+        }
+    }
+}
+
+/// The dpmpp_2m sampler's solver for requests that name none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum DefaultAlgorithm {
+    /// The ODE's, deterministic.
+    #[default]
+    #[value(name = "dpmsolver++")]
+    DpmSolverPp,
+    /// The SDE's, fresh noise at every step.
+    #[value(name = "sde-dpmsolver++")]
+    SdeDpmSolverPp,
+}
+
+impl From<DefaultAlgorithm> for DpmSolverAlgorithm {
+    fn from(a: DefaultAlgorithm) -> Self {
+        match a {
+            DefaultAlgorithm::DpmSolverPp => DpmSolverAlgorithm::DpmSolverPp,
+            DefaultAlgorithm::SdeDpmSolverPp => DpmSolverAlgorithm::SdeDpmSolverPp,
+        }
+    }
+}
+
+/// How x̂₀ is kept in range for requests that name no `thresholding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum DefaultThresholding {
+    None,
+    /// Clamped to [−1, 1].
+    #[default]
+    Static,
+    /// Imagen's dynamic thresholding.
+    Dynamic,
+}
+
+impl From<DefaultThresholding> for Thresholding {
+    fn from(t: DefaultThresholding) -> Self {
+        match t {
+            DefaultThresholding::None => Thresholding::None,
+            DefaultThresholding::Static => Thresholding::Static,
+            DefaultThresholding::Dynamic => Thresholding::Dynamic,
         }
     }
 }
@@ -89,6 +177,65 @@ pub struct Config {
     #[arg(long, env = "DDPM_DEFAULT_STEPS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     pub default_steps: u32,
 
+    /// Timestep spacing of requests that name none: `sampler` (each sampler's own,
+    /// trailing for ddpm and ddim, linspace for dpmpp_2m), `leading`, `trailing` or
+    /// `linspace`.
+    #[arg(
+        long,
+        env = "DDPM_DEFAULT_TIMESTEP_SPACING",
+        value_enum,
+        default_value = "sampler"
+    )]
+    pub default_timestep_spacing: DefaultSpacing,
+
+    /// The ddpm sampler's σ² for requests that name none: `fixed_small` (β̃, the
+    /// posterior variance) or `fixed_large` (β).
+    #[arg(
+        long,
+        env = "DDPM_DEFAULT_VARIANCE_TYPE",
+        value_enum,
+        default_value = "fixed_small"
+    )]
+    pub default_variance_type: DefaultVariance,
+
+    /// The dpmpp_2m sampler's solver for requests that name none: `dpmsolver++` (the
+    /// ODE's) or `sde-dpmsolver++` (the SDE's).
+    #[arg(
+        long,
+        env = "DDPM_DEFAULT_ALGORITHM_TYPE",
+        value_enum,
+        default_value = "dpmsolver++"
+    )]
+    pub default_algorithm_type: DefaultAlgorithm,
+
+    /// How x̂₀ is kept in range for requests that name no `thresholding`: `none`,
+    /// `static` (clamped to [−1, 1]) or `dynamic` (Imagen's).
+    #[arg(
+        long,
+        env = "DDPM_DEFAULT_THRESHOLDING",
+        value_enum,
+        default_value = "static"
+    )]
+    pub default_thresholding: DefaultThresholding,
+
+    /// Dynamic thresholding's quantile of |x̂₀| for requests that give none, in (0, 1].
+    #[arg(long, env = "DDPM_DEFAULT_DYNAMIC_THRESHOLDING_RATIO", default_value_t = 0.995, value_parser = parse_ratio)]
+    pub default_dynamic_thresholding_ratio: f64,
+
+    /// Dynamic thresholding's largest bound for requests that give none, in [1, 1000].
+    #[arg(long, env = "DDPM_DEFAULT_SAMPLE_MAX_VALUE", default_value_t = 1.0, value_parser = parse_sample_max_value)]
+    pub default_sample_max_value: f64,
+
+    /// Guidance rescale φ in [0, 1] for requests that give none (0: none).
+    #[arg(long, env = "DDPM_DEFAULT_GUIDANCE_RESCALE", default_value_t = 0.0, value_parser = parse_unit)]
+    pub default_guidance_rescale: f64,
+
+    /// `LO,HI`: guide only at the timesteps LO ≤ t ≤ HI for requests that give no
+    /// `guidance_interval` (unset: every step). Ignored for a model whose T is not above
+    /// HI.
+    #[arg(long, env = "DDPM_DEFAULT_GUIDANCE_INTERVAL", value_parser = parse_interval)]
+    pub default_guidance_interval: Option<(i64, i64)>,
+
     /// How often the registry is asked for a newer checkpoint (PostgreSQL also notifies).
     #[arg(long, env = "DDPM_POLL_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub poll_interval: Duration,
@@ -142,6 +289,39 @@ fn parse_stretch(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && (1.0..=100.0).contains(&v) => Ok(v),
         _ => Err(format!("{s:?} is not a number in [1, 100]")),
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number in (0, 1]")),
+    }
+}
+
+fn parse_unit(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number in [0, 1]")),
+    }
+}
+
+fn parse_interval(s: &str) -> Result<(i64, i64), String> {
+    let parsed = s
+        .split_once(',')
+        .and_then(|(lo, hi)| Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?)));
+    match parsed {
+        Some((lo, hi)) if 0 <= lo && lo <= hi => Ok((lo, hi)),
+        _ => Err(format!("{s:?} is not LO,HI with 0 ≤ LO ≤ HI")),
+    }
+}
+
+fn parse_sample_max_value(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (1.0..=MAX_SAMPLE_MAX_VALUE).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number in [1, {MAX_SAMPLE_MAX_VALUE}]"
+        )),
     }
 }
 
@@ -206,6 +386,14 @@ impl Default for Config {
             max_images_per_request: 64,
             default_sampler: DefaultSampler::Ddpm,
             default_steps: 50,
+            default_timestep_spacing: DefaultSpacing::Sampler,
+            default_variance_type: DefaultVariance::FixedSmall,
+            default_algorithm_type: DefaultAlgorithm::DpmSolverPp,
+            default_thresholding: DefaultThresholding::Static,
+            default_dynamic_thresholding_ratio: 0.995,
+            default_sample_max_value: 1.0,
+            default_guidance_rescale: 0.0,
+            default_guidance_interval: None,
             poll_interval: Duration::from_secs(10),
             request_timeout: Duration::from_secs(120),
             header_read_timeout: Duration::from_secs(15),
@@ -237,6 +425,17 @@ impl std::fmt::Debug for Config {
             .field("max_images_per_request", &self.max_images_per_request)
             .field("default_sampler", &self.default_sampler)
             .field("default_steps", &self.default_steps)
+            .field("default_timestep_spacing", &self.default_timestep_spacing)
+            .field("default_variance_type", &self.default_variance_type)
+            .field("default_algorithm_type", &self.default_algorithm_type)
+            .field("default_thresholding", &self.default_thresholding)
+            .field(
+                "default_dynamic_thresholding_ratio",
+                &self.default_dynamic_thresholding_ratio,
+            )
+            .field("default_sample_max_value", &self.default_sample_max_value)
+            .field("default_guidance_rescale", &self.default_guidance_rescale)
+            .field("default_guidance_interval", &self.default_guidance_interval)
             .field("poll_interval", &self.poll_interval)
             .field("request_timeout", &self.request_timeout)
             .field("header_read_timeout", &self.header_read_timeout)

@@ -29,12 +29,27 @@
 //! x̂₀(t) is the one kept for the next step. Since the update depends on x_t and x̂₀ only,
 //! this is exactly diffusers' scheduler with `thresholding=True` and a plain clamp in place
 //! of its dynamic (percentile) thresholding; the reference tests check both paths.
+//!
+//! SDE variant (`sde: true`, diffusers' `algorithm_type="sde-dpmsolver++"`, Lu et al.
+//! 2022 §5's stochastic DPM-Solver++(2M)): with E = e^{−h} and A' = α_s·(1 − E²), the
+//! step adds fresh noise and damps x_t further:
+//!
+//! - first order: x_s = (σ_s/σ_t)·E·x_t + A'·x̂₀(t) + σ_s·√(1 − E²)·z;
+//! - second order: x_s = (σ_s/σ_t)·E·x_t + A'·(1 + 1/(2r))·x̂₀(t) − A'/(2r)·x̂₀(u)
+//!   + σ_s·√(1 − E²)·z.
+//!
+//! The last step (σ_s = 0, h = ∞) returns x̂₀(t) and adds no noise. Still linear in x_t, ε̃,
+//! x̂₀(u) and z, so it is the same per-sample plan with a noise coefficient; z comes from the
+//! sample's own stream as for DDPM.
 
 use super::{Ddim, Sampler, StepCoefficients};
 use crate::schedule::NoiseSchedule;
 
-#[derive(Debug, Clone, Copy)]
-pub struct DpmSolverPp2m;
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DpmSolverPp2m {
+    /// The stochastic solver (diffusers' `sde-dpmsolver++`) instead of the ODE one.
+    pub sde: bool,
+}
 
 /// α_t = √ᾱ_t, σ_t = √(1−ᾱ_t) and the half log-SNR λ_t = ln(α_t/σ_t) at one timestep.
 #[derive(Debug, Clone, Copy)]
@@ -57,9 +72,17 @@ impl Marginal {
 }
 
 impl Sampler for DpmSolverPp2m {
-    /// The first-order step, DDIM with η = 0.
+    /// The first-order step: DDIM with η = 0 for the ODE solver.
     fn coefficients(&self, schedule: &NoiseSchedule, t: i64, t_prev: i64) -> StepCoefficients {
-        Ddim { eta: 0.0 }.coefficients(schedule, t, t_prev)
+        if self.sde {
+            sde_step(
+                None,
+                Marginal::at(schedule, t),
+                Marginal::at(schedule, t_prev),
+            )
+        } else {
+            Ddim { eta: 0.0 }.coefficients(schedule, t, t_prev)
+        }
     }
 
     /// Second order after a first step, except on the last step (to x̂₀).
@@ -71,6 +94,11 @@ impl Sampler for DpmSolverPp2m {
         t_prev: i64,
     ) -> StepCoefficients {
         match t_before {
+            Some(u) if t_prev >= 0 && self.sde => sde_step(
+                Some(Marginal::at(schedule, u)),
+                Marginal::at(schedule, t),
+                Marginal::at(schedule, t_prev),
+            ),
             Some(u) if t_prev >= 0 => second_order(
                 Marginal::at(schedule, u),
                 Marginal::at(schedule, t),
@@ -93,6 +121,31 @@ fn second_order(u: Marginal, t: Marginal, s: Marginal) -> StepCoefficients {
         eps: -on_x0 * t.sigma / t.alpha,
         noise: 0.0,
         prev_x0: -a * 0.5 / r,
+    }
+}
+
+/// The SDE step t → s, second order when the step before (`u`) is given: x̂₀(t) written
+/// out as (x_t − σ_t·ε̃)/α_t. At σ_s = 0 (the last step) E = 0: x_s = x̂₀(t), no noise.
+fn sde_step(u: Option<Marginal>, t: Marginal, s: Marginal) -> StepCoefficients {
+    let (e, decay) = if s.sigma == 0.0 {
+        (0.0, 0.0)
+    } else {
+        let e = (t.lambda - s.lambda).exp(); // e^{−h}
+        (e, s.sigma / t.sigma * e)
+    };
+    let a = s.alpha * (1.0 - e * e);
+    let (on_x0, prev_x0) = match u {
+        Some(u) => {
+            let r = (t.lambda - u.lambda) / (s.lambda - t.lambda);
+            (a * (1.0 + 0.5 / r), -a * 0.5 / r)
+        }
+        None => (a, 0.0),
+    };
+    StepCoefficients {
+        x: decay + on_x0 / t.alpha,
+        eps: -on_x0 * t.sigma / t.alpha,
+        noise: s.sigma * (1.0 - e * e).sqrt(),
+        prev_x0,
     }
 }
 
@@ -130,13 +183,22 @@ mod tests {
     #[test]
     fn first_and_last_steps_are_first_order() {
         let s = schedule();
-        let first = DpmSolverPp2m.multistep_coefficients(&s, None, 999, 899);
+        let first = DpmSolverPp2m::default().multistep_coefficients(&s, None, 999, 899);
         assert_eq!(first, Ddim { eta: 0.0 }.coefficients(&s, 999, 899));
-        let last = DpmSolverPp2m.multistep_coefficients(&s, Some(200), 100, -1);
+        let last = DpmSolverPp2m::default().multistep_coefficients(&s, Some(200), 100, -1);
         assert_eq!(last.prev_x0, 0.0);
         let ab = s.alpha_cumprod(100);
         assert!((last.x - 1.0 / ab.sqrt()).abs() < 1e-12, "x̂₀ = x/√ᾱ − …");
-        let middle = DpmSolverPp2m.multistep_coefficients(&s, Some(999), 899, 799);
+        let middle = DpmSolverPp2m::default().multistep_coefficients(&s, Some(999), 899, 799);
         assert!(middle.prev_x0 != 0.0 && middle.noise == 0.0);
+        let sde = DpmSolverPp2m { sde: true };
+        let last = sde.multistep_coefficients(&s, Some(200), 100, -1);
+        assert_eq!((last.prev_x0, last.noise), (0.0, 0.0));
+        assert!(
+            (last.x - 1.0 / ab.sqrt()).abs() < 1e-12,
+            "the SDE's last step is x̂₀ too"
+        );
+        let middle = sde.multistep_coefficients(&s, Some(999), 899, 799);
+        assert!(middle.prev_x0 != 0.0 && middle.noise > 0.0);
     }
 }

@@ -32,6 +32,11 @@
 //! x̂₀ and x_t only). Our definition is checked against a computation by hand in
 //! `tests/core/reference.rs` (`clipped_ddim_follows_our_definition_not_diffusers`).
 //!
+//! With [`SamplerConfig::dynamic_thresholding`] x̂₀ is thresholded as Imagen does
+//! ([`DynamicThresholding`], diffusers' `thresholding`) instead of clamped, per sample,
+//! and ε̃ replaced the same way; for DDPM and DPM-Solver++ that is diffusers' step with
+//! `thresholding=True` (checked against it for DDPM in `tests/core/reference.rs`).
+//!
 //! DPM-Solver++(2M) clamps its x̂₀ the same way; as its update depends on x_t and x̂₀ only,
 //! there the clamp is diffusers' thresholding hook with a plain clamp (see `dpmpp`).
 //!
@@ -93,6 +98,65 @@ pub struct PlannedStep {
     /// `Some` when the next step uses this step's x̂₀ (its `prev_x0` is not 0): the
     /// trajectory keeps it (clamped if `clip` is).
     pub keep_x0: Option<Clip>,
+    /// `Some` (only where `clip` is) when x̂₀ is thresholded dynamically instead of
+    /// clamped to [−1, 1].
+    pub threshold: Option<DynamicThresholding>,
+    /// Whether classifier-free guidance applies at this step (outside the plan's guidance
+    /// interval the conditional prediction is used alone, as with w = 1).
+    pub guided: bool,
+}
+
+/// Imagen's dynamic thresholding of x̂₀ (Saharia et al. 2022; diffusers' `thresholding`
+/// with `dynamic_thresholding_ratio` and `sample_max_value`): per sample,
+/// s = clamp(quantile(|x̂₀|, ratio), 1, max_value) and x̂₀ ← clamp(x̂₀, −s, s)/s. With
+/// `max_value = 1` it is the static clamp to [−1, 1].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DynamicThresholding {
+    /// The quantile of |x̂₀| taken as s, in (0, 1] (diffusers' default 0.995).
+    pub ratio: f64,
+    /// The largest s, ≥ 1 (diffusers' `sample_max_value`, default 1).
+    pub max_value: f64,
+}
+
+/// [`DynamicThresholding`] of each row of `x0` (`[B, …]`) with its own setting; rows
+/// with `None` are clamped to [−1, 1]. s is torch's `quantile` with linear interpolation.
+pub fn threshold_x0(x0: &Tensor, settings: &[Option<DynamicThresholding>]) -> Result<Tensor> {
+    let size = x0.size();
+    let b = size.first().copied().unwrap_or(0);
+    if settings.len() as i64 != b {
+        return Err(CoreError::Input(format!(
+            "{} thresholding settings for a batch of {b}",
+            settings.len()
+        )));
+    }
+    let device = x0.device();
+    let column = |f: &dyn Fn(&DynamicThresholding) -> f64, absent: f64| -> Result<Tensor> {
+        let values: Vec<f64> = settings
+            .iter()
+            .map(|s| s.as_ref().map_or(absent, f))
+            .collect();
+        Ok(Tensor::f_from_slice(&values)?
+            .f_to_kind(x0.kind())?
+            .f_to_device(device)?
+            .f_view([b, 1])?) // [B, 1]
+    };
+    let flat = x0.f_reshape([b, -1])?; // [B, N]
+    let n = flat.size()[1];
+    let (sorted, _) = flat.f_abs()?.f_sort(1, false)?; // [B, N]
+                                                       // torch.quantile, "linear": position ratio·(N − 1) between its two neighbours.
+    let position = column(&|s| s.ratio, 1.0)?.f_mul_scalar((n - 1) as f64)?; // [B, 1]
+    let below = position.f_floor()?;
+    let fraction = position.f_sub(&below)?;
+    let below = below.f_to_kind(Kind::Int64)?;
+    let above = below.f_add_scalar(1)?.f_clamp_max(n - 1)?;
+    let low = sorted.f_gather(1, &below, false)?;
+    let high = sorted.f_gather(1, &above, false)?;
+    let quantile = low.f_add(&high.f_sub(&low)?.f_mul(&fraction)?)?; // [B, 1]
+    let s = quantile
+        .f_clamp_min(1.0)?
+        .f_minimum(&column(&|s| s.max_value, 1.0)?)?;
+    let thresholded = flat.f_maximum(&s.f_neg()?)?.f_minimum(&s)?.f_div(&s)?;
+    Ok(thresholded.f_reshape(size.as_slice())?)
 }
 
 /// A reverse-process sampler: the coefficients of one step t → s.
@@ -115,25 +179,35 @@ pub trait Sampler {
     }
 }
 
-/// Which timesteps a trajectory of n < T steps visits (diffusers' `timestep_spacing`).
+/// Which timesteps a trajectory of n < T steps visits (diffusers' `timestep_spacing`,
+/// with `steps_offset = 0`). Diffusers' schedulers do not agree on two of the names, so
+/// each sampler follows the scheduler it ports ([`TimestepSpacing::timesteps_for`]):
+/// `leading` of DPM-Solver++ and `linspace` of DDPM and DDIM differ from the
+/// definitions of [`TimestepSpacing::timesteps`] (the other samplers').
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestepSpacing {
-    /// `k·⌊T/n⌋` for k = n−1…0: starts below T−1 (DDIM paper, diffusers' default).
+    /// `k·⌊T/n⌋` for k = n−1…0: starts below T−1 (DDIM paper, diffusers' default). For
+    /// DPM-Solver++ `k·⌊T/(n+1)⌋` for k = n…1 (its scheduler's).
     Leading,
     /// `round(T − k·T/n) − 1` for k = 0…n−1: always starts at T−1, from pure noise
-    /// (Lin et al. 2024 show this is the better choice for few steps).
+    /// (Lin et al. 2024 show this is the better choice for few steps). Rounds halves away
+    /// from zero where numpy (diffusers) rounds them to even: the two differ by one at the
+    /// timesteps where k·T/n falls on a half (n = 16, 48, 64, … for T = 1000).
     #[default]
     Trailing,
     /// `round(k·(T−1)/n)` for k = n…1, ties to even (numpy's `linspace(0, T−1, n+1)`
     /// rounded, without its 0): starts at T−1 and ends near (T−1)/n. Diffusers' default
     /// for DPM-Solver++. For n ≥ T, where that repeats a timestep (and diffusers' second
-    /// order step divides by a zero step in λ), every timestep T−1…0.
+    /// order step divides by a zero step in λ), every timestep T−1…0. For DDPM and DDIM
+    /// `round(k·(T−1)/(n−1))` for k = n−1…0 (their schedulers' `linspace(0, T−1, n)`,
+    /// which ends at t = 0).
     Linspace,
 }
 
 impl TimestepSpacing {
-    /// The descending timesteps of an n-step trajectory over T.
+    /// The descending timesteps of an n-step trajectory over T (DDPM's and DDIM's
+    /// `leading` and `trailing`, DPM-Solver++'s `trailing` and `linspace`).
     pub fn timesteps(self, t_max: usize, steps: usize) -> Vec<i64> {
         let (t_max_i, n) = (t_max as i64, steps as i64);
         match self {
@@ -158,6 +232,55 @@ impl TimestepSpacing {
             }
         }
     }
+
+    /// The descending timesteps of an n-step trajectory of `kind` over T, as diffusers'
+    /// scheduler that the sampler ports defines them (see the variants).
+    pub fn timesteps_for(self, kind: SamplerKind, t_max: usize, steps: usize) -> Vec<i64> {
+        let n = steps as i64;
+        match (kind, self) {
+            (SamplerKind::DpmPp2m, TimestepSpacing::Leading) if steps >= t_max => {
+                (0..t_max as i64).rev().collect()
+            }
+            (SamplerKind::DpmPp2m, TimestepSpacing::Leading) => {
+                let ratio = t_max as i64 / (n + 1);
+                (1..=n).rev().map(|k| k * ratio).collect()
+            }
+            (SamplerKind::Ddpm | SamplerKind::Ddim, TimestepSpacing::Linspace) if n > 1 => {
+                // numpy: linspace(0, T − 1, n) = k·step with step = (T − 1)/(n − 1).
+                let step = (t_max - 1) as f64 / (n - 1) as f64;
+                (0..n)
+                    .rev()
+                    .map(|k| (k as f64 * step).round_ties_even() as i64)
+                    .collect()
+            }
+            (SamplerKind::Ddpm | SamplerKind::Ddim, TimestepSpacing::Linspace) => vec![0],
+            _ => self.timesteps(t_max, steps),
+        }
+    }
+}
+
+/// Which DPM-Solver++(2M) (diffusers' `algorithm_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum DpmSolverAlgorithm {
+    /// The diffusion ODE's solver, deterministic.
+    #[default]
+    #[serde(rename = "dpmsolver++")]
+    DpmSolverPp,
+    /// The stochastic one (Lu et al. 2022 §5): fresh noise at every step.
+    #[serde(rename = "sde-dpmsolver++")]
+    SdeDpmSolverPp,
+}
+
+/// σ² of the noise an ancestral DDPM step t → s adds (diffusers' `variance_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AncestralVariance {
+    /// σ² = β̃ = (1−ᾱ_s)/(1−ᾱ_t)·β', the posterior variance (the lower bound of Ho et al.).
+    #[default]
+    FixedSmall,
+    /// σ² = β' = 1 − ᾱ_t/ᾱ_s (β_t for consecutive steps): the upper bound, what the seed
+    /// and the PyTorch reference use.
+    FixedLarge,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,6 +336,24 @@ pub struct SamplerConfig {
     /// with it (for DDIM not diffusers' `clip_sample`: see the module's doc).
     #[serde(default = "default_clip")]
     pub clip_denoised: bool,
+    /// Threshold x̂₀ dynamically instead of clamping it (only with `clip_denoised`).
+    #[serde(default)]
+    pub dynamic_thresholding: Option<DynamicThresholding>,
+    /// Guidance rescale φ in [0, 1] (Lin et al. 2024, diffusers' `guidance_rescale`);
+    /// 0: none.
+    #[serde(default)]
+    pub guidance_rescale: f64,
+    /// Guidance only at the timesteps t_lo ≤ t ≤ t_hi (Kynkäänniemi et al. 2024); at the
+    /// others the conditional prediction alone, which saves its unconditional evaluation.
+    /// `None`: at every step.
+    #[serde(default)]
+    pub guidance_interval: Option<(i64, i64)>,
+    /// DPM-Solver++(2M)'s ODE (default) or SDE solver; only DPM-Solver++ reads it.
+    #[serde(default)]
+    pub dpm_solver: DpmSolverAlgorithm,
+    /// DDPM's σ²: β̃ (default) or β; only DDPM reads it.
+    #[serde(default)]
+    pub variance: AncestralVariance,
 }
 
 fn default_clip() -> bool {
@@ -228,6 +369,11 @@ impl SamplerConfig {
             eta: 0.0,
             spacing: TimestepSpacing::Trailing,
             clip_denoised: true,
+            dynamic_thresholding: None,
+            guidance_rescale: 0.0,
+            guidance_interval: None,
+            dpm_solver: DpmSolverAlgorithm::DpmSolverPp,
+            variance: AncestralVariance::FixedSmall,
         }
     }
 
@@ -239,6 +385,11 @@ impl SamplerConfig {
             eta: 0.0,
             spacing: TimestepSpacing::Trailing,
             clip_denoised: true,
+            dynamic_thresholding: None,
+            guidance_rescale: 0.0,
+            guidance_interval: None,
+            dpm_solver: DpmSolverAlgorithm::DpmSolverPp,
+            variance: AncestralVariance::FixedSmall,
         }
     }
 
@@ -250,6 +401,11 @@ impl SamplerConfig {
             eta: 0.0,
             spacing: SamplerKind::DpmPp2m.default_spacing(),
             clip_denoised: true,
+            dynamic_thresholding: None,
+            guidance_rescale: 0.0,
+            guidance_interval: None,
+            dpm_solver: DpmSolverAlgorithm::DpmSolverPp,
+            variance: AncestralVariance::FixedSmall,
         }
     }
 
@@ -267,6 +423,32 @@ impl SamplerConfig {
                 format!("must be in [0, 1], got {}", self.eta),
             ));
         }
+        if !(0.0..=1.0).contains(&self.guidance_rescale) {
+            return Err(CoreError::config(
+                "guidance_rescale",
+                format!("must be in [0, 1], got {}", self.guidance_rescale),
+            ));
+        }
+        if let Some((lo, hi)) = self.guidance_interval {
+            if !(0 <= lo && lo <= hi && hi < t_max as i64) {
+                return Err(CoreError::config(
+                    "guidance_interval",
+                    format!("must be timesteps 0 ≤ lo ≤ hi < {t_max}, got [{lo}, {hi}]"),
+                ));
+            }
+        }
+        if let Some(d) = self.dynamic_thresholding {
+            let valid = d.ratio > 0.0 && d.ratio <= 1.0 && (1.0..=f64::MAX).contains(&d.max_value);
+            if !valid {
+                return Err(CoreError::config(
+                    "dynamic_thresholding",
+                    format!(
+                        "ratio must be in (0, 1] and max_value a finite number ≥ 1, got {} and {}",
+                        d.ratio, d.max_value
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -274,11 +456,17 @@ impl SamplerConfig {
     pub fn plan(&self, schedule: &NoiseSchedule) -> Result<Vec<PlannedStep>> {
         self.validate(schedule)?;
         let sampler: Box<dyn Sampler> = match self.kind {
-            SamplerKind::Ddpm => Box::new(Ddpm),
+            SamplerKind::Ddpm => Box::new(Ddpm {
+                variance: self.variance,
+            }),
             SamplerKind::Ddim => Box::new(Ddim { eta: self.eta }),
-            SamplerKind::DpmPp2m => Box::new(DpmSolverPp2m),
+            SamplerKind::DpmPp2m => Box::new(DpmSolverPp2m {
+                sde: self.dpm_solver == DpmSolverAlgorithm::SdeDpmSolverPp,
+            }),
         };
-        let ts = self.spacing.timesteps(schedule.timesteps(), self.steps);
+        let ts = self
+            .spacing
+            .timesteps_for(self.kind, schedule.timesteps(), self.steps);
         let mut plan: Vec<PlannedStep> = ts
             .iter()
             .enumerate()
@@ -293,6 +481,10 @@ impl SamplerConfig {
                     coefficients: sampler.multistep_coefficients(schedule, before, t, prev),
                     clip: self.clip_denoised.then(|| Clip::at(schedule, t)),
                     keep_x0: None,
+                    threshold: self.dynamic_thresholding.filter(|_| self.clip_denoised),
+                    guided: self
+                        .guidance_interval
+                        .is_none_or(|(lo, hi)| (lo..=hi).contains(&t)),
                 }
             })
             .collect();
@@ -329,6 +521,11 @@ pub struct DenoiseBatch<'a> {
     pub clips: &'a [Option<Clip>],
     /// Per sample: return its x̂₀ too (for a multistep sampler's next step), or not.
     pub keep_x0: &'a [Option<Clip>],
+    /// Per sample: threshold x̂₀ dynamically where it clips, or (`None`) clamp it. May be
+    /// empty when no sample does.
+    pub thresholds: &'a [Option<DynamicThresholding>],
+    /// Per sample: guidance rescale φ. May be empty when every φ is 0.
+    pub guidance_rescales: &'a [f64],
     /// `[B, C, H, W]` standard-normal z; may be `None` when every `coefficients.noise` is 0.
     pub noise: Option<&'a Tensor>,
     /// `[B, C, H, W]` x̂₀ of each sample's previous step (any finite value where
@@ -367,7 +564,14 @@ pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Denoised> {
     let device = batch.x.device();
     let _guard = tch::no_grad_guard();
     let t = timestep_tensor(batch.timesteps, device)?;
-    let mut eps = guided_epsilon(model, batch.x, &t, batch.labels, batch.guidance_scales)?;
+    let mut eps = guided_epsilon(
+        model,
+        batch.x,
+        &t,
+        batch.labels,
+        batch.guidance_scales,
+        batch.guidance_rescales,
+    )?;
     let per_sample = |v: Vec<f32>| -> Result<Tensor> {
         Ok(Tensor::f_from_slice(&v)?
             .f_to_device(device)?
@@ -398,7 +602,11 @@ pub fn denoise_step(model: &Model, batch: &DenoiseBatch) -> Result<Denoised> {
         // x̂₀ [B, C, H, W]
         let mut predicted = batch.x.f_sub(&eps.f_mul(&sigma)?)?.f_div(&sqrt_ab)?;
         if clips {
-            let clipped = predicted.f_clamp(-1.0, 1.0)?;
+            let clipped = if batch.thresholds.iter().any(Option::is_some) {
+                threshold_x0(&predicted, batch.thresholds)?
+            } else {
+                predicted.f_clamp(-1.0, 1.0)?
+            };
             let eps_hat = batch.x.f_sub(&clipped.f_mul(&sqrt_ab)?)?.f_div(&sigma)?;
             let mask = per_sample(
                 batch
@@ -447,7 +655,8 @@ impl SampleSpec {
     /// Network evaluations (batch rows) one step of this sample costs: 2 for a guided
     /// conditional sample (its conditional and unconditional halves), else 1. Mirrors
     /// [`crate::guidance::guided_epsilon`], which adds the unconditional row exactly when
-    /// a class is given and w ≠ 1.
+    /// a class is given and w ≠ 1. With a guidance interval it is an upper bound: the
+    /// steps outside the interval cost 1.
     pub fn rows_per_step(&self) -> usize {
         if self.label.is_some() && self.guidance_scale != 1.0 {
             2
@@ -600,10 +809,26 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
     let x = Tensor::f_stack(&xs, 0)?; // [B, C, H, W]
     let timesteps: Vec<i64> = batch.iter().map(|t| t.current().timestep).collect();
     let labels: Vec<i64> = batch.iter().map(|t| t.label).collect();
-    let guidance: Vec<f64> = batch.iter().map(|t| t.spec.guidance_scale).collect();
+    // Outside its guidance interval a sample is conditional only (w = 1: one row).
+    let guidance: Vec<f64> = batch
+        .iter()
+        .map(|t| {
+            if t.current().guided {
+                t.spec.guidance_scale
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let rescales: Vec<f64> = batch
+        .iter()
+        .map(|t| t.spec.sampler.guidance_rescale)
+        .collect();
     let coefficients: Vec<StepCoefficients> =
         batch.iter().map(|t| t.current().coefficients).collect();
     let clips: Vec<Option<Clip>> = batch.iter().map(|t| t.current().clip).collect();
+    let thresholds: Vec<Option<DynamicThresholding>> =
+        batch.iter().map(|t| t.current().threshold).collect();
     let keep_x0: Vec<Option<Clip>> = batch.iter().map(|t| t.keeps_x0()).collect();
     let prev_x0 = if coefficients.iter().any(|c| c.prev_x0 != 0.0) {
         let rows = batch
@@ -642,6 +867,8 @@ pub fn step_trajectories(model: &Model, batch: &mut [&mut Trajectory]) -> Result
             coefficients: &coefficients,
             clips: &clips,
             keep_x0: &keep_x0,
+            thresholds: &thresholds,
+            guidance_rescales: &rescales,
             noise: noise.as_ref(),
             prev_x0: prev_x0.as_ref(),
         },
@@ -805,6 +1032,11 @@ mod tests {
                 eta: 0.0,
                 spacing: TimestepSpacing::Leading,
                 clip_denoised: false,
+                dynamic_thresholding: None,
+                guidance_rescale: 0.0,
+                guidance_interval: None,
+                dpm_solver: DpmSolverAlgorithm::DpmSolverPp,
+                variance: AncestralVariance::FixedLarge,
             },
             SamplerConfig::dpmpp_2m(1),
             SamplerConfig::dpmpp_2m(2),
@@ -812,6 +1044,10 @@ mod tests {
             SamplerConfig {
                 spacing: TimestepSpacing::Trailing,
                 ..SamplerConfig::dpmpp_2m(7)
+            },
+            SamplerConfig {
+                dpm_solver: DpmSolverAlgorithm::SdeDpmSolverPp,
+                ..SamplerConfig::dpmpp_2m(9)
             },
         ] {
             let mut x = 1.3; // x_T
@@ -836,6 +1072,30 @@ mod tests {
         c.steps = 10;
         c.eta = f64::NAN;
         assert!(c.plan(&s).unwrap_err().to_string().contains("eta"));
+        c.eta = 0.0;
+        for (ratio, max_value) in [(0.0, 1.0), (1.5, 1.0), (0.9, 0.5), (0.9, f64::INFINITY)] {
+            c.dynamic_thresholding = Some(DynamicThresholding { ratio, max_value });
+            assert!(c.plan(&s).is_err(), "{ratio} {max_value}");
+        }
+        c.dynamic_thresholding = None;
+        c.guidance_rescale = 1.5;
+        assert!(c
+            .plan(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("guidance_rescale"));
+        c.guidance_rescale = 0.5;
+        for interval in [(-1, 10), (10, 5), (0, 1000)] {
+            c.guidance_interval = Some(interval);
+            assert!(c.plan(&s).is_err(), "{interval:?}");
+        }
+        c.guidance_interval = Some((0, 500));
+        let guided: Vec<bool> = c.plan(&s).unwrap().iter().map(|p| p.guided).collect();
+        assert_eq!(
+            guided,
+            [[false; 5], [true; 5]].concat(),
+            "999…99: guided at ≤ 500"
+        );
         assert!("euler".parse::<SamplerKind>().is_err());
     }
 }

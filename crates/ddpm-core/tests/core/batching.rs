@@ -30,7 +30,7 @@ fn single_pass_guidance_equals_two_passes_per_sample() {
     // Guided, guided, w = 1 (no unconditional half), unconditional (null label), w = 0.
     let labels = [0i64, 2, 1, 3, 1];
     let scales = [3.0, 7.5, 1.0, 4.0, 0.0];
-    let eps = guided_epsilon(&model, &x, &t, &labels, &scales).unwrap();
+    let eps = guided_epsilon(&model, &x, &t, &labels, &scales, &[]).unwrap();
 
     let cond = model
         .net
@@ -63,6 +63,11 @@ fn an_image_depends_only_on_its_own_seed_and_settings() {
         eta: 0.0,
         spacing: TimestepSpacing::Leading,
         clip_denoised: true,
+        dynamic_thresholding: None,
+        guidance_rescale: 0.0,
+        guidance_interval: None,
+        dpm_solver: Default::default(),
+        variance: Default::default(),
     };
     let stochastic_ddim = SamplerConfig {
         eta: 1.0,
@@ -224,5 +229,115 @@ fn tracking_x0_exposes_the_prediction_without_changing_the_sample() {
         }
         .rows_per_step(),
         1
+    );
+}
+
+/// A dynamically thresholded sample is the same alone and batched with samples that clamp
+/// or do not clip at all; with `max_value = 1` it is the static clamp, bit for bit.
+#[test]
+fn dynamic_thresholding_is_per_sample() {
+    use ddpm_core::sampler::DynamicThresholding;
+    let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
+    let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let dynamic = |ratio, max_value| SamplerConfig {
+        dynamic_thresholding: Some(DynamicThresholding { ratio, max_value }),
+        ..SamplerConfig::ddpm(12)
+    };
+    let spec = |seed, sampler| SampleSpec {
+        label: Some(2),
+        guidance_scale: 4.0,
+        seed,
+        sampler,
+    };
+    let target = spec(9, dynamic(0.9, 1.5));
+    let alone = sample(&model, &schedule, &[target], 1).unwrap();
+    let unclipped = SamplerConfig {
+        clip_denoised: false,
+        ..SamplerConfig::ddim(7)
+    };
+    let batched = sample(
+        &model,
+        &schedule,
+        &[
+            spec(1, SamplerConfig::ddpm(12)),
+            target,
+            spec(2, unclipped),
+            spec(3, dynamic(0.5, 3.0)),
+        ],
+        4,
+    )
+    .unwrap();
+    let d = f64::try_from(alone.get(0).f_sub(&batched.get(1)).unwrap().abs().max()).unwrap();
+    assert!(d < 1e-4, "batched differs by {d}");
+    let plain = sample(&model, &schedule, &[spec(9, SamplerConfig::ddpm(12))], 1).unwrap();
+    assert!(!plain.equal(&alone), "the thresholding acts");
+    let unit = sample(&model, &schedule, &[spec(9, dynamic(0.7, 1.0))], 1).unwrap();
+    assert!(plain.equal(&unit), "max_value 1 is the static clamp");
+}
+
+/// Guidance rescale and the guidance interval are per sample: the same alone and batched
+/// with samples without them. An interval that holds every step is no interval, bit for
+/// bit; one that holds none is the conditional prediction alone (w = 1).
+#[test]
+fn guidance_rescale_and_interval_are_per_sample() {
+    let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
+    let schedule = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let spec = |seed, w, sampler| SampleSpec {
+        label: Some(1),
+        guidance_scale: w,
+        seed,
+        sampler,
+    };
+    let with = |rescale, interval| SamplerConfig {
+        guidance_rescale: rescale,
+        guidance_interval: interval,
+        ..SamplerConfig::ddim(10)
+    };
+    let target = spec(4, 5.0, with(0.7, Some((200, 800))));
+    let alone = sample(&model, &schedule, &[target], 1).unwrap();
+    let batched = sample(
+        &model,
+        &schedule,
+        &[
+            spec(1, 3.0, SamplerConfig::ddpm(10)),
+            target,
+            spec(2, 5.0, with(0.0, Some((0, 500)))),
+            spec(3, 2.0, with(1.0, None)),
+        ],
+        4,
+    )
+    .unwrap();
+    let d = f64::try_from(alone.get(0).f_sub(&batched.get(1)).unwrap().abs().max()).unwrap();
+    assert!(d < 1e-4, "batched differs by {d}");
+
+    let plain = sample(&model, &schedule, &[spec(4, 5.0, with(0.0, None))], 1).unwrap();
+    assert!(!plain.equal(&alone), "the options act");
+    let everywhere = sample(
+        &model,
+        &schedule,
+        &[spec(4, 5.0, with(0.0, Some((0, 999))))],
+        1,
+    )
+    .unwrap();
+    assert!(
+        plain.equal(&everywhere),
+        "an interval of every step is none"
+    );
+    let nowhere = sample(
+        &model,
+        &schedule,
+        &[spec(4, 5.0, with(0.0, Some((0, 0))))],
+        1,
+    )
+    .unwrap();
+    let conditional = sample(&model, &schedule, &[spec(4, 1.0, with(0.0, None))], 1).unwrap();
+    assert!(
+        conditional.equal(&nowhere),
+        "outside the interval: conditional only"
+    );
+    let rescaled_unguided = sample(&model, &schedule, &[spec(4, 1.0, with(0.8, None))], 1).unwrap();
+    assert!(
+        conditional.equal(&rescaled_unguided),
+        "nothing to rescale without guidance"
     );
 }

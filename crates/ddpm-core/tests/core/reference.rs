@@ -1,8 +1,11 @@
 //! Numbers checked against independent implementations. The vectors and the scripts that
 //! produced them sit in `tests/reference/` (see the scripts' headers to regenerate):
-//! - `scheduler_vectors.json`: Hugging Face diffusers' `DDPMScheduler`/`DDIMScheduler`;
+//! - `scheduler_vectors.json`: Hugging Face diffusers' `DDPMScheduler`/`DDIMScheduler`
+//!   (steps, σ² = β̃ and β, dynamic thresholding) and the three `timestep_spacing`s of those and of
+//!   `DPMSolverMultistepScheduler`;
 //! - `dpmpp_vectors.json`: diffusers' `DPMSolverMultistepScheduler` (DPM-Solver++(2M)):
-//!   timesteps, single steps and whole trajectories under a fake ε, unclipped and clipped;
+//!   timesteps, single steps and whole trajectories under a fake ε, unclipped and clipped,
+//!   and of its `sde-dpmsolver++` with the noise given;
 //! - `seed_unet_state_dict.json`: the seed's PyTorch `UNet_conditional(num_classes=10)`;
 //! - `tiny_state_dict.json`, `tiny_forward.safetensors`: the generalised PyTorch UNet at
 //!   the tiny config, its (float16-exact) weights, inputs and float32 output;
@@ -13,8 +16,8 @@
 use ddpm_core::{
     noise::SampleRng,
     sampler::{
-        sample, step_trajectories, Ddim, Ddpm, PlannedStep, Sampler, SamplerKind, TimestepSpacing,
-        Trajectory,
+        sample, step_trajectories, threshold_x0, AncestralVariance, Ddim, Ddpm, DpmSolverAlgorithm,
+        DynamicThresholding, PlannedStep, Sampler, SamplerKind, TimestepSpacing, Trajectory,
     },
     Model, NoiseSchedule, SampleSpec, SamplerConfig, ScheduleConfig, UNetConfig,
 };
@@ -109,14 +112,54 @@ fn ddpm_steps_match_diffusers() {
         floats(&v["inputs"]["z"]),
     );
     let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let (mut large, mut thresholded) = (0, 0);
     for case in v["ddpm"]["cases"].as_array().unwrap() {
         let (t, prev) = (
             case["t"].as_i64().unwrap(),
             case["prev_t"].as_i64().unwrap(),
         );
-        let ours = step(Ddpm.coefficients(&s, t, prev), &x, &eps, &z);
+        let variance = match case["variance_type"].as_str().unwrap() {
+            "fixed_small" => AncestralVariance::FixedSmall,
+            "fixed_large" => {
+                large += 1;
+                AncestralVariance::FixedLarge
+            }
+            other => panic!("variance_type {other}"),
+        };
+        // Thresholded: the step from x_t and the ε consistent with the thresholded x̂₀.
+        let eps = match case["thresholding"].as_array() {
+            None => eps.clone(),
+            Some(setting) => {
+                thresholded += 1;
+                let setting = DynamicThresholding {
+                    ratio: setting[0].as_f64().unwrap(),
+                    max_value: setting[1].as_f64().unwrap(),
+                };
+                let ab = s.alpha_cumprod(t);
+                let x0: Vec<f64> = x
+                    .iter()
+                    .zip(&eps)
+                    .map(|(x, e)| (x - (1.0 - ab).sqrt() * e) / ab.sqrt())
+                    .collect();
+                let x0 = Tensor::from_slice(&x0).view([2, -1]); // [B, C·H·W]
+                let x0 = threshold_x0(&x0, &[Some(setting); 2]).unwrap();
+                let x0 = Vec::<f64>::try_from(x0.flatten(0, -1)).unwrap();
+                assert_close(
+                    &format!("thresholded x̂₀ t={t} {setting:?}"),
+                    &x0,
+                    &floats(&case["pred_original_sample"]),
+                    1e-12,
+                    1e-12,
+                );
+                x.iter()
+                    .zip(&x0)
+                    .map(|(x, x0)| (x - ab.sqrt() * x0) / (1.0 - ab).sqrt())
+                    .collect()
+            }
+        };
+        let ours = step(Ddpm { variance }.coefficients(&s, t, prev), &x, &eps, &z);
         assert_close(
-            &format!("ddpm t={t}→{prev}"),
+            &format!("ddpm {variance:?} t={t}→{prev}"),
             &ours,
             &floats(&case["prev_sample"]),
             1e-9,
@@ -130,7 +173,14 @@ fn ddpm_steps_match_diffusers() {
         eta: 0.0,
         spacing: TimestepSpacing::Leading,
         clip_denoised: false,
+        dynamic_thresholding: None,
+        guidance_rescale: 0.0,
+        guidance_interval: None,
+        dpm_solver: Default::default(),
+        variance: AncestralVariance::FixedSmall,
     };
+    assert!(large >= 5, "fixed_large cases: {large}");
+    assert!(thresholded >= 12, "thresholded cases: {thresholded}");
     let plan: Vec<i64> = cfg.plan(&s).unwrap().iter().map(|p| p.timestep).collect();
     let expected: Vec<i64> = v["ddpm"]["set_timesteps_50"]
         .as_array()
@@ -678,4 +728,171 @@ fn tiny_forward_matches_pytorch_numerically() {
     let eps = tch::no_grad(|| model.net.forward(&x, &t, Some(&y)));
     let diff = (&eps - &expected).abs().max().double_value(&[]);
     assert!(diff < 1e-4, "max |Δ| vs PyTorch = {diff}");
+}
+
+/// Every spacing of every sampler visits diffusers' timesteps for its scheduler (DDPM →
+/// `DDPMScheduler`, DDIM → `DDIMScheduler`, DPM-Solver++(2M) → `DPMSolverMultistepScheduler`),
+/// except trailing's documented rounding of halves (away from zero here, to even there).
+#[test]
+fn spacings_match_diffusers_schedulers() {
+    let v = json("scheduler_vectors.json");
+    let spacings = v["spacings"].as_object().unwrap();
+    assert_eq!(spacings.len(), 9, "three schedulers × three spacings");
+    let mut halves = 0;
+    for (name, runs) in spacings {
+        let (scheduler, spacing) = name.split_once('_').unwrap();
+        let kind = match scheduler {
+            "ddpm" => SamplerKind::Ddpm,
+            "ddim" => SamplerKind::Ddim,
+            "dpmsolver" => SamplerKind::DpmPp2m,
+            other => panic!("scheduler {other}"),
+        };
+        let spacing: TimestepSpacing = serde_json::from_value(Value::from(spacing)).unwrap();
+        for (n, expected) in runs.as_object().unwrap() {
+            let n: usize = n.parse().unwrap();
+            let expected = ints(expected);
+            let ours = spacing.timesteps_for(kind, 1000, n);
+            assert_eq!(ours.len(), expected.len(), "{name} n={n}");
+            for (k, (a, e)) in ours.iter().zip(&expected).enumerate() {
+                let half = (k as f64 * 1000.0 / n as f64).fract() == 0.5;
+                if spacing == TimestepSpacing::Trailing && half && a != e {
+                    assert_eq!(*a, e + 1, "{name} n={n} k={k}: half rounded away from 0");
+                    halves += 1;
+                } else {
+                    assert_eq!(a, e, "{name} n={n} k={k}: {ours:?} vs {expected:?}");
+                }
+            }
+            // The plan visits them too.
+            let plan = SamplerConfig {
+                kind,
+                steps: n,
+                eta: 0.0,
+                spacing,
+                clip_denoised: true,
+                dynamic_thresholding: None,
+                guidance_rescale: 0.0,
+                guidance_interval: None,
+                dpm_solver: Default::default(),
+                variance: AncestralVariance::FixedSmall,
+            }
+            .plan(&NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap())
+            .unwrap();
+            let visited: Vec<i64> = plan.iter().map(|p| p.timestep).collect();
+            assert_eq!(visited, ours, "{name} n={n}");
+        }
+    }
+    assert!(halves > 0, "the rounding difference is exercised");
+}
+
+/// A config that does not name the new options (as stored configs and requests written
+/// before them) samples bit-identically to one that names their defaults, for every
+/// sampler.
+#[test]
+fn unset_options_sample_as_their_explicit_defaults() {
+    let _rng = exclusive_rng();
+    let model = Model::new(&micro_config(3), Device::Cpu).unwrap();
+    let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    for (kind, spacing) in [
+        ("ddpm", "trailing"),
+        ("ddim", "trailing"),
+        ("dpmpp_2m", "linspace"),
+    ] {
+        let implicit: SamplerConfig = serde_json::from_value(serde_json::json!({
+            "kind": kind, "steps": 8, "spacing": spacing,
+        }))
+        .unwrap();
+        let explicit: SamplerConfig = serde_json::from_value(serde_json::json!({
+            "kind": kind, "steps": 8, "spacing": spacing, "eta": 0.0,
+            "clip_denoised": true, "variance": "fixed_small", "dynamic_thresholding": null, "guidance_rescale": 0.0, "guidance_interval": null, "dpm_solver": "dpmsolver++",
+        }))
+        .unwrap();
+        let spec = |sampler| SampleSpec {
+            label: Some(1),
+            guidance_scale: 2.0,
+            seed: 5,
+            sampler,
+        };
+        let a = sample(&model, &s, &[spec(implicit)], 4).unwrap();
+        let b = sample(&model, &s, &[spec(explicit)], 4).unwrap();
+        assert!(a.equal(&b), "{kind}: not bit-identical");
+    }
+}
+
+/// Guidance rescale against diffusers' `rescale_noise_cfg`, each row with its own φ.
+#[test]
+fn guidance_rescale_matches_diffusers() {
+    let v = json("scheduler_vectors.json");
+    let r = &v["guidance_rescale"];
+    let guided = Tensor::from_slice(&floats(&r["guided"])).view([2, 3, 4, 4]);
+    let cond = Tensor::from_slice(&floats(&v["inputs"]["eps"])).view([2, 3, 4, 4]);
+    let cases = r["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    let phi = |c: &Value| c["guidance_rescale"].as_f64().unwrap();
+    let rows = |c: &Value| floats(&c["rescaled"]);
+    for (a, b) in [(0, 0), (1, 1), (2, 3), (3, 1)] {
+        let ours = ddpm_core::guidance::rescale_guidance(
+            &guided,
+            &cond,
+            &[phi(&cases[a]), phi(&cases[b])],
+        )
+        .unwrap();
+        let ours = Vec::<f64>::try_from(ours.flatten(0, -1)).unwrap();
+        let expected = [&rows(&cases[a])[..48], &rows(&cases[b])[48..]].concat();
+        assert_close(
+            &format!("rescale φ = {}, {}", phi(&cases[a]), phi(&cases[b])),
+            &ours,
+            &expected,
+            1e-12,
+            1e-12,
+        );
+    }
+}
+
+/// The SDE solver (diffusers' `algorithm_type="sde-dpmsolver++"`) as whole trajectories
+/// under the fake ε with the same noise fed to both sides: each step's z is the
+/// vectors' `noises[k]`, unclipped and clipped.
+#[test]
+fn dpmpp_2m_sde_trajectories_match_diffusers() {
+    let v = json("dpmpp_vectors.json");
+    let (x_t, e) = (floats(&v["inputs"]["x"]), floats(&v["inputs"]["eps"]));
+    let s = NoiseSchedule::new(ScheduleConfig::default(), Device::Cpu).unwrap();
+    let runs = v["sde_trajectories"].as_object().unwrap();
+    assert!(runs.len() >= 6);
+    let mut worst: f64 = 0.0;
+    for (name, run) in runs {
+        let n = run["num_inference_steps"].as_u64().unwrap() as usize;
+        let plan = SamplerConfig {
+            clip_denoised: run["clip"].as_bool().unwrap(),
+            dpm_solver: DpmSolverAlgorithm::SdeDpmSolverPp,
+            ..SamplerConfig::dpmpp_2m(n)
+        }
+        .plan(&s)
+        .unwrap();
+        let timesteps: Vec<i64> = plan.iter().map(|p| p.timestep).collect();
+        assert_eq!(timesteps, ints(&run["timesteps"]), "{name}");
+        let samples = run["samples"].as_array().unwrap();
+        let noises = run["noises"].as_array().unwrap();
+        assert_eq!(samples.len(), n);
+        let (mut x, mut prev_x0) = (x_t.clone(), vec![0.0; x_t.len()]);
+        for (i, step) in plan.iter().enumerate() {
+            let (x0, eps) = predicted_x0(&s, step, &x, &fake_eps(&x, step.timestep, &e));
+            let z = floats(&noises[i]);
+            let c = step.coefficients;
+            assert_eq!(
+                c.noise == 0.0,
+                i + 1 == n,
+                "{name} step {i}: noise but on the last"
+            );
+            x = (0..x.len())
+                .map(|j| c.x * x[j] + c.eps * eps[j] + c.noise * z[j] + c.prev_x0 * prev_x0[j])
+                .collect();
+            if step.keep_x0.is_some() {
+                prev_x0 = x0;
+            }
+            let expected = floats(&samples[i]);
+            assert_close(&format!("{name} step {i}"), &x, &expected, 1e-9, 1e-10);
+            worst = worst.max(max_abs_diff(&x, &expected));
+        }
+    }
+    eprintln!("sde-dpmsolver++ trajectories: max |Δ| vs diffusers (float64) = {worst:e}");
 }

@@ -92,10 +92,10 @@ def float64_step():
         dpm_mod.torch = orig
 
 
-def scheduler(float64, clip=False):
+def scheduler(float64, clip=False, algorithm_type="dpmsolver++"):
     s = DPMSolverMultistepScheduler(
         num_train_timesteps=T, beta_start=BETA_START, beta_end=BETA_END,
-        beta_schedule="linear", thresholding=clip)
+        beta_schedule="linear", thresholding=clip, algorithm_type=algorithm_type)
     if clip:
         # Our clip_denoised: a plain clamp of x̂₀ in place of dynamic thresholding.
         s._threshold_sample = lambda x0: x0.clamp(-1.0, 1.0)
@@ -118,10 +118,10 @@ def set_timesteps(s, n, float64):
     return ilist(s.timesteps)
 
 
-def run_step(s, eps, t, x, float64):
+def run_step(s, eps, t, x, float64, noise=None):
     ctx = float64_step() if float64 else contextlib.nullcontext()
     with ctx:
-        return s.step(eps.clone(), t, x.clone()).prev_sample
+        return s.step(eps.clone(), t, x.clone(), variance_noise=noise).prev_sample
 
 
 # ----------------------------------------------------------------------------
@@ -192,6 +192,32 @@ def trajectory(n, clip):
     return out
 
 
+# The SDE solver (algorithm_type="sde-dpmsolver++") with its noise given: step k adds
+# noises[k] (drawn here, fed to step() as variance_noise).
+def sde_trajectory(n, clip):
+    out = {"num_inference_steps": n, "clip": clip}
+    noise_rng = np.random.default_rng(20260101 + n)
+    noises = [torch.from_numpy(noise_rng.standard_normal(SHAPE)) for _ in range(n)]
+    for key, float64 in [("", True), ("_diffusers", False)]:
+        s = scheduler(float64, clip, algorithm_type="sde-dpmsolver++")
+        ts = set_timesteps(s, n, float64)
+        sample = x.clone()
+        samples = []
+        for t, z in zip(ts, noises):
+            sample = run_step(s, fake_eps(sample, t), t, sample, float64, z.clone())
+            samples.append(flist(sample))
+        out["timesteps"] = ts
+        out["samples" + key] = samples
+    out["noises"] = [flist(z) for z in noises]
+    return out
+
+
+sde_trajectories = {}
+for n in [1, 2, 5, 10, 25]:
+    sde_trajectories[f"plain_{n}"] = sde_trajectory(n, False)
+for n in [5, 10]:
+    sde_trajectories[f"clipped_{n}"] = sde_trajectory(n, True)
+
 trajectories = {}
 for n in TRAJECTORY_NS:
     trajectories[f"plain_{n}"] = trajectory(n, False)
@@ -216,6 +242,7 @@ doc = {
         "A single step at index k > 0 uses prev_x0 as the previous step's x0_pred (the data prediction at t_before).",
         "fake eps(x, t) = 0.8 * tanh(x) + 0.3 * cos(t / 100) * inputs.eps, elementwise; trajectories start at x_T = inputs.x.",
         "clipped_*: thresholding=True with _threshold_sample replaced by clamp(x0_pred, -1, 1).",
+        "sde_trajectories: algorithm_type='sde-dpmsolver++' (otherwise the same config), step k fed noises[k] as variance_noise.",
     ],
     "num_train_timesteps": T,
     "beta_start": BETA_START,
@@ -233,6 +260,7 @@ doc = {
     "timesteps": timesteps,
     "steps": steps,
     "trajectories": trajectories,
+    "sde_trajectories": sde_trajectories,
 }
 
 

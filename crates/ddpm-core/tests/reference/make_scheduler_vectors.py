@@ -48,7 +48,7 @@ import torch
 
 import diffusers
 import diffusers.schedulers.scheduling_ddpm as ddpm_mod
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 T = 1000
 BETA_START = 1e-4
@@ -191,11 +191,15 @@ for name, diff_name, betas64 in [
 # ----------------------------------------------------------------------------
 # 2. DDPM single steps (linear schedule)
 # ----------------------------------------------------------------------------
-def ddpm_case(num_inference_steps, t, tag):
+def ddpm_case(num_inference_steps, t, tag, variance_type="fixed_small", thresholding=None):
     kw = dict(num_train_timesteps=T, beta_start=BETA_START, beta_end=BETA_END,
-              beta_schedule="linear", clip_sample=False, variance_type="fixed_small",
+              beta_schedule="linear", clip_sample=False, variance_type=variance_type,
               prediction_type="epsilon")
-    out = {"tag": tag, "num_inference_steps": num_inference_steps, "t": int(t)}
+    if thresholding is not None:
+        ratio, max_value = thresholding
+        kw.update(thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=max_value)
+    out = {"tag": tag, "num_inference_steps": num_inference_steps, "t": int(t),
+           "variance_type": variance_type, "thresholding": thresholding}
     for key, sched in [("", to_f64_tables(DDPMScheduler(**kw), linear_betas_f64())),
                        ("_diffusers", DDPMScheduler(**kw))]:
         if num_inference_steps is not None:
@@ -217,6 +221,43 @@ _s.set_timesteps(50)
 ddpm50_timesteps = ilist(_s.timesteps)
 for t in [ddpm50_timesteps[0], ddpm50_timesteps[len(ddpm50_timesteps) // 2], ddpm50_timesteps[-1]]:
     ddpm_cases.append(ddpm_case(50, t, "set_timesteps_50"))
+# sigma^2 = beta ("fixed_large", the seed's choice). Not on a subsequence's last step to
+# the clean image (prev_t < 0 with t > 0), where diffusers adds sqrt(1 - abar_t) z and we
+# add none (see ddpm.rs); its full-schedule t = 0 step adds none on both sides.
+for t in [999, 500, 10, 1, 0]:
+    ddpm_cases.append(ddpm_case(None, t, "full_schedule", "fixed_large"))
+for t in [ddpm50_timesteps[0], ddpm50_timesteps[len(ddpm50_timesteps) // 2]]:
+    ddpm_cases.append(ddpm_case(50, t, "set_timesteps_50", "fixed_large"))
+# Imagen's dynamic thresholding of x0 (diffusers' thresholding=True): per sample,
+# s = clamp(quantile(|x0|, ratio), 1, sample_max_value), x0 <- clamp(x0, -s, s) / s.
+# With sample_max_value = 1 it is the static clip to [-1, 1].
+for t in [999, 500, 10, 1]:
+    for thr in [(0.995, 1.0), (0.9, 2.5), (0.6, 100.0)]:
+        ddpm_cases.append(ddpm_case(None, t, "full_schedule", "fixed_small", list(thr)))
+
+
+# ----------------------------------------------------------------------------
+# 2b. timestep spacings (diffusers' `timestep_spacing`, steps_offset = 0) of the three
+#     schedulers our samplers follow: DDPM, DDIM and DPM-Solver++ (linspace for n < T;
+#     at n = T diffusers' DPM-Solver linspace repeats a timestep, see sampler/mod.rs).
+# ----------------------------------------------------------------------------
+SPACING_NS = [1, 2, 3, 4, 7, 10, 16, 20, 25, 48, 50, 64, 100, 333, 999, 1000]
+spacings = {}
+for sched_name, cls, extra in [
+    ("ddpm", DDPMScheduler, dict(clip_sample=False)),
+    ("ddim", DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=True)),
+    ("dpmsolver", DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
+]:
+    for spacing in ["leading", "trailing", "linspace"]:
+        runs = {}
+        for n in SPACING_NS:
+            if sched_name == "dpmsolver" and n >= T:
+                continue
+            sch = cls(num_train_timesteps=T, beta_schedule="linear", steps_offset=0,
+                      timestep_spacing=spacing, **extra)
+            sch.set_timesteps(n)
+            runs[str(n)] = ilist(sch.timesteps)
+        spacings[f"{sched_name}_{spacing}"] = runs
 
 
 # ----------------------------------------------------------------------------
@@ -252,6 +293,25 @@ for spacing in ["leading", "trailing"]:
             "timesteps": ts,
             "cases": cases,
         }
+
+
+# ----------------------------------------------------------------------------
+# 4. guidance rescale (diffusers' rescale_noise_cfg, Lin et al. 2024 sec. 3.4) of the
+#    guided eps = uncond + w (cond - uncond) with cond = eps, uncond = z, w = 3
+# ----------------------------------------------------------------------------
+from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+W_RESCALE = 3.0
+guided = z + W_RESCALE * (eps - z)
+guidance_rescale = {
+    "guidance_scale": W_RESCALE,
+    "cond": "inputs.eps",
+    "uncond": "inputs.z",
+    "guided": flist(guided),
+    "cases": [{"guidance_rescale": phi,
+               "rescaled": flist(rescale_noise_cfg(guided.clone(), eps.clone(), guidance_rescale=phi))}
+              for phi in [0.0, 0.3, 0.7, 1.0]],
+}
 
 
 # ----------------------------------------------------------------------------
@@ -291,6 +351,8 @@ doc = {
         "set_timesteps_50": ddpm50_timesteps,
         "cases": ddpm_cases,
     },
+    "spacings": spacings,
+    "guidance_rescale": guidance_rescale,
     "ddim": {
         "config": {"beta_schedule": "linear", "clip_sample": False, "set_alpha_to_one": True,
                    "steps_offset": 0, "prediction_type": "epsilon"},

@@ -4,7 +4,9 @@
 // sends one request per guidance scale with the form's seed and shows what w does.
 //
 // The form's limits come from the API: the classes and T from GET /v1/model, the
-// samplers and the largest n from the served /openapi.json.
+// samplers, the sampler options' choices and the largest n from the served /openapi.json.
+// The sampler options left at "server default" (or empty) are not sent, so the server's
+// defaults apply.
 
 import { get, post, stream } from './api.js';
 import { banner, errorText, filledProgress, h, replace, setProgress } from './ui.js';
@@ -54,8 +56,16 @@ async function limits() {
   const [info, doc] = await Promise.all([get('/v1/model'), get('/openapi.json').catch(() => null)]);
   const props = doc?.components?.schemas?.SampleRequest?.properties ?? {};
   const samplers = props.sampler?.enum ?? props.sampler?.oneOf?.flatMap((s) => s.enum ?? []) ?? [];
+  const names = (prop, fallback) => {
+    const listed = (props[prop]?.enum ?? []).filter((s) => typeof s === 'string');
+    return listed.length ? listed : fallback;
+  };
   return {
     info,
+    spacings: names('timestep_spacing', ['leading', 'trailing', 'linspace']),
+    variances: names('variance_type', ['fixed_small', 'fixed_large']),
+    algorithms: names('algorithm_type', ['dpmsolver++', 'sde-dpmsolver++']),
+    thresholdings: names('thresholding', ['none', 'static', 'dynamic']),
     samplers: samplers.filter((s) => typeof s === 'string').length ? samplers.filter((s) => typeof s === 'string') : ['ddim', 'ddpm', 'dpmpp_2m'],
     maxN: Number.isFinite(props.n?.maximum) ? props.n.maximum : 16,
   };
@@ -71,7 +81,7 @@ export function render(container) {
       e.status === 503 ? 'No model is loaded yet: the server serves one once a checkpoint is registered.' : errorText(e)));
   });
 
-  function build({ info, samplers, maxN }) {
+  function build({ info, samplers, spacings, variances, algorithms, thresholdings, maxN }) {
     const field = (label, input, hint) => h('label', { class: 'field' }, h('span', {}, label), input, hint ? h('small', { class: 'muted' }, hint) : null);
     const classSelect = h('select', { name: 'class', id: 'pg-class' },
       info.classes.length ? info.classes.map((c, i) => h('option', { value: String(i) }, c)) : h('option', { value: '' }, 'unconditional'));
@@ -85,6 +95,19 @@ export function render(container) {
     const seed = h('input', { name: 'seed', id: 'pg-seed', type: 'number', min: '0', step: '1', placeholder: 'random' });
     const dice = h('button', { type: 'button', class: 'small', title: 'A random seed', onclick: () => (seed.value = String(Math.floor(Math.random() * MAX_SEED))) }, 'random');
     const eta = h('input', { name: 'eta', id: 'pg-eta', type: 'number', min: '0', max: '1', step: '0.1', value: '0' });
+    const choice = (name, id, values) => h('select', { name, id },
+      h('option', { value: '' }, 'server default'), values.map((v) => h('option', { value: v }, v)));
+    const spacing = choice('timestep_spacing', 'pg-spacing', spacings);
+    const variance = choice('variance_type', 'pg-variance', variances);
+    const algorithm = choice('algorithm_type', 'pg-algorithm', algorithms);
+    const thresholding = choice('thresholding', 'pg-thresholding', thresholdings);
+    const number = (name, id, attrs) => h('input', { name, id, type: 'number', placeholder: 'server default', ...attrs });
+    const ratio = number('dynamic_thresholding_ratio', 'pg-threshold-ratio', { min: '0.01', max: '1', step: '0.005' });
+    const maxValue = number('sample_max_value', 'pg-sample-max', { min: '1', max: '1000', step: '0.5' });
+    const rescale = number('guidance_rescale', 'pg-rescale', { min: '0', max: '1', step: '0.1' });
+    const last = String(info.timesteps - 1);
+    const intervalLo = number('guidance_interval_lo', 'pg-interval-lo', { min: '0', max: last, step: '1', placeholder: 'from t' });
+    const intervalHi = number('guidance_interval_hi', 'pg-interval-hi', { min: '0', max: last, step: '1', placeholder: 'to t' });
     const previews = h('input', { type: 'checkbox', id: 'pg-previews', checked: true });
     const go = h('button', { type: 'submit', id: 'generate' }, 'Generate');
     const stopButton = h('button', { type: 'button', id: 'stop', hidden: true, onclick: () => controller?.abort() }, 'Stop');
@@ -97,8 +120,13 @@ export function render(container) {
 
     const syncEta = () => {
       eta.disabled = sampler.value !== 'ddim';
+      // The variance is ddpm's (the server's default sampler may be ddpm).
+      variance.disabled = sampler.value !== 'ddpm' && sampler.value !== '';
+      algorithm.disabled = sampler.value !== 'dpmpp_2m' && sampler.value !== '';
+      ratio.disabled = maxValue.disabled = thresholding.value !== 'dynamic';
     };
     sampler.addEventListener('change', syncEta);
+    thresholding.addEventListener('change', syncEta);
     syncEta();
 
     function requestBody(overrides = {}) {
@@ -108,6 +136,16 @@ export function render(container) {
       if (info.classes.length) b.class = Number(classSelect.value);
       if (seed.value !== '') b.seed = Number(seed.value);
       if (sampler.value === 'ddim') b.eta = Number(eta.value);
+      if (spacing.value) b.timestep_spacing = spacing.value;
+      if (variance.value && !variance.disabled) b.variance_type = variance.value;
+      if (algorithm.value && !algorithm.disabled) b.algorithm_type = algorithm.value;
+      if (thresholding.value) b.thresholding = thresholding.value;
+      if (thresholding.value === 'dynamic' && ratio.value !== '') b.dynamic_thresholding_ratio = Number(ratio.value);
+      if (thresholding.value === 'dynamic' && maxValue.value !== '') b.sample_max_value = Number(maxValue.value);
+      if (rescale.value !== '') b.guidance_rescale = Number(rescale.value);
+      if (intervalLo.value !== '' || intervalHi.value !== '') {
+        b.guidance_interval = [Number(intervalLo.value || 0), Number(intervalHi.value || last)];
+      }
       return { ...b, ...overrides };
     }
 
@@ -189,6 +227,14 @@ export function render(container) {
         field('Guidance (w)', guidance, '0: unconditional'),
         field('Seed', h('span', { class: 'inline' }, seed, dice), 'image i uses seed + i'),
         field('η (DDIM)', eta, '0: deterministic'),
+        field('Timestep spacing', spacing, 'diffusers’ timestep_spacing'),
+        field('Variance (DDPM)', variance, 'σ²: fixed_small = β̃, fixed_large = β'),
+        field('Solver (DPM++)', algorithm, 'sde-dpmsolver++: stochastic'),
+        field('x̂₀ thresholding', thresholding, 'static: clamp to [−1, 1]'),
+        field('Dynamic ratio', ratio, 'quantile of |x̂₀|, (0, 1]'),
+        field('Dynamic max', maxValue, 'largest bound, ≥ 1'),
+        field('Guidance rescale (φ)', rescale, '0–1, 0: none'),
+        field('Guidance interval', h('span', { class: 'inline' }, intervalLo, intervalHi), `timesteps lo ≤ t ≤ hi, 0–${last}; empty: every step`),
         h('label', { class: 'field check' }, previews, h('span', {}, 'Show previews while sampling')),
         h('div', { class: 'actions' }, go, stopButton)),
       h('section', { class: 'card' }, progress, statusLine, results),

@@ -26,6 +26,8 @@ pub enum ErrorCode {
     InvalidSteps,
     InvalidSampler,
     InvalidEta,
+    /// `timestep_spacing` or `variance_type` is unknown or does not apply to the sampler.
+    InvalidSamplerOption,
     InvalidGuidanceScale,
     InvalidQuery,
     InvalidStatus,
@@ -158,6 +160,7 @@ impl ApiError {
                 ValidationError::Steps(_) => ErrorCode::InvalidSteps,
                 ValidationError::Sampler(_) => ErrorCode::InvalidSampler,
                 ValidationError::Eta(_) => ErrorCode::InvalidEta,
+                ValidationError::SamplerOption(_) => ErrorCode::InvalidSamplerOption,
                 ValidationError::GuidanceScale(_) => ErrorCode::InvalidGuidanceScale,
                 ValidationError::Query(_) => ErrorCode::InvalidQuery,
                 ValidationError::Status(_) => ErrorCode::InvalidStatus,

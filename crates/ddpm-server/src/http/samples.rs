@@ -8,7 +8,9 @@ use axum::{
     routing::{delete, post},
     Json, Router,
 };
-use ddpm_core::{SamplerConfig, SamplerKind};
+use ddpm_core::{
+    sampler::DpmSolverAlgorithm, AncestralVariance, SamplerConfig, SamplerKind, TimestepSpacing,
+};
 use serde::Serialize;
 use utoipa::{
     openapi::{ObjectBuilder, Type},
@@ -26,7 +28,11 @@ use crate::{
     encode::{self, Format},
     http::error::{ApiError, ErrorBody},
     model::ModelInfo,
-    validate::{plan, samples::SAMPLERS, Plan, SampleRequest},
+    validate::{
+        plan,
+        samples::{Thresholding, DPM_ALGORITHMS, SAMPLERS, SPACINGS, THRESHOLDINGS, VARIANCES},
+        Plan, SampleRequest,
+    },
 };
 
 pub fn router() -> Router<AppState> {
@@ -73,6 +79,52 @@ pub struct SamplerUsed {
     pub kind: SamplerKind,
     pub steps: usize,
     pub eta: f64,
+    #[schema(schema_with = timestep_spacing_schema)]
+    pub timestep_spacing: TimestepSpacing,
+    /// The ddpm sampler's σ² (fixed_small for the others, which do not read it).
+    #[schema(schema_with = variance_type_schema)]
+    pub variance_type: AncestralVariance,
+    /// dpmpp_2m's solver (dpmsolver++ for the others, which do not read it).
+    #[schema(schema_with = algorithm_type_schema)]
+    pub algorithm_type: DpmSolverAlgorithm,
+    #[schema(schema_with = thresholding_schema)]
+    pub thresholding: Thresholding,
+    /// With dynamic thresholding only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamic_thresholding_ratio: Option<f64>,
+    /// With dynamic thresholding only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_max_value: Option<f64>,
+    pub guidance_rescale: f64,
+    /// `[lo, hi]`; absent: guidance at every step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<i64>>, min_items = 2, max_items = 2)]
+    pub guidance_interval: Option<[i64; 2]>,
+}
+
+fn timestep_spacing_schema() -> ObjectBuilder {
+    names_schema(&SPACINGS)
+}
+
+fn variance_type_schema() -> ObjectBuilder {
+    names_schema(&VARIANCES)
+}
+
+fn thresholding_schema() -> ObjectBuilder {
+    names_schema(&THRESHOLDINGS)
+}
+
+fn algorithm_type_schema() -> ObjectBuilder {
+    names_schema(&DPM_ALGORITHMS)
+}
+
+/// A string naming one of `values` (by their serde names).
+fn names_schema<T: Serialize>(values: &[T]) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(
+            values.iter().filter_map(|v| serde_json::to_value(v).ok()),
+        ))
 }
 
 fn sampler_kind_schema() -> ObjectBuilder {
@@ -345,6 +397,18 @@ fn encode_response(
                     kind: sampler.kind,
                     steps: sampler.steps,
                     eta: sampler.eta,
+                    timestep_spacing: sampler.spacing,
+                    variance_type: sampler.variance,
+                    algorithm_type: sampler.dpm_solver,
+                    thresholding: match (sampler.clip_denoised, sampler.dynamic_thresholding) {
+                        (false, _) => Thresholding::None,
+                        (true, None) => Thresholding::Static,
+                        (true, Some(_)) => Thresholding::Dynamic,
+                    },
+                    dynamic_thresholding_ratio: sampler.dynamic_thresholding.map(|d| d.ratio),
+                    sample_max_value: sampler.dynamic_thresholding.map(|d| d.max_value),
+                    guidance_rescale: sampler.guidance_rescale,
+                    guidance_interval: sampler.guidance_interval.map(|(lo, hi)| [lo, hi]),
                 },
                 guidance_scale,
                 images: items,

@@ -33,6 +33,10 @@ pub enum ValidationError {
     Sampler(String),
     #[error("{0}")]
     Eta(String),
+    /// One of the sampler's options besides η (`timestep_spacing`, `variance_type`) is
+    /// unknown, out of range, or does not apply to the sampler.
+    #[error("{0}")]
+    SamplerOption(String),
     #[error("{0}")]
     GuidanceScale(String),
     /// A query parameter that does not parse or is out of range.

@@ -5,7 +5,10 @@
 //! below; those that do (n, the classes, steps) are filled into the served document by
 //! `http::openapi` from the same [`SampleDefaults`] and model.
 
-use ddpm_core::{SampleSpec, SamplerConfig, SamplerKind};
+use ddpm_core::{
+    sampler::{DpmSolverAlgorithm, DynamicThresholding},
+    AncestralVariance, SampleSpec, SamplerConfig, SamplerKind, TimestepSpacing,
+};
 use serde::{
     de::{value::StrDeserializer, DeserializeOwned, IntoDeserializer},
     Deserialize,
@@ -24,6 +27,46 @@ pub const MAX_GUIDANCE_SCALE: f64 = 50.0;
 pub const DEFAULT_GUIDANCE_SCALE: f64 = 3.0;
 /// Every sampler a request can name, as it names them.
 pub const SAMPLERS: [SamplerKind; 3] = [SamplerKind::Ddpm, SamplerKind::Ddim, SamplerKind::DpmPp2m];
+/// Every timestep spacing a request can name.
+pub const SPACINGS: [TimestepSpacing; 3] = [
+    TimestepSpacing::Leading,
+    TimestepSpacing::Trailing,
+    TimestepSpacing::Linspace,
+];
+/// How x̂₀ is kept in range at each step (`thresholding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Thresholding {
+    /// x̂₀ as the network predicts it.
+    None,
+    /// Clamped to [−1, 1] (today's behaviour).
+    Static,
+    /// Imagen's dynamic thresholding (`dynamic_thresholding_ratio`, `sample_max_value`).
+    Dynamic,
+}
+
+/// Every `thresholding` a request can name.
+pub const THRESHOLDINGS: [Thresholding; 3] = [
+    Thresholding::None,
+    Thresholding::Static,
+    Thresholding::Dynamic,
+];
+/// Diffusers' `dynamic_thresholding_ratio` and `sample_max_value` defaults.
+pub const DEFAULT_DYNAMIC_THRESHOLDING: DynamicThresholding = DynamicThresholding {
+    ratio: 0.995,
+    max_value: 1.0,
+};
+/// `sample_max_value` above this is refused (s is then never reached: a typo).
+pub const MAX_SAMPLE_MAX_VALUE: f64 = 1000.0;
+
+/// Every DPM-Solver++ algorithm a request can name.
+pub const DPM_ALGORITHMS: [DpmSolverAlgorithm; 2] = [
+    DpmSolverAlgorithm::DpmSolverPp,
+    DpmSolverAlgorithm::SdeDpmSolverPp,
+];
+/// Every DDPM noise variance a request can name.
+pub const VARIANCES: [AncestralVariance; 2] =
+    [AncestralVariance::FixedSmall, AncestralVariance::FixedLarge];
 
 /// A class by index or by name.
 #[derive(Debug, Clone, PartialEq)]
@@ -171,6 +214,46 @@ pub struct SampleRequest {
     /// DDIM's η in [0, 1] (0: deterministic). Only with the ddim sampler.
     #[schema(minimum = 0.0, maximum = 1.0, default = 0.0)]
     pub eta: Option<f64>,
+    /// Which timesteps the `steps` visit (diffusers' `timestep_spacing`): `leading`,
+    /// `trailing` or `linspace`, each as the sampler's diffusers scheduler defines it.
+    /// Default: the server's --default-timestep-spacing; unless that is set, the
+    /// sampler's own (trailing for ddpm and ddim, linspace for dpmpp_2m).
+    #[schema(schema_with = timestep_spacing_schema)]
+    pub timestep_spacing: Option<Named<TimestepSpacing>>,
+    /// The ddpm sampler's σ² (diffusers' `variance_type`): `fixed_small` (β̃, the
+    /// posterior variance) or `fixed_large` (β). Only with the ddpm sampler; default:
+    /// the server's --default-variance-type.
+    #[schema(schema_with = variance_type_schema)]
+    pub variance_type: Option<Named<AncestralVariance>>,
+    /// The dpmpp_2m sampler's solver (diffusers' `algorithm_type`): `dpmsolver++` (the
+    /// ODE's, deterministic) or `sde-dpmsolver++` (stochastic, fresh noise every step).
+    /// Only with the dpmpp_2m sampler; default: the server's --default-algorithm-type.
+    #[schema(schema_with = algorithm_type_schema)]
+    pub algorithm_type: Option<Named<DpmSolverAlgorithm>>,
+    /// How x̂₀ is kept in range at each step: `none`, `static` (clamped to [−1, 1]) or
+    /// `dynamic` (Imagen's, diffusers' `thresholding`). Default: the server's
+    /// --default-thresholding (static).
+    #[schema(schema_with = thresholding_schema)]
+    pub thresholding: Option<Named<Thresholding>>,
+    /// With `dynamic` thresholding: the quantile of |x̂₀| taken as its bound s, in (0, 1].
+    /// Default: the server's --default-dynamic-thresholding-ratio (0.995).
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub dynamic_thresholding_ratio: Option<f64>,
+    /// With `dynamic` thresholding: the largest s, in [1, 1000]. Default: the server's
+    /// --default-sample-max-value (1, which makes it the static clamp).
+    #[schema(minimum = 1.0, maximum = 1000.0)]
+    pub sample_max_value: Option<f64>,
+    /// Guidance rescale φ in [0, 1] (Lin et al. 2024, diffusers' `guidance_rescale`): the
+    /// guided ε̃ is rescaled to the standard deviation of the conditional one and mixed
+    /// with itself by φ. Default: the server's --default-guidance-rescale (0: none).
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub guidance_rescale: Option<f64>,
+    /// `[lo, hi]`: guidance only at the timesteps lo ≤ t ≤ hi (Kynkäänniemi et al. 2024),
+    /// the conditional prediction alone (one network evaluation) at the others; t counts
+    /// the model's T noise levels down to 0. Default: the server's
+    /// --default-guidance-interval (none: every step).
+    #[schema(schema_with = guidance_interval_schema)]
+    pub guidance_interval: Option<Vec<i64>>,
     /// Image i uses seed + i (wrapping); the same seed and settings give the same image,
     /// alone or batched. Random when absent.
     #[serde(default, deserialize_with = "integral::body::u64")]
@@ -232,6 +315,69 @@ fn sampler_schema() -> ObjectBuilder {
         .description(Some("Default: the server's --default-sampler."))
 }
 
+/// A nullable string naming one of `values` (by their serde names).
+fn names_schema<T: serde::Serialize>(values: &[T], description: &str) -> ObjectBuilder {
+    let names = values
+        .iter()
+        .filter_map(|v| serde_json::to_value(v).ok())
+        .chain([serde_json::Value::Null]);
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .enum_values(Some(names))
+        .description(Some(description))
+}
+
+fn timestep_spacing_schema() -> ObjectBuilder {
+    names_schema(
+        &SPACINGS,
+        "Which timesteps the steps visit (diffusers' `timestep_spacing`). Default: the \
+         server's --default-timestep-spacing, else the sampler's own (trailing for ddpm \
+         and ddim, linspace for dpmpp_2m).",
+    )
+}
+
+fn variance_type_schema() -> ObjectBuilder {
+    names_schema(
+        &VARIANCES,
+        "ddpm only: σ² = β̃ (`fixed_small`) or β (`fixed_large`), diffusers' \
+         `variance_type`. Default: the server's --default-variance-type.",
+    )
+}
+
+fn algorithm_type_schema() -> ObjectBuilder {
+    names_schema(
+        &DPM_ALGORITHMS,
+        "dpmpp_2m only: its solver, diffusers' `algorithm_type`: dpmsolver++ (ODE) or \
+         sde-dpmsolver++ (SDE). Default: the server's --default-algorithm-type.",
+    )
+}
+
+fn thresholding_schema() -> ObjectBuilder {
+    names_schema(
+        &THRESHOLDINGS,
+        "How x̂₀ is kept in range at each step: none, static (clamped to [−1, 1]) or \
+         dynamic (Imagen's). Default: the server's --default-thresholding.",
+    )
+}
+
+fn guidance_interval_schema() -> utoipa::openapi::schema::ArrayBuilder {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Array, Type::Null]))
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(0))
+                .maximum(Some(i64::MAX)),
+        )
+        .min_items(Some(2))
+        .max_items(Some(2))
+        .description(Some(
+            "[lo, hi]: guidance only at the timesteps lo ≤ t ≤ hi (hi below the model's \
+             T), the conditional prediction alone at the others. Default: the server's \
+             --default-guidance-interval (every step).",
+        ))
+}
+
 fn priority_schema() -> ObjectBuilder {
     ObjectBuilder::new()
         .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
@@ -272,6 +418,18 @@ pub struct SampleDefaults {
     pub max_images_per_request: usize,
     pub default_sampler: SamplerKind,
     pub default_steps: usize,
+    /// `None`: each sampler's own ([`SamplerKind::default_spacing`]).
+    pub default_timestep_spacing: Option<TimestepSpacing>,
+    /// For the ddpm sampler.
+    pub default_variance_type: AncestralVariance,
+    /// For the dpmpp_2m sampler.
+    pub default_algorithm_type: DpmSolverAlgorithm,
+    pub default_thresholding: Thresholding,
+    /// The `dynamic_thresholding_ratio` and `sample_max_value` of requests that give none.
+    pub default_dynamic_thresholding: DynamicThresholding,
+    pub default_guidance_rescale: f64,
+    /// `None`: guidance at every step.
+    pub default_guidance_interval: Option<(i64, i64)>,
 }
 
 /// A validated request: one spec per image, plus what the response reports.
@@ -319,12 +477,93 @@ pub fn plan(
         ));
     }
     let guidance_scale = guidance_scale(request.guidance_scale.as_ref())?;
+    let spacing = match &request.timestep_spacing {
+        None => defaults
+            .default_timestep_spacing
+            .unwrap_or_else(|| kind.default_spacing()),
+        Some(named) => named.known(|s| {
+            ValidationError::SamplerOption(format!(
+                "unknown timestep_spacing {s:?}: use \"leading\", \"trailing\" or \"linspace\""
+            ))
+        })?,
+    };
+    let variance = match &request.variance_type {
+        None if kind == SamplerKind::Ddpm => defaults.default_variance_type,
+        None => AncestralVariance::FixedSmall,
+        Some(named) => named.known(|v| {
+            ValidationError::SamplerOption(format!(
+                "unknown variance_type {v:?}: use \"fixed_small\" or \"fixed_large\""
+            ))
+        })?,
+    };
+    // Like η with ddpm: the value that changes nothing is accepted with any sampler.
+    if variance != AncestralVariance::FixedSmall && kind != SamplerKind::Ddpm {
+        return Err(ValidationError::SamplerOption(
+            "variance_type fixed_large applies to the ddpm sampler only".into(),
+        ));
+    }
+    let dpm_solver = match &request.algorithm_type {
+        None if kind == SamplerKind::DpmPp2m => defaults.default_algorithm_type,
+        None => DpmSolverAlgorithm::DpmSolverPp,
+        Some(named) => named.known(|a| {
+            ValidationError::SamplerOption(format!(
+                "unknown algorithm_type {a:?}: use \"dpmsolver++\" or \"sde-dpmsolver++\""
+            ))
+        })?,
+    };
+    if dpm_solver != DpmSolverAlgorithm::DpmSolverPp && kind != SamplerKind::DpmPp2m {
+        return Err(ValidationError::SamplerOption(
+            "algorithm_type sde-dpmsolver++ applies to the dpmpp_2m sampler only".into(),
+        ));
+    }
+    let thresholding = match &request.thresholding {
+        None => defaults.default_thresholding,
+        Some(named) => named.known(|t| {
+            ValidationError::SamplerOption(format!(
+                "unknown thresholding {t:?}: use \"none\", \"static\" or \"dynamic\""
+            ))
+        })?,
+    };
+    let dynamic = dynamic_thresholding(request, defaults.default_dynamic_thresholding)?;
+    let dynamic_given =
+        request.dynamic_thresholding_ratio.is_some() || request.sample_max_value.is_some();
+    if dynamic_given && thresholding != Thresholding::Dynamic {
+        return Err(ValidationError::SamplerOption(
+            "dynamic_thresholding_ratio and sample_max_value apply to \"dynamic\" thresholding only"
+                .into(),
+        ));
+    }
+    let guidance_rescale = request
+        .guidance_rescale
+        .unwrap_or(defaults.default_guidance_rescale);
+    if !(0.0..=1.0).contains(&guidance_rescale) {
+        return Err(ValidationError::SamplerOption(format!(
+            "guidance_rescale must be in [0, 1], got {guidance_rescale}"
+        )));
+    }
+    let guidance_interval = match request.guidance_interval.as_deref() {
+        None => defaults
+            .default_guidance_interval
+            .filter(|&(_, hi)| hi < t_max),
+        Some(&[lo, hi]) if 0 <= lo && lo <= hi && hi < t_max => Some((lo, hi)),
+        Some(other) => {
+            return Err(ValidationError::SamplerOption(format!(
+                "guidance_interval must be [lo, hi] with 0 ≤ lo ≤ hi ≤ {}, got {other:?}",
+                t_max - 1
+            )))
+        }
+    };
     let sampler = SamplerConfig {
         kind,
         steps: steps as usize,
         eta,
-        spacing: kind.default_spacing(),
-        clip_denoised: true,
+        spacing,
+        clip_denoised: thresholding != Thresholding::None,
+        dynamic_thresholding: (thresholding == Thresholding::Dynamic).then_some(dynamic),
+        guidance_rescale,
+        guidance_interval,
+        dpm_solver,
+        variance,
     };
     let seed = request.seed.unwrap_or_else(rand::random);
     let specs = labels
@@ -442,6 +681,26 @@ fn resolve_class(
     }
 }
 
+/// The request's dynamic thresholding settings, the defaults filled in.
+fn dynamic_thresholding(
+    request: &SampleRequest,
+    defaults: DynamicThresholding,
+) -> Result<DynamicThresholding, ValidationError> {
+    let ratio = request.dynamic_thresholding_ratio.unwrap_or(defaults.ratio);
+    if !(ratio > 0.0 && ratio <= 1.0) {
+        return Err(ValidationError::SamplerOption(format!(
+            "dynamic_thresholding_ratio must be in (0, 1], got {ratio}"
+        )));
+    }
+    let max_value = request.sample_max_value.unwrap_or(defaults.max_value);
+    if !(1.0..=MAX_SAMPLE_MAX_VALUE).contains(&max_value) {
+        return Err(ValidationError::SamplerOption(format!(
+            "sample_max_value must be in [1, {MAX_SAMPLE_MAX_VALUE}], got {max_value}"
+        )));
+    }
+    Ok(DynamicThresholding { ratio, max_value })
+}
+
 /// w from the request: a JSON number in [0, [`MAX_GUIDANCE_SCALE`]]. A string such as
 /// "2.5" is refused like any other non-number: the document says number.
 fn guidance_scale(value: Option<&serde_json::Value>) -> Result<f64, ValidationError> {
@@ -473,6 +732,13 @@ mod tests {
             max_images_per_request: 8,
             default_sampler: SamplerKind::Ddim,
             default_steps: 20,
+            default_timestep_spacing: None,
+            default_variance_type: AncestralVariance::FixedSmall,
+            default_algorithm_type: DpmSolverAlgorithm::DpmSolverPp,
+            default_thresholding: Thresholding::Static,
+            default_dynamic_thresholding: DEFAULT_DYNAMIC_THRESHOLDING,
+            default_guidance_rescale: 0.0,
+            default_guidance_interval: None,
         }
     }
 
@@ -572,6 +838,85 @@ mod tests {
         }
     }
 
+    /// Unset options take the server's defaults, which are today's behaviour unless set.
+    #[test]
+    fn sampler_options_and_their_defaults() {
+        let sampler = |body: serde_json::Value, defaults: &SampleDefaults| {
+            plan(&request(body), &info(), true, defaults).unwrap().specs[0].sampler
+        };
+        let d = defaults();
+        for kind in SAMPLERS {
+            let name = serde_json::to_value(kind).unwrap();
+            let unset = sampler(json!({ "sampler": name }), &d);
+            assert_eq!(unset.spacing, kind.default_spacing());
+            assert_eq!(unset.variance, AncestralVariance::FixedSmall);
+            assert!(unset.clip_denoised && unset.dynamic_thresholding.is_none());
+            assert_eq!(
+                (unset.guidance_rescale, unset.guidance_interval),
+                (0.0, None)
+            );
+            let explicit = sampler(
+                json!({ "sampler": name, "timestep_spacing": kind.default_spacing() }),
+                &d,
+            );
+            assert_eq!(unset, explicit, "{kind:?}");
+        }
+        let s = sampler(
+            json!({"sampler": "ddpm", "timestep_spacing": "LEADING", "variance_type": "fixed_large"}),
+            &d,
+        );
+        assert_eq!(
+            (s.spacing, s.variance),
+            (TimestepSpacing::Leading, AncestralVariance::FixedLarge)
+        );
+        let server = SampleDefaults {
+            default_timestep_spacing: Some(TimestepSpacing::Leading),
+            default_variance_type: AncestralVariance::FixedLarge,
+            ..defaults()
+        };
+        let s = sampler(json!({"sampler": "ddpm"}), &server);
+        assert_eq!(
+            (s.spacing, s.variance),
+            (TimestepSpacing::Leading, AncestralVariance::FixedLarge)
+        );
+        let s = sampler(
+            json!({"guidance_rescale": 0.7, "guidance_interval": [100, 700]}),
+            &d,
+        );
+        assert_eq!(
+            (s.guidance_rescale, s.guidance_interval),
+            (0.7, Some((100, 700)))
+        );
+        let s = sampler(
+            json!({"sampler": "dpmpp_2m", "algorithm_type": "SDE-DPMSolver++"}),
+            &d,
+        );
+        assert_eq!(s.dpm_solver, DpmSolverAlgorithm::SdeDpmSolverPp);
+        let s = sampler(json!({"thresholding": "none"}), &d);
+        assert!(!s.clip_denoised && s.dynamic_thresholding.is_none());
+        let s = sampler(
+            json!({"thresholding": "dynamic", "sample_max_value": 2.0}),
+            &d,
+        );
+        assert!(s.clip_denoised);
+        assert_eq!(
+            s.dynamic_thresholding,
+            Some(DynamicThresholding {
+                ratio: 0.995,
+                max_value: 2.0
+            })
+        );
+        let s = sampler(
+            json!({"sampler": "ddim", "timestep_spacing": "linspace"}),
+            &server,
+        );
+        assert_eq!(
+            (s.spacing, s.variance),
+            (TimestepSpacing::Linspace, AncestralVariance::FixedSmall),
+            "the request's own spacing; ddim ignores the variance"
+        );
+    }
+
     #[test]
     fn every_invalid_field_has_its_variant() {
         use ValidationError as E;
@@ -604,6 +949,37 @@ mod tests {
         is(json!({"sampler": "ddpm", "eta": 0.5}), |e| {
             matches!(e, E::Eta(_))
         });
+        for bad in [
+            json!({"thresholding": "clip"}),
+            json!({"thresholding": "dynamic", "dynamic_thresholding_ratio": 0.0}),
+            json!({"thresholding": "dynamic", "dynamic_thresholding_ratio": 1.5}),
+            json!({"thresholding": "dynamic", "sample_max_value": 0.5}),
+            json!({"thresholding": "dynamic", "sample_max_value": 1e9}),
+            json!({"sample_max_value": 2.0}),
+            json!({"thresholding": "none", "dynamic_thresholding_ratio": 0.9}),
+            json!({"guidance_rescale": 1.5}),
+            json!({"guidance_rescale": -0.1}),
+            json!({"guidance_interval": [500]}),
+            json!({"guidance_interval": [600, 500]}),
+            json!({"guidance_interval": [-1, 500]}),
+            json!({"guidance_interval": [0, 1000]}),
+            json!({"guidance_interval": [0, 1, 2]}),
+            json!({"sampler": "dpmpp_2m", "algorithm_type": "dpmsolver"}),
+            json!({"sampler": "ddim", "algorithm_type": "sde-dpmsolver++"}),
+        ] {
+            is(bad, |e| matches!(e, E::SamplerOption(_)));
+        }
+        is(json!({"timestep_spacing": "uniform"}), |e| {
+            matches!(e, E::SamplerOption(_))
+        });
+        is(
+            json!({"sampler": "ddpm", "variance_type": "learned"}),
+            |e| matches!(e, E::SamplerOption(_)),
+        );
+        is(
+            json!({"sampler": "ddim", "variance_type": "fixed_large"}),
+            |e| matches!(e, E::SamplerOption(_)),
+        );
         for w in [
             json!("NaN"),
             json!("2.5"),

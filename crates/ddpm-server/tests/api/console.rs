@@ -415,7 +415,19 @@ async fn playground_shows_images_of_the_requested_size_and_the_guidance_strip() 
         .eval(
             "const set = (id, v) => { document.getElementById(id).value = v; }; \
              set('pg-class', '2'); set('pg-n', '3'); set('pg-sampler', 'ddim'); set('pg-steps', '8'); \
-             set('pg-seed', '42');",
+             set('pg-seed', '42'); set('pg-spacing', 'leading'); set('pg-rescale', '0.5'); \
+             set('pg-interval-lo', '100'); set('pg-interval-hi', '800'); \
+             window.sentBodies = []; const send = window.fetch; \
+             window.fetch = (url, init) => { if (init && init.body) window.sentBodies.push(JSON.parse(init.body)); \
+               return send(url, init); };",
+            vec![],
+        )
+        .await;
+    set_select(&browser, "pg-sampler", "ddim").await;
+    set_select(&browser, "pg-thresholding", "dynamic").await;
+    browser
+        .eval(
+            "document.getElementById('pg-threshold-ratio').value = '0.9';",
             vec![],
         )
         .await;
@@ -446,6 +458,17 @@ async fn playground_shows_images_of_the_requested_size_and_the_guidance_strip() 
         "{links:?}"
     );
     assert!(links[0].as_str().unwrap().contains("seed42"), "{links:?}");
+    // The sampler options went out as set, those left at the server default not at all.
+    let sent: Value = browser.eval("return window.sentBodies;", vec![]).await;
+    let sent = &sent[0];
+    assert_eq!(sent["timestep_spacing"], "leading", "{sent}");
+    assert_eq!(sent["thresholding"], "dynamic", "{sent}");
+    assert_eq!(sent["dynamic_thresholding_ratio"], 0.9, "{sent}");
+    assert_eq!(sent["guidance_rescale"], 0.5, "{sent}");
+    assert_eq!(sent["guidance_interval"], json!([100, 800]), "{sent}");
+    for unset in ["variance_type", "algorithm_type", "sample_max_value"] {
+        assert!(sent.get(unset).is_none(), "{unset}: {sent}");
+    }
 
     // The same seed at five guidance scales.
     browser

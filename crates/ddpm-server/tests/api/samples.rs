@@ -159,3 +159,96 @@ async fn the_same_seed_gives_the_same_image_alone_and_inside_a_batch() {
     );
     app.stop().await.unwrap();
 }
+
+/// A request that leaves the sampler options unset gets exactly the image of one that sets
+/// them to their defaults, for every sampler; a non-default option changes the image, is
+/// reported back, and batches with other requests like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unset_sampler_options_equal_their_explicit_defaults() {
+    let app = spawn_app(Options::default()).await;
+    for (sampler, spacing) in [
+        ("ddpm", "trailing"),
+        ("ddim", "trailing"),
+        ("dpmpp_2m", "linspace"),
+    ] {
+        let base = json!({"class": "green", "seed": 31, "sampler": sampler, "steps": 6});
+        let mut explicit = base.clone();
+        explicit.as_object_mut().unwrap().extend(
+            json!({"timestep_spacing": spacing, "variance_type": "fixed_small", "eta": 0.0,
+                "thresholding": "static", "guidance_rescale": 0.0, "guidance_interval": null,
+                "algorithm_type": "dpmsolver++"})
+            .as_object()
+            .unwrap()
+            .clone(),
+        );
+        let unset = app.sample_json(base).await;
+        let set = app.sample_json(explicit).await;
+        assert_eq!(json_png(&unset, 0), json_png(&set, 0), "{sampler}");
+        assert_eq!(unset["sampler"]["timestep_spacing"], spacing);
+        assert_eq!(unset["sampler"]["variance_type"], "fixed_small");
+        assert_eq!(unset["sampler"]["thresholding"], "static");
+        assert_eq!(unset["sampler"]["guidance_rescale"], 0.0);
+        assert!(unset["sampler"].get("guidance_interval").is_none());
+    }
+
+    let options = json!({"class": "red", "seed": 5, "sampler": "ddpm", "steps": 8,
+        "timestep_spacing": "leading", "variance_type": "fixed_large",
+        "thresholding": "dynamic", "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5,
+        "guidance_rescale": 0.7, "guidance_interval": [100, 700]});
+    let alone = app.sample_json(options.clone()).await;
+    assert_eq!(alone["sampler"]["timestep_spacing"], "leading");
+    assert_eq!(alone["sampler"]["variance_type"], "fixed_large");
+    assert_eq!(alone["sampler"]["thresholding"], "dynamic");
+    assert_eq!(alone["sampler"]["sample_max_value"], 1.5);
+    assert_eq!(alone["sampler"]["guidance_rescale"], 0.7);
+    assert_eq!(alone["sampler"]["guidance_interval"], json!([100, 700]));
+    let plain = app
+        .sample_json(json!({"class": "red", "seed": 5, "sampler": "ddpm", "steps": 8}))
+        .await;
+    assert_ne!(json_png(&alone, 0), json_png(&plain, 0), "the options act");
+    // The SDE solver: seeded like the others, and not the ODE's image.
+    let sde = json!({"class": "blue", "seed": 8, "sampler": "dpmpp_2m", "steps": 6,
+        "algorithm_type": "sde-dpmsolver++"});
+    let sde_image = app.sample_json(sde.clone()).await;
+    assert_eq!(sde_image["sampler"]["algorithm_type"], "sde-dpmsolver++");
+    assert_eq!(
+        json_png(&sde_image, 0),
+        json_png(&app.sample_json(sde.clone()).await, 0),
+        "the same seed, the same SDE sample"
+    );
+    let ode = app
+        .sample_json(json!({"class": "blue", "seed": 8, "sampler": "dpmpp_2m", "steps": 6}))
+        .await;
+    assert_ne!(json_png(&sde_image, 0), json_png(&ode, 0));
+    // With other samplers and options in the same forward passes.
+    let others = [
+        ("ddim", "linspace", "none"),
+        ("dpmpp_2m", "leading", "static"),
+        ("ddpm", "trailing", "dynamic"),
+    ]
+    .into_iter()
+    .zip(0..)
+    .map(|((sampler, spacing, thresholding), k)| {
+        app.sample_json(
+            json!({"class": k, "n": 2, "seed": 70 + k, "steps": 5 + 3 * k,
+                "sampler": sampler, "timestep_spacing": spacing, "thresholding": thresholding,
+                "guidance_interval": [0, 300 * k + 100]}),
+        )
+    });
+    let (batched, sde_batched, _) = tokio::join!(
+        app.sample_json(options),
+        app.sample_json(sde),
+        futures::future::join_all(others)
+    );
+    let d = max_level_difference(
+        &decode_png(&json_png(&sde_image, 0)).2,
+        &decode_png(&json_png(&sde_batched, 0)).2,
+    );
+    assert!(d <= 1, "the batched SDE image differs by {d} levels");
+    let d = max_level_difference(
+        &decode_png(&json_png(&alone, 0)).2,
+        &decode_png(&json_png(&batched, 0)).2,
+    );
+    assert!(d <= 1, "the batched image differs by {d} levels");
+    app.stop().await.unwrap();
+}

@@ -47,6 +47,67 @@ async fn every_kind_of_bad_input_is_a_4xx_with_a_stable_code() {
         (json!({"class": 0, "classes": [1]}), 422, "invalid_request"),
         (json!({"classes": [0, 1], "n": 1}), 422, "invalid_n"),
         (json!({"sampler": "ddpm", "eta": 0.5}), 422, "invalid_eta"),
+        (
+            json!({"timestep_spacing": "karras"}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (json!({"timestep_spacing": 1}), 422, "invalid_request"),
+        (
+            json!({"thresholding": "clip"}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"thresholding": "dynamic", "dynamic_thresholding_ratio": 0}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"thresholding": "dynamic", "sample_max_value": 0.5}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"sample_max_value": 2}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"sampler": "ddpm", "algorithm_type": "sde-dpmsolver++"}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"guidance_rescale": 2}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"guidance_interval": [900, 100]}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"guidance_interval": [0, 1000]}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"guidance_interval": "0-500"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            json!({"sampler": "ddpm", "variance_type": "learned"}),
+            422,
+            "invalid_sampler_option",
+        ),
+        (
+            json!({"sampler": "dpmpp_2m", "variance_type": "fixed_large"}),
+            422,
+            "invalid_sampler_option",
+        ),
         (json!({"n": "four"}), 422, "invalid_request"),
         (json!({"colour": "red"}), 422, "invalid_request"),
         (json!([1, 2]), 422, "invalid_request"),

@@ -9,7 +9,8 @@
 //!
 //! The body stays a plain object of typed, bounded properties. The rules between fields
 //! (`class` or `classes`, not both; `n` with `classes` only as its length; η only with the
-//! ddim sampler) are not stated here: JSON Schema can say them only with `not`, `allOf` and
+//! ddim sampler, and the other sampler options only where they apply; a guidance interval
+//! below the model's T) are not stated here: JSON Schema can say them only with `not`, `allOf` and
 //! `if`/`then` around the object, which fuzzers and client generators read badly or not at
 //! all. `plan` enforces them, answering 422 with a message that names the fields.
 
@@ -90,6 +91,13 @@ mod tests {
             max_images_per_request: 4,
             default_sampler,
             default_steps: 10,
+            default_timestep_spacing: None,
+            default_variance_type: Default::default(),
+            default_algorithm_type: Default::default(),
+            default_thresholding: crate::validate::samples::Thresholding::Static,
+            default_dynamic_thresholding: crate::validate::samples::DEFAULT_DYNAMIC_THRESHOLDING,
+            default_guidance_rescale: 0.0,
+            default_guidance_interval: None,
         }
     }
 

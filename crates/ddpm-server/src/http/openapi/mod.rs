@@ -177,7 +177,10 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::validate::SampleDefaults;
+    use crate::validate::{
+        samples::{Thresholding, DEFAULT_DYNAMIC_THRESHOLDING},
+        SampleDefaults,
+    };
 
     fn settings(token: Option<&str>) -> Settings {
         Settings {
@@ -185,6 +188,13 @@ mod tests {
                 max_images_per_request: 4,
                 default_sampler: SamplerKind::Ddim,
                 default_steps: 10,
+                default_timestep_spacing: None,
+                default_variance_type: Default::default(),
+                default_algorithm_type: Default::default(),
+                default_thresholding: Thresholding::Static,
+                default_dynamic_thresholding: DEFAULT_DYNAMIC_THRESHOLDING,
+                default_guidance_rescale: 0.0,
+                default_guidance_interval: None,
             },
             request_timeout: Duration::from_secs(5),
             api_token: token.map(str::to_owned),
