@@ -464,8 +464,34 @@ fn torchrun() -> PathBuf {
     path
 }
 
-/// The workers torchrun started (our binary with RANK=`rank` in its environment).
-fn torchrun_worker(rank: usize) -> Option<u32> {
+/// The parent of process `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` is `ancestor` or one of its descendants.
+fn descends_from(mut pid: u32, ancestor: u32) -> bool {
+    for _ in 0..16 {
+        if pid == ancestor {
+            return true;
+        }
+        match parent_of(pid) {
+            Some(parent) if parent > 1 => pid = parent,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// The worker of rank `rank` that the torchrun process `torchrun` started: our binary,
+/// below it, with RANK=`rank` (other tests' ranks run beside it with the same binary).
+fn torchrun_worker(torchrun: u32, rank: usize) -> Option<u32> {
     let binary = env!("CARGO_BIN_EXE_ddpm-trainer");
     let wanted = format!("RANK={rank}");
     std::fs::read_dir("/proc")
@@ -476,7 +502,8 @@ fn torchrun_worker(rank: usize) -> Option<u32> {
             let exe = std::fs::read_link(entry.path().join("exe")).ok()?;
             let environ = std::fs::read(entry.path().join("environ")).ok()?;
             let has = environ.split(|&b| b == 0).any(|v| v == wanted.as_bytes());
-            (exe == Path::new(binary) && has && !exited(pid)).then_some(pid)
+            (exe == Path::new(binary) && has && !exited(pid) && descends_from(pid, torchrun))
+                .then_some(pid)
         })
 }
 
@@ -484,7 +511,7 @@ fn torchrun_worker(rank: usize) -> Option<u32> {
 /// torchrun restarts both, and rank 0 resumes the run the first attempt created (keyed
 /// by the rendezvous id) to the end: one run, every metric row once.
 async fn torchrun_launches_and_restarts_the_ranks(env: TestEnv) {
-    const STEPS: i64 = 300;
+    const STEPS: i64 = 600;
     let config = config(&env, "run.toml", STEPS, 10, 50);
     let log = std::fs::File::create(env.log_path("torchrun")).unwrap();
     let mut cmd = Command::new(torchrun());
@@ -505,7 +532,7 @@ async fn torchrun_launches_and_restarts_the_ranks(env: TestEnv) {
         .stderr(log);
     let child = cmd.spawn().expect("start torchrun");
     wait_for_rows(&env, "torchrun", 1, 40).await;
-    let rank1 = torchrun_worker(1).expect("torchrun's rank 1");
+    let rank1 = torchrun_worker(child.id(), 1).expect("torchrun's rank 1");
     Command::new("kill")
         .args(["-KILL", &rank1.to_string()])
         .status()
