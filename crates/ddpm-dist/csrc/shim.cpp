@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -61,6 +62,15 @@ bool guarded(char** err, F&& body) {
 }
 
 std::chrono::milliseconds millis(int64_t ms) { return std::chrono::milliseconds(ms); }
+
+// c10d's flight recorder (a process-wide record of every collective) is written without
+// a lock when a collective is enqueued: two groups in one process (ranks as threads, as
+// the tests run them) corrupt it and crash. Enqueueing takes this lock; the wait for the
+// result does not, so collectives of different groups still overlap.
+std::mutex& enqueue_lock() {
+  static std::mutex lock;
+  return lock;
+}
 
 }  // namespace
 
@@ -204,7 +214,11 @@ int ddpm_group_allreduce_sum(void* group, at::Tensor* tensor, int64_t timeout_ms
     c10d::AllreduceOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;
     opts.timeout = millis(timeout_ms);
-    auto work = static_cast<GroupBox*>(group)->backend->allreduce(tensors, opts);
+    c10::intrusive_ptr<c10d::Work> work;
+    {
+      std::lock_guard<std::mutex> guard(enqueue_lock());
+      work = static_cast<GroupBox*>(group)->backend->allreduce(tensors, opts);
+    }
     work->wait(millis(timeout_ms));
   });
   return ok ? 0 : 1;
@@ -219,7 +233,11 @@ int ddpm_group_broadcast(void* group, at::Tensor* tensor, int root, int64_t time
     opts.rootRank = root;
     opts.rootTensor = 0;
     opts.timeout = millis(timeout_ms);
-    auto work = static_cast<GroupBox*>(group)->backend->broadcast(tensors, opts);
+    c10::intrusive_ptr<c10d::Work> work;
+    {
+      std::lock_guard<std::mutex> guard(enqueue_lock());
+      work = static_cast<GroupBox*>(group)->backend->broadcast(tensors, opts);
+    }
     work->wait(millis(timeout_ms));
   });
   return ok ? 0 : 1;

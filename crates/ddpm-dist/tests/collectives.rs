@@ -3,10 +3,17 @@
 
 use std::time::{Duration, Instant};
 
-use ddpm_dist::{GlooInterface, Launch, ProcessGroup, Store};
+use ddpm_dist::{GlooInterface, ProcessGroup, Store};
 use tch::{Device, Kind, Tensor};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One torch thread, set once before any test runs an op: changing libtorch's thread
+/// count while another test's op runs in the pool is a crash waiting to happen.
+fn one_thread() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| tch::set_num_threads(1));
+}
 
 /// Runs `body(rank, group, store)` on two ranks over loopback and returns what each
 /// returned.
@@ -21,7 +28,7 @@ fn two_ranks_on<T: Send + 'static>(
     interface: GlooInterface,
     body: impl Fn(usize, &ProcessGroup, &Store) -> T + Send + Sync + 'static,
 ) -> Vec<T> {
-    tch::set_num_threads(1);
+    one_thread();
     let server = Store::serve("127.0.0.1", 0, 2, TIMEOUT).unwrap();
     let port = server.port();
     assert!(port > 0, "the store bound a port");
@@ -128,17 +135,31 @@ fn a_store_nobody_serves_is_a_clear_error_within_the_timeout() {
 }
 
 #[test]
+fn a_key_nobody_sets_is_a_clear_error_within_the_timeout() {
+    // How the trainer notices a rank that never comes: its key never appears in the
+    // store (it builds the group only once every rank's key is there).
+    let store = Store::serve("127.0.0.1", 0, 2, Duration::from_secs(2)).unwrap();
+    let started = Instant::now();
+    let err = store.get("device/1").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("reading from the rendezvous store"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
 fn a_rank_that_never_comes_is_a_clear_error_within_the_timeout() {
-    tch::set_num_threads(1);
-    let launch = Launch::local(0, 2, 0);
-    let store = Store::serve(&launch.master_addr, 0, 2, Duration::from_secs(2)).unwrap();
+    one_thread();
+    let store = Store::serve("127.0.0.1", 0, 2, Duration::from_secs(2)).unwrap();
     let started = Instant::now();
     let err = ProcessGroup::new(
         &store,
         0,
         2,
         Device::Cpu,
-        &launch.gloo_interface(),
+        &GlooInterface::Hostname("127.0.0.1".into()),
         Duration::from_secs(2),
     )
     .unwrap_err();

@@ -111,12 +111,22 @@ impl World {
         Ok((World::meet(store, &launch, device, timeout)?, ranks))
     }
 
-    /// Joins the process group through `store`, after announcing this rank's device.
+    /// Joins the process group through `store`: announces this rank's device, waits
+    /// (up to `timeout` each) for every other rank's, and only then builds the group, so
+    /// that a rank that never comes is reported by number.
     fn meet(store: Store, launch: &Launch, device: Device, timeout: Duration) -> Result<World> {
         store.set(
             &format!("device/{}", launch.rank),
             ddpm_core::device::device_name(device).as_bytes(),
         )?;
+        for rank in 0..launch.world_size {
+            store.get(&format!("device/{rank}")).map_err(|e| {
+                TrainerError::Rank(format!(
+                    "rank {rank} of {} did not join within {timeout:?}: {e}",
+                    launch.world_size
+                ))
+            })?;
+        }
         let group = ProcessGroup::new(
             &store,
             launch.rank,
