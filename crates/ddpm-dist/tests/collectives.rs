@@ -149,25 +149,22 @@ fn a_key_nobody_sets_is_a_clear_error_within_the_timeout() {
     assert!(started.elapsed() < Duration::from_secs(15));
 }
 
+/// Rank 0 of two joining alone on `interface` with a 2 s timeout: the error it gets,
+/// after how long.
+fn join_alone(interface: GlooInterface) -> (String, Duration) {
+    one_thread();
+    let timeout = Duration::from_secs(2);
+    let store = Store::serve("127.0.0.1", 0, 2, timeout).unwrap();
+    let started = Instant::now();
+    let err = ProcessGroup::new(&store, 0, 2, Device::Cpu, &interface, timeout).unwrap_err();
+    (err.to_string(), started.elapsed())
+}
+
 #[test]
 fn a_rank_that_never_comes_is_a_clear_error_within_the_timeout() {
-    one_thread();
-    let store = Store::serve("127.0.0.1", 0, 2, Duration::from_secs(2)).unwrap();
-    let started = Instant::now();
-    let err = ProcessGroup::new(
-        &store,
-        0,
-        2,
-        Device::Cpu,
-        &GlooInterface::Hostname("127.0.0.1".into()),
-        Duration::from_secs(2),
-    )
-    .unwrap_err();
-    assert!(
-        err.to_string().contains("joining the process group"),
-        "{err}"
-    );
-    assert!(started.elapsed() < Duration::from_secs(15));
+    let (err, waited) = join_alone(GlooInterface::Hostname("127.0.0.1".into()));
+    assert!(err.contains("joining the process group"), "{err}");
+    assert!(waited < Duration::from_secs(15));
 }
 
 #[test]
@@ -180,18 +177,6 @@ fn a_gloo_rank_binds_the_interface_it_is_given() {
     });
     assert_eq!(sums, [3.0, 3.0]);
     // An interface that does not exist is an error, not a crash.
-    let store = Store::serve("127.0.0.1", 0, 2, Duration::from_secs(2)).unwrap();
-    let err = ProcessGroup::new(
-        &store,
-        0,
-        2,
-        Device::Cpu,
-        &GlooInterface::Interface("no-such-if0".into()),
-        Duration::from_secs(2),
-    )
-    .unwrap_err();
-    assert!(
-        err.to_string().contains("joining the process group"),
-        "{err}"
-    );
+    let (err, _) = join_alone(GlooInterface::Interface("no-such-if0".into()));
+    assert!(err.contains("joining the process group"), "{err}");
 }

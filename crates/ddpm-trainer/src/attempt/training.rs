@@ -76,7 +76,7 @@ fn run(job: TrainJob, ranks: Ranks, joined: oneshot::Sender<Joined>) -> Result<L
     };
     let _ = joined.send(Joined {
         size: world.size(),
-        devices: world.devices()?,
+        devices: world.devices(),
     });
     let outcome = train(job, world);
     if let Some((local, grace)) = local {

@@ -62,6 +62,8 @@ struct Joined {
     store: Store,
     /// Where collectives' tensors live: the CPU for Gloo, the device for NCCL.
     comm_device: Device,
+    /// Every rank's device name, in rank order, as each announced it.
+    devices: Vec<String>,
 }
 
 /// The flags the ranks agree on before each step.
@@ -119,14 +121,17 @@ impl World {
             &format!("device/{}", launch.rank),
             ddpm_core::device::device_name(device).as_bytes(),
         )?;
-        for rank in 0..launch.world_size {
-            store.get(&format!("device/{rank}")).map_err(|e| {
-                TrainerError::Rank(format!(
-                    "rank {rank} of {} did not join within {timeout:?}: {e}",
-                    launch.world_size
-                ))
-            })?;
-        }
+        let devices = (0..launch.world_size)
+            .map(|rank| {
+                let name = store.get(&format!("device/{rank}")).map_err(|e| {
+                    TrainerError::Rank(format!(
+                        "rank {rank} of {} did not join within {timeout:?}: {e}",
+                        launch.world_size
+                    ))
+                })?;
+                Ok(String::from_utf8_lossy(&name).into_owned())
+            })
+            .collect::<Result<Vec<String>>>()?;
         let group = ProcessGroup::new(
             &store,
             launch.rank,
@@ -152,6 +157,7 @@ impl World {
                 group,
                 store,
                 comm_device,
+                devices,
             }),
             device,
         })
@@ -250,16 +256,11 @@ impl World {
     }
 
     /// Every rank's device, in rank order (each announced its own when it joined).
-    pub fn devices(&self) -> Result<Vec<String>> {
-        let Some(j) = &self.group else {
-            return Ok(vec![ddpm_core::device::device_name(self.device)]);
-        };
-        (0..j.group.size())
-            .map(|rank| {
-                let name = j.store.get(&format!("device/{rank}"))?;
-                Ok(String::from_utf8_lossy(&name).into_owned())
-            })
-            .collect()
+    pub fn devices(&self) -> Vec<String> {
+        match &self.group {
+            Some(j) => j.devices.clone(),
+            None => vec![ddpm_core::device::device_name(self.device)],
+        }
     }
 
     /// Rank 0: hands the job to the other ranks.
