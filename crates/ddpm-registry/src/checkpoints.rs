@@ -258,7 +258,7 @@ pub(crate) async fn delete_by_id<'e>(
 
 impl Registry {
     /// Registers a durable checkpoint file (write it first: see
-    /// [`CheckpointStore::write_bytes`](crate::CheckpointStore::write_bytes) and
+    /// [`CheckpointStore::write_checkpoint`](crate::CheckpointStore::write_checkpoint) and
     /// [`CheckpointStore::register`](crate::CheckpointStore::register)).
     ///
     /// A path registered before is replaced: its old row goes and the new one
@@ -289,6 +289,16 @@ impl Registry {
     #[tracing::instrument(skip(self))]
     pub async fn get_checkpoint(&self, id: i64) -> Result<Option<CheckpointRecord>> {
         select_checkpoint(&self.pool, id).await
+    }
+
+    /// The SHA-256 of every registered checkpoint, of every run: what a server's cache
+    /// of loaded checkpoints keeps before anything else.
+    #[tracing::instrument(skip(self))]
+    pub async fn checkpoint_hashes(&self) -> Result<std::collections::HashSet<String>> {
+        let hashes: Vec<String> = sqlx::query_scalar("SELECT DISTINCT sha256 FROM checkpoints")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(hashes.into_iter().collect())
     }
 
     /// The checkpoints of run `run_id`, by step (then id).

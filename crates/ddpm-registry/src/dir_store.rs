@@ -2,9 +2,11 @@
 //! shared volume in deployment).
 //!
 //! A put goes to a temp file beside its target, is hashed as it is written, fsynced and
-//! renamed over the target, and the directory is fsynced: a reader (or a crash) sees the
-//! old file or the new one, never a torn one, and a file that is registered is on disk.
-//! Folders exist only while they hold a file, as with object storage.
+//! renamed to the target only if no file is there (`renameat2(RENAME_NOREPLACE)`, or a
+//! hard link where that is missing), and the directory is fsynced: a reader (or a crash)
+//! sees no file or the whole one, never a torn one, a file that is registered is on
+//! disk, and a file is never replaced. Folders exist only while they hold a file, as
+//! with object storage.
 
 use std::fmt;
 use std::fs::File;
@@ -13,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::backend::{Listed, ObjectStore, StoredFile};
 use crate::error::{RegistryError, Result};
-use crate::object_store::{ObjectStore, StoredFile};
 use crate::relpath::validate_rel_path;
 
 /// Objects as files under one root directory.
@@ -79,11 +81,21 @@ impl ObjectStore for DirStore {
         temp.write_all(bytes)
             .and_then(|()| temp.as_file().sync_all())
             .map_err(RegistryError::io(&target))?;
-        crate::failpoint::hit("store.temp_written");
-        temp.persist(&target)
-            .map_err(|e| RegistryError::io(&target)(e.error))?;
+        crate::failpoint::hit("store.written");
+        match temp.persist_noclobber(&target) {
+            Ok(_) => {}
+            // Taken: the same bytes are a retried write (done), others a conflict. The
+            // temp file goes when `e.file` drops.
+            Err(e) if e.error.kind() == ErrorKind::AlreadyExists => {
+                let existing = std::fs::read(&target).map_err(RegistryError::io(&target))?;
+                if hex::encode(Sha256::digest(&existing)) != sha256 {
+                    return Err(RegistryError::ObjectConflict(path));
+                }
+            }
+            Err(e) => return Err(RegistryError::io(&target)(e.error)),
+        }
         sync_dir(dir)?;
-        crate::failpoint::hit("store.renamed");
+        crate::failpoint::hit("store.published");
         tracing::debug!(path = %target.display(), size_bytes = bytes.len(), "checkpoint file written");
         Ok(StoredFile {
             path,
@@ -116,7 +128,7 @@ impl ObjectStore for DirStore {
         }
     }
 
-    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+    fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
         let dir = self.file(prefix)?;
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -126,12 +138,19 @@ impl ObjectStore for DirStore {
         let mut keys = Vec::new();
         for entry in entries {
             let entry = entry.map_err(RegistryError::io(&dir))?;
-            if entry.file_type().is_ok_and(|t| t.is_file()) {
+            let Ok(meta) = entry.metadata() else {
+                continue; // gone since the listing: nothing to report
+            };
+            if meta.is_file() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                keys.push(format!("{}/{name}", prefix.trim_end_matches('/')));
+                keys.push(Listed {
+                    key: format!("{}/{name}", prefix.trim_end_matches('/')),
+                    size_bytes: meta.len(),
+                    modified: meta.modified().map_err(RegistryError::io(entry.path()))?,
+                });
             }
         }
-        keys.sort();
+        keys.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(keys)
     }
 }
@@ -203,6 +222,28 @@ mod tests {
         std::fs::File::create(&path).unwrap();
         use std::os::unix::fs::PermissionsExt;
         !std::fs::metadata(&path).unwrap().permissions().mode() & 0o666
+    }
+
+    #[test]
+    fn a_put_never_replaces_other_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirStore::new(dir.path()).unwrap();
+        let first = store.put("runs/1/a", b"a").unwrap();
+        // A retried write of the same bytes is success.
+        assert_eq!(store.put("runs/1/a", b"a").unwrap(), first);
+        assert!(matches!(
+            store.put("runs/1/a", b"b"),
+            Err(RegistryError::ObjectConflict(key)) if key == "runs/1/a"
+        ));
+        assert_eq!(store.get("runs/1/a").unwrap(), b"a");
+        // No temp file is left behind by either.
+        let names: Vec<_> = store
+            .list("runs/1")
+            .unwrap()
+            .into_iter()
+            .map(|l| l.key)
+            .collect();
+        assert_eq!(names, ["runs/1/a"]);
     }
 
     #[test]

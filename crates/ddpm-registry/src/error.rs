@@ -77,6 +77,24 @@ pub enum RegistryError {
     #[error("no object {0:?} in the checkpoint store")]
     ObjectMissing(String),
 
+    /// The checkpoint store did not answer in time, or answered with a server error,
+    /// after its retries (an S3 server down or overloaded, a network cut): may pass.
+    #[error("checkpoint store unavailable: {0}")]
+    StoreUnavailable(String),
+
+    /// The checkpoint store refused the request for a reason that will not pass by
+    /// itself: credentials refused, a bucket that does not exist, a request the server
+    /// does not support. Someone must act.
+    #[error("checkpoint store refused: {0}")]
+    StoreRefused(String),
+
+    /// A write found its key taken by other bytes: keys carry the content's hash, so
+    /// this is not a retry of the same write, and the object is left as it is.
+    #[error(
+        "object {0:?} exists in the checkpoint store with other content; it is never overwritten"
+    )]
+    ObjectConflict(String),
+
     /// A path is not a plain relative path inside the store.
     #[error("invalid store path {0:?}: must be relative, non-empty, without `.`/`..`")]
     InvalidPath(String),

@@ -5,8 +5,9 @@
 //! run queue that trainers claim work from. It runs on PostgreSQL (deployment)
 //! or SQLite (the zero-configuration default); the connection URL picks which.
 //! The checkpoint store keeps the checkpoint files on a backend behind one small
-//! interface ([`ObjectStore`]: a directory, [`DirStore`], for now), which alone writes,
-//! hashes, publishes and deletes them; they are registered only once durable.
+//! interface ([`ObjectStore`]: a directory, [`DirStore`], or an S3 bucket, [`S3Store`]),
+//! which alone writes, hashes, publishes and deletes them; they are registered only once
+//! durable.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), ddpm_registry::RegistryError> {
@@ -29,8 +30,7 @@
 //!     let leased = registry.leased(Lease::of(&run)?);
 //!     leased.heartbeat(1000).await?;
 //!     // Blocking: a trainer writes from its training thread.
-//!     let rel = store.path_for(run.id, 1000, CheckpointKind::Ema);
-//!     let file = store.write_bytes(&rel, b"safetensors bytes")?;
+//!     let file = store.write_checkpoint(run.id, 1000, CheckpointKind::Ema, b"safetensors bytes")?;
 //!     store
 //!         .register(&leased, run.id, 1000, CheckpointKind::Ema, &file)
 //!         .await?;
@@ -71,10 +71,14 @@
 //!   their rows, registration, deletion, retention, tidying after crashes, all on an
 //!   [`ObjectStore`]; [`CheckpointLedger`], where it records files (the registry, or a
 //!   lease).
-//! - `object_store`: [`ObjectStore`], what a backend implements (write-and-publish,
-//!   read, delete, list), and [`StoredFile`], what a write returns.
-//! - `dir_store`: [`DirStore`], the directory backend: temp file, fsync, rename,
-//!   directory fsync.
+//! - `backend`: [`ObjectStore`], what a backend implements (create-only
+//!   write-and-publish, read, delete, list), and [`StoredFile`], what a write returns.
+//! - `dir_store`: [`DirStore`], the directory backend: temp file, fsync, rename that
+//!   never replaces, directory fsync.
+//! - `s3_store`: [`S3Store`], the S3 backend (`object_store`'s client): one
+//!   create-only PUT per object, failures sorted into unavailable and refused.
+//! - `cache`: [`ObjectCache`], the local copies a server keeps of what it loaded from a
+//!   remote store, named by SHA-256, bounded.
 //! - `relpath`: the one check of a store-relative path, which `checkpoints`
 //!   and `store` share (neither depends on the other's internals).
 //! - `error`: [`RegistryError`], the one error type.
@@ -93,6 +97,8 @@
 //! `DDPM_TEST_POSTGRES_URL`).
 
 mod announce;
+mod backend;
+mod cache;
 mod checkpoints;
 mod control;
 mod db;
@@ -101,22 +107,24 @@ mod error;
 pub mod failpoint;
 mod lease;
 mod metrics;
-mod object_store;
 mod promotions;
 mod relpath;
 mod runs;
+mod s3_store;
 mod scores;
 mod store;
 
 pub use announce::Announcements;
+pub use backend::{Listed, ObjectStore, StoredFile};
+pub use cache::ObjectCache;
 pub use checkpoints::{CheckpointKind, CheckpointRecord, NewCheckpoint, CHECKPOINT_CHANNEL};
 pub use db::{database_password, redact_password, Backend, Registry};
 pub use dir_store::DirStore;
 pub use error::{RegistryError, Result};
 pub use lease::{Beat, Lease, LeasedRun};
 pub use metrics::{MetricPoint, MetricSummary};
-pub use object_store::{ObjectStore, StoredFile};
 pub use promotions::Promotion;
 pub use runs::{FinalStatus, NewRun, Run, RunStatus, RunWorld};
+pub use s3_store::S3Store;
 pub use scores::{CheckpointScore, ScoreValues};
 pub use store::{CheckpointLedger, CheckpointStore};

@@ -1,25 +1,35 @@
 //! The checkpoint store: checkpoint files by run, on an [`ObjectStore`] backend (a
-//! directory by default), registered only once durable, with retention and tidying.
+//! directory by default, or an S3 bucket), registered only once durable, with retention
+//! and reconciliation.
 //!
-//! This module knows the layout (`runs/<run>/<kind>-<step>.safetensors`, the grid `.png`
-//! beside), what is registered and what retention keeps; the backend alone writes,
-//! hashes, publishes and deletes bytes (see `object_store`). Its async methods run the
-//! backend's blocking calls on blocking threads.
+//! This module knows the layout (`runs/<run>/<kind>-<step>-<sha256 prefix>.safetensors`,
+//! the grid `.png` beside), what is registered and what retention keeps; the backend
+//! alone writes, hashes, publishes and deletes bytes (see `backend`). Its async methods
+//! run the backend's blocking calls on blocking threads.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use ddpm_service::StoreSpec;
 use sha2::{Digest, Sha256};
 
+use crate::backend::{ObjectStore, StoredFile};
+use crate::cache::ObjectCache;
 use crate::checkpoints::{CheckpointKind, CheckpointRecord, NewCheckpoint};
 use crate::db::Registry;
 use crate::dir_store::DirStore;
 use crate::error::{RegistryError, Result};
 use crate::lease::LeasedRun;
-use crate::object_store::{ObjectStore, StoredFile};
 use crate::relpath::validate_rel_path;
 use crate::runs::RunStatus;
+use crate::s3_store::S3Store;
+
+/// Hex digits of the content's SHA-256 in a checkpoint's key: enough that two different
+/// checkpoints of one run and step never share a key (48 bits), short enough to read.
+const KEY_HASH_DIGITS: usize = 12;
 
 /// Where the store records its files: the [`Registry`] itself (an operator's, a
 /// tool's or a test's writes, unconditional) or a [`LeasedRun`] (a worker's, refused
@@ -85,6 +95,8 @@ impl CheckpointLedger for LeasedRun {
 #[derive(Debug, Clone)]
 pub struct CheckpointStore {
     objects: Arc<dyn ObjectStore>,
+    /// Local copies of what `open` reads, for a remote backend (a server's).
+    cache: Option<Arc<ObjectCache>>,
 }
 
 impl CheckpointStore {
@@ -93,18 +105,71 @@ impl CheckpointStore {
         Ok(CheckpointStore::on(Arc::new(DirStore::new(root)?)))
     }
 
-    /// A store on the backend `objects`.
-    pub fn on(objects: Arc<dyn ObjectStore>) -> CheckpointStore {
-        CheckpointStore { objects }
+    /// The store `spec` names: a directory (created when missing) or an S3 bucket (not
+    /// contacted yet: see [`CheckpointStore::check`]).
+    pub fn open_spec(spec: &StoreSpec) -> Result<CheckpointStore> {
+        Ok(match spec {
+            StoreSpec::Dir(root) => CheckpointStore::new(root)?,
+            StoreSpec::S3(s3) => CheckpointStore::on(Arc::new(S3Store::new(s3)?)),
+        })
     }
 
-    /// Where a checkpoint of run `run_id` at `step` goes, relative to the
-    /// root: `runs/<run>/<kind>-<step, 8 digits>.safetensors`.
+    /// A store on the backend `objects`.
+    pub fn on(objects: Arc<dyn ObjectStore>) -> CheckpointStore {
+        CheckpointStore {
+            objects,
+            cache: None,
+        }
+    }
+
+    /// This store, reading checkpoints through `cache` (see [`CheckpointStore::open`]).
+    pub fn with_cache(mut self, cache: ObjectCache) -> CheckpointStore {
+        self.cache = Some(Arc::new(cache));
+        self
+    }
+
+    /// Whether reading costs a network transfer (S3): worth a local cache.
+    pub fn is_remote(&self) -> bool {
+        self.objects.is_remote()
+    }
+
+    /// Whether the backend can be reached and read (one listing): a missing bucket or
+    /// refused credentials come back as [`RegistryError::StoreRefused`], a server that
+    /// does not answer as [`RegistryError::StoreUnavailable`].
+    pub async fn check(&self) -> Result<()> {
+        let objects = Arc::clone(&self.objects);
+        blocking(move || objects.check()).await
+    }
+
+    /// A path for a checkpoint of run `run_id` at `step` whose content is not known:
+    /// `runs/<run>/<kind>-<step, 8 digits>.safetensors`. Checkpoints are written with
+    /// [`CheckpointStore::write_checkpoint`], whose keys carry their hash; this name
+    /// is for tools and tests that place a file themselves.
     pub fn path_for(&self, run_id: i64, step: i64, kind: CheckpointKind) -> PathBuf {
         PathBuf::from(format!(
             "{}/{kind}-{step:08}.safetensors",
             run_folder(run_id)
         ))
+    }
+
+    /// Writes and publishes a checkpoint of run `run_id` at `step` under a key that
+    /// carries its content's hash, `runs/<run>/<kind>-<step>-<sha256 prefix>.safetensors`:
+    /// a key is written once, so no write (a retry, a zombie worker's) ever replaces
+    /// another's object. Blocking.
+    pub fn write_checkpoint(
+        &self,
+        run_id: i64,
+        step: i64,
+        kind: CheckpointKind,
+        bytes: &[u8],
+    ) -> Result<StoredFile> {
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let key = format!(
+            "{}/{kind}-{step:08}-{}.safetensors",
+            run_folder(run_id),
+            &sha256[..KEY_HASH_DIGITS]
+        );
+        self.objects.put(&key, bytes)
     }
 
     /// Where the sample grid of the EMA checkpoint at `checkpoint` goes: the
@@ -128,8 +193,13 @@ impl CheckpointStore {
 
     /// A registered checkpoint's bytes, checked against the registered size and SHA-256:
     /// [`RegistryError::ChecksumMismatch`] for a changed file,
-    /// [`RegistryError::ObjectMissing`] for a missing one. Blocking.
+    /// [`RegistryError::ObjectMissing`] for a missing one. With a cache, read from (or
+    /// through) it. Blocking.
     pub fn open(&self, record: &CheckpointRecord) -> Result<Vec<u8>> {
+        if let Some(cache) = &self.cache {
+            validate_rel_path(Path::new(&record.path))?;
+            return cache.fetch(&*self.objects, record);
+        }
         let bytes = self.read(Path::new(&record.path))?;
         let sha256 = hex::encode(Sha256::digest(&bytes));
         if sha256 != record.sha256 || i64::try_from(bytes.len()).ok() != Some(record.size_bytes) {
@@ -208,53 +278,84 @@ impl CheckpointStore {
         Ok(deleted)
     }
 
-    /// Removes what ended attempts of run `run_id` left in its folder: temp files of
-    /// writes a crash cut short, and checkpoint files (with their grids) that no record
-    /// in `registered` names: written, but never registered (the worker died or lost
-    /// its lease first). Such a file is not registered late: the metric rows up to its
-    /// step may be missing too, and resuming from it would leave a gap in the series.
+    /// Reconciles run `run_id`'s folder with its rows: removes temp files of writes a
+    /// crash cut short, and checkpoint objects (with their grids) whose key is not in
+    /// `keep` (the registered checkpoints' paths, and any the caller wrote and has yet to
+    /// register): written, but never registered (the worker died or lost its
+    /// lease first), and written more than `grace` ago. Such an object is not registered
+    /// late: the metric rows up to its step may be missing too, and resuming from it
+    /// would leave a gap in the series.
     ///
-    /// Call it holding the run's lease, before the attempt writes anything: no other
-    /// writer is legitimate then. Files it does not recognise are left alone. Returns
-    /// the removed paths, relative to the root.
-    #[tracing::instrument(skip(self, registered))]
-    pub async fn tidy_run(
+    /// Call it holding the run's lease. Before the attempt writes anything, with no
+    /// grace: no other writer is legitimate then. During the attempt, with a grace
+    /// longer than a write takes, so that the attempt's own objects between their put and
+    /// their registration stay; a zombie worker's late objects are removed then.
+    /// Objects it does not recognise are left alone. Returns the removed keys.
+    #[tracing::instrument(skip(self, keep))]
+    pub async fn reconcile_run(
         &self,
         run_id: i64,
-        registered: &[CheckpointRecord],
+        keep: &[&str],
+        grace: Duration,
     ) -> Result<Vec<String>> {
-        let keep: std::collections::HashSet<String> = registered
+        let keep: HashSet<String> = keep
             .iter()
-            .flat_map(|r| [r.path.clone(), grid_key(&r.path)])
+            .flat_map(|path| [path.to_string(), grid_key(path)])
             .collect();
-        let leftovers: Vec<String> = self
-            .list_run(run_id)
-            .await?
+        let objects = Arc::clone(&self.objects);
+        let folder = run_folder(run_id);
+        let listed = blocking(move || objects.list(&folder)).await?;
+        let cutoff = SystemTime::now()
+            .checked_sub(grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let leftovers: Vec<String> = listed
             .into_iter()
-            .filter(|key| {
-                let name = key.rsplit('/').next().unwrap_or(key);
+            .filter(|object| {
+                let name = object.key.rsplit('/').next().unwrap_or(&object.key);
+                let old_enough = grace.is_zero() || object.modified <= cutoff;
                 match leftover_kind(name) {
-                    Some(Leftover::Temp) => true,
-                    Some(Leftover::Checkpoint) => !keep.contains(key),
+                    Some(Leftover::Temp) => old_enough,
+                    Some(Leftover::Checkpoint) => old_enough && !keep.contains(&object.key),
                     None => false,
                 }
             })
+            .map(|object| object.key)
             .collect();
         self.delete_keys(leftovers.clone()).await?;
         Ok(leftovers)
     }
 
+    /// [`CheckpointStore::reconcile_run`] before an attempt writes: no grace.
+    pub async fn tidy_run(
+        &self,
+        run_id: i64,
+        registered: &[CheckpointRecord],
+    ) -> Result<Vec<String>> {
+        let keep: Vec<&str> = registered.iter().map(|r| r.path.as_str()).collect();
+        self.reconcile_run(run_id, &keep, Duration::ZERO).await
+    }
+
+    /// Evicts cached copies beyond the cache's bound (see [`ObjectCache::trim`]): first
+    /// those whose hash is not in `live`, never `keep`. Nothing without a cache.
+    pub async fn trim_cache(&self, live: HashSet<String>, keep: String) -> Result<Vec<String>> {
+        let Some(cache) = self.cache.clone() else {
+            return Ok(Vec::new());
+        };
+        blocking(move || cache.trim(&live, &keep)).await
+    }
+
     /// Removes everything of run `run_id` (deleting the run).
     #[tracing::instrument(skip(self))]
     pub async fn remove_run(&self, run_id: i64) -> Result<()> {
-        let keys = self.list_run(run_id).await?;
+        let keys = self.run_keys(run_id).await?;
         self.delete_keys(keys).await
     }
 
     /// The keys in run `run_id`'s folder, sorted.
-    async fn list_run(&self, run_id: i64) -> Result<Vec<String>> {
+    pub async fn run_keys(&self, run_id: i64) -> Result<Vec<String>> {
         let objects = Arc::clone(&self.objects);
-        blocking(move || objects.list(&run_folder(run_id))).await
+        let listed = blocking(move || objects.list(&run_folder(run_id))).await?;
+        Ok(listed.into_iter().map(|object| object.key).collect())
     }
 
     /// Deletes `keys` from the backend, in order.
@@ -330,7 +431,8 @@ pub(crate) fn retention_victims(
 enum Leftover {
     /// `.<target>.<random>.tmp`: a write in progress, or cut short.
     Temp,
-    /// `ema-<step>.safetensors`, `ema-<step>.png`, `state-<step>.safetensors`.
+    /// `<kind>-<step>[-<hash>].safetensors`, `ema-<step>[-<hash>].png` (keys without the
+    /// hash are those of earlier versions, and of [`CheckpointStore::path_for`]).
     Checkpoint,
 }
 
@@ -339,10 +441,16 @@ fn leftover_kind(name: &str) -> Option<Leftover> {
         return Some(Leftover::Temp);
     }
     let (kind, rest) = name.split_once('-')?;
-    let (step, ext) = rest.split_once('.')?;
+    let (stem, ext) = rest.split_once('.')?;
+    let (step, hash) = stem.split_once('-').unwrap_or((stem, "0"));
     let known_kind = CheckpointKind::ALL.iter().any(|k| k.as_str() == kind);
     let known_ext = ext == "safetensors" || (kind == "ema" && ext == "png");
-    (known_kind && known_ext && !step.is_empty() && step.bytes().all(|b| b.is_ascii_digit()))
+    let digits = |s: &str, hex: bool| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (hex && (b'a'..=b'f').contains(&b)))
+    };
+    (known_kind && known_ext && digits(step, false) && digits(hash, true))
         .then_some(Leftover::Checkpoint)
 }
 
@@ -443,6 +551,9 @@ mod tests {
             "ema-00000100.safetensors",
             "ema-00000100.png",
             "state-00000100.safetensors",
+            "ema-00000100-0a1b2c3d4e5f.safetensors",
+            "ema-00000100-0a1b2c3d4e5f.png",
+            "state-00000100-0a1b2c3d4e5f.safetensors",
         ] {
             assert_eq!(leftover_kind(name), Some(Leftover::Checkpoint), "{name}");
         }
@@ -451,6 +562,8 @@ mod tests {
             "notes.txt",
             "ema-.safetensors",
             "ema-12x.safetensors",
+            "ema-100-.safetensors",
+            "ema-100-XYZ.safetensors",
             "grid.png",
         ] {
             assert_eq!(leftover_kind(name), None, "{name}");

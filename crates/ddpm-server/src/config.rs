@@ -283,6 +283,16 @@ pub struct Config {
     /// What `--serve-policy best` ranks the trainer's scores by.
     #[arg(long, env = "DDPM_BEST_METRIC", value_enum, default_value = "kid")]
     pub best_metric: BestMetric,
+
+    /// With a remote store (`--store s3://…`): the directory of local copies of the
+    /// checkpoints loaded, named by SHA-256; default `<data-dir>/cache`.
+    #[arg(long, env = "DDPM_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// The most MiB the cache keeps besides the checkpoint being served; copies no
+    /// checkpoint row refers to go first, then the least recently used.
+    #[arg(long, env = "DDPM_CACHE_MAX_MIB", default_value_t = 4096)]
+    pub cache_max_mib: u64,
 }
 
 fn parse_stretch(s: &str) -> Result<f64, String> {
@@ -329,6 +339,13 @@ fn parse_sample_max_value(s: &str) -> Result<f64, String> {
 pub const PLACEHOLDER_SECRETS: [&str; 2] = ["change-me", "change-me-too"];
 
 impl Config {
+    /// The checkpoint cache's directory in effect.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| self.common.data_dir.join("cache"))
+    }
+
     /// Refuses a start that would expose the server: without a token (or with an empty
     /// one) on an address other than loopback, or with the token or the database
     /// password still at a shipped placeholder; `--insecure-no-auth` allows it.
@@ -404,6 +421,8 @@ impl Default for Config {
             insecure_no_auth: false,
             serve_policy: ServePolicy::Newest,
             best_metric: BestMetric::Kid,
+            cache_dir: None,
+            cache_max_mib: 4096,
         }
     }
 }

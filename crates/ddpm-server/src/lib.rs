@@ -41,7 +41,7 @@ pub mod watcher;
 use std::{future::Future, sync::Arc};
 
 use ddpm_core::DeviceChoice;
-use ddpm_registry::{CheckpointStore, Registry};
+use ddpm_registry::{CheckpointStore, ObjectCache, Registry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -78,7 +78,20 @@ pub async fn run(
     ddpm_core::set_cpu_threads(config.common.torch_threads);
     let device = config.common.device.parse::<DeviceChoice>()?.resolve()?;
     let registry = Registry::connect(&config.common.database_url()).await?;
-    let store = CheckpointStore::new(config.common.checkpoint_dir())?;
+    let mut store = CheckpointStore::open_spec(&config.common.store_spec())?;
+    match store.check().await {
+        Ok(()) => {}
+        // It may come back: the watcher keeps trying, /readyz says 503 meanwhile.
+        Err(e @ ddpm_registry::RegistryError::StoreUnavailable(_)) => {
+            tracing::warn!(error = %e, "checkpoint store not reachable now; loading waits for it")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if store.is_remote() {
+        let cache = ObjectCache::new(config.cache_dir(), config.cache_max_mib << 20)?;
+        tracing::info!(dir = %cache.dir().display(), max_mib = config.cache_max_mib, "checkpoint cache");
+        store = store.with_cache(cache);
+    }
     let metrics = Arc::new(Metrics::default());
     let current = CurrentModel::default();
     let pin = match (config.pin_checkpoint, config.pin_run) {

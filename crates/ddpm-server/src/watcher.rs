@@ -132,7 +132,14 @@ fn may_pass(error: &ServerError) -> bool {
     match error {
         // A file that is not there or not readable (yet): a store not mounted, a copy
         // in progress. A checksum mismatch is corruption: for good.
-        ServerError::Registry(RegistryError::Io { .. } | RegistryError::ObjectMissing(_))
+        // An S3 server that does not answer, or refuses (credentials being rotated):
+        // the checkpoint is not at fault.
+        ServerError::Registry(
+            RegistryError::Io { .. }
+            | RegistryError::ObjectMissing(_)
+            | RegistryError::StoreUnavailable(_)
+            | RegistryError::StoreRefused(_),
+        )
         | ServerError::Io(_) => true,
         ServerError::Registry(e) => e.is_unavailable(),
         // libtorch failing to place the weights (out of memory on the device) may pass;
@@ -366,6 +373,7 @@ impl Watcher {
     /// Loads `record` off the async runtime; on success it becomes the current model.
     async fn try_load(&mut self, record: CheckpointRecord) -> bool {
         let (store, device, id) = (self.store.clone(), self.device, record.id);
+        let sha256 = record.sha256.clone();
         tracing::info!(checkpoint = id, run = record.run_id, step = record.step, path = %record.path, "loading checkpoint");
         let started = std::time::Instant::now();
         let outcome =
@@ -392,7 +400,27 @@ impl Watcher {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "model swapped in"
         );
+        self.trim_cache(sha256).await;
         true
+    }
+
+    /// Keeps the cache of a remote store within its bound, keeping `serving`: copies no
+    /// row refers to go first. A failure only costs disk space: logged.
+    async fn trim_cache(&self, serving: String) {
+        if !self.store.is_remote() {
+            return;
+        }
+        let trimmed = match self.registry.checkpoint_hashes().await {
+            Ok(live) => self.store.trim_cache(live, serving).await,
+            Err(e) => Err(e),
+        };
+        match trimmed {
+            Ok(evicted) if !evicted.is_empty() => {
+                tracing::info!(evicted = evicted.len(), "checkpoint cache trimmed")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "checkpoint cache not trimmed"),
+        }
     }
 
     /// Whether checkpoint `id` may be tried now.

@@ -4,6 +4,8 @@ use std::{fmt, path::PathBuf};
 
 use clap::ValueEnum;
 
+use crate::store_options::{StoreOptions, StoreSpec};
+
 /// Where the state lives, where the model runs and how the process logs. Flattened into
 /// both binaries' command lines (`#[command(flatten)]`); `global`, so the trainer's
 /// subcommands take them after their own name too.
@@ -19,10 +21,14 @@ pub struct CommonOptions {
     #[arg(long, env = "DDPM_DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
 
-    /// Checkpoint store root (registry paths are relative to it); default
-    /// `<data-dir>/checkpoints`.
+    /// Checkpoint store root (registry paths are relative to it) when `--store` names
+    /// none; default `<data-dir>/checkpoints`.
     #[arg(long, env = "DDPM_CHECKPOINT_DIR", global = true)]
     pub checkpoint_dir: Option<PathBuf>,
+
+    /// `--store` (a directory or an S3 bucket) and the S3 settings.
+    #[command(flatten)]
+    pub store: StoreOptions,
 
     /// Where the model runs: auto (the GPU when present, else the CPU), cpu, cuda, cuda:N.
     // A name, not ddpm-core's `DeviceChoice`: this crate links neither libtorch nor the
@@ -49,6 +55,7 @@ impl CommonOptions {
             data_dir: data_dir.into(),
             database_url: None,
             checkpoint_dir: None,
+            store: StoreOptions::defaults(),
             device: "auto".into(),
             log_format: LogFormat::Pretty,
             torch_threads: 0,
@@ -63,11 +70,16 @@ impl CommonOptions {
             .unwrap_or_else(|| format!("sqlite:{}", self.data_dir.join("registry.db").display()))
     }
 
-    /// The checkpoint store root in effect.
+    /// The directory store's root when `--store` names no store.
     pub fn checkpoint_dir(&self) -> PathBuf {
         self.checkpoint_dir
             .clone()
             .unwrap_or_else(|| self.data_dir.join("checkpoints"))
+    }
+
+    /// The checkpoint store in effect: `--store`'s, or the directory `checkpoint_dir()`.
+    pub fn store_spec(&self) -> StoreSpec {
+        self.store.spec(self.checkpoint_dir())
     }
 }
 
@@ -78,6 +90,7 @@ impl fmt::Debug for CommonOptions {
         f.debug_struct("CommonOptions")
             .field("data_dir", &self.data_dir)
             .field("checkpoint_dir", &self.checkpoint_dir())
+            .field("store", &self.store)
             .field("device", &self.device)
             .field("log_format", &self.log_format)
             .field("torch_threads", &self.torch_threads)

@@ -7,6 +7,10 @@
 //!
 //! PostgreSQL tests never skip: without the variable they fail and say how to get one
 //! (`scripts/test.sh` finds or starts a server and sets it).
+//!
+//! The checkpoint store's S3 tests get a bucket of their own ([`s3_bucket`]) on the
+//! S3-compatible server `DDPM_TEST_S3_URL` names (moto's, which `scripts/test-s3.sh`
+//! starts); like the PostgreSQL tests they fail, never skip, without it.
 
 use std::path::Path;
 
@@ -109,6 +113,57 @@ impl FreshDatabase {
             let _ = admin.close().await;
         }
     }
+}
+
+/// The variable naming the S3-compatible server the tests use.
+pub const S3_URL_VAR: &str = "DDPM_TEST_S3_URL";
+
+/// The S3 test server's endpoint URL; the S3 tests fail without it.
+pub fn s3_server_url() -> String {
+    match std::env::var(S3_URL_VAR) {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "{S3_URL_VAR} is not set, so the S3 store tests cannot run. Run the project's \
+             test script (scripts/test.sh), which starts moto's S3 server and sets it, or \
+             start one with scripts/test-s3.sh and set {S3_URL_VAR} to the URL it prints"
+        ),
+    }
+}
+
+/// A new, empty bucket with a random name on the S3 test server, and the settings to
+/// reach it under `prefix` (moto accepts any credentials; the bucket is created with an
+/// unsigned request, which moto allows). Panics when the server cannot be reached.
+pub fn s3_bucket(prefix: &str) -> ddpm_service::S3Spec {
+    let endpoint = s3_server_url();
+    let bucket = format!("ddpm-test-{}", uuid::Uuid::new_v4().simple());
+    let status = http_put(&endpoint, &format!("/{bucket}"));
+    assert!(
+        status.starts_with("HTTP/1.1 200"),
+        "creating bucket {bucket} at {endpoint}: {status}"
+    );
+    ddpm_service::S3Spec::at_endpoint(&endpoint, &bucket, prefix)
+}
+
+/// Sends an empty `PUT path` to `endpoint` (`http://host:port`); returns the status line.
+fn http_put(endpoint: &str, path: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let host = endpoint
+        .strip_prefix("http://")
+        .unwrap_or_else(|| panic!("{S3_URL_VAR}={endpoint:?}: expected http://host:port"))
+        .trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(host).unwrap_or_else(|e| {
+        panic!("the S3 test server at {endpoint} ({S3_URL_VAR}) cannot be reached: {e}")
+    });
+    write!(
+        stream,
+        "PUT {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send to the S3 test server");
+    let mut status = String::new();
+    BufReader::new(stream)
+        .read_line(&mut status)
+        .expect("read the S3 test server's answer");
+    status.trim_end().to_owned()
 }
 
 /// The PostgreSQL server's URL; the PostgreSQL tests fail without it.

@@ -99,8 +99,8 @@ pub enum TrainerError {
 
 impl TrainerError {
     /// Whether the failure may pass by itself, so that the run goes back to the queue
-    /// with a backoff instead of failing: I/O (a full disk, an unmounted volume), a
-    /// database that cannot be reached, a dataset folder that is missing, a training
+    /// with a backoff instead of failing: I/O (a full disk, an unmounted volume), an S3
+    /// server that does not answer, a database that cannot be reached, a dataset folder that is missing, a training
     /// state that cannot be read. Everything else (an invalid config, an empty or
     /// changed dataset, a corrupt state, a libtorch error) needs someone to act: failed.
     pub fn is_transient(&self) -> bool {
@@ -114,6 +114,7 @@ impl TrainerError {
                 ddpm_registry::RegistryError::Database(_)
                     | ddpm_registry::RegistryError::Io { .. }
                     | ddpm_registry::RegistryError::ObjectMissing(_)
+                    | ddpm_registry::RegistryError::StoreUnavailable(_)
             ),
             _ => false,
         }

@@ -21,6 +21,12 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 const ATTEMPTS: u32 = 30;
 /// The pause between two attempts at a write.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// How old an object without a row must be before reconciliation removes it during an
+/// attempt: far longer than a write and its registration take, so that only the objects
+/// of ended attempts and of zombie workers (a worker that lost its lease and wrote on)
+/// go. Compared with the store's clock (S3's `Last-Modified`), so it also absorbs
+/// modest clock skew between hosts.
+const RECONCILE_GRACE: Duration = Duration::from_secs(10 * 60);
 
 /// Where the recorder writes.
 #[derive(Clone)]
@@ -99,7 +105,7 @@ pub async fn record(sink: Sink, mut events: UnboundedReceiver<Event>) -> Recorde
                     truncate(&sink, step).await;
                     // What the abandoned attempt registered but did not prune (it died in
                     // between); a run resumed at its last step registers nothing more.
-                    sink.retry("retention", 1, || retain(&sink)).await;
+                    sink.retry("retention", 1, || retain(&sink, &[])).await;
                 }
                 Some(Event::Metrics(point)) => {
                     pending.push(point);
@@ -154,9 +160,14 @@ async fn register_written(
         let flushed = rows.is_empty();
         rows.extend(after);
         *pending = rows;
+        // Written and still waiting for their turn: reconciliation must leave them.
+        let waiting: Vec<&str> = written[1..]
+            .iter()
+            .flat_map(|w| [w.ema.path.as_str(), w.state.path.as_str()])
+            .collect();
         let registering = || async {
             register(sink, next).await?;
-            retain(sink).await
+            retain(sink, &waiting).await
         };
         if !flushed
             || sink
@@ -221,8 +232,11 @@ async fn register(sink: &Sink, w: &Written) -> Result<(), RegistryError> {
     Ok(())
 }
 
-/// Applies retention under the lease: of each kind the `keep_last` newest stay.
-async fn retain(sink: &Sink) -> Result<(), RegistryError> {
+/// Applies retention under the lease (of each kind the `keep_last` newest stay), then
+/// reconciles the run's folder with its rows: objects without a row older than
+/// [`RECONCILE_GRACE`] go, except `waiting` (written by this attempt, not yet
+/// registered).
+async fn retain(sink: &Sink, waiting: &[&str]) -> Result<(), RegistryError> {
     let (leased, id) = (sink.hold.leased(), sink.run_id());
     let deleted = sink
         .store
@@ -230,6 +244,16 @@ async fn retain(sink: &Sink) -> Result<(), RegistryError> {
         .await?;
     if !deleted.is_empty() {
         tracing::debug!(count = deleted.len(), "old checkpoints deleted");
+    }
+    let registered = leased.registry().list_checkpoints(id).await?;
+    let keep: Vec<&str> = registered
+        .iter()
+        .map(|r| r.path.as_str())
+        .chain(waiting.iter().copied())
+        .collect();
+    let removed = sink.store.reconcile_run(id, &keep, RECONCILE_GRACE).await?;
+    if !removed.is_empty() {
+        tracing::info!(objects = ?removed, "removed objects no row refers to");
     }
     Ok(())
 }

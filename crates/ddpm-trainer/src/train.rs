@@ -12,6 +12,7 @@
 
 use std::{
     io::IsTerminal,
+    path::Path,
     sync::{
         atomic::{AtomicBool, AtomicI64, Ordering},
         Arc,
@@ -825,8 +826,10 @@ fn save(
         step,
     };
     let (bytes, _) = checkpoint_bytes(session.learner.ema.model(), &info)?;
-    let ema_rel = job.store.path_for(job.run_id, step, CheckpointKind::Ema);
-    let ema = job.store.write_bytes(&ema_rel, &bytes)?;
+    let ema = job
+        .store
+        .write_checkpoint(job.run_id, step, CheckpointKind::Ema, &bytes)?;
+    let grid_rel = CheckpointStore::grid_path_for(Path::new(&ema.path));
     if cfg.training.sample_grid_per_class > 0 {
         let spec = GridSpec {
             per_class: cfg.training.sample_grid_per_class,
@@ -838,18 +841,15 @@ fn save(
         let written =
             sample_grid(session.learner.ema.model(), &session.schedule, &spec).and_then(|grid| {
                 let png = png_bytes(&grid).map_err(|source| TrainerError::Image {
-                    path: ema_rel.clone(),
+                    path: grid_rel.clone(),
                     source,
                 })?;
-                Ok(job
-                    .store
-                    .write_bytes(&CheckpointStore::grid_path_for(&ema_rel), &png)?)
+                Ok(job.store.write_bytes(&grid_rel, &png)?)
             });
         if let Err(e) = written {
             tracing::warn!(step = step, error = %e, "sample grid not written");
         }
     }
-    let state_rel = job.store.path_for(job.run_id, step, CheckpointKind::State);
     let info = StateInfo {
         step,
         seed: cfg.training.seed,
@@ -861,7 +861,9 @@ fn save(
         &session.learner.optimizer,
         &info,
     )?;
-    let state_file = job.store.write_bytes(&state_rel, &bytes)?;
+    let state_file = job
+        .store
+        .write_checkpoint(job.run_id, step, CheckpointKind::State, &bytes)?;
     tracing::info!(step = step, seconds = t0.elapsed().as_secs_f64(), path = %ema.path, "checkpoint written");
     let score = quality.and_then(|q| q.score(job, session, step));
     let _ = job.events.send(Event::Checkpoint {

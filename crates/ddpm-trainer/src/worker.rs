@@ -54,9 +54,20 @@ impl Worker {
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_else(|_| "unknown-host".into())
         });
+        let store_spec = global.common.store_spec();
+        let store = CheckpointStore::open_spec(&store_spec)?;
+        match store.check().await {
+            Ok(()) => {}
+            // The server may come back: runs that need it are deferred meanwhile.
+            Err(e @ ddpm_registry::RegistryError::StoreUnavailable(_)) => {
+                tracing::warn!(error = %e, "checkpoint store not reachable now; runs wait for it")
+            }
+            // A missing bucket or refused credentials will not pass: say so at once.
+            Err(e) => return Err(e.into()),
+        }
         let worker = Worker {
             registry: Registry::connect(&global.common.database_url()).await?,
-            store: CheckpointStore::new(global.common.checkpoint_dir())?,
+            store,
             device,
             name: worker_name(&host, std::process::id()),
             heartbeat_interval: global.heartbeat_interval,
@@ -68,7 +79,7 @@ impl Worker {
         };
         tracing::info!(
             database_url = %redact_password(&global.common.database_url()),
-            checkpoint_dir = %global.common.checkpoint_dir().display(),
+            store = %worker.store,
             device = ?device,
             worker = %worker.name,
             heartbeat_interval = ?global.heartbeat_interval,

@@ -9,7 +9,7 @@ use std::sync::{Arc, Once};
 
 use ddpm_registry::{
     CheckpointKind, CheckpointLedger, CheckpointRecord, CheckpointStore, DirStore, Lease,
-    LeasedRun, NewRun, ObjectStore, Registry, RegistryError, Run, RunStatus,
+    LeasedRun, NewRun, ObjectStore, Registry, RegistryError, Run, RunStatus, S3Store,
 };
 pub use ddpm_testkit::{Db, FreshDatabase};
 
@@ -22,6 +22,9 @@ pub struct TestContext {
     /// A scratch directory for checkpoint stores and extra files.
     pub dir: tempfile::TempDir,
     pub db: Db,
+    /// The test's own bucket, when its store is S3 ([`run_on_s3`]); else the store is a
+    /// directory in `dir`.
+    pub s3: Option<ddpm_service::S3Spec>,
 }
 
 /// Runs `test` on a fresh database of `db`, then removes the database, also
@@ -42,6 +45,7 @@ where
         url: scratch.url.clone(),
         dir,
         db,
+        s3: None,
     };
     let outcome = tokio::spawn(test(ctx)).await;
     registry.close().await;
@@ -122,11 +126,31 @@ where
     }
 }
 
-/// The checkpoint store backend the tests run on, in the test's scratch directory. Every
-/// store test goes through it (or a [`store`] on it), never the file system, so a second
-/// backend runs the same suite by being returned here.
+/// Runs `test` like [`run`] on SQLite, with the checkpoint store in a fresh bucket of
+/// the S3 test server (`DDPM_TEST_S3_URL`).
+pub async fn run_on_s3<F, Fut>(test: F)
+where
+    F: FnOnce(TestContext) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let spec = ddpm_testkit::s3_bucket("ddpm");
+    run(Db::Sqlite, move |mut t| {
+        t.s3 = Some(spec);
+        test(t)
+    })
+    .await
+}
+
+/// The checkpoint store backend the tests run on: the test's bucket, or a directory in
+/// its scratch directory. Every store test goes through it (or a [`store`] on it), never
+/// the file system, so both backends run the same suite.
 pub fn objects(t: &TestContext) -> Arc<dyn ObjectStore> {
-    Arc::new(DirStore::new(t.dir.path().join("checkpoints")).expect("create the store"))
+    match &t.s3 {
+        Some(spec) => Arc::new(S3Store::new(spec).expect("an S3 client")),
+        None => {
+            Arc::new(DirStore::new(t.dir.path().join("checkpoints")).expect("create the store"))
+        }
+    }
 }
 
 /// A checkpoint store on [`objects`].
@@ -139,8 +163,10 @@ pub fn objects_of(objects: &dyn ObjectStore, run_id: i64) -> Vec<String> {
     let prefix = format!("runs/{run_id}/");
     let keys = objects.list(&format!("runs/{run_id}")).expect("list a run");
     keys.iter()
-        .map(|key| {
-            key.strip_prefix(&prefix)
+        .map(|listed| {
+            listed
+                .key
+                .strip_prefix(&prefix)
                 .expect("a key in the run")
                 .to_owned()
         })

@@ -1,18 +1,29 @@
 //! The checkpoint store with the registry: writes hashed as written, registration,
-//! verified reads, deletion, retention; and what every backend promises
-//! ([`ObjectStore`]). All of it goes through the backend `helpers::objects` returns, never
-//! the file system, except the directory backend's own tests at the end.
+//! verified reads, deletion, retention, reconciliation, the server's cache; and what
+//! every backend promises ([`ObjectStore`]). All of it goes through the backend
+//! `helpers::objects` returns, never the file system, except the directory backend's own
+//! tests at the end. Each test runs on a directory (with SQLite and with PostgreSQL) and
+//! on a bucket of the S3 test server (moto's, `DDPM_TEST_S3_URL`).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use ddpm_registry::{
-    CheckpointKind, CheckpointRecord, CheckpointStore, DirStore, FinalStatus, ObjectStore,
-    RegistryError,
+    CheckpointKind, CheckpointRecord, CheckpointStore, DirStore, FinalStatus, ObjectCache,
+    ObjectStore, RegistryError, S3Store,
 };
 use ddpm_testkit::both_backends;
 use sha2::{Digest, Sha256};
 
 use crate::helpers::{lease, objects, objects_of, running_run, save, store, TestContext};
+
+/// Replaces the object at `key` behind the registry's back (puts never replace).
+fn tamper(objects: &dyn ObjectStore, key: &str, bytes: &[u8]) {
+    objects.delete(key).unwrap();
+    objects.put(key, bytes).unwrap();
+}
 
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -79,7 +90,7 @@ async fn a_changed_file_fails_verification(t: TestContext) {
     let record = ema_at_100(&t, &store, run.id).await;
     let mut bytes = objects.get(&record.path).unwrap();
     bytes[7] ^= 1;
-    objects.put(&record.path, &bytes).unwrap();
+    tamper(&*objects, &record.path, &bytes);
     assert!(matches!(
         store.open(&record),
         Err(RegistryError::ChecksumMismatch { expected, actual, .. })
@@ -88,7 +99,7 @@ async fn a_changed_file_fails_verification(t: TestContext) {
     // Same bytes, one more: the size is checked too.
     bytes[7] ^= 1;
     bytes.push(0);
-    objects.put(&record.path, &bytes).unwrap();
+    tamper(&*objects, &record.path, &bytes);
     assert!(matches!(
         store.open(&record),
         Err(RegistryError::ChecksumMismatch { .. })
@@ -261,6 +272,171 @@ async fn retention_keeps_the_newest_of_a_completed_run(t: TestContext) {
     ));
 }
 
+/// A checkpoint's key carries its hash, so a retried write lands on the same key and
+/// succeeds, and no write ever replaces another's object.
+async fn checkpoint_keys_carry_their_hash_and_are_written_once(t: TestContext) {
+    let (store, objects) = (store(&t), objects(&t));
+    let run = running_run(&t.registry, "h").await;
+    let bytes = content(700);
+    let file = store
+        .write_checkpoint(run.id, 700, CheckpointKind::State, &bytes)
+        .unwrap();
+    let sha = sha256_hex(&bytes);
+    assert_eq!(
+        file.path,
+        format!("runs/{}/state-00000700-{}.safetensors", run.id, &sha[..12])
+    );
+    assert_eq!(file.sha256, sha);
+    // The response was lost and the write retried: the same key, success.
+    let again = store
+        .write_checkpoint(run.id, 700, CheckpointKind::State, &bytes)
+        .unwrap();
+    assert_eq!(again, file);
+    // Other bytes under a key that is taken (a zombie, a collision): refused, and the
+    // object stays as it was.
+    assert!(matches!(
+        objects.put(&file.path, b"other bytes"),
+        Err(RegistryError::ObjectConflict(key)) if key == file.path
+    ));
+    assert_eq!(objects.get(&file.path).unwrap(), bytes);
+    let record = store
+        .register(&t.registry, run.id, 700, CheckpointKind::State, &file)
+        .await
+        .unwrap();
+    assert_eq!(store.open(&record).unwrap(), bytes);
+    assert_eq!(objects_of(&*objects, run.id).len(), 1);
+}
+
+/// Reconciliation removes objects without a row, older than the grace period, and
+/// keeps rows' objects, their grids, the keys it is told to keep and what it does not
+/// recognise.
+async fn reconciliation_removes_old_objects_without_a_row(t: TestContext) {
+    let (store, objects) = (store(&t), objects(&t));
+    let run = running_run(&t.registry, "h").await;
+    let kept = save(
+        &store,
+        &t.registry,
+        run.id,
+        100,
+        CheckpointKind::Ema,
+        &content(100),
+    )
+    .await
+    .unwrap();
+    store
+        .write_bytes(
+            &CheckpointStore::grid_path_for(Path::new(&kept.path)),
+            b"png",
+        )
+        .unwrap();
+    let orphan = store
+        .write_checkpoint(run.id, 200, CheckpointKind::Ema, &content(200))
+        .unwrap();
+    store
+        .write_bytes(
+            &CheckpointStore::grid_path_for(Path::new(&orphan.path)),
+            b"png",
+        )
+        .unwrap();
+    let waiting = store
+        .write_checkpoint(run.id, 300, CheckpointKind::State, &content(300))
+        .unwrap();
+    objects
+        .put(&format!("runs/{}/notes.txt", run.id), b"an operator's")
+        .unwrap();
+    let registered = t.registry.list_checkpoints(run.id).await.unwrap();
+    let keep: Vec<&str> = registered
+        .iter()
+        .map(|r| r.path.as_str())
+        .chain([waiting.path.as_str()])
+        .collect();
+    // Everything is younger than an hour: nothing goes.
+    let removed = store
+        .reconcile_run(run.id, &keep, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert!(removed.is_empty(), "{removed:?}");
+    assert_eq!(objects_of(&*objects, run.id).len(), 6);
+    // Past the grace (S3's clock has second resolution: wait it out).
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut removed = store
+        .reconcile_run(run.id, &keep, Duration::from_secs(1))
+        .await
+        .unwrap();
+    removed.sort();
+    let grid = CheckpointStore::grid_path_for(Path::new(&orphan.path))
+        .to_string_lossy()
+        .into_owned();
+    let mut expected = vec![orphan.path.clone(), grid];
+    expected.sort();
+    assert_eq!(removed, expected);
+    let mut left = objects_of(&*objects, run.id);
+    left.sort();
+    assert_eq!(left.len(), 4, "{left:?}");
+    assert!(left.contains(&"notes.txt".to_string()));
+    assert_eq!(store.open(&kept).unwrap(), content(100));
+}
+
+/// A server's cache: the first open streams the object into the cache, the next is
+/// served from it; a wrong hash (the object changed behind the registry's back) is a
+/// checksum mismatch and nothing is cached; trimming drops copies no row names.
+async fn the_cache_serves_verified_copies(t: TestContext) {
+    let objects = objects(&t);
+    let cache_dir = t.dir.path().join("cache");
+    let store = CheckpointStore::on(Arc::clone(&objects))
+        .with_cache(ObjectCache::new(&cache_dir, 1).unwrap());
+    let run = running_run(&t.registry, "h").await;
+    let first = save(
+        &store,
+        &t.registry,
+        run.id,
+        100,
+        CheckpointKind::Ema,
+        &content(100),
+    )
+    .await
+    .unwrap();
+    assert_eq!(store.open(&first).unwrap(), content(100));
+    assert!(cache_dir.join(&first.sha256).is_file());
+    // Served from the cache: the object may be gone from the store meanwhile.
+    let bytes = objects.get(&first.path).unwrap();
+    objects.delete(&first.path).unwrap();
+    assert_eq!(store.open(&first).unwrap(), content(100));
+    objects.put(&first.path, &bytes).unwrap();
+    // A checkpoint whose object no longer matches its row.
+    let second = save(
+        &store,
+        &t.registry,
+        run.id,
+        200,
+        CheckpointKind::Ema,
+        &content(200),
+    )
+    .await
+    .unwrap();
+    let mut bad = content(200);
+    bad[0] ^= 0xff;
+    tamper(&*objects, &second.path, &bad);
+    assert!(matches!(
+        store.open(&second),
+        Err(RegistryError::ChecksumMismatch { expected, .. }) if expected == second.sha256
+    ));
+    assert!(!cache_dir.join(&second.sha256).exists());
+    // The bound is 1 byte: trimming keeps only the one in use.
+    let live = t.registry.checkpoint_hashes().await.unwrap();
+    assert!(live.contains(&first.sha256) && live.contains(&second.sha256));
+    let evicted = store
+        .trim_cache(live.clone(), second.sha256.clone())
+        .await
+        .unwrap();
+    assert_eq!(evicted, [first.sha256.clone()]);
+    assert!(store
+        .trim_cache(HashSet::new(), String::new())
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 both_backends!(
     crate::helpers::run;
     saved_checkpoints_are_durable_and_registered,
@@ -268,27 +444,68 @@ both_backends!(
     deleting_removes_row_file_and_grid,
     retention_keeps_the_last_k_of_each_kind,
     retention_keeps_the_newest_of_a_completed_run,
+    checkpoint_keys_carry_their_hash_and_are_written_once,
+    reconciliation_removes_old_objects_without_a_row,
+    the_cache_serves_verified_copies,
 );
 
-/// Every backend under test, each in its own scratch space (kept alive by the guard).
+/// The same tests with the store in a bucket of the S3 test server.
+mod s3 {
+    macro_rules! on_s3 {
+        ($($test:ident),* $(,)?) => {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                crate::helpers::run_on_s3(super::$test).await
+            }
+        )*};
+    }
+    on_s3!(
+        saved_checkpoints_are_durable_and_registered,
+        a_changed_file_fails_verification,
+        deleting_removes_row_file_and_grid,
+        retention_keeps_the_last_k_of_each_kind,
+        retention_keeps_the_newest_of_a_completed_run,
+        checkpoint_keys_carry_their_hash_and_are_written_once,
+        reconciliation_removes_old_objects_without_a_row,
+        the_cache_serves_verified_copies,
+    );
+}
+
+/// Every backend under test, each in its own scratch space (kept alive by the guard):
+/// a directory and a fresh bucket on the S3 test server.
 fn backends() -> Vec<(Box<dyn ObjectStore>, tempfile::TempDir)> {
     let dir = tempfile::tempdir().unwrap();
-    vec![(Box::new(DirStore::new(dir.path()).unwrap()), dir)]
+    let s3 = S3Store::new(&ddpm_testkit::s3_bucket("some/prefix")).unwrap();
+    vec![
+        (Box::new(DirStore::new(dir.path()).unwrap()), dir),
+        (Box::new(s3), tempfile::tempdir().unwrap()),
+    ]
 }
 
 #[test]
-fn puts_replace_whole_objects_and_hash_what_is_written() {
+fn puts_are_create_only_and_hash_what_is_written() {
     for (objects, _guard) in backends() {
         let first = objects.put("a/b/c.bin", b"first").unwrap();
-        let second = objects.put("a/b/c.bin", b"second").unwrap();
         assert_eq!(first.sha256, sha256_hex(b"first"));
-        assert_eq!(second.sha256, sha256_hex(b"second"));
-        assert_eq!((second.size_bytes, second.path.as_str()), (6, "a/b/c.bin"));
-        assert_eq!(objects.get("a/b/c.bin").unwrap(), b"second");
+        assert_eq!((first.size_bytes, first.path.as_str()), (5, "a/b/c.bin"));
+        // A retried put of the same bytes is success; other bytes are refused.
+        assert_eq!(objects.put("a/b/c.bin", b"first").unwrap(), first);
+        assert!(
+            matches!(
+                objects.put("a/b/c.bin", b"second"),
+                Err(RegistryError::ObjectConflict(key)) if key == "a/b/c.bin"
+            ),
+            "{objects}"
+        );
+        assert_eq!(objects.get("a/b/c.bin").unwrap(), b"first");
+        let mut streamed = Vec::new();
+        assert_eq!(objects.get_into("a/b/c.bin", &mut streamed).unwrap(), 5);
+        assert_eq!(streamed, b"first");
         assert!(matches!(
             objects.get("a/b/nothing.bin"),
             Err(RegistryError::ObjectMissing(key)) if key == "a/b/nothing.bin"
         ));
+        objects.check().unwrap();
     }
 }
 
@@ -299,13 +516,79 @@ fn lists_show_a_folders_objects_and_deletes_are_idempotent() {
         for key in ["runs/1/b", "runs/1/a", "runs/12/a", "runs/1x"] {
             objects.put(key, key.as_bytes()).unwrap();
         }
-        assert_eq!(objects.list("runs/1").unwrap(), ["runs/1/a", "runs/1/b"]);
+        let listed = objects.list("runs/1").unwrap();
+        let keys: Vec<&str> = listed.iter().map(|l| l.key.as_str()).collect();
+        assert_eq!(keys, ["runs/1/a", "runs/1/b"]);
+        assert_eq!(listed[0].size_bytes, 8);
+        let age = listed[0].modified.elapsed().unwrap_or_default();
+        assert!(age < Duration::from_secs(60), "{age:?}");
         objects.delete("runs/1/a").unwrap();
         objects.delete("runs/1/a").unwrap();
         objects.delete("runs/1/b").unwrap();
         assert!(objects.list("runs/1").unwrap().is_empty());
-        assert_eq!(objects.list("runs/12").unwrap(), ["runs/12/a"]);
+        let keys: Vec<String> = objects
+            .list("runs/12")
+            .unwrap()
+            .into_iter()
+            .map(|l| l.key)
+            .collect();
+        assert_eq!(keys, ["runs/12/a"]);
         assert_eq!(objects.get("runs/1x").unwrap(), b"runs/1x");
+    }
+}
+
+/// A large object (a seed-size checkpoint is ~90 MB) streams through in one piece.
+#[test]
+fn a_large_object_round_trips() {
+    let bytes: Vec<u8> = (0..24u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    for (objects, _guard) in backends() {
+        let file = objects.put("runs/9/big.safetensors", &bytes).unwrap();
+        assert_eq!(file.sha256, sha256_hex(&bytes));
+        let mut streamed = Vec::new();
+        objects
+            .get_into("runs/9/big.safetensors", &mut streamed)
+            .unwrap();
+        assert!(streamed == bytes, "{objects}: the bytes differ");
+    }
+}
+
+/// An S3 server that does not answer is unavailable (the trainer defers, the server
+/// retries); a bucket that does not exist is refused, and says so.
+#[test]
+fn s3_failures_are_sorted_into_unavailable_and_refused() {
+    // A port nobody listens on: connection refused, retried until the timeout.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut down =
+        ddpm_service::S3Spec::at_endpoint(&format!("http://127.0.0.1:{port}"), "ddpm-nobody", "p");
+    down.timeout = Duration::from_secs(1);
+    let store = S3Store::new(&down).unwrap();
+    let started = std::time::Instant::now();
+    for result in [
+        store.put("runs/1/a", b"a").map(drop),
+        store.get("runs/1/a").map(drop),
+        store.check(),
+    ] {
+        assert!(
+            matches!(result, Err(RegistryError::StoreUnavailable(_))),
+            "{result:?}"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    let mut missing = ddpm_testkit::s3_bucket("p");
+    missing.bucket = format!("{}-missing", missing.bucket);
+    let store = S3Store::new(&missing).unwrap();
+    for result in [store.check(), store.put("runs/1/a", b"a").map(drop)] {
+        match result {
+            Err(RegistryError::StoreRefused(message)) => {
+                assert!(message.contains("bucket does not exist"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
 

@@ -281,6 +281,10 @@ impl From<ddpm_registry::RegistryError> for ApiError {
             e if e.is_unavailable() => {
                 ApiError::Unavailable("the run registry is unavailable".into())
             }
+            ddpm_registry::RegistryError::StoreUnavailable(message) => {
+                tracing::warn!(%message, "checkpoint store unavailable");
+                ApiError::Unavailable("the checkpoint store is unavailable".into())
+            }
             other => ApiError::internal(other),
         }
     }

@@ -39,7 +39,7 @@ pub async fn runs_cancel(global: &GlobalOptions, id: i64) -> Result<()> {
 
 /// `runs restart`: queues the run again, resuming or (`from_scratch`) from step 0.
 pub async fn runs_restart(global: &GlobalOptions, id: i64, from_scratch: bool) -> Result<()> {
-    let store = CheckpointStore::new(global.common.checkpoint_dir())?;
+    let store = CheckpointStore::open_spec(&global.common.store_spec())?;
     let run = connect(global)
         .await?
         .restart_run(id, from_scratch, &store)
@@ -56,7 +56,7 @@ pub async fn runs_restart(global: &GlobalOptions, id: i64, from_scratch: bool) -
 
 /// `runs delete`: the run's rows and files.
 pub async fn runs_delete(global: &GlobalOptions, id: i64) -> Result<()> {
-    let store = CheckpointStore::new(global.common.checkpoint_dir())?;
+    let store = CheckpointStore::open_spec(&global.common.store_spec())?;
     let run = connect(global).await?.delete_run(id, &store).await?;
     println!("run {id} ({}) deleted with its checkpoints", run.status);
     Ok(())

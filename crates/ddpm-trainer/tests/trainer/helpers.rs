@@ -9,22 +9,45 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ddpm_registry::{CheckpointKind, MetricPoint, Registry, Run};
+use ddpm_registry::{CheckpointKind, CheckpointStore, MetricPoint, Registry, Run};
+use ddpm_service::{S3Spec, StoreSpec};
 pub use ddpm_testkit::{Db, FreshDatabase};
 use ddpm_trainer::demo::{write_demo_dataset, DemoSpec};
 
-/// What a test gets: a database, a dataset, a checkpoint directory.
+/// What a test gets: a database, a dataset, a checkpoint store (a directory, or a
+/// bucket of the S3 test server).
 pub struct TestEnv {
     pub registry: Registry,
     pub url: String,
     pub dir: tempfile::TempDir,
     pub dataset: PathBuf,
+    /// The directory store's root (unused when `s3` is set).
     pub checkpoints: PathBuf,
+    /// The test's own bucket, when the store is S3 ([`with_env_on_s3`]).
+    pub s3: Option<S3Spec>,
 }
 
 /// Runs `test` in a fresh environment on `db`; the database is dropped afterwards, also
 /// when the test panics.
 pub async fn with_env<F, Fut>(db: Db, test: F)
+where
+    F: FnOnce(TestEnv) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    with_store(db, None, test).await
+}
+
+/// [`with_env`] on SQLite with the checkpoints in a fresh bucket of the S3 test server
+/// (`DDPM_TEST_S3_URL`).
+pub async fn with_env_on_s3<F, Fut>(test: F)
+where
+    F: FnOnce(TestEnv) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    with_store(Db::Sqlite, Some(ddpm_testkit::s3_bucket("ddpm/ckpt")), test).await
+}
+
+async fn with_store<F, Fut>(db: Db, s3: Option<S3Spec>, test: F)
 where
     F: FnOnce(TestEnv) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -49,6 +72,7 @@ where
         checkpoints: dir.path().join("checkpoints"),
         dataset,
         dir,
+        s3,
     };
     let outcome = tokio::spawn(test(env)).await;
     registry.close().await;
@@ -105,12 +129,47 @@ impl TestEnv {
         path
     }
 
+    /// The store the trainer writes to, opened the way the binary opens it.
+    pub fn store(&self) -> CheckpointStore {
+        CheckpointStore::open_spec(&self.store_spec()).expect("open the store")
+    }
+
+    pub fn store_spec(&self) -> StoreSpec {
+        match &self.s3 {
+            Some(spec) => StoreSpec::S3(spec.clone()),
+            None => StoreSpec::Dir(self.checkpoints.clone()),
+        }
+    }
+
+    /// The options that point a binary at the S3 test bucket through `endpoint` (the
+    /// server itself, or a proxy in front of it); none for a directory store.
+    pub fn s3_args(&self, endpoint: Option<&str>) -> Vec<String> {
+        let Some(spec) = &self.s3 else {
+            return Vec::new();
+        };
+        let endpoint = endpoint.or(spec.endpoint.as_deref()).expect("an endpoint");
+        [
+            "--store",
+            &format!("s3://{}/{}", spec.bucket, spec.prefix),
+            "--s3-endpoint",
+            endpoint,
+            "--s3-allow-http",
+            "--aws-access-key-id",
+            "test",
+            "--aws-secret-access-key",
+            "test",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
     /// The binary with this environment's database and store, on one CPU thread.
     pub fn trainer(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddpm-trainer"));
         cmd.args(["--database-url", &self.url])
             .arg("--checkpoint-dir")
             .arg(&self.checkpoints)
+            .args(self.s3_args(None))
             .arg("--data-dir")
             .arg(self.dir.path())
             .args([

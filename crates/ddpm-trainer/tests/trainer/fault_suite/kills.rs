@@ -7,10 +7,10 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use ddpm_registry::RunStatus;
+use ddpm_registry::{CheckpointKind, RunStatus};
 use rand::{Rng, SeedableRng};
 
-use super::audit::{audit, same_final_weights, Audit};
+use crate::audit::{audit, Audit};
 use crate::helpers::{micro_config, signal, TestEnv};
 use ddpm_testkit::both_backends;
 
@@ -23,8 +23,8 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 /// The named points (`ddpm_registry::failpoint`) and the range of passes to kill at.
 const POINTS: [(&str, u64); 6] = [
-    ("store.temp_written", 4),
-    ("store.renamed", 4),
+    ("store.written", 4),
+    ("store.published", 4),
     ("recorder.ema_registered", 2),
     ("store.row_deleted", 3),
     ("recorder.metrics_written", 8),
@@ -128,9 +128,14 @@ async fn twenty_sigkills_lose_nothing(env: TestEnv) {
     );
     let found = audit(&env, id, TOTAL, LOG_EVERY).await;
     eprintln!(
-        "fault suite ({}): kills survived {kills}/{kills}, lost metric rows {}, orphan files {}, \
-         broken checkpoints {}",
+        "fault suite ({}, {}): kills survived {kills}/{kills}, lost metric rows {}, orphan \
+         files {}, broken checkpoints {}",
         env.url.split(':').next().unwrap_or("?"),
+        if env.s3.is_some() {
+            "S3 store"
+        } else {
+            "directory store"
+        },
         found.lost_rows,
         found.orphan_files,
         found.broken_checkpoints
@@ -156,3 +161,38 @@ async fn twenty_sigkills_lose_nothing(env: TestEnv) {
 }
 
 both_backends!(crate::helpers::with_env; twenty_sigkills_lose_nothing);
+
+/// The same on SQLite with the checkpoints in a bucket of the S3 test server: its kill
+/// points sit before and after the one PUT that publishes an object.
+mod s3 {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn twenty_sigkills_lose_nothing() {
+        crate::helpers::with_env_on_s3(super::twenty_sigkills_lose_nothing).await
+    }
+}
+
+/// The tensors of the final EMA checkpoints of two runs are bit for bit the same.
+pub async fn same_final_weights(env: &TestEnv, a: i64, b: i64) -> bool {
+    let store = env.store();
+    let scratch = tempfile::tempdir().unwrap();
+    let mut tensors = Vec::new();
+    for id in [a, b] {
+        let newest = env
+            .registry
+            .newest_checkpoint(Some(id), CheckpointKind::Ema)
+            .await
+            .unwrap()
+            .expect("a final EMA checkpoint");
+        let bytes = store.open(&newest).expect("the file matches its row");
+        let path = scratch.path().join(format!("{id}.safetensors"));
+        std::fs::write(&path, bytes).unwrap();
+        let mut named = tch::Tensor::read_safetensors(path).unwrap();
+        named.sort_by(|x, y| x.0.cmp(&y.0));
+        tensors.push(named);
+    }
+    let (x, y) = (&tensors[0], &tensors[1]);
+    x.len() == y.len()
+        && x.iter()
+            .zip(y)
+            .all(|((na, ta), (nb, tb))| na == nb && ta.equal(tb))
+}

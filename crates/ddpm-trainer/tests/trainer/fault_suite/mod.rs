@@ -14,7 +14,6 @@
 //! `cargo test -p ddpm-trainer --features failpoints --test trainer -- fault_suite::
 //! --test-threads 1` (`scripts/test.sh` does).
 
-mod audit;
 mod disk;
 mod kills;
 mod pause;

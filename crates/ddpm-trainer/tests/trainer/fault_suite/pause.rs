@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ddpm_registry::{CheckpointKind, RunStatus};
 
-use super::audit::{audit, Audit};
+use crate::audit::{audit, Audit};
 use crate::helpers::{micro_config, signal, TestEnv};
 use ddpm_testkit::both_backends;
 

@@ -26,7 +26,7 @@ pub struct Audit {
 pub async fn audit(env: &TestEnv, id: i64, total: i64, log_every: i64) -> Audit {
     let expected: BTreeSet<i64> = expected_steps(total, log_every).into_iter().collect();
     let present: BTreeSet<i64> = env.metric_steps(id).await.into_iter().collect();
-    let store = CheckpointStore::new(&env.checkpoints).unwrap();
+    let store = env.store();
     let records = env.registry.list_checkpoints(id).await.unwrap();
     let mut named = BTreeSet::new();
     let mut broken = 0;
@@ -50,15 +50,13 @@ pub async fn audit(env: &TestEnv, id: i64, total: i64, log_every: i64) -> Audit 
         };
         broken += usize::from(!loads);
     }
-    let dir = env.checkpoints.join(format!("runs/{id}"));
-    let orphans: Vec<String> = std::fs::read_dir(&dir)
-        .map(|entries| {
-            entries
-                .map(|e| format!("runs/{id}/{}", e.unwrap().file_name().to_string_lossy()))
-                .filter(|rel| !named.contains(rel))
-                .collect()
-        })
-        .unwrap_or_default();
+    let orphans: Vec<String> = store
+        .run_keys(id)
+        .await
+        .expect("list the run's objects")
+        .into_iter()
+        .filter(|key| !named.contains(key))
+        .collect();
     if !orphans.is_empty() {
         eprintln!("files without a row: {orphans:?}");
     }
@@ -68,28 +66,4 @@ pub async fn audit(env: &TestEnv, id: i64, total: i64, log_every: i64) -> Audit 
         orphan_files: orphans.len(),
         broken_checkpoints: broken,
     }
-}
-
-/// The tensors of the final EMA checkpoints of two runs are bit for bit the same.
-pub async fn same_final_weights(env: &TestEnv, a: i64, b: i64) -> bool {
-    let store = CheckpointStore::new(&env.checkpoints).unwrap();
-    let mut tensors = Vec::new();
-    for id in [a, b] {
-        let newest = env
-            .registry
-            .newest_checkpoint(Some(id), CheckpointKind::Ema)
-            .await
-            .unwrap()
-            .expect("a final EMA checkpoint");
-        store.open(&newest).expect("the file matches its row");
-        let path = env.checkpoints.join(&newest.path);
-        let mut named = tch::Tensor::read_safetensors(path).unwrap();
-        named.sort_by(|x, y| x.0.cmp(&y.0));
-        tensors.push(named);
-    }
-    let (x, y) = (&tensors[0], &tensors[1]);
-    x.len() == y.len()
-        && x.iter()
-            .zip(y)
-            .all(|((na, ta), (nb, tb))| na == nb && ta.equal(tb))
 }
