@@ -160,23 +160,24 @@ async fn register_written(
         let flushed = rows.is_empty();
         rows.extend(after);
         *pending = rows;
-        // Written and still waiting for their turn: reconciliation must leave them.
-        let waiting: Vec<&str> = written[1..]
-            .iter()
-            .flat_map(|w| [w.ema.path.as_str(), w.state.path.as_str()])
-            .collect();
-        let registering = || async {
-            register(sink, next).await?;
-            retain(sink, &waiting).await
-        };
         if !flushed
             || sink
-                .retry("registering a checkpoint", attempts, registering)
+                .retry("registering a checkpoint", attempts, || {
+                    register(sink, next)
+                })
                 .await
                 .is_none()
         {
             return;
         }
+        // Retention and reconciliation are housekeeping: a failure (the store away) is
+        // logged and caught up after the next registration, and never holds one back.
+        // What was written and waits for its turn must stay.
+        let waiting: Vec<&str> = written[1..]
+            .iter()
+            .flat_map(|w| [w.ema.path.as_str(), w.state.path.as_str()])
+            .collect();
+        sink.retry("retention", 1, || retain(sink, &waiting)).await;
         report.checkpoints += 1;
         written.remove(0);
     }

@@ -429,7 +429,7 @@ async fn the_cache_serves_verified_copies(t: TestContext) {
         .trim_cache(live.clone(), second.sha256.clone())
         .await
         .unwrap();
-    assert_eq!(evicted, [first.sha256.clone()]);
+    assert_eq!(evicted, std::slice::from_ref(&first.sha256));
     assert!(store
         .trim_cache(HashSet::new(), String::new())
         .await
