@@ -224,8 +224,11 @@ impl ObjectStore for S3Store {
         });
         let mut written = 0u64;
         let mut outcome = Ok(());
-        // `futures`' executor, not `blocking_recv`: callable inside a runtime too.
-        while let Some(chunk) = futures::executor::block_on(rx.recv()) {
+        // `futures`' executor, not `blocking_recv`: callable inside a runtime too. And
+        // unconstrained: inside a tokio task the task's coop budget would run out after
+        // 128 chunks and never be refilled (this thread does not yield to tokio), so
+        // `recv` would answer Pending forever.
+        while let Some(chunk) = futures::executor::block_on(tokio::task::unconstrained(rx.recv())) {
             match chunk {
                 Ok(chunk) => {
                     if let Err(e) = out.write_all(&chunk) {
@@ -322,7 +325,8 @@ impl OwnRuntime {
         &self,
         work: impl std::future::Future<Output = T> + Send + 'static,
     ) -> T {
-        match futures::executor::block_on(self.spawn(work)) {
+        // Unconstrained: see `get_into`.
+        match futures::executor::block_on(tokio::task::unconstrained(self.spawn(work))) {
             Ok(value) => value,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => panic!("the store's runtime cancelled a request: {e}"),

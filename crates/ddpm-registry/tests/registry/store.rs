@@ -537,9 +537,11 @@ fn lists_show_a_folders_objects_and_deletes_are_idempotent() {
     }
 }
 
-/// A large object (a seed-size checkpoint is ~90 MB) streams through in one piece.
-#[test]
-fn a_large_object_round_trips() {
+/// A large object (a seed-size checkpoint is ~90 MB) streams through in one piece, also
+/// when the blocking call is made inside a tokio task (a test, a bench): thousands of
+/// chunks exhaust a task's coop budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_object_round_trips() {
     let bytes: Vec<u8> = (0..24u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
