@@ -146,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
     // Publish: a new checkpoint each time (a new step, so a new key and new bytes).
     let (mut publish_dir, mut publish_s3) = (Vec::new(), Vec::new());
     let mut records = Vec::new();
+    let mut files = Vec::new();
     for i in 0..repeats {
         let step = 1 + i as i64;
         let bytes = checkpoint(step)?;
@@ -154,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
             let file = store.write_checkpoint(run.id, step, CheckpointKind::Ema, &bytes)?;
             times.push(t.elapsed().as_secs_f64());
             if i + 1 == repeats {
+                files.push((step, file.clone()));
                 records.push(
                     store
                         .register(&registry, run.id, step, CheckpointKind::Ema, &file)
@@ -201,13 +203,22 @@ async fn main() -> anyhow::Result<()> {
     let data = dir.path();
     let dir_db = format!("sqlite:{}?mode=rwc", data.join("registry-dir.db").display());
     let s3_db = format!("sqlite:{}?mode=rwc", data.join("registry-s3.db").display());
-    std::fs::copy(data.join("registry.db"), data.join("registry-dir.db"))?;
-    std::fs::copy(data.join("registry.db"), data.join("registry-s3.db"))?;
-    for (url, keep) in [(&dir_db, dir_record.id), (&s3_db, s3_record.id)] {
+    for (url, (step, file)) in [(&dir_db, &files[0]), (&s3_db, &files[1])] {
         let r = Registry::connect(url).await?;
-        for id in records.iter().map(|r| r.id).filter(|&id| id != keep) {
-            r.delete_checkpoint(id).await?;
-        }
+        let run = r
+            .create_run(&NewRun {
+                config: json!({ "model": "seed" }),
+                dataset: json!({ "path": "none", "image_count": 0 }),
+                total_steps: 1,
+            })
+            .await?;
+        anyhow::ensure!(
+            run.id == records[0].run_id,
+            "the manifest names run {}",
+            records[0].run_id
+        );
+        r.register_checkpoint(&file.checkpoint(run.id, *step, CheckpointKind::Ema)?)
+            .await?;
         r.close().await;
     }
     let dir_args = vec![
