@@ -465,6 +465,8 @@ impl std::fmt::Debug for Config {
             .field("insecure_no_auth", &self.insecure_no_auth)
             .field("serve_policy", &self.serve_policy)
             .field("best_metric", &self.best_metric)
+            .field("cache_dir", &self.cache_dir())
+            .field("cache_max_mib", &self.cache_max_mib)
             .finish()
     }
 }
