@@ -183,15 +183,25 @@ fn the_binary_links_libtorch_cuda() {
 fn the_binary_documents_its_environment() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpm-server"))
         .arg("--help")
+        .env("AWS_SECRET_ACCESS_KEY", "s3-secret-value")
+        .env("DDPM_API_TOKEN", "api-token-value")
         .output()
         .unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
+    // Secrets set in the environment are not shown as the options' current values.
+    for secret in ["s3-secret-value", "api-token-value"] {
+        assert!(!help.contains(secret), "--help shows {secret}");
+    }
     for var in [
         "DDPM_BIND",
         "DDPM_DATA_DIR",
         "DDPM_DATABASE_URL",
         "DDPM_CHECKPOINT_DIR",
+        "DDPM_STORE",
+        "AWS_ENDPOINT_URL",
+        "AWS_SECRET_ACCESS_KEY",
+        "DDPM_CACHE_DIR",
         "DDPM_DEVICE",
         "DDPM_LOG_FORMAT",
         "DDPM_MAX_BATCH",

@@ -84,16 +84,31 @@ async fn train_records_the_run_its_metrics_and_checkpoints(env: TestEnv) {
         (2 + 2 * 10, 2 + 3 * 10),
         "one row per class"
     );
-    assert!(
-        !env.checkpoints
-            .join("runs/1/ema-00000025.safetensors")
-            .exists(),
-        "retention deletes files"
-    );
-    assert!(
-        !env.checkpoints.join("runs/1/ema-00000025.png").exists(),
-        "and their grids"
-    );
+    // Retention deleted step 25's files and grid; what is left is what rows name, each
+    // key carrying its content's hash.
+    let mut keys = store.run_keys(run.id).await.unwrap();
+    keys.sort();
+    let mut named: Vec<String> = checkpoints
+        .iter()
+        .flat_map(|c| {
+            let grid = CheckpointStore::grid_path_for(Path::new(&c.path));
+            let mut keys = vec![c.path.clone()];
+            if c.kind == CheckpointKind::Ema {
+                keys.push(grid.to_string_lossy().into_owned());
+            }
+            keys
+        })
+        .collect();
+    named.sort();
+    assert_eq!(keys, named, "retention deletes files and their grids");
+    for c in &checkpoints {
+        assert!(
+            c.path
+                .ends_with(&format!("-{}.safetensors", &c.sha256[..12])),
+            "{}",
+            c.path
+        );
+    }
 
     let loaded = load_checkpoint_bytes(path, &bytes, Device::Cpu)
         .expect("the EMA checkpoint loads in ddpm-core");
@@ -124,7 +139,7 @@ async fn train_records_the_run_its_metrics_and_checkpoints(env: TestEnv) {
         "6 rows, steps 10..60",
         "curve",
         "by t:",
-        "ema-00000060.safetensors",
+        "ema-00000060-",
         "\"lr\"",
     ] {
         assert!(show.contains(needle), "runs show lacks {needle:?}:\n{show}");
