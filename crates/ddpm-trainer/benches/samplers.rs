@@ -23,6 +23,9 @@
 //! 4. writes one PNG grid per cell (a row per class, the first 8 samples, the same seeds
 //!    in every grid, 3× enlarged) into `<out>/<data set>/grids/`, the table into
 //!    `<out>/<data set>/table.md` and every figure into `<out>/<data set>/results.json`.
+//!    The samples are cached under `<out>/<data set>/samples/` (keyed by checkpoint,
+//!    K, sampler settings, guidance and seed): a rerun rescores without sampling, and a
+//!    new cell costs only its own sampling.
 //!
 //! NFE counts network passes: one per step for every sampler here (DPM-Solver++(2M) is
 //! a multistep method: one evaluation per step), and a guided step, whose conditional
@@ -32,7 +35,7 @@
 //!
 //! Settings: `DDPM_BENCH_OUT` (`target/bench-samplers`), `DDPM_BENCH_DATASETS`
 //! (`shapes,varied`), `DDPM_BENCH_TRAIN_STEPS` (4000; the cached checkpoint is per step
-//! count), `DDPM_BENCH_SAMPLES_PER_CLASS` (K, 25: 200 samples per cell),
+//! count; delete the output folder to start afresh), `DDPM_BENCH_SAMPLES_PER_CLASS` (K, 25: 200 samples per cell),
 //! `DDPM_BENCH_REF_STEPS` (1000: the reference DDPM's steps; lower it for a quick
 //! run), `DDPM_BENCH_CELLS` (a comma list of cell names; default all),
 //! `DDPM_BENCH_BOOTSTRAP` (resamples, 200), `DDPM_BENCH_THREADS` (libtorch threads, 1).
@@ -199,6 +202,21 @@ fn cells(ref_steps: usize) -> Vec<Cell> {
             ));
         }
     }
+    // Around the best cell of the first sitting: its other step counts and spacing, and
+    // which end of the interval matters.
+    out.push(cell(
+        "SDE-DPM++2M-15 GI[80,580]",
+        interval(sde(15), 80, 580),
+    ));
+    out.push(cell(
+        "SDE-DPM++2M-10 trailing GI[80,580]",
+        interval(spaced(sde(10), Trailing), 80, 580),
+    ));
+    out.push(cell("SDE-DPM++2M-10 GI[0,580]", interval(sde(10), 0, 580)));
+    out.push(cell(
+        "SDE-DPM++2M-10 GI[80,999]",
+        interval(sde(10), 80, 999),
+    ));
     for (name, s) in [("DDPM-20", ddpm(20)), ("DPM++2M-20", dpm(20))] {
         out.push(cell(
             format!("{name} no clamp"),
@@ -377,8 +395,59 @@ fn model(
     load(&bytes)
 }
 
+/// A cell's K samples per class (`[K·C, 3, S, S]`, class-major) with their labels and
+/// the seconds drawing them took, drawn or read from the cache under `<dir>/samples/`,
+/// keyed by everything they depend on (the checkpoint's step count, K, the sampler's
+/// settings, guidance and seed), so a rerun rescoring the same cells samples nothing.
+fn samples(
+    dir: &Path,
+    train_steps: usize,
+    model: &Model,
+    schedule: &NoiseSchedule,
+    k: i64,
+    c: &Cell,
+) -> (Tensor, Tensor, f64) {
+    let key = format!(
+        "{train_steps}|{k}|{GUIDANCE}|{SEED}|{}",
+        serde_json::to_string(&c.sampler).expect("json")
+    );
+    // FNV-1a of the key.
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let cache = dir.join("samples");
+    std::fs::create_dir_all(&cache).expect("samples folder");
+    let path = cache.join(format!("{}-{hash:016x}.pt", slug(&c.name)));
+    let seconds_path = path.with_extension("seconds");
+    if let (Ok(tensors), Ok(seconds)) = (
+        Tensor::load_multi(&path),
+        std::fs::read_to_string(&seconds_path),
+    ) {
+        let mut named: BTreeMap<String, Tensor> = tensors.into_iter().collect();
+        if let (Some(images), Some(labels), Ok(seconds)) = (
+            named.remove("images"),
+            named.remove("labels"),
+            seconds.trim().parse::<f64>(),
+        ) {
+            return (images, labels, seconds);
+        }
+    }
+    let t = Instant::now();
+    let (images, labels) =
+        sample_classes(model, schedule, k, c.sampler, GUIDANCE, SEED).expect("samples");
+    let seconds = t.elapsed().as_secs_f64();
+    Tensor::save_multi(&[("images", &images), ("labels", &labels)], &path)
+        .expect("cache the samples");
+    std::fs::write(&seconds_path, format!("{seconds}")).expect("cache the seconds");
+    (images, labels, seconds)
+}
+
+/// A cell's name as a file name: `DPM++2M-20 GI[80,580]` → `dpmpp2m-20_gi_80_580`.
 fn slug(name: &str) -> String {
-    name.chars()
+    name.replace("++", "pp")
+        .replace("η=", "eta")
+        .to_lowercase()
+        .chars()
         .map(|c| match c {
             'a'..='z' | 'A'..='Z' | '0'..='9' | '-' => c,
             'β' => 'b',
@@ -453,10 +522,7 @@ fn run_dataset(name: &str, out: &Path) -> Results {
         if i > 0 && wanted.as_ref().is_some_and(|w| !w.contains(&c.name)) {
             continue;
         }
-        let t = Instant::now();
-        let (images, labels) =
-            sample_classes(&model, &schedule, k, c.sampler, GUIDANCE, SEED).expect("samples");
-        let seconds = t.elapsed().as_secs_f64();
+        let (images, labels, seconds) = samples(&dir, steps, &model, &schedule, k, &c);
         let features = scorer.features(&images);
         let labels_host = Vec::<i64>::try_from(&labels).expect("labels");
         let resamples =
