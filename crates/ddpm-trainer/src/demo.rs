@@ -1,6 +1,10 @@
 //! The demo dataset: a few classes of visually distinct generated images, so that a
 //! first run needs nothing from outside. Each class is a shape in its own colour on a
-//! dark, slightly noisy background, with random position, size and shade.
+//! dark, slightly noisy background, with random position, size and shade. [`varied`] is
+//! a harder set with real variation within each class (shape only: any colour, rotation,
+//! size, textured backgrounds, sub-modes), for the sampler benchmark.
+
+pub mod varied;
 
 use std::path::{Path, PathBuf};
 
@@ -95,12 +99,31 @@ pub fn demo_image(c: usize, size: u32, rng: &mut impl Rng) -> RgbImage {
     img
 }
 
-/// Writes `out/<class>/<nnnn>.png`; returns the class folders written.
+/// Writes `out/<class>/<nnnn>.png` of the demo shapes; returns the class folders written.
 pub fn write_demo_dataset(out: &Path, spec: &DemoSpec) -> Result<Vec<PathBuf>> {
-    if spec.classes == 0 || spec.classes > DEMO_CLASSES.len() {
+    write_dataset(out, spec, &DEMO_CLASSES, demo_image)
+}
+
+/// Writes `out/<class>/<nnnn>.png` of the varied shapes ([`varied`]); returns the class
+/// folders written. `spec.classes` is at most [`varied::VARIED_CLASSES`]' length.
+pub fn write_varied_dataset(out: &Path, spec: &DemoSpec) -> Result<Vec<PathBuf>> {
+    write_dataset(out, spec, &varied::VARIED_CLASSES, |c, size, rng| {
+        varied::varied_image(c, size, rng)
+    })
+}
+
+/// `spec.per_class` images of each of the first `spec.classes` of `names`, class c drawn
+/// by `draw(c, size, rng)` from a generator seeded by (seed, c).
+fn write_dataset(
+    out: &Path,
+    spec: &DemoSpec,
+    names: &[&str],
+    draw: impl Fn(usize, u32, &mut Pcg64Mcg) -> RgbImage,
+) -> Result<Vec<PathBuf>> {
+    if spec.classes == 0 || spec.classes > names.len() {
         return Err(TrainerError::config(
             "classes",
-            format!("must be in 1..={}", DEMO_CLASSES.len()),
+            format!("must be in 1..={}", names.len()),
         ));
     }
     if spec.size < 4 {
@@ -110,13 +133,13 @@ pub fn write_demo_dataset(out: &Path, spec: &DemoSpec) -> Result<Vec<PathBuf>> {
         return Err(TrainerError::config("per-class", "must be at least 1"));
     }
     let mut dirs = Vec::new();
-    for (c, name) in DEMO_CLASSES.iter().enumerate().take(spec.classes) {
+    for (c, name) in names.iter().enumerate().take(spec.classes) {
         let dir = out.join(name);
         std::fs::create_dir_all(&dir).map_err(TrainerError::io(&dir))?;
         let mut rng = Pcg64Mcg::seed_from_u64(mix(spec.seed, c as u64));
         for i in 0..spec.per_class {
             let path = dir.join(format!("{i:04}.png"));
-            demo_image(c, spec.size, &mut rng)
+            draw(c, spec.size, &mut rng)
                 .save(&path)
                 .map_err(|source| TrainerError::Image {
                     path: path.clone(),
@@ -161,5 +184,31 @@ mod tests {
             assert_eq!(max, channel, "class {c}: {sums:?}");
         }
         assert!(write_demo_dataset(dir.path(), &DemoSpec { classes: 0, ..spec }).is_err());
+    }
+
+    #[test]
+    fn writes_the_varied_shapes_as_a_scannable_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = DemoSpec {
+            size: 16,
+            per_class: 3,
+            classes: 8,
+            seed: 2,
+        };
+        write_varied_dataset(dir.path(), &spec).unwrap();
+        let folder = ImageFolder::scan(dir.path(), Default::default()).unwrap();
+        let mut names = varied::VARIED_CLASSES.to_vec();
+        names.sort();
+        assert_eq!(folder.class_names, names);
+        assert_eq!(folder.items.len(), 24);
+        // The same spec writes the same files.
+        let again = tempfile::tempdir().unwrap();
+        write_varied_dataset(again.path(), &spec).unwrap();
+        let path = |root: &Path| root.join("ring").join("0002.png");
+        assert_eq!(
+            std::fs::read(path(dir.path())).unwrap(),
+            std::fs::read(path(again.path())).unwrap()
+        );
+        assert!(write_varied_dataset(dir.path(), &DemoSpec { classes: 9, ..spec }).is_err());
     }
 }

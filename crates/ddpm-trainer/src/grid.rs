@@ -7,7 +7,7 @@ use ddpm_core::{
     Model, NoiseSchedule, SampleSpec, SamplerConfig,
 };
 use image::RgbImage;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 use crate::{dataset::mix, error::Result};
 
@@ -51,18 +51,32 @@ pub fn sample_grid(model: &Model, schedule: &NoiseSchedule, spec: &GridSpec) -> 
         })
         .collect();
     let images = tch::no_grad(|| sample(model, schedule, &specs, MAX_BATCH))?; // [N, 3, S, S]
-    let pixels = to_uint8(&images)?
+    tile_images(&images, cols, 1)
+}
+
+/// `images: [N, C, S, S]` in [−1, 1] (C = 1 or 3) tiled in rows of `columns`, in order,
+/// each enlarged `scale`× (nearest neighbour); N a multiple of `columns`.
+pub fn tile_images(images: &Tensor, columns: u32, scale: u32) -> Result<RgbImage> {
+    let pixels = to_uint8(images)?
         .permute([0, 2, 3, 1])
         .to_kind(Kind::Uint8)
         .contiguous(); // [N, S, S, C] on the CPU
-    let (s, channels) = (model.config().image_size as u32, pixels.size()[3]);
+    let size = pixels.size();
+    let (n, s, channels) = (size[0] as u32, size[1] as u32, size[3]);
+    let columns = columns.max(1);
+    if n % columns != 0 {
+        return Err(crate::error::TrainerError::config(
+            "columns",
+            format!("{n} images do not fill rows of {columns}"),
+        ));
+    }
     let data = Vec::<u8>::try_from(pixels.view([-1]))?;
     let tiling = Tiling {
-        columns: cols,
-        rows: rows.len() as u32,
+        columns,
+        rows: n / columns,
         image_width: s,
         image_height: s,
-        scale: 1,
+        scale: scale.max(1),
         pad: PAD,
         caption_height: 0,
     };
@@ -104,5 +118,25 @@ mod tests {
         assert_eq!(grid.dimensions(), (2 + 4 * 10, 2 + 3 * 10));
         let png = png_bytes(&grid).unwrap();
         assert_eq!(&png[1..4], b"PNG");
+    }
+
+    #[test]
+    fn tiles_enlarge_and_keep_their_order() {
+        // Two 2×2 images, black then white, side by side at 3×.
+        let images = Tensor::cat(
+            &[
+                Tensor::full([1, 3, 2, 2], -1.0, (Kind::Float, Device::Cpu)),
+                Tensor::full([1, 3, 2, 2], 1.0, (Kind::Float, Device::Cpu)),
+            ],
+            0,
+        );
+        let grid = tile_images(&images, 2, 3).unwrap();
+        assert_eq!(grid.dimensions(), (3 * PAD + 2 * 6, 2 * PAD + 6));
+        assert_eq!(grid.get_pixel(PAD + 5, PAD + 5).0, [0, 0, 0]);
+        assert_eq!(grid.get_pixel(2 * PAD + 6, PAD).0, [255, 255, 255]);
+        assert!(
+            tile_images(&images, 3, 1).is_err(),
+            "2 images do not fill a row of 3"
+        );
     }
 }

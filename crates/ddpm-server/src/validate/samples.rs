@@ -879,6 +879,13 @@ mod tests {
             (s.spacing, s.variance),
             (TimestepSpacing::Leading, AncestralVariance::FixedLarge)
         );
+        // The server's `--default-guidance-interval all` reaches past every T: no
+        // interval, guidance at every step.
+        let all = SampleDefaults {
+            default_guidance_interval: Some(crate::config::ALL_STEPS),
+            ..defaults()
+        };
+        assert_eq!(sampler(json!({}), &all).guidance_interval, None);
         let s = sampler(
             json!({"guidance_rescale": 0.7, "guidance_interval": [100, 700]}),
             &d,

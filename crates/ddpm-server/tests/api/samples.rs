@@ -161,22 +161,23 @@ async fn the_same_seed_gives_the_same_image_alone_and_inside_a_batch() {
 }
 
 /// A request that leaves the sampler options unset gets exactly the image of one that sets
-/// them to their defaults, for every sampler; a non-default option changes the image, is
-/// reported back, and batches with other requests like any other.
+/// them to the server's defaults (the shipped ones: the SDE solver for dpmpp_2m, guidance
+/// at 80 ≤ t ≤ 580 for every sampler), for every sampler; a non-default option changes
+/// the image, is reported back, and batches with other requests like any other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unset_sampler_options_equal_their_explicit_defaults() {
     let app = spawn_app(Options::default()).await;
-    for (sampler, spacing) in [
-        ("ddpm", "trailing"),
-        ("ddim", "trailing"),
-        ("dpmpp_2m", "linspace"),
+    for (sampler, spacing, algorithm) in [
+        ("ddpm", "trailing", "dpmsolver++"),
+        ("ddim", "trailing", "dpmsolver++"),
+        ("dpmpp_2m", "linspace", "sde-dpmsolver++"),
     ] {
         let base = json!({"class": "green", "seed": 31, "sampler": sampler, "steps": 6});
         let mut explicit = base.clone();
         explicit.as_object_mut().unwrap().extend(
             json!({"timestep_spacing": spacing, "variance_type": "fixed_small", "eta": 0.0,
-                "thresholding": "static", "guidance_rescale": 0.0, "guidance_interval": null,
-                "algorithm_type": "dpmsolver++"})
+                "thresholding": "static", "guidance_rescale": 0.0,
+                "guidance_interval": [80, 580], "algorithm_type": algorithm})
             .as_object()
             .unwrap()
             .clone(),
@@ -188,7 +189,7 @@ async fn unset_sampler_options_equal_their_explicit_defaults() {
         assert_eq!(unset["sampler"]["variance_type"], "fixed_small");
         assert_eq!(unset["sampler"]["thresholding"], "static");
         assert_eq!(unset["sampler"]["guidance_rescale"], 0.0);
-        assert!(unset["sampler"].get("guidance_interval").is_none());
+        assert_eq!(unset["sampler"]["guidance_interval"], json!([80, 580]));
     }
 
     let options = json!({"class": "red", "seed": 5, "sampler": "ddpm", "steps": 8,
@@ -217,7 +218,10 @@ async fn unset_sampler_options_equal_their_explicit_defaults() {
         "the same seed, the same SDE sample"
     );
     let ode = app
-        .sample_json(json!({"class": "blue", "seed": 8, "sampler": "dpmpp_2m", "steps": 6}))
+        .sample_json(
+            json!({"class": "blue", "seed": 8, "sampler": "dpmpp_2m", "steps": 6,
+            "algorithm_type": "dpmsolver++"}),
+        )
         .await;
     assert_ne!(json_png(&sde_image, 0), json_png(&ode, 0));
     // With other samplers and options in the same forward passes.

@@ -23,7 +23,10 @@ pub mod stats;
 
 use std::time::Instant;
 
-use ddpm_core::{sampler::SamplerKind, Model, NoiseSchedule, SamplerConfig};
+use ddpm_core::{
+    sampler::{DpmSolverAlgorithm, SamplerKind},
+    AncestralVariance, Model, NoiseSchedule, SamplerConfig, TimestepSpacing,
+};
 use ddpm_registry::ScoreValues;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -58,10 +61,24 @@ pub struct QualityConfig {
     pub holdout: f64,
     /// Generated images per class in each score (K).
     pub samples_per_class: i64,
-    /// Sampler of the scored images (`ddpm`, `ddim`, `dpmpp_2m`).
+    /// Sampler of the scored images (`ddpm`, `ddim`, `dpmpp_2m`). A run stores its
+    /// whole `[quality]`, so changing the default changes no stored run's scores.
     pub sampler: SamplerKind,
     /// Its steps.
     pub steps: usize,
+    /// Its timestep spacing; absent: the sampler's own (trailing for `ddpm` and `ddim`,
+    /// linspace for `dpmpp_2m`), what runs stored before this option existed used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestep_spacing: Option<TimestepSpacing>,
+    /// `dpmpp_2m`'s solver: `dpmsolver++` (the ODE's, when absent) or `sde-dpmsolver++`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub algorithm_type: DpmSolverAlgorithm,
+    /// `ddpm`'s σ²: `fixed_small` (β̃, when absent) or `fixed_large` (β).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub variance_type: AncestralVariance,
+    /// `[lo, hi]`: guidance only at the timesteps lo ≤ t ≤ hi; absent: at every step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_interval: Option<(i64, i64)>,
     /// Guidance scale of the scored images.
     pub guidance_scale: f64,
     /// Seeds the split, the probe, the samples and the KID subsets.
@@ -72,16 +89,27 @@ pub struct QualityConfig {
     pub kid_subsets: usize,
 }
 
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
 impl Default for QualityConfig {
-    /// What the presets use: about a tenth held out, 16 images per class drawn with
-    /// 25 ancestral DDPM steps at guidance 3 (the server's default sampler and guidance
-    /// at half its steps: ≤ 10 % of the demo's training time; BENCHMARKS.md).
+    /// What the presets use: about a tenth held out, 16 images per class drawn with the
+    /// server's default sampler at guidance 3 — the stochastic DPM-Solver++(2M) in 10
+    /// steps (its own linspace spacing) with guidance only at 80 ≤ t ≤ 580, which had the
+    /// best Fréchet distance at diversity ≥ 0.9 of the data's at the fewest network
+    /// evaluations in the sampler benchmark (BENCHMARKS.md, "Samplers: quality per
+    /// network evaluation").
     fn default() -> Self {
         QualityConfig {
             holdout: 0.1,
             samples_per_class: 16,
-            sampler: SamplerKind::Ddpm,
-            steps: 25,
+            sampler: SamplerKind::DpmPp2m,
+            steps: 10,
+            timestep_spacing: None,
+            algorithm_type: DpmSolverAlgorithm::SdeDpmSolverPp,
+            variance_type: AncestralVariance::FixedSmall,
+            guidance_interval: Some((80, 580)),
             guidance_scale: 3.0,
             seed: 0,
             probe_steps: 300,
@@ -103,12 +131,30 @@ impl QualityConfig {
         self.holdout > 0.0
     }
 
-    /// The sampler the scored images are drawn with.
-    pub fn sampler_config(&self) -> SamplerConfig {
-        match self.sampler {
+    /// The sampler the scored images are drawn with, for a schedule of `timesteps` steps:
+    /// as the server treats its defaults, `algorithm_type` applies to `dpmpp_2m` only,
+    /// `variance_type` to `ddpm` only, and a guidance interval whose upper end is not
+    /// below T is not applied (guidance at every step).
+    pub fn sampler_config(&self, timesteps: usize) -> SamplerConfig {
+        let base = match self.sampler {
             SamplerKind::Ddpm => SamplerConfig::ddpm(self.steps),
             SamplerKind::Ddim => SamplerConfig::ddim(self.steps),
             SamplerKind::DpmPp2m => SamplerConfig::dpmpp_2m(self.steps),
+        };
+        SamplerConfig {
+            spacing: self.timestep_spacing.unwrap_or(base.spacing),
+            dpm_solver: match self.sampler {
+                SamplerKind::DpmPp2m => self.algorithm_type,
+                _ => base.dpm_solver,
+            },
+            variance: match self.sampler {
+                SamplerKind::Ddpm => self.variance_type,
+                _ => base.variance,
+            },
+            guidance_interval: self
+                .guidance_interval
+                .filter(|&(_, hi)| hi < timesteps as i64),
+            ..base
         }
     }
 
@@ -131,6 +177,14 @@ impl QualityConfig {
                 "quality.steps",
                 format!("must be in 1..={timesteps}"),
             ));
+        }
+        if let Some((lo, hi)) = self.guidance_interval {
+            if !(0 <= lo && lo <= hi) {
+                return Err(TrainerError::config(
+                    "quality.guidance_interval",
+                    format!("must be [lo, hi] with 0 <= lo <= hi, got [{lo}, {hi}]"),
+                ));
+            }
         }
         if !(self.guidance_scale.is_finite() && self.guidance_scale >= 0.0) {
             return Err(TrainerError::config(
@@ -341,31 +395,76 @@ impl Scorer {
         self.probe.holdout_accuracy
     }
 
+    /// The Fréchet distance of the real training images to the held-out ones: the
+    /// floor a perfect model's samples would reach, up to sampling noise.
+    pub fn fd_floor(&self) -> Option<f64> {
+        self.fd_floor
+    }
+
+    /// The class the probe sees in each of `images: [N, 3, S, S]`, `[N]` int64.
+    pub fn classify(&self, images: &Tensor) -> Tensor {
+        self.probe.classify(images)
+    }
+
+    /// The fraction of `images: [N, 3, S, S]` that the probe calls their `labels: [N]`.
+    pub fn class_accuracy(&self, images: &Tensor, labels: &Tensor) -> f64 {
+        self.probe.accuracy(images, labels)
+    }
+
+    /// `[N, F]` f64 on the CPU: the probe's features of `images`, in the units every
+    /// distance here is measured in (scaled by the held-out images' RMS feature).
+    pub fn features(&self, images: &Tensor) -> Tensor {
+        self.probe.features(images) / self.feature_scale
+    }
+
+    /// Fréchet distance of [`Scorer::features`] rows to the held-out images'.
+    pub fn fd(&self, features: &Tensor) -> Option<f64> {
+        stats::frechet_distance(features, &self.holdout)
+    }
+
+    /// KID of [`Scorer::features`] rows to the held-out images' (mean, standard deviation
+    /// over the configured subsets).
+    pub fn kid(&self, features: &Tensor) -> Option<(f64, f64)> {
+        stats::kernel_distance(
+            features,
+            &self.holdout,
+            self.config.kid_subsets,
+            self.config.seed,
+        )
+    }
+
+    /// Within-class diversity of [`Scorer::features`] rows (classes `labels`) relative to
+    /// K real training images per class.
+    pub fn diversity(&self, features: &Tensor, labels: &[i64]) -> Option<f64> {
+        stats::relative_diversity(
+            features,
+            labels,
+            &self.real,
+            &self.real_labels,
+            self.classes,
+        )
+    }
+
     /// Draws K images per class from `model` with the configured sampler and fixed seeds
     /// and scores them.
     pub fn score(&self, model: &Model, schedule: &NoiseSchedule) -> Result<ScoreValues> {
         let started = Instant::now();
         let c = &self.config;
+        let sampler = c.sampler_config(schedule.timesteps());
         let (images, labels) = sample_classes(
             model,
             schedule,
             c.samples_per_class,
-            c.sampler_config(),
+            sampler,
             c.guidance_scale,
             mix(c.seed, 0x5A3B1E),
         )?;
-        let class_accuracy = self.probe.accuracy(&images, &labels);
-        let features = self.probe.features(&images) / self.feature_scale;
+        let class_accuracy = self.class_accuracy(&images, &labels);
+        let features = self.features(&images);
         let labels = Vec::<i64>::try_from(&labels.to_device(Device::Cpu))?;
-        let fd = stats::frechet_distance(&features, &self.holdout);
-        let kid = stats::kernel_distance(&features, &self.holdout, c.kid_subsets, c.seed);
-        let diversity = stats::relative_diversity(
-            &features,
-            &labels,
-            &self.real,
-            &self.real_labels,
-            self.classes,
-        );
+        let fd = self.fd(&features);
+        let kid = self.kid(&features);
+        let diversity = self.diversity(&features, &labels);
         Ok(ScoreValues {
             samples_per_class: c.samples_per_class,
             holdout_images: self.holdout.size()[0],
@@ -379,6 +478,10 @@ impl Scorer {
             settings: serde_json::json!({
                 "sampler": c.sampler,
                 "steps": c.steps,
+                "timestep_spacing": sampler.spacing,
+                "algorithm_type": sampler.dpm_solver,
+                "variance_type": sampler.variance,
+                "guidance_interval": sampler.guidance_interval,
                 "guidance_scale": c.guidance_scale,
                 "seed": c.seed,
                 "kid_subsets": c.kid_subsets,
@@ -447,5 +550,47 @@ mod tests {
         assert!(split_items(&items(&[30]), None, 8, &config).is_err());
         assert!(split_items(&items(&[30, 30]), Some(2), 10, &config).is_err());
         assert!(split_items(&items(&[30, 30]), Some(2), 8, &QualityConfig::off()).is_err());
+    }
+
+    #[test]
+    fn sampler_options_default_to_what_runs_stored_before_them_used() {
+        // A stored `[quality]` without the options reads as the sampler's own spacing,
+        // the ODE solver, β̃ and guidance at every step: the sampler it always had.
+        let old: QualityConfig = toml::from_str(
+            "holdout = 0.1\nsamples_per_class = 16\nsampler = \"dpmpp_2m\"\nsteps = 20\n\
+             guidance_scale = 3.0\nseed = 0\nprobe_steps = 300\nkid_subsets = 100\n",
+        )
+        .unwrap();
+        assert_eq!(old.sampler_config(1000), SamplerConfig::dpmpp_2m(20));
+        // The options round-trip, and a config without them serializes without them.
+        let mut with = old.clone();
+        with.timestep_spacing = Some(TimestepSpacing::Trailing);
+        with.algorithm_type = DpmSolverAlgorithm::SdeDpmSolverPp;
+        with.guidance_interval = Some((0, 700));
+        let text = toml::to_string(&with).unwrap();
+        assert_eq!(toml::from_str::<QualityConfig>(&text).unwrap(), with);
+        assert!(!toml::to_string(&old).unwrap().contains("spacing"));
+        let sampler = with.sampler_config(1000);
+        assert_eq!(sampler.spacing, TimestepSpacing::Trailing);
+        assert_eq!(sampler.dpm_solver, DpmSolverAlgorithm::SdeDpmSolverPp);
+        assert_eq!(sampler.guidance_interval, Some((0, 700)));
+        with.validate(1000).unwrap();
+        // An interval that does not fit under T is not applied; options of another
+        // sampler are ignored, as the server ignores its defaults for them.
+        assert_eq!(with.sampler_config(700).guidance_interval, None);
+        let ddim = QualityConfig {
+            sampler: SamplerKind::Ddim,
+            variance_type: AncestralVariance::FixedLarge,
+            ..with.clone()
+        };
+        ddim.validate(1000).unwrap();
+        let sampler = ddim.sampler_config(1000);
+        assert_eq!(sampler.dpm_solver, DpmSolverAlgorithm::DpmSolverPp);
+        assert_eq!(sampler.variance, AncestralVariance::FixedSmall);
+        let bad = QualityConfig {
+            guidance_interval: Some((500, 400)),
+            ..with
+        };
+        assert!(bad.validate(1000).is_err());
     }
 }

@@ -2,9 +2,9 @@
 //! the Fréchet distance (Heusel et al. 2017, "FID" in Inception features), the kernel
 //! distance (Bińkowski et al. 2018, "KID": unbiased MMD² with the cubic polynomial
 //! kernel, mean and standard deviation over subsets as torch-fidelity reports them),
-//! and within-class spread.
+//! within-class spread, and the bootstrap that puts standard errors on any of them.
 
-use rand::{seq::index::sample, SeedableRng};
+use rand::{seq::index::sample, Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use tch::{Kind, Tensor};
 
@@ -129,6 +129,52 @@ pub fn relative_diversity(
     (!ratios.is_empty()).then(|| ratios.iter().sum::<f64>() / ratios.len() as f64)
 }
 
+/// Row indices of `reps` bootstrap resamples of the rows whose classes are `labels`:
+/// each resample draws, within every class, as many rows as the class has, with
+/// replacement, so that every resample keeps the class counts (the within-class
+/// statistics need them). Seeded: the same labels, `reps` and `seed` give the same
+/// resamples, so two sample sets drawn with the same seeds (the same images' noise) can
+/// be resampled alike and their difference judged pairwise.
+pub fn stratified_resamples(labels: &[i64], reps: usize, seed: u64) -> Vec<Vec<i64>> {
+    let mut rng = Pcg64Mcg::seed_from_u64(seed);
+    let mut classes: Vec<i64> = labels.to_vec();
+    classes.sort_unstable();
+    classes.dedup();
+    let members: Vec<Vec<i64>> = classes
+        .iter()
+        .map(|&c| {
+            (0..labels.len() as i64)
+                .filter(|&i| labels[i as usize] == c)
+                .collect()
+        })
+        .collect();
+    (0..reps)
+        .map(|_| {
+            members
+                .iter()
+                .flat_map(|rows| {
+                    (0..rows.len())
+                        .map(|_| rows[rng.random_range(0..rows.len())])
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The standard deviation (with n − 1) of the finite `values`: the standard error of a
+/// statistic when `values` are its bootstrap replicates. `None` with fewer than 2.
+pub fn standard_error(values: &[f64]) -> Option<f64> {
+    let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if finite.len() < 2 {
+        return None;
+    }
+    let n = finite.len() as f64;
+    let mean = finite.iter().sum::<f64>() / n;
+    let var = finite.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    Some(var.sqrt())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +260,44 @@ mod tests {
         let none = relative_diversity(&collapsed, &labels, &x, &labels, 2).unwrap();
         assert!(none.abs() < 1e-6);
         assert_eq!(relative_diversity(&x, &labels, &x, &labels, 0), None);
+    }
+
+    #[test]
+    fn resamples_keep_the_class_counts_and_repeat() {
+        let labels = [0i64, 1, 0, 2, 1, 0, 2, 2, 2];
+        let reps = stratified_resamples(&labels, 50, 4);
+        assert_eq!(reps.len(), 50);
+        for rows in &reps {
+            assert_eq!(rows.len(), labels.len());
+            for c in 0..3 {
+                let count = |it: &mut dyn Iterator<Item = i64>| it.filter(|&l| l == c).count();
+                let drawn = count(&mut rows.iter().map(|&i| labels[i as usize]));
+                assert_eq!(drawn, count(&mut labels.iter().copied()), "class {c}");
+            }
+        }
+        assert_eq!(reps, stratified_resamples(&labels, 50, 4));
+        assert_ne!(reps, stratified_resamples(&labels, 50, 5));
+        // With replacement: some resample repeats a row.
+        assert!(reps.iter().any(|rows| {
+            let mut sorted = rows.clone();
+            sorted.sort_unstable();
+            sorted.windows(2).any(|w| w[0] == w[1])
+        }));
+    }
+
+    #[test]
+    fn the_bootstrap_standard_error_of_a_mean_is_sigma_over_root_n() {
+        // 400 values with standard deviation 1: the mean's standard error is 0.05.
+        let _rng = ddpm_testkit_model::exclusive_rng();
+        let x = Vec::<f64>::try_from(gaussian(400, 1, 8).view([-1])).unwrap();
+        let labels = vec![0i64; x.len()];
+        let means: Vec<f64> = stratified_resamples(&labels, 400, 1)
+            .iter()
+            .map(|rows| rows.iter().map(|&i| x[i as usize]).sum::<f64>() / rows.len() as f64)
+            .collect();
+        let se = standard_error(&means).unwrap();
+        assert!((0.04..0.06).contains(&se), "{se}");
+        assert_eq!(standard_error(&[1.0, f64::NAN]), None);
+        assert_eq!(standard_error(&[1.0, 3.0]), Some(2f64.sqrt()));
     }
 }

@@ -64,7 +64,9 @@ async fn a_scored_run_records_a_score_with_every_checkpoint(env: TestEnv) {
         );
         assert!(v.diversity.unwrap() >= 0.0, "{v:?}");
         assert!((0.0..=1.0).contains(&v.probe_accuracy.unwrap()), "{v:?}");
-        assert_eq!(v.settings["sampler"], "ddpm");
+        // The preset's sampler (the server's default), at the config's steps.
+        assert_eq!(v.settings["sampler"], "dpmpp_2m");
+        assert_eq!(v.settings["algorithm_type"], "sde-dpmsolver++");
         assert_eq!(v.settings["steps"], 10);
         // The score names the EMA checkpoint registered with it.
         let ema = checkpoints
