@@ -42,14 +42,6 @@ fn cell(samples: &mut [f64]) -> String {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts `ddpm-server` on the registry at `db` and the store `store_args`, with the cache
 /// in `cache`; returns once `/readyz` answers 200, with the seconds it took.
 async fn replica_ready(
@@ -58,7 +50,7 @@ async fn replica_ready(
     cache: &Path,
     store_args: &[String],
 ) -> anyhow::Result<f64> {
-    let port = free_port();
+    let port = ddpm_testkit::free_port();
     let started = Instant::now();
     let mut child: Child = Command::new(env!("CARGO_BIN_EXE_ddpm-server"))
         .args(["--database-url", db])
@@ -225,19 +217,7 @@ async fn main() -> anyhow::Result<()> {
         "--checkpoint-dir".to_string(),
         data.join("checkpoints").display().to_string(),
     ];
-    let s3_args: Vec<String> = [
-        "--store",
-        &format!("s3://{}/{}", s3_spec.bucket, s3_spec.prefix),
-        "--s3-endpoint",
-        &endpoint,
-        "--s3-allow-http",
-        "--aws-access-key-id",
-        "test",
-        "--aws-secret-access-key",
-        "test",
-    ]
-    .map(String::from)
-    .to_vec();
+    let s3_args = ddpm_testkit::s3_cli_args(&s3_spec, &endpoint);
     let (mut ready_dir, mut ready_cold, mut ready_warm) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..repeats {
         let cache = data.join(format!("replica-cache-{i}"));

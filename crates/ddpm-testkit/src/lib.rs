@@ -144,6 +144,34 @@ pub fn s3_bucket(prefix: &str) -> ddpm_service::S3Spec {
     ddpm_service::S3Spec::at_endpoint(&endpoint, &bucket, prefix)
 }
 
+/// The options that point a `ddpm-*` binary at `spec`'s bucket through `endpoint` (the
+/// S3 server itself, or a proxy in front of it).
+pub fn s3_cli_args(spec: &ddpm_service::S3Spec, endpoint: &str) -> Vec<String> {
+    [
+        "--store",
+        &format!("s3://{}/{}", spec.bucket, spec.prefix),
+        "--s3-endpoint",
+        endpoint,
+        "--s3-allow-http",
+        "--aws-access-key-id",
+        "test",
+        "--aws-secret-access-key",
+        "test",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// A free port on loopback: bound, then released (for a server to take, or, unused, as
+/// a port nobody listens on).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a loopback port")
+        .local_addr()
+        .expect("its address")
+        .port()
+}
+
 /// Sends an empty `PUT path` to `endpoint` (`http://host:port`); returns the status line.
 fn http_put(endpoint: &str, path: &str) -> String {
     use std::io::{BufRead, BufReader, Write};

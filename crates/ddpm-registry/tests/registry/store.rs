@@ -313,16 +313,7 @@ async fn checkpoint_keys_carry_their_hash_and_are_written_once(t: TestContext) {
 async fn reconciliation_removes_old_objects_without_a_row(t: TestContext) {
     let (store, objects) = (store(&t), objects(&t));
     let run = running_run(&t.registry, "h").await;
-    let kept = save(
-        &store,
-        &t.registry,
-        run.id,
-        100,
-        CheckpointKind::Ema,
-        &content(100),
-    )
-    .await
-    .unwrap();
+    let kept = ema_at_100(&t, &store, run.id).await;
     store
         .write_bytes(
             &CheckpointStore::grid_path_for(Path::new(&kept.path)),
@@ -386,16 +377,7 @@ async fn the_cache_serves_verified_copies(t: TestContext) {
     let store = CheckpointStore::on(Arc::clone(&objects))
         .with_cache(ObjectCache::new(&cache_dir, 1).unwrap());
     let run = running_run(&t.registry, "h").await;
-    let first = save(
-        &store,
-        &t.registry,
-        run.id,
-        100,
-        CheckpointKind::Ema,
-        &content(100),
-    )
-    .await
-    .unwrap();
+    let first = ema_at_100(&t, &store, run.id).await;
     assert_eq!(store.open(&first).unwrap(), content(100));
     assert!(cache_dir.join(&first.sha256).is_file());
     // Served from the cache: the object may be gone from the store meanwhile.

@@ -148,19 +148,7 @@ impl TestEnv {
             return Vec::new();
         };
         let endpoint = endpoint.or(spec.endpoint.as_deref()).expect("an endpoint");
-        [
-            "--store",
-            &format!("s3://{}/{}", spec.bucket, spec.prefix),
-            "--s3-endpoint",
-            endpoint,
-            "--s3-allow-http",
-            "--aws-access-key-id",
-            "test",
-            "--aws-secret-access-key",
-            "test",
-        ]
-        .map(String::from)
-        .to_vec()
+        ddpm_testkit::s3_cli_args(spec, endpoint)
     }
 
     /// The binary with this environment's database and store, on one CPU thread.

@@ -393,15 +393,6 @@ async fn two_ranks_resume_bit_identical() {
     with_env(Db::Sqlite, a_stopped_two_rank_run_resumes_bit_identical).await;
 }
 
-/// A free loopback port (bound, then released).
-fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn a_rank_that_cannot_reach_the_store_fails_clearly_within_the_timeout() {
     let started = Instant::now();
@@ -419,7 +410,7 @@ fn a_rank_that_cannot_reach_the_store_fails_clearly_within_the_timeout() {
             ("RANK", "1"),
             ("WORLD_SIZE", "2"),
             ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", &closed_port().to_string()),
+            ("MASTER_PORT", &ddpm_testkit::free_port().to_string()),
         ])
         .output()
         .expect("run rank");

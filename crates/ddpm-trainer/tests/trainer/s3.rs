@@ -36,15 +36,6 @@ fn server_exe() -> PathBuf {
     exe
 }
 
-/// A free port on loopback (bound, then released for the server to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A server replica on the environment's database and bucket, with its own cache.
 struct Replica {
     child: Child,
@@ -55,7 +46,7 @@ struct Replica {
 
 impl Replica {
     fn start(env: &TestEnv, name: &str) -> Replica {
-        let port = free_port();
+        let port = ddpm_testkit::free_port();
         let cache = env.dir.path().join(format!("{name}-cache"));
         let log = env.log_path(name);
         let out = std::fs::File::create(&log).unwrap();
