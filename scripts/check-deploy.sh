@@ -110,11 +110,12 @@ step "2. compose config"
 compose_gpu=(-f deploy/docker-compose.yml)
 compose_cpu=(-f deploy/docker-compose.yml -f deploy/docker-compose.cpu.yml)
 compose_s3=(-f deploy/docker-compose.yml -f deploy/docker-compose.s3.yml)
-for files in compose_gpu compose_cpu compose_s3; do
-  declare -n args=$files
-  "$compose" "${args[@]}" --env-file deploy/.env.example config -q ||
-    die "docker compose ${args[*]} config"
-done
+"$compose" "${compose_gpu[@]}" --env-file deploy/.env.example config -q ||
+  die "docker compose ${compose_gpu[*]} config"
+"$compose" "${compose_cpu[@]}" --env-file deploy/.env.example config -q ||
+  die "docker compose ${compose_cpu[*]} config"
+"$compose" "${compose_s3[@]}" --env-file deploy/.env.example config -q ||
+  die "docker compose ${compose_s3[*]} config"
 # With the S3 override both services use the bucket, after it exists.
 "$compose" "${compose_s3[@]}" --env-file deploy/.env.example config --format json |
   python3 -c '
