@@ -313,22 +313,17 @@ async fn checkpoint_keys_carry_their_hash_and_are_written_once(t: TestContext) {
 async fn reconciliation_removes_old_objects_without_a_row(t: TestContext) {
     let (store, objects) = (store(&t), objects(&t));
     let run = running_run(&t.registry, "h").await;
+    let grid_of = |path: &str| {
+        store
+            .write_bytes(&CheckpointStore::grid_path_for(Path::new(path)), b"png")
+            .unwrap()
+    };
     let kept = ema_at_100(&t, &store, run.id).await;
-    store
-        .write_bytes(
-            &CheckpointStore::grid_path_for(Path::new(&kept.path)),
-            b"png",
-        )
-        .unwrap();
+    grid_of(&kept.path);
     let orphan = store
         .write_checkpoint(run.id, 200, CheckpointKind::Ema, &content(200))
         .unwrap();
-    store
-        .write_bytes(
-            &CheckpointStore::grid_path_for(Path::new(&orphan.path)),
-            b"png",
-        )
-        .unwrap();
+    grid_of(&orphan.path);
     let waiting = store
         .write_checkpoint(run.id, 300, CheckpointKind::State, &content(300))
         .unwrap();
