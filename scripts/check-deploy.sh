@@ -243,6 +243,9 @@ env_check() { # env-file, compose files...
   shift
   local args=() f
   for f in "$@"; do args+=(--compose-file "$f"); done
+  for f in deploy/docker-compose.yml deploy/docker-compose.cpu.yml deploy/docker-compose.s3.yml; do
+    [[ " $* " == *" $f "* ]] || args+=(--other-compose-file "$f")
+  done
   python3 scripts/deploy_env.py --bin-dir "$bin_dir" check --env-file "$env_file" \
     --compose "$compose" "${args[@]}" --dockerfile docker/Dockerfile
 }
