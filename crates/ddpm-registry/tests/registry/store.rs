@@ -414,8 +414,24 @@ async fn the_cache_serves_verified_copies(t: TestContext) {
         .is_empty());
 }
 
-both_backends!(
-    crate::helpers::run;
+/// Each test on a directory store (on SQLite and on PostgreSQL) and, in `s3`, on a bucket
+/// of the S3 test server: one list, so that no test runs on one backend only.
+macro_rules! on_every_store {
+    ($($test:ident),* $(,)?) => {
+        both_backends!(crate::helpers::run; $($test),*);
+
+        mod s3 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    crate::helpers::run_on_s3(super::$test).await
+                }
+            )*
+        }
+    };
+}
+
+on_every_store!(
     saved_checkpoints_are_durable_and_registered,
     a_changed_file_fails_verification,
     deleting_removes_row_file_and_grid,
@@ -425,28 +441,6 @@ both_backends!(
     reconciliation_removes_old_objects_without_a_row,
     the_cache_serves_verified_copies,
 );
-
-/// The same tests with the store in a bucket of the S3 test server.
-mod s3 {
-    macro_rules! on_s3 {
-        ($($test:ident),* $(,)?) => {$(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $test() {
-                crate::helpers::run_on_s3(super::$test).await
-            }
-        )*};
-    }
-    on_s3!(
-        saved_checkpoints_are_durable_and_registered,
-        a_changed_file_fails_verification,
-        deleting_removes_row_file_and_grid,
-        retention_keeps_the_last_k_of_each_kind,
-        retention_keeps_the_newest_of_a_completed_run,
-        checkpoint_keys_carry_their_hash_and_are_written_once,
-        reconciliation_removes_old_objects_without_a_row,
-        the_cache_serves_verified_copies,
-    );
-}
 
 /// Every backend under test, each in its own scratch space (kept alive by the guard):
 /// a directory and a fresh bucket on the S3 test server.
