@@ -12,7 +12,11 @@
 //!    ones, fair and FIFO.
 //! 4. Time to the first `progress` event of a streamed request, idle and under load.
 //!
-//! `cargo bench -p ddpm-server --bench load` (`DDPM_BENCH_SECONDS` sets each measurement's
+//! 5. Requests that name no sampler, under the sampling defaults before and after the
+//!    sampler bench (issue 23), alone and among long requests.
+//!
+//! `cargo bench -p ddpm-server --bench load` (`DDPM_BENCH_PARTS=defaults` runs part 5
+//! alone; `DDPM_BENCH_SECONDS` sets each measurement's
 //! length, default 5; `DDPM_BENCH_TORCH_THREADS` libtorch's intra-op threads, default
 //! libtorch's own choice).
 
@@ -51,6 +55,16 @@ impl Server {
         max_batch: u32,
         scheduler: SchedulerPolicy,
     ) -> anyhow::Result<Server> {
+        Server::start_with(data_dir, max_batch, scheduler, |_| {}).await
+    }
+
+    /// [`Server::start`] with `tweak` applied to the config last.
+    async fn start_with(
+        data_dir: &Path,
+        max_batch: u32,
+        scheduler: SchedulerPolicy,
+        tweak: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<Server> {
         let mut config = Config::with_data_dir(data_dir);
         config.common.device = "cpu".into();
         config.max_batch = max_batch;
@@ -58,6 +72,7 @@ impl Server {
         config.queue_capacity = 1024;
         config.request_timeout = Duration::from_secs(600);
         config.api_token = None;
+        tweak(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = format!("http://{}", listener.local_addr()?);
         let (shutdown, stop) = oneshot::channel::<()>();
@@ -160,12 +175,13 @@ fn long_request() -> serde_json::Value {
 }
 
 /// The mixed load: `long_clients` sending 1000-step DDPM requests while `short_clients`
-/// send 20-step DDIM ones; returns the short requests' latencies. The long requests still
+/// send `short` ones; returns the short requests' latencies. The long requests still
 /// running at the end are abandoned (their clients go away, so the server drops them).
 async fn mixed(
     address: &str,
     long_clients: usize,
     short_clients: usize,
+    short: serde_json::Value,
     duration: Duration,
 ) -> anyhow::Result<Load> {
     let long: Vec<JoinHandle<()>> = (0..long_clients)
@@ -183,7 +199,7 @@ async fn mixed(
         .collect();
     // Let the long requests get going first.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let short = load(address, short_clients, duration, short_request()).await;
+    let short = load(address, short_clients, duration, short).await;
     for task in long {
         task.abort();
     }
@@ -242,6 +258,10 @@ async fn bench() -> anyhow::Result<()> {
         tch::get_num_threads(),
     );
     println!();
+    // DDPM_BENCH_PARTS=defaults: part 5 alone.
+    if std::env::var("DDPM_BENCH_PARTS").is_ok_and(|p| p == "defaults") {
+        return defaults_under_mix(dir.path(), duration).await;
+    }
     println!("1. n = 1, DDIM 20 steps, guidance 3.0, C clients back to back");
     println!("| clients | scheduler | max batch | requests/s | p50 ms | p99 ms | forward passes / image |");
     println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: |");
@@ -325,7 +345,7 @@ async fn bench() -> anyhow::Result<()> {
         .await?;
         let alone = load(&server.address, 1, duration, short_request()).await?;
         let without_long = load(&server.address, 8, duration, short_request()).await?;
-        let loaded = mixed(&server.address, 2, 8, duration).await?;
+        let loaded = mixed(&server.address, 2, 8, short_request(), duration).await?;
         println!(
             "| {label} | {} | {} | {} | {} | {} |",
             ms(alone.percentile(0.5)),
@@ -379,6 +399,50 @@ async fn bench() -> anyhow::Result<()> {
         );
     }
     server.stop().await?;
+    println!();
+    defaults_under_mix(dir.path(), duration).await
+}
+
+/// Part 5: requests that name no sampler, alone and among long ones, under the server's sampling
+/// defaults before the sampler bench (ancestral DDPM, 50 steps, guided at every step) and
+/// after it (SDE-DPM-Solver++(2M), 10 steps, guided at 80 ≤ t ≤ 580), the same model.
+async fn defaults_under_mix(data_dir: &Path, duration: Duration) -> anyhow::Result<()> {
+    use ddpm_server::config::{DefaultAlgorithm, DefaultSampler};
+    println!("5. Requests with the server's default sampler (n = 1, guidance 3.0): alone, and 8 clients among 2 sending DDPM 1000-step requests (fair, max batch 16)");
+    println!("| defaults | p50 alone ms | p50 mixed ms | p99 mixed ms | requests/s mixed |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let default_request = json!({"class": 3, "n": 1, "guidance_scale": 3.0});
+    let old: fn(&mut Config) = |config| {
+        config.default_sampler = DefaultSampler::Ddpm;
+        config.default_steps = 50;
+        config.default_algorithm_type = DefaultAlgorithm::DpmSolverPp;
+        config.default_guidance_interval = None;
+    };
+    let now: fn(&mut Config) = |_| {};
+    let rows = [
+        ("before: DDPM, 50 steps", old),
+        ("now: SDE-DPM++(2M), 10 steps, guided at 80..580", now),
+    ];
+    for (label, tweak) in rows {
+        let server = Server::start_with(data_dir, 16, SchedulerPolicy::Fair, tweak).await?;
+        load(
+            &server.address,
+            2,
+            Duration::from_millis(500),
+            default_request.clone(),
+        )
+        .await?;
+        let alone = load(&server.address, 1, duration, default_request.clone()).await?;
+        let mixed = mixed(&server.address, 2, 8, default_request.clone(), duration).await?;
+        println!(
+            "| {label} | {} | {} | {} | {:.1} |",
+            ms(alone.percentile(0.5)),
+            ms(mixed.percentile(0.5)),
+            ms(mixed.percentile(0.99)),
+            mixed.throughput(),
+        );
+        server.stop().await?;
+    }
     Ok(())
 }
 
