@@ -45,15 +45,18 @@
 //! [`CoreError`] (with its [`crate::DeviceFault`]) instead of panicking; only the network's
 //! forward pass inside [`crate::guidance::guided_epsilon`] may still panic.
 //!
-//! Layout: `ddpm` (ancestral DDPM), `ddim` (DDIM with η), `dpmpp` (DPM-Solver++(2M)).
+//! Layout: `ddpm` (ancestral DDPM), `ddim` (DDIM with η), `dpmpp` (DPM-Solver++(2M)),
+//! `rows` (what each step of a sample costs in batch rows, [`StepRows`]).
 
 mod ddim;
 mod ddpm;
 mod dpmpp;
+mod rows;
 
 pub use ddim::Ddim;
 pub use ddpm::Ddpm;
 pub use dpmpp::DpmSolverPp2m;
+pub use rows::StepRows;
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -410,7 +413,11 @@ impl SamplerConfig {
     }
 
     pub fn validate(&self, schedule: &NoiseSchedule) -> Result<()> {
-        let t_max = schedule.timesteps();
+        self.validate_for(schedule.timesteps())
+    }
+
+    /// [`validate`](Self::validate) for a schedule of `t_max` timesteps.
+    pub(super) fn validate_for(&self, t_max: usize) -> Result<()> {
         if self.steps == 0 || self.steps > t_max {
             return Err(CoreError::config(
                 "steps",
@@ -482,9 +489,7 @@ impl SamplerConfig {
                     clip: self.clip_denoised.then(|| Clip::at(schedule, t)),
                     keep_x0: None,
                     threshold: self.dynamic_thresholding.filter(|_| self.clip_denoised),
-                    guided: self
-                        .guidance_interval
-                        .is_none_or(|(lo, hi)| (lo..=hi).contains(&t)),
+                    guided: self.guides_at(t),
                 }
             })
             .collect();
@@ -656,7 +661,7 @@ impl SampleSpec {
     /// conditional sample (its conditional and unconditional halves), else 1. Mirrors
     /// [`crate::guidance::guided_epsilon`], which adds the unconditional row exactly when
     /// a class is given and w ≠ 1. With a guidance interval it is an upper bound: the
-    /// steps outside the interval cost 1.
+    /// steps outside the interval cost 1 ([`SampleSpec::step_rows`] has each step's).
     pub fn rows_per_step(&self) -> usize {
         if self.label.is_some() && self.guidance_scale != 1.0 {
             2
@@ -736,6 +741,16 @@ impl Trajectory {
     /// Steps taken so far and in all.
     pub fn progress(&self) -> (usize, usize) {
         (self.next, self.plan.len())
+    }
+
+    /// Batch rows the coming step costs: [`SampleSpec::rows_per_step`] inside the guidance
+    /// interval, 1 outside it; 0 once done.
+    pub fn rows_now(&self) -> usize {
+        match self.plan.get(self.next) {
+            Some(step) if step.guided => self.spec.rows_per_step(),
+            Some(_) => 1,
+            None => 0,
+        }
     }
 
     /// The step this sample takes next. Panics if done (a programmer error).

@@ -1,13 +1,16 @@
 //! What work costs, the order it is served in, and whether it can be accepted: pure
 //! functions of measured pass times. A leaf: the scheduler builds on it, never the reverse.
 //!
-//! A request's cost is its batch rows × steps (a guided conditional sample is 2 rows per
-//! step); its place in line is its [`urgency`]. [`PassTimes`] keeps a moving linear fit of a forward pass's seconds against its
+//! [`PassTimes`] keeps a moving linear fit of a forward pass's seconds against its batch
 //! rows, t(r) = fixed + per_row·r, from the passes the model thread runs (anchored by two
 //! calibration passes per model, so that a stream of equal batches leaves the slope
-//! defined). [`admit`] predicts, in the order the scheduler serves requests, when each
-//! accepted request and the new one would finish at full-batch throughput, and accepts
-//! the new one only if every request still meets its deadline.
+//! defined). A request's cost is its [`Remaining`] work, its samples' steps left and the
+//! batch rows of those steps (a guided conditional sample is 2 rows at a step inside its
+//! guidance interval, 1 outside), priced at full-batch throughput ([`Price`]): a pass of
+//! `max_batch` samples shares the fixed cost, every row pays its own. Its place in line is
+//! its [`urgency`]. [`admit`] predicts, in the order the scheduler serves requests, when
+//! each accepted request and the new one would finish at that throughput, and accepts the
+//! new one only if every request still meets its deadline.
 
 use std::time::{Duration, Instant};
 
@@ -38,16 +41,49 @@ impl Priority {
     }
 }
 
-/// A request's place in line: smaller goes first. Remaining work (batch rows × steps) in
-/// seconds at `row_seconds` each, weighted by priority, minus the seconds waited.
-pub fn urgency(priority: Priority, row_steps: f64, waited_seconds: f64, row_seconds: f64) -> f64 {
-    priority.weight() * row_steps * row_seconds - waited_seconds
+/// A request's place in line: smaller goes first. Its remaining work in seconds, weighted
+/// by priority, minus the seconds it has waited.
+pub fn urgency(priority: Priority, work_seconds: f64, waited_seconds: f64) -> f64 {
+    priority.weight() * work_seconds - waited_seconds
 }
 
-/// Batch rows of a full pass of `max_batch` guided samples (2 rows each): the batch size at
-/// which work is priced, for ordering and admission alike.
-pub fn full_batch_rows(max_batch: usize) -> usize {
-    2 * max_batch
+/// Work left: sample-steps, and the batch rows of those steps.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Remaining {
+    pub steps: f64,
+    pub rows: f64,
+}
+
+impl std::ops::Add for Remaining {
+    type Output = Remaining;
+
+    fn add(self, other: Remaining) -> Remaining {
+        Remaining {
+            steps: self.steps + other.steps,
+            rows: self.rows + other.rows,
+        }
+    }
+}
+
+impl std::iter::Sum for Remaining {
+    fn sum<I: Iterator<Item = Remaining>>(iter: I) -> Remaining {
+        iter.fold(Remaining::default(), |a, b| a + b)
+    }
+}
+
+/// What work costs at full-batch throughput, for ordering and admission alike: a pass of
+/// `max_batch` samples costs `fixed + per_row · rows`, so each sample-step pays a
+/// `max_batch`-th of the fixed cost and each row its own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Price {
+    pub step: f64,
+    pub row: f64,
+}
+
+impl Price {
+    pub fn seconds(&self, work: Remaining) -> f64 {
+        work.steps * self.step + work.rows * self.row
+    }
 }
 
 /// Admission plans on forward passes this much slower than measured: the estimate lags a
@@ -81,10 +117,12 @@ impl PassTime {
         self.fixed + self.per_row * rows as f64
     }
 
-    /// Seconds per row in a pass of `rows` rows: the cost of work at that batch size.
-    pub fn row_seconds(&self, rows: usize) -> f64 {
-        let rows = rows.max(1);
-        self.seconds(rows) / rows as f64
+    /// The price of work in passes of `max_batch` samples.
+    pub fn price(&self, max_batch: usize) -> Price {
+        Price {
+            step: self.fixed / max_batch.max(1) as f64,
+            row: self.per_row,
+        }
     }
 }
 
@@ -163,8 +201,7 @@ pub struct Load {
     pub priority: Priority,
     pub arrived: Instant,
     pub deadline: Instant,
-    /// Batch rows × steps left.
-    pub row_steps: f64,
+    pub work: Remaining,
 }
 
 /// Why a request is refused.
@@ -179,16 +216,16 @@ pub enum Refusal {
 
 /// Where `new` would stand, 0 = first, if it fits: every accepted request in `accepted`
 /// and `new` finish by their deadlines when served in the scheduler's order at
-/// full-batch throughput. Otherwise, how long to wait.
+/// full-batch throughput (passes of `max_batch` samples). Otherwise, how long to wait.
 pub fn admit(
     accepted: &[Load],
     new: &Load,
     now: Instant,
     pass: &PassTime,
-    full_batch_rows: usize,
+    max_batch: usize,
 ) -> Result<usize, Refusal> {
-    let row_seconds = pass.row_seconds(full_batch_rows);
-    let alone = new.row_steps * row_seconds;
+    let price = pass.price(max_batch);
+    let alone = price.seconds(new.work);
     let timeout = new.deadline.saturating_duration_since(now).as_secs_f64();
     if alone > timeout {
         return Err(Refusal::TooCostly {
@@ -197,7 +234,7 @@ pub fn admit(
     }
     let key = |b: &Load| {
         let waited = now.saturating_duration_since(b.arrived).as_secs_f64();
-        urgency(b.priority, b.row_steps, waited, row_seconds)
+        urgency(b.priority, price.seconds(b.work), waited)
     };
     // Stable: equal keys keep arrival order, the new request last.
     let mut line: Vec<(bool, &Load)> = accepted
@@ -210,7 +247,7 @@ pub fn admit(
     let mut retry_after: f64 = 0.0;
     let mut position = None;
     for (i, &(is_new, b)) in line.iter().enumerate() {
-        ahead += b.row_steps * row_seconds;
+        ahead += price.seconds(b.work);
         let left = b.deadline.saturating_duration_since(now).as_secs_f64();
         if is_new {
             position = Some(i);
@@ -275,18 +312,49 @@ mod tests {
         assert!((t.seconds(32) - 0.072).abs() < 0.002, "{t:?}");
     }
 
+    #[test]
+    fn a_sample_step_pays_its_share_of_the_pass_and_each_row_its_own() {
+        // 16 ms fixed, 1 ms per row: a full pass of 16 guided samples (32 rows) takes
+        // 48 ms, one of 16 unguided samples (16 rows) 32 ms.
+        let pass = PassTime {
+            fixed: 0.016,
+            per_row: 0.001,
+        };
+        let price = pass.price(16);
+        let guided = Remaining {
+            steps: 16.0,
+            rows: 32.0,
+        };
+        let unguided = Remaining {
+            steps: 16.0,
+            rows: 16.0,
+        };
+        assert!((price.seconds(guided) - pass.seconds(32)).abs() < 1e-12);
+        assert!((price.seconds(unguided) - pass.seconds(16)).abs() < 1e-12);
+        // Half a pass of each is one full pass of mixed rows.
+        let mixed = Remaining {
+            steps: 16.0,
+            rows: 24.0,
+        };
+        assert!((price.seconds(mixed) - pass.seconds(24)).abs() < 1e-12);
+    }
+
     /// 1 ms per row, nothing fixed: 1000 row-steps take 1 s.
     const PASS: PassTime = PassTime {
         fixed: 0.0,
         per_row: 0.001,
     };
 
-    fn load(now: Instant, row_steps: f64, timeout: f64) -> Load {
+    /// Guided work: 2 rows per sample-step.
+    fn load(now: Instant, rows: f64, timeout: f64) -> Load {
         Load {
             priority: Priority::Normal,
             arrived: now,
             deadline: now + Duration::from_secs_f64(timeout),
-            row_steps,
+            work: Remaining {
+                steps: rows / 2.0,
+                rows,
+            },
         }
     }
 
@@ -296,11 +364,11 @@ mod tests {
         let long = load(now, 50_000.0, 120.0);
         let short = load(now, 20.0, 120.0);
         assert_eq!(
-            admit(std::slice::from_ref(&long), &short, now, &PASS, 32),
+            admit(std::slice::from_ref(&long), &short, now, &PASS, 16),
             Ok(0)
         );
         let another_long = load(now, 50_000.0, 120.0);
-        assert_eq!(admit(&[long, short], &another_long, now, &PASS, 32), Ok(2));
+        assert_eq!(admit(&[long, short], &another_long, now, &PASS, 16), Ok(2));
     }
 
     #[test]
@@ -314,7 +382,7 @@ mod tests {
             ..load(now, 30_000.0, 0.0)
         };
         let new = load(now, 100_000.0, 120.0);
-        match admit(std::slice::from_ref(&backlog), &new, now, &PASS, 32) {
+        match admit(std::slice::from_ref(&backlog), &new, now, &PASS, 16) {
             Err(Refusal::Busy { retry_after }) => {
                 assert!(
                     (retry_after.as_secs_f64() - 10.0).abs() < 1e-6,
@@ -330,7 +398,7 @@ mod tests {
             ..load(now, 110_000.0, 0.0)
         };
         let short = load(now, 10_000.0, 120.0);
-        match admit(&[old], &short, now, &PASS, 32) {
+        match admit(&[old], &short, now, &PASS, 16) {
             Err(Refusal::Busy { retry_after }) => {
                 // It fits once the accepted request is done, 110 s from now.
                 assert!(
@@ -348,7 +416,7 @@ mod tests {
         // 119.99 s of 120: no room for even 1 s ahead of it.
         let tight = load(now, 119_990.0, 120.0);
         let short = load(now, 1_000.0, 120.0);
-        match admit(&[tight], &short, now, &PASS, 32) {
+        match admit(&[tight], &short, now, &PASS, 16) {
             Err(Refusal::Busy { retry_after }) => {
                 // The tight request leaves the line when it finishes, in ~120 s.
                 assert!(
@@ -365,7 +433,7 @@ mod tests {
         let now = Instant::now();
         let huge = load(now, 200_000.0, 120.0);
         assert_eq!(
-            admit(&[], &huge, now, &PASS, 32),
+            admit(&[], &huge, now, &PASS, 16),
             Err(Refusal::TooCostly {
                 needs: Duration::from_secs(200)
             })

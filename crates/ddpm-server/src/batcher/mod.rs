@@ -38,7 +38,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ddpm_core::{CoreError, SampleSpec};
+use ddpm_core::{sampler::StepRows, CoreError, SampleSpec};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 pub use cost::{Priority, RequestId};
@@ -198,29 +198,31 @@ impl Request {
 /// tensors and moves this on with every step it takes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Steps {
-    rows: usize,
+    rows: StepRows,
     done: usize,
-    total: usize,
 }
 
 impl Steps {
-    /// A sample of `spec` before its first step.
-    fn of(spec: &SampleSpec) -> Steps {
-        Steps {
-            rows: spec.rows_per_step(),
+    /// A sample of `spec` before its first step, on a model of `t_max` timesteps.
+    fn of(spec: &SampleSpec, t_max: usize) -> Result<Steps, CoreError> {
+        Ok(Steps {
+            rows: spec.step_rows(t_max)?,
             done: 0,
-            total: spec.sampler.steps,
-        }
+        })
     }
 }
 
 impl Work for Steps {
     fn rows(&self) -> usize {
-        self.rows
+        self.rows.at(self.done)
+    }
+
+    fn rows_left(&self) -> usize {
+        self.rows.from(self.done)
     }
 
     fn progress(&self) -> (usize, usize) {
-        (self.done, self.total)
+        (self.done, self.rows.steps())
     }
 }
 
@@ -397,7 +399,13 @@ impl Batcher {
         } = submission;
         let permit = self.permit(specs.len())?;
         let name = name.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let samples: Vec<Steps> = specs.iter().map(Steps::of).collect();
+        // The handler validated the specs against this very model.
+        let t_max = model.manifest.schedule.timesteps;
+        let samples = specs
+            .iter()
+            .map(|spec| Steps::of(spec, t_max))
+            .collect::<Result<Vec<Steps>, CoreError>>()
+            .map_err(BatchError::InvalidSpec)?;
         let now = Instant::now();
         let deadline = now + timeout;
         let (reply, answer) = oneshot::channel();
@@ -405,7 +413,7 @@ impl Batcher {
         if queue.requests.requests().any(|e| e.request.name == name) {
             return Err(BatchError::DuplicateId(name));
         }
-        let work = scheduler::row_steps(&samples);
+        let work = scheduler::remaining(&samples);
         let position = queue
             .requests
             .admit(priority, work, now, deadline, queue.pass.as_ref())

@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::cost::{self, full_batch_rows, urgency, Load, PassTime, Priority, Refusal, RequestId};
+use super::cost::{self, urgency, Load, PassTime, Priority, Refusal, Remaining, RequestId};
 
 /// How the pass is shared.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,8 +44,11 @@ pub enum Policy {
 
 /// What the scheduler needs to know of a sample.
 pub trait Work {
-    /// Batch rows one step costs (2 for a guided conditional sample).
+    /// Batch rows its next step costs (2 for a guided conditional sample inside its
+    /// guidance interval, else 1).
     fn rows(&self) -> usize;
+    /// Batch rows of all its steps left: its remaining work.
+    fn rows_left(&self) -> usize;
     /// Steps taken and in all.
     fn progress(&self) -> (usize, usize);
 
@@ -87,11 +90,14 @@ pub struct Entry<T, R> {
     pub request: R,
 }
 
-/// Batch rows × steps left of `samples`: a request's remaining work.
-pub fn row_steps<'a, T: Work + 'a>(samples: impl IntoIterator<Item = &'a T>) -> f64 {
+/// The steps left of `samples` and their batch rows: a request's remaining work.
+pub fn remaining<'a, T: Work + 'a>(samples: impl IntoIterator<Item = &'a T>) -> Remaining {
     samples
         .into_iter()
-        .map(|s| (s.rows() * s.steps_left()) as f64)
+        .map(|s| Remaining {
+            steps: s.steps_left() as f64,
+            rows: s.rows_left() as f64,
+        })
         .sum()
 }
 
@@ -105,8 +111,8 @@ impl<T: Work, R> Entry<T, R> {
         self.deadline
     }
 
-    fn row_steps(&self) -> f64 {
-        row_steps(self.live.iter().map(|l| &l.sample))
+    fn remaining(&self) -> Remaining {
+        remaining(self.live.iter().map(|l| &l.sample))
     }
 
     /// The request as admission sees it.
@@ -115,7 +121,7 @@ impl<T: Work, R> Entry<T, R> {
             priority: self.priority,
             arrived: self.arrived,
             deadline: self.deadline,
-            row_steps: self.row_steps(),
+            work: self.remaining(),
         }
     }
 
@@ -170,7 +176,7 @@ impl<T: Work, R> Scheduler<T, R> {
     pub fn admit(
         &self,
         priority: Priority,
-        row_steps: f64,
+        work: Remaining,
         now: Instant,
         deadline: Instant,
         pass: Option<&PassTime>,
@@ -183,14 +189,14 @@ impl<T: Work, R> Scheduler<T, R> {
             priority,
             arrived: now,
             deadline,
-            row_steps,
+            work,
         };
         cost::admit(
             &accepted,
             &new,
             now,
             &pass.scaled(cost::ADMISSION_MARGIN),
-            full_batch_rows(self.max_batch),
+            self.max_batch,
         )
     }
 
@@ -232,13 +238,13 @@ impl<T: Work, R> Scheduler<T, R> {
             .filter(|&i| !self.entries[i].live.is_empty())
             .collect();
         if let Policy::Fair { .. } = self.policy {
-            let row_seconds = pass.row_seconds(full_batch_rows(self.max_batch));
+            let price = pass.price(self.max_batch);
             let keys: Vec<f64> = self
                 .entries
                 .iter()
                 .map(|e| {
                     let waited = now.saturating_duration_since(e.arrived).as_secs_f64();
-                    urgency(e.priority, e.row_steps(), waited, row_seconds)
+                    urgency(e.priority, price.seconds(e.remaining()), waited)
                 })
                 .collect();
             // Stable: equal keys keep arrival order.
@@ -407,8 +413,8 @@ impl<T: Work, R> Scheduler<T, R> {
 
     /// Estimated seconds of accepted work left at full-batch throughput.
     pub fn backlog_seconds(&self, pass: &PassTime) -> f64 {
-        let row_steps: f64 = self.entries.iter().map(Entry::row_steps).sum();
-        row_steps * pass.row_seconds(full_batch_rows(self.max_batch))
+        let work: Remaining = self.entries.iter().map(Entry::remaining).sum();
+        pass.price(self.max_batch).seconds(work)
     }
 
     pub fn progress(&self, request: RequestId) -> Option<Progress> {
@@ -474,6 +480,9 @@ mod tests {
     impl Work for Fake {
         fn rows(&self) -> usize {
             self.rows
+        }
+        fn rows_left(&self) -> usize {
+            self.rows * self.steps_left()
         }
         fn progress(&self) -> (usize, usize) {
             (self.done, self.total)
@@ -717,7 +726,7 @@ mod tests {
         set.enqueue(1, samples(1, 4, 1000), Priority::Normal, now, ten_s, ());
         // 8 s queued (10 s with the margin): a 2 s request due in 10 s is refused, but
         // not as too costly, and not before anything is measured.
-        let (work, late) = (2000.0, ten_s);
+        let (work, late) = (remaining(&samples(9, 1, 1000)), ten_s);
         assert!(matches!(
             set.admit(Priority::Normal, work, now, late, Some(&pass)),
             Err(Refusal::Busy { .. })
