@@ -9,17 +9,34 @@
 # and secret are anything (the tests use `test`/`test`). Everything but the URL goes to
 # stderr.
 #
+# With --auth the same steps give a second server, on $DDPM_TEST_S3_AUTH_PORT (default
+# 55901; $DDPM_TEST_S3_AUTH_URL if set), that checks credentials as S3 does
+# (INITIAL_NO_AUTH_ACTION_COUNT=0): it refuses the tests' key, for the tests of refused
+# credentials.
+#
 #   scripts/test-s3.sh          start (or find) the server, print its URL
-#   scripts/test-s3.sh --stop   stop the server this script started
+#   scripts/test-s3.sh --auth   start (or find) the one that checks credentials
+#   scripts/test-s3.sh --stop   stop the servers this script started
 set -euo pipefail
 
 # Pinned: the S3 behaviour the tests rely on (conditional writes) must not move under CI.
 version=5.2.6
 cache=${DDPM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ddpm}
 venv="$cache/moto-venv"
+name=test-s3
 port=${DDPM_TEST_S3_PORT:-55900}
+given=${DDPM_TEST_S3_URL:-}
+auth=()
+what=""
+if [ "${1:-}" = --auth ]; then
+  name=test-s3-auth
+  port=${DDPM_TEST_S3_AUTH_PORT:-55901}
+  given=${DDPM_TEST_S3_AUTH_URL:-}
+  auth=(INITIAL_NO_AUTH_ACTION_COUNT=0)
+  what=" (checking credentials)"
+fi
 url="http://127.0.0.1:$port"
-pidfile="$cache/test-s3.pid"
+pidfile="$cache/$name.pid"
 
 say() { echo "test-s3: $*" >&2; }
 # moto answers its own API at /moto-api/: a server there is moto, up.
@@ -29,15 +46,17 @@ ready() {
 }
 
 if [ "${1:-}" = --stop ]; then
-  if [ -f "$pidfile" ]; then
-    kill "$(cat "$pidfile")" 2>/dev/null || true
-    rm -f "$pidfile"
-  fi
+  for pidfile in "$cache/test-s3.pid" "$cache/test-s3-auth.pid"; do
+    if [ -f "$pidfile" ]; then
+      kill "$(cat "$pidfile")" 2>/dev/null || true
+      rm -f "$pidfile"
+    fi
+  done
   exit 0
 fi
 
-if [ -n "${DDPM_TEST_S3_URL:-}" ]; then
-  echo "$DDPM_TEST_S3_URL"; exit 0
+if [ -n "$given" ]; then
+  echo "$given"; exit 0
 fi
 
 if ready; then
@@ -51,15 +70,16 @@ if [ "$("$venv/bin/python" -c 'import moto; print(moto.__version__)' 2>/dev/null
   "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$version"
 fi
 
-say "starting moto's S3 server on $url"
+say "starting moto's S3 server on $url$what"
 # setsid: the server outlives this script (and the test run's process group), so one
 # server serves every test binary; --stop or the machine's end stops it.
-setsid "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$cache/test-s3.log" 2>&1 < /dev/null &
+env "${auth[@]}" setsid "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" \
+  >"$cache/$name.log" 2>&1 < /dev/null &
 echo $! >"$pidfile"
 for _ in $(seq 1 120); do
   if ready; then echo "$url"; exit 0; fi
   sleep 0.25
 done
 say "moto did not start; its log:"
-tail -n 30 "$cache/test-s3.log" >&2
+tail -n 30 "$cache/$name.log" >&2
 exit 1

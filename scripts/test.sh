@@ -87,6 +87,10 @@ echo "test: PostgreSQL at $DDPM_TEST_POSTGRES_URL"
 DDPM_TEST_S3_URL=$(scripts/test-s3.sh)
 export DDPM_TEST_S3_URL
 echo "test: S3 (moto) at $DDPM_TEST_S3_URL"
+# A second one that checks credentials, for the tests of a refused key.
+DDPM_TEST_S3_AUTH_URL=$(scripts/test-s3.sh --auth)
+export DDPM_TEST_S3_AUTH_URL
+echo "test: S3 (moto, checking credentials) at $DDPM_TEST_S3_AUTH_URL"
 
 stage lint lint
 case $mode in

@@ -124,15 +124,15 @@ impl S3Store {
                 self.name
             ));
         }
+        let refused = matches!(e, E::PermissionDenied { .. } | E::Unauthenticated { .. })
+            || is_refused_request(&e.to_string());
         match e {
             E::NotFound { .. } => RegistryError::ObjectMissing(key.to_owned()),
-            E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
-                RegistryError::StoreRefused(format!(
-                    "{}: {what} {key:?} was refused: {e} (check the credentials and the \
+            _ if refused => RegistryError::StoreRefused(format!(
+                "{}: {what} {key:?} was refused: {e} (check the credentials and the \
                      bucket's policy)",
-                    self.name
-                ))
-            }
+                self.name
+            )),
             E::NotImplemented | E::NotSupported { .. } | E::InvalidPath { .. } => {
                 RegistryError::StoreRefused(format!("{}: {what} {key:?}: {e}", self.name))
             }
@@ -147,6 +147,24 @@ impl S3Store {
     ) -> T {
         self.runtime.run(work)
     }
+}
+
+/// Whether an error's text is S3 refusing the request's credentials or permissions.
+/// `object_store` reports a 401 or 403 as such only for some requests; a refused listing
+/// (the start-up check) comes as a generic error whose text carries the status and S3's
+/// error code (moto's and AWS's answers alike; tested against moto checking credentials).
+fn is_refused_request(text: &str) -> bool {
+    const REFUSED: [&str; 8] = [
+        "401 Unauthorized",
+        "403 Forbidden",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "ExpiredToken",
+        "InvalidToken",
+        "AllAccessDisabled",
+    ];
+    REFUSED.iter().any(|code| text.contains(code))
 }
 
 impl fmt::Debug for S3Store {

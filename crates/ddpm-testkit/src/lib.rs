@@ -10,7 +10,9 @@
 //!
 //! The checkpoint store's S3 tests get a bucket of their own ([`s3_bucket`]) on the
 //! S3-compatible server `DDPM_TEST_S3_URL` names (moto's, which `scripts/test-s3.sh`
-//! starts); like the PostgreSQL tests they fail, never skip, without it.
+//! starts); like the PostgreSQL tests they fail, never skip, without it. The tests of
+//! refused credentials use a second one that checks them, `DDPM_TEST_S3_AUTH_URL`
+//! ([`s3_auth_server_url`]).
 
 use std::path::Path;
 
@@ -118,14 +120,28 @@ impl FreshDatabase {
 /// The variable naming the S3-compatible server the tests use.
 pub const S3_URL_VAR: &str = "DDPM_TEST_S3_URL";
 
+/// The variable naming the S3-compatible server that checks credentials.
+pub const S3_AUTH_URL_VAR: &str = "DDPM_TEST_S3_AUTH_URL";
+
 /// The S3 test server's endpoint URL; the S3 tests fail without it.
 pub fn s3_server_url() -> String {
-    match std::env::var(S3_URL_VAR) {
+    test_server_url(S3_URL_VAR, "scripts/test-s3.sh")
+}
+
+/// The endpoint of the S3 test server that checks credentials (`scripts/test-s3.sh
+/// --auth`). It knows no key, so it refuses every request the tests sign: the tests of
+/// refused credentials fail without it.
+pub fn s3_auth_server_url() -> String {
+    test_server_url(S3_AUTH_URL_VAR, "scripts/test-s3.sh --auth")
+}
+
+fn test_server_url(var: &str, script: &str) -> String {
+    match std::env::var(var) {
         Ok(url) if !url.is_empty() => url,
         _ => panic!(
-            "{S3_URL_VAR} is not set, so the S3 store tests cannot run. Run the project's \
-             test script (scripts/test.sh), which starts moto's S3 server and sets it, or \
-             start one with scripts/test-s3.sh and set {S3_URL_VAR} to the URL it prints"
+            "{var} is not set, so the S3 store tests cannot run. Run the project's test \
+             script (scripts/test.sh), which starts moto's S3 servers and sets it, or start \
+             one with `{script}` and set {var} to the URL it prints"
         ),
     }
 }

@@ -528,7 +528,8 @@ async fn a_large_object_round_trips() {
 }
 
 /// An S3 server that does not answer is unavailable (the trainer defers, the server
-/// retries); a bucket that does not exist is refused, and says so.
+/// retries); a bucket that does not exist, or credentials the server refuses, are refused
+/// for good, and say which.
 #[test]
 fn s3_failures_are_sorted_into_unavailable_and_refused() {
     // A port nobody listens on: connection refused, retried until the timeout.
@@ -559,6 +560,27 @@ fn s3_failures_are_sorted_into_unavailable_and_refused() {
         match result {
             Err(RegistryError::StoreRefused(message)) => {
                 assert!(message.contains("bucket does not exist"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // A server that checks credentials and knows none of ours (403 InvalidAccessKeyId).
+    let refused = ddpm_service::S3Spec::at_endpoint(
+        &ddpm_testkit::s3_auth_server_url(),
+        "ddpm-test-refused",
+        "p",
+    );
+    let store = S3Store::new(&refused).unwrap();
+    for result in [
+        store.check(),
+        store.put("runs/1/a", b"a").map(drop),
+        store.get("runs/1/a").map(drop),
+        store.delete("runs/1/a"),
+    ] {
+        match result {
+            Err(RegistryError::StoreRefused(message)) => {
+                assert!(message.contains("check the credentials"), "{message}")
             }
             other => panic!("{other:?}"),
         }

@@ -378,6 +378,20 @@ async fn a_missing_bucket_is_refused_at_start(mut env: TestEnv) {
     assert!(err.contains("bucket does not exist"), "{err}");
 }
 
+/// Credentials the store refuses stop the trainer at start, saying so: permanent, not a
+/// run deferred for ever.
+async fn a_refused_key_is_refused_at_start(mut env: TestEnv) {
+    let spec = env.s3.as_mut().unwrap();
+    spec.endpoint = Some(ddpm_testkit::s3_auth_server_url());
+    let out = env
+        .trainer(&["daemon", "--once"])
+        .output()
+        .expect("run the trainer");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("check the credentials"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trainer_to_s3_to_server_with_a_tampered_checkpoint() {
     with_env_on_s3(trainer_to_s3_to_server).await
@@ -391,6 +405,11 @@ async fn s3_down_in_the_middle_of_a_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_bucket_stops_the_trainer() {
     with_env_on_s3(a_missing_bucket_is_refused_at_start).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_stop_the_trainer() {
+    with_env_on_s3(a_refused_key_is_refused_at_start).await
 }
 
 /// The store the tests read with is the one the binaries write to.
