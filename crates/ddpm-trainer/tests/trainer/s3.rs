@@ -365,17 +365,22 @@ async fn s3_down_mid_run_defers_and_resumes(mut env: TestEnv) {
     assert_eq!(audit(&env, id, TOTAL, 5).await, Audit::default());
 }
 
-/// A bucket that does not exist stops the trainer at start, saying so.
-async fn a_missing_bucket_is_refused_at_start(mut env: TestEnv) {
-    let spec = env.s3.as_mut().unwrap();
-    spec.bucket = format!("{}-missing", spec.bucket);
+/// `daemon --once` on `env` stops at start with an error that contains `why`.
+fn stops_at_start_saying(env: &TestEnv, why: &str) {
     let out = env
         .trainer(&["daemon", "--once"])
         .output()
         .expect("run the trainer");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bucket does not exist"), "{err}");
+    assert!(err.contains(why), "{err}");
+}
+
+/// A bucket that does not exist stops the trainer at start, saying so.
+async fn a_missing_bucket_is_refused_at_start(mut env: TestEnv) {
+    let spec = env.s3.as_mut().unwrap();
+    spec.bucket = format!("{}-missing", spec.bucket);
+    stops_at_start_saying(&env, "bucket does not exist");
 }
 
 /// Credentials the store refuses stop the trainer at start, saying so: permanent, not a
@@ -383,13 +388,7 @@ async fn a_missing_bucket_is_refused_at_start(mut env: TestEnv) {
 async fn a_refused_key_is_refused_at_start(mut env: TestEnv) {
     let spec = env.s3.as_mut().unwrap();
     spec.endpoint = Some(ddpm_testkit::s3_auth_server_url());
-    let out = env
-        .trainer(&["daemon", "--once"])
-        .output()
-        .expect("run the trainer");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("check the credentials"), "{err}");
+    stops_at_start_saying(&env, "check the credentials");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
